@@ -1,0 +1,43 @@
+"""One error family for everything a user can get wrong.
+
+Every message says what was expected, what was found, and what to do. The CLI turns these into a
+one-line message and a non-zero exit code (``exit_code``), never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FastInsightError(Exception):
+    """Base class of every error fastinsight raises on bad input or a bad environment."""
+
+    exit_code = 2
+
+
+class CheckpointError(FastInsightError):
+    """A model file that is missing, unreadable, or of another architecture."""
+
+    exit_code = 3
+
+
+class InputError(FastInsightError):
+    """Tensors or feature files of the wrong shape, dtype or content (NaN, empty)."""
+
+    exit_code = 4
+
+
+class SlideError(FastInsightError):
+    """A slide that cannot be opened, lacks an mpp, or has no tissue."""
+
+    exit_code = 5
+
+
+class OutputError(FastInsightError):
+    """An output path that cannot be written."""
+
+    exit_code = 6
+
+
+class BackendError(FastInsightError):
+    """A requested backend (Triton, CUDA, TensorRT, ONNX Runtime) that is not available here."""
+
+    exit_code = 7
