@@ -1,0 +1,185 @@
+"""Loading and saving INSIGHT models.
+
+Two formats, told apart by their bytes, not their names:
+
+- **official**: the plain ``state_dict`` the official INSIGHT code saves with ``torch.save``
+  (a zip or legacy pickle; 32 tensors). Loaded with ``torch.load(weights_only=True)``; the
+  architecture (C, K, grid) is read off the tensor shapes and the official inference settings
+  (Otsu, SmoothMax a = 8) apply.
+- **fastinsight**: safetensors with the ``InsightConfig`` embedded as JSON in the header metadata
+  (key ``fastinsight.config``), written by ``model.save(path)``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastinsight.atomic import atomic_path
+from fastinsight.config import InsightConfig
+from fastinsight.errors import CheckpointError
+from fastinsight.model import InsightModel
+
+CONFIG_KEY = "fastinsight.config"
+FORMAT_KEY = "fastinsight.format"
+FORMAT_VERSION = "1"
+
+
+def sniff_format(path: Path) -> str:
+    """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or raise CheckpointError."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(f"model file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"model path {str(path)!r} is a directory, not a file") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model file {str(path)!r}: {exc}") from exc
+    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":
+        return "torch"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    raise CheckpointError(
+        f"{str(path)!r} is neither a PyTorch state_dict (.pth) nor a safetensors file; "
+        "pass an official INSIGHT .pth or a fastinsight .safetensors checkpoint"
+    )
+
+
+def config_from_official_state_dict(state: dict[str, Tensor]) -> InsightConfig:
+    """Read C, K, the widths and the grid size off an official state_dict's shapes."""
+    try:
+        w_reduce = state["reduce_dimension_block.0.weight"]
+        ln_reduce = state["reduce_dimension_block.2.weight"]
+        w_widths = [state[f"backbone_block.{i}.weight"] for i in (0, 3, 6)]
+        w_last = state["backbone_block.9.weight"]
+    except KeyError as exc:
+        other = next(iter(state), "<empty>")
+        raise CheckpointError(
+            f"not an INSIGHT checkpoint: missing key {exc.args[0]!r} (first key in the file: "
+            f"{other!r}); pass a state_dict saved by the official INSIGHT code"
+        ) from None
+    if w_reduce.ndim != 4 or ln_reduce.ndim not in (1, 3):
+        raise CheckpointError(
+            "not an INSIGHT checkpoint: 'reduce_dimension_block.0.weight' has shape "
+            f"{tuple(w_reduce.shape)}, expected [128, C, 1, 1]"
+        )
+    norm = "tile" if ln_reduce.ndim == 3 else "channel"
+    grid = tuple(int(s) for s in ln_reduce.shape[1:]) if norm == "tile" else (14, 14)
+    return InsightConfig(
+        in_dim=int(w_reduce.shape[1]),
+        num_classes=int(w_last.shape[0]),
+        grid_size=grid,  # type: ignore[arg-type]
+        reduce_dim=int(w_reduce.shape[0]),
+        widths=tuple(int(w.shape[0]) for w in w_widths),  # type: ignore[arg-type]
+        norm=norm,  # type: ignore[arg-type]
+    )
+
+
+def load_state_strict(model: InsightModel, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, naming the first missing, extra or mis-shaped key."""
+    expected = model.state_dict()
+    for key in state:
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r}; not an INSIGHT checkpoint")
+    for key, ref in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+        got = state[key]
+        if not isinstance(got, Tensor):
+            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+            )
+        if not got.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected float")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def _load_official(path: Path, backend: str) -> InsightModel:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load {str(path)!r} as a PyTorch state_dict ({msg}); only plain "
+            "state_dicts of tensors are accepted (weights_only=True)"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{str(path)!r} does not hold a state_dict of tensors (found {type(state).__name__})"
+        )
+    # Checkpoints saved from nn.DataParallel carry a "module." prefix.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    config = config_from_official_state_dict(state)
+    model = InsightModel(config, backend=backend)
+    load_state_strict(model, state, str(path))
+    return model
+
+
+def _load_safetensors(path: Path, backend: str) -> InsightModel:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file without a fastinsight config (metadata key "
+            f"{CONFIG_KEY!r}); it was not written by fastinsight's model.save()"
+        )
+    model = InsightModel(InsightConfig.from_json(meta[CONFIG_KEY]), backend=backend)
+    load_state_strict(model, state, str(path))
+    return model
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+) -> InsightModel:
+    """Load an official INSIGHT ``.pth`` or a fastinsight ``.safetensors`` checkpoint.
+
+    The model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
+    """
+    p = Path(path).expanduser()
+    fmt = sniff_format(p)
+    model = _load_official(p, backend) if fmt == "torch" else _load_safetensors(p, backend)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` as safetensors with its config embedded (atomically)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A short identity of a checkpoint for reports: its file name, format and sha256."""
+    import hashlib
+
+    p = Path(path)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    return {"path": str(p), "format": sniff_format(p), "sha256": digest}
+
+
+__all__ = ["load_model", "save_model", "sniff_format", "model_identity"]

@@ -1,0 +1,297 @@
+"""The INSIGHT aggregator as a PyTorch module, with the official checkpoint layout.
+
+Submodule names and indices are those of the official code, so an official ``state_dict`` loads
+unchanged (spec section 1)::
+
+    reduce_dimension_block  0 conv1x1(C->128)  1 GELU  2 LN[128]
+    backbone_block          0 conv 1 GELU 2 LN 3 conv 4 GELU 5 LN 6 conv 7 GELU 8 LN 9 conv(->K)
+    context_block           0 pad 1 conv3x3 2 GELU 3 LN ... 12 pad 13 conv3x3(->K)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastinsight.config import InsightConfig
+from fastinsight.errors import BackendError, InputError
+from fastinsight.otsu import otsu_threshold
+from fastinsight.pooling import Pooling, logit
+from fastinsight.reference import (
+    ConvLayer,
+    HeadWeights,
+    insight_head_reference,
+    insight_logits_reference,
+    tokens_as_grid,
+)
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each cell: the grid-agnostic alternative to LN[c, h, w]."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
+def _norm(config: InsightConfig, channels: int) -> nn.Module:
+    if config.norm == "tile":
+        return nn.LayerNorm([channels, *config.grid_size], eps=config.norm_eps)
+    return ChannelNorm(channels, eps=config.norm_eps)
+
+
+def _conv_chain(config: InsightConfig, kernel: int) -> nn.Sequential:
+    """Detection (kernel 1) or context (kernel 3) chain with the official module indices."""
+    dims = (config.reduce_dim, *config.widths, config.num_classes)
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        if kernel > 1:
+            layers.append(nn.ReplicationPad2d(kernel // 2))
+        layers.append(nn.Conv2d(c_in, c_out, kernel))
+        if i < len(dims) - 2:
+            layers += [nn.GELU(), _norm(config, c_out)]
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class SlidePrediction:
+    """What INSIGHT says about one slide.
+
+    Shapes: scores ``[K]`` (slide probabilities), heatmap and raw_heatmap ``[N, K, h, w]``
+    (after / before the dynamic threshold), thresholds ``[K]``, mask ``[N, h, w]`` bool or None.
+    """
+
+    scores: Tensor
+    heatmap: Tensor
+    raw_heatmap: Tensor
+    thresholds: Tensor
+    mask: Tensor | None = None
+    class_names: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        names = self.class_names or tuple(f"class{k}" for k in range(self.scores.numel()))
+        return {
+            "scores": {n: float(s) for n, s in zip(names, self.scores.tolist(), strict=True)},
+            "thresholds": {
+                n: float(t) for n, t in zip(names, self.thresholds.tolist(), strict=True)
+            },
+        }
+
+
+class InsightModel(nn.Module):
+    """INSIGHT: detection x context heatmap, dynamic (Otsu) threshold, slide pooling.
+
+    ``backend`` picks the head implementation once, at construction: ``"reference"`` is plain
+    PyTorch (CPU or CUDA), ``"triton"`` the fused kernels of ``fastinsight.kernels``, ``"auto"``
+    the kernels on CUDA when Triton is available and the reference elsewhere.
+    """
+
+    def __init__(self, config: InsightConfig | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config or InsightConfig()
+        cfg = self.config
+        self.reduce_dimension_block = nn.Sequential(
+            nn.Conv2d(cfg.in_dim, cfg.reduce_dim, 1), nn.GELU(), _norm(cfg, cfg.reduce_dim)
+        )
+        self.backbone_block = _conv_chain(cfg, kernel=1)
+        self.context_block = _conv_chain(cfg, kernel=3)
+        self.pooling = Pooling(cfg.pooling, cfg.num_classes, cfg.smoothmax_a, cfg.lse_r0)
+        if backend not in BACKENDS:
+            raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    # -- parameters as the reference / kernels take them -------------------------------------
+    def head_weights(self) -> HeadWeights:
+        """The head's parameters as a ``HeadWeights`` (no copies)."""
+
+        def layers(seq: nn.Sequential) -> tuple[ConvLayer, ...]:
+            mods = [m for m in seq if not isinstance(m, (nn.ReplicationPad2d, nn.GELU))]
+            out = []
+            for i, m in enumerate(mods):
+                if isinstance(m, nn.Conv2d):
+                    nxt = mods[i + 1] if i + 1 < len(mods) else None
+                    is_norm = isinstance(nxt, (nn.LayerNorm, ChannelNorm))
+                    out.append(
+                        ConvLayer(
+                            m.weight,
+                            m.bias,
+                            nxt.weight if is_norm else None,
+                            nxt.bias if is_norm else None,
+                        )
+                    )
+            return tuple(out)
+
+        (reduce,) = layers(self.reduce_dimension_block)
+        return HeadWeights(
+            reduce=reduce,
+            detect=layers(self.backbone_block),
+            context=layers(self.context_block),
+            norm=self.config.norm,
+            eps=self.config.norm_eps,
+        )
+
+    @property
+    def uses_kernels(self) -> bool:
+        """True when inference runs on the fused Triton kernels.
+
+        The kernels are forward-only: while autograd records (training), the reference runs.
+        """
+        if self.backend == "reference" or torch.is_grad_enabled():
+            return False
+        if self.backend == "triton":
+            return True
+        from fastinsight.kernels import available
+
+        return next(self.parameters()).device.type == "cuda" and available()
+
+    # -- the head -------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        grid = tokens_as_grid(tokens, self.config.grid_size)
+        c = self.config.in_dim
+        if grid.shape[1] != c:
+            raise InputError(
+                f"token grids have {grid.shape[1]} channels but the model expects {c}; "
+                "use the encoder the model was trained with"
+            )
+        if self.config.norm == "tile" and tuple(grid.shape[2:]) != tuple(self.config.grid_size):
+            h, w = self.config.grid_size
+            raise InputError(
+                f"token grids are {tuple(grid.shape[2:])} but this model's per-tile LayerNorm "
+                f"was trained on {h} x {w}; use tiles of the model's size"
+            )
+        if not grid.is_floating_point():
+            raise InputError(f"token grids must be floating point, got {grid.dtype}")
+        return grid
+
+    def logits(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` -> (D, Cx) each ``[N, K, h, w]``."""
+        return insight_logits_reference(self._check_tokens(tokens), self.head_weights())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Raw heatmap. Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` -> ``[N, K, h, w]``."""
+        grid = self._check_tokens(tokens)
+        if self.uses_kernels:
+            from fastinsight.kernels import insight_head
+
+            return insight_head(grid, self.head_weights())
+        return insight_head_reference(grid, self.head_weights())
+
+    def raw_heatmap(self, tokens: Tensor, chunk_size: int | None = 4096) -> Tensor:
+        """The raw heatmap of a bag of tiles, ``chunk_size`` tiles at a time (bounded memory)."""
+        n = tokens.shape[0]
+        if n == 0:
+            raise InputError("no tiles: the bag of token grids is empty")
+        if chunk_size is None or n <= chunk_size:
+            return self(tokens)
+        return torch.cat([self(tokens[i : i + chunk_size]) for i in range(0, n, chunk_size)])
+
+    # -- threshold and pooling ----------------------------------------------------------------
+    def threshold(self, values: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-class threshold over masked-in cells. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
+        if self.config.threshold == "none":
+            return torch.zeros(values.shape[0], device=values.device)
+        if self.uses_kernels:
+            from fastinsight.kernels import otsu_threshold as otsu_kernel
+
+            return otsu_kernel(values, mask, self.config.otsu_bins)
+        return otsu_threshold(values, mask, self.config.otsu_bins)
+
+    def pool(self, values: Tensor, mask: Tensor | None) -> Tensor:
+        """Slide score per class. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
+        x = logit(values) if self.config.pool_input == "logit" else values
+        if self.uses_kernels:
+            from fastinsight import kernels
+
+            method = self.config.pooling
+            if method == "smoothmax":
+                p = kernels.smoothmax(x, mask, self.config.smoothmax_a)
+            elif method == "lse_lba":
+                p = kernels.lse_lba(x, mask, self.pooling.sharpness)
+            elif method == "max":
+                p = kernels.masked_max(x, mask)
+            else:
+                p = kernels.masked_mean(x, mask)
+        else:
+            p = self.pooling(x, mask)
+        return torch.sigmoid(p) if self.config.pool_input == "logit" else p
+
+    def threshold_and_pool(
+        self, raw: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Dynamic threshold and pooling over a whole slide.
+
+        Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` bool or None ->
+        (heatmap ``[N, K, h, w]``, thresholds ``[K]``, scores ``[K]``).
+        Non-tissue cells (mask False) take no part in the threshold or the pooling and are zero
+        in the returned heatmap.
+        """
+        n, k = raw.shape[:2]
+        values = raw.float().transpose(0, 1).reshape(k, -1)
+        flat_mask = None
+        if mask is not None:
+            if tuple(mask.shape) != (n, *raw.shape[2:]):
+                raise InputError(
+                    f"mask must be [N, h, w] = {(n, *raw.shape[2:])}, got {tuple(mask.shape)}"
+                )
+            flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
+            if not bool(flat_mask.any()):
+                raise InputError("the tissue mask is empty: no cell of the slide is tissue")
+        t = self.threshold(values, flat_mask)
+        kept = values * (values > t[:, None])
+        scores = self.pool(kept, flat_mask)
+        heatmap = kept.reshape(k, n, *raw.shape[2:]).transpose(0, 1)
+        if mask is not None:
+            heatmap = heatmap * mask.to(raw.device)[:, None]
+        return heatmap, t, scores
+
+    @torch.no_grad()
+    def predict(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        chunk_size: int | None = 4096,
+        check_finite: bool = True,
+    ) -> SlidePrediction:
+        """Heatmap, thresholds and slide scores for one slide's token grids.
+
+        Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, mask ``[N, h, w]`` bool (None = all) ->
+        ``SlidePrediction``.
+        """
+        if check_finite and not bool(torch.isfinite(tokens).all()):
+            raise InputError("token grids contain NaN or inf; check the feature extraction")
+        raw = self.raw_heatmap(tokens, chunk_size)
+        heatmap, t, scores = self.threshold_and_pool(raw, mask)
+        return SlidePrediction(
+            scores=scores,
+            heatmap=heatmap,
+            raw_heatmap=raw,
+            thresholds=t,
+            mask=mask,
+            class_names=self.config.names,
+        )
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def named_head_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The official checkpoint's 32 tensors (no pooling parameters)."""
+        for name, t in self.state_dict().items():
+            if not name.startswith("pooling."):
+                yield name, t
+
+    def save(self, path: str) -> None:
+        """Write fastinsight's own checkpoint: safetensors with the config embedded as JSON."""
+        from fastinsight.checkpoint import save_model
+
+        save_model(self, path)
