@@ -23,6 +23,7 @@ from fastinsight.pooling import Pooling, logit
 from fastinsight.reference import (
     ConvLayer,
     HeadWeights,
+    gate,
     insight_head_reference,
     insight_logits_reference,
     tokens_as_grid,
@@ -174,13 +175,24 @@ class InsightModel(nn.Module):
             raise InputError(f"token grids must be floating point, got {grid.dtype}")
         return grid
 
-    def logits(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` -> (D, Cx) each ``[N, K, h, w]``."""
-        return insight_logits_reference(self._check_tokens(tokens), self.head_weights())
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Raw heatmap. Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` -> ``[N, K, h, w]``."""
+    def logits(
+        self, tokens: Tensor, cell_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, cell_mask ``[N, h, w]`` ->
+        (D, Cx) each ``[N, K, h, w]``. ``cell_mask`` applies to ``context="slide"`` only."""
         grid = self._check_tokens(tokens)
+        mask = cell_mask if self.config.context == "slide" else None
+        return insight_logits_reference(grid, self.head_weights(), mask)
+
+    def forward(self, tokens: Tensor, cell_mask: Tensor | None = None) -> Tensor:
+        """Raw heatmap. Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` -> ``[N, K, h, w]``.
+
+        With ``context="slide"`` the input is one stitched slide grid ``[1, C, H, W]`` and
+        ``cell_mask`` ``[1, H, W]`` marks its tissue cells.
+        """
+        grid = self._check_tokens(tokens)
+        if self.config.context == "slide":
+            return gate(*self.logits(grid, cell_mask))
         if self.uses_kernels:
             from fastinsight.kernels import insight_head
 
@@ -270,7 +282,10 @@ class InsightModel(nn.Module):
         """
         if check_finite and not bool(torch.isfinite(tokens).all()):
             raise InputError("token grids contain NaN or inf; check the feature extraction")
-        raw = self.raw_heatmap(tokens, chunk_size)
+        if self.config.context == "slide":
+            raw = self(tokens, mask)
+        else:
+            raw = self.raw_heatmap(tokens, chunk_size)
         heatmap, t, scores = self.threshold_and_pool(raw, mask)
         return SlidePrediction(
             scores=scores,

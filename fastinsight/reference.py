@@ -97,17 +97,27 @@ def _apply(x: Tensor, layer: ConvLayer, kind: str, eps: float, replicate_pad: bo
     return _norm(F.gelu(x), layer, kind, eps)
 
 
-def insight_logits_reference(tokens: Tensor, weights: HeadWeights) -> tuple[Tensor, Tensor]:
+def insight_logits_reference(
+    tokens: Tensor, weights: HeadWeights, cell_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Detection and context logits of the INSIGHT head.
 
-    Shapes: tokens ``[N, C, h, w]`` -> (D ``[N, K, h, w]``, Cx ``[N, K, h, w]``).
+    Shapes: tokens ``[N, C, h, w]``, cell_mask ``[N, h, w]`` bool or None ->
+    (D ``[N, K, h, w]``, Cx ``[N, K, h, w]``).
+
+    ``cell_mask`` is for a stitched slide grid (``context="slide"``): cells outside the tissue are
+    zeroed before every context convolution, so the 3x3 context sees tissue neighbours only and
+    the replication padding acts at the slide border. The official per-tile model passes None.
     """
     z = _apply(tokens, weights.reduce, weights.norm, weights.eps, replicate_pad=True)
     d = z
     for layer in weights.detect:
         d = _apply(d, layer, weights.norm, weights.eps, replicate_pad=True)
+    keep = None if cell_mask is None else cell_mask[:, None].to(z.dtype)
     c = z
     for layer in weights.context:
+        if keep is not None:
+            c = c * keep
         c = _apply(c, layer, weights.norm, weights.eps, replicate_pad=True)
     return d, c
 
