@@ -4,6 +4,11 @@ scikit-image (float input): if every value is equal the threshold is that value;
 256-bin histogram over ``[min, max]`` with numpy's ``histogram`` edges, bin centres ``c``, and the
 first arg-max of the between-class variance ``w1[:-1] * w2[1:] * (m1[:-1] - m2[1:])**2``.
 
+scikit-image (0.26) does the cumulative sums in float32; we do them in float64, which gives the
+same bin wherever float32 has no ties or overflow (values beyond ~1e15 overflow its variance),
+and a reproducible result on GPUs, where a parallel float32 scan would not match numpy's
+sequential one anyway.
+
 Everything here is tensor ops on the input's device with no ``.item()``: the threshold of a slide
 never makes a host round trip. Masked-out cells (non-tissue) take no part.
 """

@@ -26,9 +26,14 @@ def _prepare(values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     if values.ndim != 2:
         raise InputError(f"pooling expects values of shape [K, M], got {tuple(values.shape)}")
     v = values.float()
+    if v.shape[1] == 0:
+        raise InputError("nothing to pool: the slide has no cells")
     if mask is None:
         return v, torch.ones_like(v, dtype=torch.bool)
-    return v, mask.to(device=v.device, dtype=torch.bool).expand_as(v)
+    keep = mask.to(device=v.device, dtype=torch.bool).expand_as(v)
+    if not bool(keep.any(dim=1).all()):
+        raise InputError("nothing to pool: the tissue mask selects no cell for some class")
+    return v, keep
 
 
 def masked_max(values: Tensor, mask: Tensor | None = None) -> Tensor:

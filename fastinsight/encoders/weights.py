@@ -1,0 +1,196 @@
+"""Reading encoder weight files from local disk and checking them strictly against a model.
+
+Encoders are loaded offline: nothing here downloads. Two file formats are accepted, told apart by
+their first bytes rather than their names:
+
+- a PyTorch ``state_dict`` written by ``torch.save`` (zip or legacy pickle; UNI's
+  ``pytorch_model.bin``, torchvision's ``resnet50-0676ba61.pth``), read with
+  ``torch.load(weights_only=True)`` so that no arbitrary object is ever unpickled;
+- a ``.safetensors`` file.
+
+Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and key prefixes (``module.``
+from ``nn.DataParallel``, ``model.``, ``backbone.``, ``encoder.``, ``trunk.``) are removed when
+every key carries them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastinsight.errors import CheckpointError
+
+PathLike = str | os.PathLike[str]
+
+# Prefixes that training frameworks put in front of every key; stripped only when all keys share one.
+KNOWN_PREFIXES: tuple[str, ...] = ("module.", "model.", "backbone.", "encoder.", "trunk.")
+# Dict keys under which training scripts nest the actual state_dict.
+WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module")
+
+
+def file_sha256(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (the UNI file is 1.2 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sniff(path: Path, what: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"encoder weights file {str(path)!r} does not exist; pass the path of {what} "
+            "with --encoder-weights PATH"
+        ) from None
+    except IsADirectoryError:
+        raise CheckpointError(
+            f"encoder weights path {str(path)!r} is a directory; pass the weight file itself "
+            f"({what}) with --encoder-weights PATH"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read encoder weights file {str(path)!r}: {exc}") from exc
+    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":
+        return "torch"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    raise CheckpointError(
+        f"{str(path)!r} is neither a PyTorch state_dict nor a safetensors file "
+        f"(found {len(head)} leading bytes {head[:8]!r}); pass {what}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Remove prefixes from :data:`KNOWN_PREFIXES` that every key carries; return notes."""
+    notes: list[str] = []
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in KNOWN_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                notes.append(f"stripped key prefix {prefix!r}")
+                changed = True
+    return state, notes
+
+
+def read_state_dict(path: PathLike, *, what: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Read a weight file into a flat ``{key: tensor}`` dict on the CPU.
+
+    ``what`` names the expected file in error messages (e.g. "UNI's pytorch_model.bin").
+    Returns the state dict and notes on what was unwrapped or stripped.
+    Raises CheckpointError for a missing, unreadable, truncated or non-tensor file.
+    """
+    p = Path(path).expanduser()
+    kind = _sniff(p, what)
+    notes: list[str] = []
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: object = load_file(str(p), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated headers
+            raise CheckpointError(
+                f"cannot read safetensors file {str(p)!r} ({_first_line(exc)}); the file is "
+                f"truncated or corrupt: fetch {what} again"
+            ) from exc
+    else:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises zip/pickle/runtime errors of many kinds
+            raise CheckpointError(
+                f"cannot load {str(p)!r} as a PyTorch state_dict ({_first_line(exc)}); the file "
+                f"is truncated, corrupt or holds more than tensors: fetch {what} again"
+            ) from exc
+    for wrapper in WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            notes.append(f"unwrapped the {wrapper!r} entry")
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"{str(p)!r} does not hold a state_dict (found {type(obj).__name__}"
+            f"{' (empty)' if isinstance(obj, Mapping) else ''}); pass {what}"
+        )
+    state: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"{str(p)!r}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                f"pass a plain state_dict ({what})"
+            )
+        state[str(key)] = value
+    state, strip_notes = strip_prefixes(state)
+    return state, notes + strip_notes
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    *,
+    source: str,
+    arch: str,
+    what: str,
+    ignorable: Callable[[str], bool] = lambda key: False,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Check ``state`` against a model's ``expected`` state_dict, key by key, in model order.
+
+    - a key of the model missing from the file is an error, unless ``optional(key)``;
+    - a key of the file that the model lacks is an error, unless ``ignorable(key)`` (then it is
+      dropped and counted in the returned notes);
+    - shapes must match exactly; floating tensors must be floating (dtype is converted on load).
+
+    The first bad key is named in the error, together with the file's first key, so that a file of
+    another architecture is recognisable at a glance. Returns the filtered state and notes.
+    """
+    first = next(iter(state), "<empty>")
+    hint = f"it is not a {arch} weight file (another architecture?); pass {what}"
+    for key, ref in expected.items():
+        if key not in state:
+            if optional(key):
+                continue
+            raise CheckpointError(
+                f"{source}: missing key {key!r} (the file's first key is {first!r}); {hint}"
+            )
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}; {hint}"
+            )
+        if ref.is_floating_point() and not got.is_floating_point():
+            raise CheckpointError(
+                f"{source}: {key!r} has dtype {got.dtype}, expected a float tensor; {hint}"
+            )
+    kept: dict[str, Tensor] = {}
+    ignored: list[str] = []
+    for key, value in state.items():
+        if key in expected:
+            kept[key] = value
+        elif ignorable(key):
+            ignored.append(key)
+        else:
+            raise CheckpointError(f"{source}: unexpected key {key!r}; {hint}")
+    notes = []
+    if ignored:
+        notes.append(
+            f"ignored {len(ignored)} keys the encoder does not use ({ignored[0]!r} ... "
+            f"{ignored[-1]!r})"
+        )
+    return kept, notes

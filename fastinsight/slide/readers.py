@@ -1,0 +1,945 @@
+"""Whole-slide image readers: one interface over OpenSlide and tifffile.
+
+``open_slide(path)`` returns a :class:`SlideReader`. With ``backend="auto"`` it tries OpenSlide
+(vendor formats: Aperio svs, Hamamatsu ndpi, MIRAX mrxs, Leica scn, Ventana bif, tiled generic
+TIFF, ...) and falls back to tifffile for what OpenSlide refuses (OME-TIFF, other tiled or
+pyramidal TIFFs; JPEG 2000 through imagecodecs).
+
+Coordinates follow openslide-python: ``read_region(l0_x, l0_y, level, lvl_w, lvl_h)`` takes the
+top-left corner in level-0 pixels and the size in pixels of ``level``. Pixels outside the slide
+come back white (255), and an alpha channel is composited over white, so every read is a plain
+``uint8 [h, w, 3]`` RGB array.
+
+Thread safety: a reader is a handle on one open file and must be used by one thread at a time.
+Give every worker thread its own handle with :meth:`SlideReader.clone` (the tiler does this).
+The tifffile reader also serialises its reads with a lock, so sharing one by mistake is slow,
+not wrong.
+
+Validation: ``open_slide`` checks at open time that no image data of a TIFF-based slide lies past
+the end of the file (a truncated copy) and decodes a small region of the lowest level, so a bad
+file fails at once with a :class:`~fastinsight.errors.SlideError`, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from fastinsight.errors import InputError, SlideError
+
+Backend = Literal["auto", "openslide", "tifffile"]
+Resample = Literal["lanczos", "bicubic", "bilinear", "box", "nearest"]
+
+_PIL_FILTERS: dict[str, Image.Resampling] = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+# Half-width of each PIL filter in source pixels at scale 1 (PIL's own ``support`` values).
+_FILTER_SUPPORT = {"lanczos": 3.0, "bicubic": 2.0, "bilinear": 1.0, "box": 0.5, "nearest": 0.5}
+
+# Micrometres per unit, for OME PhysicalSize units.
+_OME_UNIT_UM = {
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "nm": 1e-3,
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+
+# A resolution tag that gives more than this many micrometres per pixel is a default (72 dpi
+# is 352.8 um/px), not a microscope calibration.
+_MAX_PLAUSIBLE_MPP = 100.0
+
+
+def _slide_name(path: Path) -> str:
+    return repr(str(path))
+
+
+def _check_mpp_value(mpp: float | None) -> float | None:
+    if mpp is None:
+        return None
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"--mpp must be a number of microns per pixel, e.g. 0.25; got {mpp!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"--mpp must be a positive number of microns per pixel, e.g. 0.25; got {mpp!r}")
+    return value
+
+
+def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
+    """Drop alpha by compositing straight (non-premultiplied) RGBA over white.
+
+    Shapes: ``[h, w, 4]`` uint8 -> ``[h, w, 3]`` uint8.
+    """
+    alpha = rgba[..., 3:4]
+    rgb = rgba[..., :3]
+    if alpha.size == 0 or int(alpha.min()) == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class SlideReader(abc.ABC):
+    """A whole-slide image: a pyramid of RGB levels with a physical pixel size.
+
+    Subclasses open the file in ``__init__`` and fill ``_level_dimensions``, ``_file_mpp``,
+    ``_properties`` and ``_vendor``; they implement :meth:`_read_level` and :meth:`clone`.
+    """
+
+    backend: str = "?"
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        self._path = Path(path)
+        self._mpp_override = _check_mpp_value(mpp)
+        self._level_dimensions: tuple[tuple[int, int], ...] = ()
+        self._file_mpp: tuple[float, float] | None = None
+        self._properties: dict[str, str] = {}
+        self._vendor = "unknown"
+        self._closed = False
+
+    # ----------------------------------------------------------------------------- geometry
+    @property
+    def path(self) -> Path:
+        """The slide file."""
+        return self._path
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 size ``(width, height)`` in pixels."""
+        return self._level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """``(width, height)`` of every level, level 0 first."""
+        return self._level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Real downsample of every level against level 0 (e.g. 2.0005), as OpenSlide computes
+        it: the mean of the width and height ratios."""
+        w0, h0 = self.dimensions
+        return tuple((w0 / w + h0 / h) / 2.0 for w, h in self._level_dimensions)
+
+    # ---------------------------------------------------------------------------- metadata
+    @property
+    def vendor(self) -> str:
+        return self._vendor
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        """Metadata as strings (OpenSlide's properties, or TIFF/OME/Aperio fields)."""
+        return dict(self._properties)
+
+    @property
+    def file_mpp(self) -> tuple[float, float] | None:
+        """``(mpp_x, mpp_y)`` from the file's own metadata, or None if it has none."""
+        return self._file_mpp
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp_override is not None or self._file_mpp is not None
+
+    @property
+    def mpp_xy(self) -> tuple[float, float]:
+        """``(mpp_x, mpp_y)`` in micrometres per level-0 pixel; the ``mpp=`` override wins."""
+        if self._mpp_override is not None:
+            return (self._mpp_override, self._mpp_override)
+        if self._file_mpp is None:
+            raise SlideError(
+                f"slide {_slide_name(self._path)} has no mpp (microns per pixel) in its metadata; "
+                "pass --mpp, e.g. --mpp 0.5"
+            )
+        return self._file_mpp
+
+    @property
+    def mpp(self) -> float:
+        """Micrometres per level-0 pixel (the mean of x and y; they agree on real scanners)."""
+        mpp_x, mpp_y = self.mpp_xy
+        return (mpp_x + mpp_y) / 2.0
+
+    # ------------------------------------------------------------------------------ levels
+    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.01) -> int:
+        """The coarsest level whose downsample is at most ``downsample * (1 + tolerance)``.
+
+        The tolerance lets a level at 2.0005 serve a requested 2.0 (a 0.03 % upsample) instead
+        of falling back to a level four times larger.
+        """
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1.0 + tolerance) and ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    # ------------------------------------------------------------------------------ pixels
+    def read_region(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
+        """Read ``lvl_w x lvl_h`` pixels of ``level`` whose top-left is at level-0 (l0_x, l0_y).
+
+        Areas outside the slide are white. Shapes: -> ``uint8 [lvl_h, lvl_w, 3]`` RGB.
+        """
+        self._check_open()
+        if not 0 <= level < self.level_count:
+            raise InputError(
+                f"level must be in [0, {self.level_count - 1}] for slide "
+                f"{_slide_name(self._path)}; got {level}"
+            )
+        lvl_w, lvl_h = int(lvl_w), int(lvl_h)
+        if lvl_w < 0 or lvl_h < 0:
+            raise InputError(f"region size must be non-negative; got {lvl_w} x {lvl_h}")
+        if lvl_w == 0 or lvl_h == 0:
+            return np.full((lvl_h, lvl_w, 3), 255, dtype=np.uint8)
+        return self._read_level(int(l0_x), int(l0_y), level, lvl_w, lvl_h)
+
+    @abc.abstractmethod
+    def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
+        """Backend read; arguments already validated."""
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The whole slide, downsampled (area average) so its longer side is ``max_size``.
+
+        Never upsamples. The output size is ``round(width / s) x round(height / s)`` with
+        ``s = max(width, height) / max_size``. Shapes: -> ``uint8 [h, w, 3]`` RGB.
+        """
+        if max_size < 1:
+            raise InputError(f"thumbnail max_size must be >= 1; got {max_size}")
+        w0, h0 = self.dimensions
+        scale = max(1.0, max(w0, h0) / float(max_size))
+        out_w = max(1, round(w0 / scale))
+        out_h = max(1, round(h0 / scale))
+        return read_resampled(self, 0.0, 0.0, float(w0), float(h0), out_w, out_h, resample="box")
+
+    # ----------------------------------------------------------------------------- handles
+    @abc.abstractmethod
+    def clone(self) -> SlideReader:
+        """A new independent handle on the same file (same backend and mpp override), for
+        another thread."""
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SlideError(
+                f"slide {_slide_name(self._path)} is closed; open it again with open_slide()"
+            )
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g}" if self.has_mpp else "none"
+        return (
+            f"{type(self).__name__}({str(self._path)!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={mpp}, vendor={self._vendor!r})"
+        )
+
+
+# ==================================================================================== OpenSlide
+
+
+class OpenSlideReader(SlideReader):
+    """A slide read through OpenSlide (vendor formats and tiled generic TIFF).
+
+    OpenSlide's C library is thread-safe, but one handle per thread (``clone``) keeps the same
+    rule for both backends.
+    """
+
+    backend = "openslide"
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(self._path))
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise SlideError(
+                f"OpenSlide cannot open {_slide_name(self._path)}: {_one_line(exc)}"
+            ) from None
+        props = self._osr.properties
+        self._properties = {str(k): str(v) for k, v in props.items()}
+        self._vendor = self._properties.get("openslide.vendor", "unknown")
+        self._level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
+        self._osr_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        mpp_x = _parse_float(self._properties.get("openslide.mpp-x"))
+        mpp_y = _parse_float(self._properties.get("openslide.mpp-y"))
+        if mpp_x and mpp_y and mpp_x > 0 and mpp_y > 0:
+            self._file_mpp = (mpp_x, mpp_y)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._osr_downsamples
+
+    def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
+        import openslide
+
+        try:
+            img = self._osr.read_region((l0_x, l0_y), level, (lvl_w, lvl_h))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"OpenSlide failed to read slide {_slide_name(self._path)} at level {level}, "
+                f"level-0 ({l0_x}, {l0_y}), size {lvl_w}x{lvl_h}: {_one_line(exc)}; "
+                "the file may be truncated or corrupt"
+            ) from None
+        return _composite_over_white(np.asarray(img))
+
+    def clone(self) -> OpenSlideReader:
+        self._check_open()
+        return OpenSlideReader(self._path, mpp=self._mpp_override)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._osr.close()
+        super().close()
+
+
+# ===================================================================================== tifffile
+
+
+class TiffFileReader(SlideReader):
+    """A (pyramidal) TIFF read tile by tile through tifffile and imagecodecs.
+
+    Reads only the tiles or strips a region touches, through a small per-handle LRU cache of
+    decoded tiles. Supports 8-bit RGB, RGBA and grayscale pages (contiguous or planar), any
+    compression imagecodecs decodes (JPEG, JPEG 2000 incl. Aperio 33003/33005, deflate, LZW,
+    ...), and the levels of tifffile's series (SubIFD or main-chain pyramids).
+    """
+
+    backend = "tifffile"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mpp: float | None = None,
+        *,
+        cache_bytes: int = 64 * 2**20,
+    ) -> None:
+        super().__init__(path, mpp)
+        self._tif = _open_tifffile(self._path)
+        try:
+            self._setup()
+        except BaseException:
+            self._tif.close()
+            raise
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = int(cache_bytes)
+        self._cache_used = 0
+
+    def _setup(self) -> None:
+        tif = self._tif
+        series = [s for s in tif.series if s.keyframe is not None and len(s.shape) >= 2]
+        if not series:
+            raise SlideError(f"tifffile finds no image in {_slide_name(self._path)}")
+        # The main image is the largest series (thumbnails, labels and macros are smaller).
+        main = max(series, key=lambda s: _yx_area(s.keyframe))
+        pages = []
+        for level in main.levels:
+            page = level.keyframe
+            pages.append(page)
+        pages.sort(key=_yx_area, reverse=True)
+        for page in pages:
+            _check_page_supported(page, self._path)
+        self._pages = pages
+        self._level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
+        first = pages[0]
+        self._vendor = _tiff_vendor(tif)
+        self._properties = _tiff_properties(tif, first, self._vendor)
+        self._file_mpp = _tiff_mpp(tif, first)
+        if self._file_mpp is not None:
+            self._properties["fastinsight.mpp-x"] = repr(self._file_mpp[0])
+            self._properties["fastinsight.mpp-y"] = repr(self._file_mpp[1])
+
+    # ------------------------------------------------------------------------------ reading
+    def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        lvl_x = int(round(l0_x / ds))
+        lvl_y = int(round(l0_y / ds))
+        out = np.full((lvl_h, lvl_w, 3), 255, dtype=np.uint8)
+        width, height = self._level_dimensions[level]
+        x0, y0 = max(lvl_x, 0), max(lvl_y, 0)
+        x1, y1 = min(lvl_x + lvl_w, width), min(lvl_y + lvl_h, height)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        page = self._pages[level]
+        seg_h, seg_w = _segment_shape(page)
+        n_cols = -(-width // seg_w)
+        with self._lock:
+            for seg_row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
+                for seg_col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
+                    tile = self._segment(level, seg_row * n_cols + seg_col, seg_h, seg_w)
+                    ty, tx = seg_row * seg_h, seg_col * seg_w
+                    sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
+                    sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
+                    if sy0 >= sy1 or sx0 >= sx1:
+                        continue
+                    out[sy0 - lvl_y : sy1 - lvl_y, sx0 - lvl_x : sx1 - lvl_x] = tile[
+                        sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
+                    ]
+        return out
+
+    def _segment(self, level: int, index: int, seg_h: int, seg_w: int) -> np.ndarray:
+        """One decoded tile/strip as ``uint8 [h, w, 3]`` RGB, through the LRU cache."""
+        key = (level, index)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        tile = self._decode_segment(self._pages[level], index, seg_h, seg_w)
+        self._cache[key] = tile
+        self._cache_used += tile.nbytes
+        while self._cache_used > self._cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= old.nbytes
+        return tile
+
+    def _decode_segment(self, page: Any, index: int, seg_h: int, seg_w: int) -> np.ndarray:
+        fh = self._tif.filehandle
+        n_planes = page.samplesperpixel if page.planarconfig == 2 else 1
+        n_per_plane = len(page.dataoffsets) // n_planes
+        kwargs: dict[str, Any] = {"_fullsize": True}
+        if page.compression in {6, 7, 34892, 33007}:  # JPEG flavours
+            kwargs["jpegtables"] = page.jpegtables
+            kwargs["jpegheader"] = page.jpegheader
+        planes = []
+        for plane in range(n_planes):
+            i = plane * n_per_plane + index
+            offset, count = int(page.dataoffsets[i]), int(page.databytecounts[i])
+            data: bytes | None
+            if offset == 0 or count == 0:
+                data = None
+            else:
+                fh.seek(offset)
+                data = fh.read(count)
+                if len(data) != count:
+                    raise SlideError(
+                        f"slide {_slide_name(self._path)} is truncated: tile {i} of a "
+                        f"{page.imagewidth}x{page.imagelength} level ends past the end of the "
+                        "file; re-copy the file"
+                    )
+            try:
+                seg, _, _ = page.decode(data, i, **kwargs)
+            except Exception as exc:
+                raise SlideError(
+                    f"cannot decode tile {i} of slide {_slide_name(self._path)} "
+                    f"(compression {int(page.compression)}): {_one_line(exc)}; the file may be "
+                    "corrupt, or imagecodecs lacks this codec"
+                ) from None
+            if seg is None:  # an empty (sparse) tile: background
+                planes.append(None)
+                continue
+            arr = np.asarray(seg)
+            arr = arr.reshape(arr.shape[-3], arr.shape[-2], arr.shape[-1])  # [h, w, s]
+            planes.append(arr)
+        if all(p is None for p in planes):
+            return np.full((seg_h, seg_w, 3), 255, dtype=np.uint8)
+        template = next(p for p in planes if p is not None)
+        planes = [
+            p if p is not None else np.full_like(template, 255)
+            for p in planes
+        ]
+        arr = np.concatenate(planes, axis=-1) if n_planes > 1 else planes[0]
+        return _to_rgb(arr, page)
+
+    # ------------------------------------------------------------------------------ handles
+    def clone(self) -> TiffFileReader:
+        self._check_open()
+        return TiffFileReader(self._path, mpp=self._mpp_override, cache_bytes=self._cache_bytes)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._tif.close()
+            self._cache.clear()
+        super().close()
+
+    def check_complete(self) -> None:
+        """Raise SlideError if any tile or strip of any level lies past the end of the file."""
+        _check_segments_in_file(self._tif, self._pages, self._path)
+
+
+# =================================================================================== tiff helpers
+
+
+class _TiffLogCapture(logging.Handler):
+    """Collects tifffile's log warnings (it logs, not raises, on IFD offsets past the end)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_TIFF_LOG_LOCK = threading.Lock()
+
+
+def _open_tifffile(path: Path) -> Any:
+    """Open ``path`` with tifffile and load every IFD; a broken IFD chain is a SlideError.
+
+    tifffile only logs a warning when an IFD lies past the end of the file (a truncated copy)
+    and then silently drops the pages after it -- a slide would lose levels without a word.
+    """
+    import tifffile
+
+    logger = logging.getLogger("tifffile")
+    capture = _TiffLogCapture()
+    with _TIFF_LOG_LOCK:
+        logger.addHandler(capture)
+        try:
+            try:
+                tif = tifffile.TiffFile(str(path))
+            except Exception as exc:  # TiffFileError, ValueError, OSError, struct.error, ...
+                raise SlideError(
+                    f"tifffile cannot open {_slide_name(path)}: {_one_line(exc)}"
+                ) from None
+            try:
+                len(tif.pages)  # walks the whole IFD chain
+                for page in tif.pages:
+                    _ = page.shape
+            except Exception as exc:
+                tif.close()
+                raise SlideError(
+                    f"slide {_slide_name(path)} has a broken TIFF structure ({_one_line(exc)}); "
+                    "the file may be truncated or corrupt; re-copy it"
+                ) from None
+        finally:
+            logger.removeHandler(capture)
+    broken = [m for m in capture.messages if "invalid" in m.lower() or "raised" in m.lower()]
+    if broken:
+        tif.close()
+        raise SlideError(
+            f"slide {_slide_name(path)} is truncated or corrupt: its TIFF structure points past "
+            f"the end of the file ({_one_line(Exception(broken[0]))}); re-copy the file and "
+            "check its size"
+        )
+    return tif
+
+
+def _yx_area(page_or_series: Any) -> int:
+    page = page_or_series
+    return int(getattr(page, "imagewidth", 0)) * int(getattr(page, "imagelength", 0))
+
+
+def _segment_shape(page: Any) -> tuple[int, int]:
+    """(height, width) of one tile or strip of ``page``."""
+    if page.is_tiled:
+        return int(page.tilelength), int(page.tilewidth)
+    rows = int(page.rowsperstrip) if page.rowsperstrip else int(page.imagelength)
+    return min(rows, int(page.imagelength)), int(page.imagewidth)
+
+
+def _check_page_supported(page: Any, path: Path) -> None:
+    dtype = np.dtype(page.dtype) if page.dtype is not None else None
+    if dtype != np.uint8:
+        raise SlideError(
+            f"slide {_slide_name(path)} has {dtype} samples; fastinsight reads 8-bit RGB or "
+            "grayscale slides; convert it (e.g. with bfconvert or vips) to 8-bit"
+        )
+    if int(page.imagedepth) != 1:
+        raise SlideError(f"slide {_slide_name(path)} is a volume (ImageDepth > 1); expected a 2-D slide")
+    photometric = int(page.photometric)
+    spp = int(page.samplesperpixel)
+    # 0 MinIsWhite, 1 MinIsBlack, 2 RGB, 6 YCbCr (JPEG decodes it to RGB)
+    if photometric not in {0, 1, 2, 6} or spp not in {1, 2, 3, 4}:
+        raise SlideError(
+            f"slide {_slide_name(path)} has photometric {photometric} with {spp} samples; "
+            "expected RGB(A) or grayscale; convert it to RGB"
+        )
+
+
+def _to_rgb(arr: np.ndarray, page: Any) -> np.ndarray:
+    """Decoded samples ``[h, w, s]`` -> ``uint8 [h, w, 3]`` RGB."""
+    spp = arr.shape[-1]
+    photometric = int(page.photometric)
+    if spp in (1, 2):  # gray (+ alpha)
+        gray = arr[..., 0]
+        if photometric == 0:
+            gray = 255 - gray
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        if spp == 2:
+            rgb = _composite_over_white(np.concatenate([rgb, arr[..., 1:2]], axis=-1))
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if spp == 4:
+        return _composite_over_white(arr)
+    return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+
+
+def _check_segments_in_file(tif: Any, pages: Any, path: Path) -> None:
+    size = int(tif.filehandle.size)
+    for page in pages:
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.size == 0:
+            continue
+        ends = offsets + counts
+        worst = int(ends.max())
+        if worst > size:
+            missing = int((ends > size).sum())
+            raise SlideError(
+                f"slide {_slide_name(path)} is truncated: {missing} of {offsets.size} tiles of its "
+                f"{page.imagewidth}x{page.imagelength} level lie past the end of the file "
+                f"({size} bytes, data needs {worst}); re-copy the file and check its size"
+            )
+
+
+def _tiff_vendor(tif: Any) -> str:
+    for flag, name in (
+        ("is_ome", "ome-tiff"),
+        ("is_svs", "aperio"),
+        ("is_ndpi", "hamamatsu"),
+        ("is_scn", "leica"),
+        ("is_bif", "ventana"),
+        ("is_philips", "philips"),
+    ):
+        if getattr(tif, flag, False):
+            return name
+    return "generic-tiff"
+
+
+def _tiff_properties(tif: Any, page: Any, vendor: str) -> dict[str, str]:
+    props: dict[str, str] = {"fastinsight.backend": "tifffile", "fastinsight.vendor": vendor}
+    for tag in page.tags.values():
+        if tag.name in {
+            "ImageDescription",
+            "Software",
+            "Make",
+            "Model",
+            "DateTime",
+            "XResolution",
+            "YResolution",
+            "ResolutionUnit",
+            "Compression",
+            "Photometric",
+        }:
+            value = tag.value
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            props[f"tiff.{tag.name}"] = str(value)
+    description = page.description or ""
+    if vendor == "aperio":
+        for item in description.split("|")[1:]:
+            if "=" in item:
+                key, _, value = item.partition("=")
+                props[f"aperio.{key.strip()}"] = value.strip()
+    if vendor == "hamamatsu":
+        for key, value in (getattr(page, "ndpi_tags", None) or {}).items():
+            if isinstance(value, (str, int, float)):
+                props[f"hamamatsu.{key}"] = str(value)
+    return props
+
+
+def _tiff_mpp(tif: Any, page: Any) -> tuple[float, float] | None:
+    """mpp from OME PhysicalSize, Aperio ``MPP =``, or X/YResolution with ResolutionUnit."""
+    if getattr(tif, "is_ome", False) and tif.ome_metadata:
+        mpp = _ome_mpp(tif.ome_metadata)
+        if mpp is not None:
+            return mpp
+    description = page.description or ""
+    match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
+    if match:
+        value = _parse_float(match.group(1))
+        if value and value > 0:
+            return (value, value)
+    return _resolution_mpp(page)
+
+
+def _resolution_mpp(page: Any) -> tuple[float, float] | None:
+    tags = page.tags
+    unit_tag = tags.get("ResolutionUnit")
+    xres_tag, yres_tag = tags.get("XResolution"), tags.get("YResolution")
+    if unit_tag is None or xres_tag is None or yres_tag is None:
+        return None
+    unit = int(unit_tag.value)
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # 2 = INCH, 3 = CENTIMETER; 1 = NONE
+    if um_per_unit is None:
+        return None
+    xres, yres = _rational(xres_tag.value), _rational(yres_tag.value)
+    if not xres or not yres or xres <= 0 or yres <= 0:
+        return None
+    mpp = (um_per_unit / xres, um_per_unit / yres)
+    if max(mpp) > _MAX_PLAUSIBLE_MPP:
+        return None
+    return mpp
+
+
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for elem in root.iter():
+        if elem.tag.endswith("Pixels"):
+            sizes = []
+            for axis in ("X", "Y"):
+                value = _parse_float(elem.get(f"PhysicalSize{axis}"))
+                unit = elem.get(f"PhysicalSize{axis}Unit", "µm")
+                factor = _OME_UNIT_UM.get(unit)
+                if value is None or value <= 0 or factor is None:
+                    return None
+                sizes.append(value * factor)
+            return (sizes[0], sizes[1])
+    return None
+
+
+def _rational(value: Any) -> float | None:
+    try:
+        if isinstance(value, tuple):
+            num, den = value
+            return float(num) / float(den) if den else None
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _parse_float(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# ====================================================================================== reading
+
+
+def read_resampled(
+    reader: SlideReader,
+    l0_x: float,
+    l0_y: float,
+    l0_w: float,
+    l0_h: float,
+    out_w: int,
+    out_h: int,
+    *,
+    level: int | None = None,
+    resample: Resample = "lanczos",
+    max_block_px: int = 4096,
+) -> np.ndarray:
+    """Read the level-0 box ``[l0_x, l0_x + l0_w) x [l0_y, l0_y + l0_h)`` resampled to exactly
+    ``out_w x out_h`` pixels.
+
+    The box may be fractional and may extend past the slide (white). ``level`` defaults to the
+    coarsest level not coarser than the output (1 % tolerance). The window read around the box
+    includes the resampling filter's support, so the result does not depend on how a large
+    output is split into blocks (the thumbnail is assembled from blocks of at most
+    ``max_block_px`` source pixels a side).
+
+    Shapes: -> ``uint8 [out_h, out_w, 3]`` RGB.
+    """
+    if out_w < 1 or out_h < 1:
+        raise InputError(f"output size must be at least 1x1; got {out_w}x{out_h}")
+    if level is None:
+        level = reader.best_level_for_downsample(min(l0_w / out_w, l0_h / out_h))
+    ds = reader.level_downsamples[level]
+    # Source pixels (at ``level``) per output pixel.
+    scale_x = l0_w / ds / out_w
+    scale_y = l0_h / ds / out_h
+    block_w = max(1, int(max_block_px / max(scale_x, 1.0)))
+    block_h = max(1, int(max_block_px / max(scale_y, 1.0)))
+    if block_w >= out_w and block_h >= out_h:
+        return _read_resampled_block(
+            reader, level, l0_x / ds, l0_y / ds, scale_x, scale_y, out_w, out_h, resample
+        )
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for oy in range(0, out_h, block_h):
+        bh = min(block_h, out_h - oy)
+        for ox in range(0, out_w, block_w):
+            bw = min(block_w, out_w - ox)
+            out[oy : oy + bh, ox : ox + bw] = _read_resampled_block(
+                reader,
+                level,
+                l0_x / ds + ox * scale_x,
+                l0_y / ds + oy * scale_y,
+                scale_x,
+                scale_y,
+                bw,
+                bh,
+                resample,
+            )
+    return out
+
+
+def _read_resampled_block(
+    reader: SlideReader,
+    level: int,
+    lvl_x: float,
+    lvl_y: float,
+    scale_x: float,
+    scale_y: float,
+    out_w: int,
+    out_h: int,
+    resample: Resample,
+) -> np.ndarray:
+    """Resample the level box at (lvl_x, lvl_y) of ``out * scale`` level px to ``out`` px."""
+    lvl_w, lvl_h = out_w * scale_x, out_h * scale_y
+    exact = (
+        abs(scale_x - 1.0) < 1e-9
+        and abs(scale_y - 1.0) < 1e-9
+        and abs(lvl_x - round(lvl_x)) < 1e-6
+        and abs(lvl_y - round(lvl_y)) < 1e-6
+    )
+    ds = reader.level_downsamples[level]
+    if exact:
+        x, y = int(round(lvl_x)), int(round(lvl_y))
+        return reader.read_region(int(round(x * ds)), int(round(y * ds)), level, out_w, out_h)
+    if resample not in _PIL_FILTERS:
+        raise InputError(f"resample must be one of {sorted(_PIL_FILTERS)}; got {resample!r}")
+    support = _FILTER_SUPPORT[resample]
+    margin_x = int(math.ceil(support * max(scale_x, 1.0))) + 1
+    margin_y = int(math.ceil(support * max(scale_y, 1.0))) + 1
+    win_x0 = int(math.floor(lvl_x)) - margin_x
+    win_y0 = int(math.floor(lvl_y)) - margin_y
+    win_x1 = int(math.ceil(lvl_x + lvl_w)) + margin_x
+    win_y1 = int(math.ceil(lvl_y + lvl_h)) + margin_y
+    # ``round(win * ds)`` lands back on ``win`` at this level in both backends.
+    window = reader.read_region(
+        int(round(win_x0 * ds)), int(round(win_y0 * ds)), level, win_x1 - win_x0, win_y1 - win_y0
+    )
+    box = (lvl_x - win_x0, lvl_y - win_y0, lvl_x - win_x0 + lvl_w, lvl_y - win_y0 + lvl_h)
+    img = Image.fromarray(window).resize((out_w, out_h), _PIL_FILTERS[resample], box=box)
+    return np.asarray(img)
+
+
+# ====================================================================================== opening
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    mpp: float | None = None,
+    backend: Backend = "auto",
+    *,
+    validate: bool = True,
+) -> SlideReader:
+    """Open a whole-slide image.
+
+    ``backend="auto"`` tries OpenSlide first and falls back to tifffile; ``"openslide"`` or
+    ``"tifffile"`` force one. ``mpp`` overrides the file's pixel size (the ``--mpp`` flag).
+    With ``validate`` (the default) a truncated or undecodable file fails here.
+
+    Raises SlideError with one line naming the file, what went wrong, and what to do.
+    """
+    path = Path(path).expanduser()
+    _check_mpp_value(mpp)
+    if backend not in ("auto", "openslide", "tifffile"):
+        raise InputError(f"backend must be 'auto', 'openslide' or 'tifffile'; got {backend!r}")
+    if not path.exists():
+        raise SlideError(f"slide file {_slide_name(path)} does not exist; check the path")
+    if path.is_dir():
+        raise SlideError(f"slide path {_slide_name(path)} is a folder; pass the slide file itself")
+
+    attempts: list[str] = []
+    if backend in ("auto", "openslide"):
+        try:
+            reader: SlideReader = OpenSlideReader(path, mpp=mpp)
+        except SlideError as exc:
+            attempts.append(str(exc))
+        else:
+            try:
+                if validate:
+                    _validate(reader)
+                return reader
+            except SlideError as exc:
+                reader.close()
+                attempts.append(str(exc))
+    if backend in ("auto", "tifffile"):
+        try:
+            reader = TiffFileReader(path, mpp=mpp)
+        except SlideError as exc:
+            attempts.append(str(exc))
+        else:
+            try:
+                if validate:
+                    _validate(reader)
+                return reader
+            except SlideError as exc:
+                reader.close()
+                attempts.append(str(exc))
+    truncated = [a for a in attempts if "truncated" in a]
+    if truncated:
+        raise SlideError(truncated[0])
+    what = "; ".join(attempts)
+    raise SlideError(
+        f"cannot read slide {_slide_name(path)} ({what}); expected a whole-slide image that "
+        "OpenSlide or tifffile reads (svs, ndpi, mrxs, scn, bif, tiled TIFF, OME-TIFF); "
+        "if it is one, the copy may be truncated or corrupt"
+    )
+
+
+def _validate(reader: SlideReader) -> None:
+    """Cheap checks that catch truncated and undecodable files at open time."""
+    if isinstance(reader, TiffFileReader):
+        reader.check_complete()
+    else:
+        _check_tiff_if_tiff(reader.path)
+    if reader.level_count == 0 or min(min(d) for d in reader.level_dimensions) < 1:
+        raise SlideError(f"slide {_slide_name(reader.path)} has an empty image")
+    # Decode a small region at the centre of the lowest level and the last tile of level 0.
+    level = reader.level_count - 1
+    ds = reader.level_downsamples[level]
+    width, height = reader.level_dimensions[level]
+    w, h = min(width, 256), min(height, 256)
+    reader.read_region(
+        int(round((width - w) // 2 * ds)), int(round((height - h) // 2 * ds)), level, w, h
+    )
+    w0, h0 = reader.dimensions
+    reader.read_region(max(0, w0 - 16), max(0, h0 - 16), 0, 16, 16)
+
+
+def _check_tiff_if_tiff(path: Path) -> None:
+    """For TIFF-based vendor files opened by OpenSlide: no tile may lie past the end of file."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return
+    tif = _open_tifffile(path)
+    try:
+        _check_segments_in_file(tif, list(tif.pages), path)
+    finally:
+        tif.close()
