@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates the virtual environment on first use (python3 -m venv + pip).
+
+VENV       ?= .venv
+PYTHON     ?= python3
+PY         := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0; on a GPU machine pip picks the platform's CUDA build instead.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= test,export,cohort,dev
+DEMO_DIR   ?= demo-out
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench-smoke clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fastinsight demo $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check fastinsight kernels export tests bench
+	$(VENV)/bin/ruff format --check fastinsight kernels export tests bench
+
+bench-smoke: setup
+	$(PY) bench/bench_kernels.py --smoke
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info $(DEMO_DIR)

@@ -1,0 +1,121 @@
+"""The ``fastinsight`` command line. Thin: every subcommand calls the same functions as the API.
+
+Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
+2-7 a ``FastInsightError`` (bad input or environment; see ``fastinsight.errors``), with a
+one-line message and no traceback; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from fastinsight import __version__
+from fastinsight.errors import FastInsightError
+
+Runner = Callable[[argparse.Namespace], int]
+
+# subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
+# Modules are imported only when their command runs, so `fastinsight --help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("fastinsight.predict_cli", "slide (or feature file) -> heatmap TIFF, scores, overlay"),
+    "demo": ("fastinsight.demo", "synthetic cohort end to end: train, predict, evaluate (no downloads)"),
+    "info": ("fastinsight.cli", "show a checkpoint's architecture and settings"),
+}
+GROUPS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="official INSIGHT .pth or fastinsight .safetensors")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from fastinsight.checkpoint import load_model, sniff_format
+
+    model = load_model(args.model, backend="reference", device="cpu")
+    cfg = json.loads(model.config.to_json())
+    print(json.dumps({"format": sniff_format(__import__("pathlib").Path(args.model)),
+                      "parameters": model.parameter_count(), "config": cfg}, indent=2))
+    return 0
+
+
+def register(name: str, module: str, help_text: str, group: str | None = None) -> None:
+    """Add a subcommand (or ``group subcommand``) implemented by ``module``."""
+    if group is None:
+        COMMANDS[name] = (module, help_text)
+    else:
+        GROUPS.setdefault(group, {})[name] = (module, help_text)
+
+
+register("train", "fastinsight.train", "train INSIGHT on precomputed features and slide labels")
+register("evaluate", "fastinsight.evaluate", "slide AUC and heatmap Dice against ground truth")
+register("predict-cohort", "fastinsight.cohort", "many slides over local or cluster GPUs with Ray")
+register("check", "fastinsight.kernels.check", "compile every kernel ahead of time; report spills", group="kernels")
+register("onnx", "fastinsight.export.cli:onnx", "export the head (or an encoder) to ONNX", group="export")
+register("tensorrt", "fastinsight.export.cli:tensorrt", "build a TensorRT engine from ONNX", group="export")
+register("triton-repo", "fastinsight.export.cli:triton_repo", "write a Triton Inference Server model repository", group="export")
+
+GROUP_HELP = {"kernels": "Triton kernel tools", "export": "ONNX, TensorRT and Triton Inference Server export"}
+
+
+def _resolve(spec: str) -> tuple[Callable[[argparse.ArgumentParser], None], Runner]:
+    module_name, _, prefix = spec.partition(":")
+    if module_name == "fastinsight.cli":
+        return _add_info_arguments, _run_info
+    module = importlib.import_module(module_name)
+    add = getattr(module, f"add_{prefix}_arguments" if prefix else "add_arguments")
+    run = getattr(module, f"run_{prefix}" if prefix else "run")
+    return add, run
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastinsight",
+        description="INSIGHT whole-slide heatmaps, fast. Run `fastinsight COMMAND --help`.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastinsight {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the module of the command being run is imported (argv decides which).
+    wanted = [a for a in argv if not a.startswith("-")][:2]
+    for name, (spec, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if wanted[:1] == [name]:
+            add, run = _resolve(spec)
+            add(p)
+            p.set_defaults(_run=run)
+    for group, commands in GROUPS.items():
+        gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
+        gsub = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        for name, (spec, help_text) in commands.items():
+            p = gsub.add_parser(name, help=help_text, description=help_text)
+            if wanted == [group, name]:
+                add, run = _resolve(spec)
+                add(p)
+                p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        run: Runner | None = getattr(args, "_run", None)
+        if run is None:
+            parser.parse_args([*argv, "--help"])
+            return 2
+        return int(run(args) or 0)
+    except FastInsightError as exc:
+        print(f"fastinsight: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fastinsight: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
