@@ -15,6 +15,7 @@ name and seed always give the same encoder (``identity()`` records the seed).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,7 @@ class Encoder(nn.Module):
         return (g, g)
 
     def _first_tensor(self) -> Tensor | None:
-        for t in self.parameters():
-            return t
-        for t in self.buffers():
-            return t
-        return None
+        return next(itertools.chain(self.parameters(), self.buffers()), None)
 
     @property
     def device(self) -> torch.device:
@@ -369,7 +366,9 @@ class StateDictEncoder(Encoder):
 
     def extra_identity(self) -> dict[str, Any]:
         cfg = self.config
-        return {"config": dataclasses.asdict(cfg)} if dataclasses.is_dataclass(cfg) else {}
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            return {"config": dataclasses.asdict(cfg)}
+        return {}
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tile={self.tile_size_px}, patch={self.patch_size_px}"

@@ -116,7 +116,7 @@ def read_state_dict(path: PathLike, *, what: str) -> tuple[dict[str, Tensor], li
         except Exception as exc:  # torch raises zip/pickle/runtime errors of many kinds
             raise CheckpointError(
                 f"cannot load {str(p)!r} as a PyTorch state_dict ({_first_line(exc)}); the file "
-                f"is truncated, corrupt or holds more than tensors: fetch {what} again"
+                f"is truncated or corrupt, or holds objects other than tensors: fetch {what} again"
             ) from exc
     for wrapper in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
