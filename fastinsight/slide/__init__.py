@@ -1,0 +1,93 @@
+"""Slide side of fastinsight: readers, tissue detection, tile grid, tiler and heatmap outputs.
+
+No model code lives here. A pipeline::
+
+    from fastinsight import slide
+
+    with slide.open_slide("x.svs", mpp=None) as reader:               # SlideError if unreadable
+        tissue = slide.detect_tissue(reader, "brightfield")            # low-res mask
+        grid = slide.TileGrid.for_slide(reader, target_mpp=0.5, tile_px=224, cells_per_side=14)
+        tiles = slide.tissue_tiles(grid, tissue, min_tissue_fraction=0.1)
+        for batch in slide.Tiler(reader, grid, tiles, num_workers=4).batches(64):
+            ...  # batch.images uint8 [B, 224, 224, 3] -> encoder -> head -> [B, K, 14, 14]
+        cells = slide.stitch_cells(per_tile, tiles, grid)              # [K, rows*14, cols*14]
+        cells[:, ~slide.cell_tissue_mask(grid, tissue, tiles=tiles)] = float("nan")
+        slide.write_heatmap_tiff("x.tumour.tif", cells[k], grid, class_name="tumour")
+        slide.write_scores_sidecar("x.scores.npz", cells, grid)
+        slide.write_overlay("x.png", reader.thumbnail(1024), cells[k],
+                            cell_scale=slide.cell_scale_for(grid, thumb.shape))
+        slide.write_geojson("x.geojson", cells[k], grid, per="tile")
+"""
+
+from __future__ import annotations
+
+from fastinsight.slide.colormap import COLORMAPS, apply_colormap, colorize
+from fastinsight.slide.geojson import heatmap_features, heatmap_geojson, write_geojson
+from fastinsight.slide.grid import Tile, TileGrid, best_level, stitch_cells, tiles_cell_mask
+from fastinsight.slide.heatmap_tiff import (
+    HeatmapGeometry,
+    ScoresSidecar,
+    decode_scores,
+    encode_scores,
+    read_scores_sidecar,
+    write_heatmap_tiff,
+    write_scores_sidecar,
+)
+from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_overlay
+from fastinsight.slide.readers import (
+    ArrayReader,
+    OpenSlideReader,
+    SlideReader,
+    TiffFileReader,
+    open_slide,
+    read_resampled,
+)
+from fastinsight.slide.tiler import TileBatch, Tiler
+from fastinsight.slide.tissue import (
+    TISSUE_MODES,
+    TissueMask,
+    cell_tissue_fraction,
+    cell_tissue_mask,
+    detect_tissue,
+    tile_tissue_fraction,
+    tissue_tiles,
+)
+
+__all__ = [
+    "COLORMAPS",
+    "TISSUE_MODES",
+    "ArrayReader",
+    "HeatmapGeometry",
+    "OpenSlideReader",
+    "ScoresSidecar",
+    "SlideReader",
+    "Tile",
+    "TileBatch",
+    "TileGrid",
+    "Tiler",
+    "TiffFileReader",
+    "TissueMask",
+    "apply_colormap",
+    "best_level",
+    "cell_scale_for",
+    "cell_tissue_fraction",
+    "cell_tissue_mask",
+    "colorize",
+    "decode_scores",
+    "detect_tissue",
+    "encode_scores",
+    "heatmap_features",
+    "heatmap_geojson",
+    "open_slide",
+    "read_resampled",
+    "read_scores_sidecar",
+    "render_overlay",
+    "stitch_cells",
+    "tile_tissue_fraction",
+    "tiles_cell_mask",
+    "tissue_tiles",
+    "write_geojson",
+    "write_heatmap_tiff",
+    "write_overlay",
+    "write_scores_sidecar",
+]

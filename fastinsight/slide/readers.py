@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from fastinsight.errors import InputError, SlideError
+from fastinsight.slide.grid import best_level
 
 Backend = Literal["auto", "openslide", "tifffile"]
 Resample = Literal["lanczos", "bicubic", "bilinear", "box", "nearest"]
@@ -85,7 +86,9 @@ def _check_mpp_value(mpp: float | None) -> float | None:
             f"--mpp must be a number of microns per pixel, e.g. 0.25; got {mpp!r}"
         ) from None
     if not math.isfinite(value) or value <= 0:
-        raise InputError(f"--mpp must be a positive number of microns per pixel, e.g. 0.25; got {mpp!r}")
+        raise InputError(
+            f"--mpp must be a positive number of microns per pixel, e.g. 0.25; got {mpp!r}"
+        )
     return value
 
 
@@ -192,11 +195,7 @@ class SlideReader(abc.ABC):
         The tolerance lets a level at 2.0005 serve a requested 2.0 (a 0.03 % upsample) instead
         of falling back to a level four times larger.
         """
-        best = 0
-        for level, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * (1.0 + tolerance) and ds >= self.level_downsamples[best]:
-                best = level
-        return best
+        return best_level(self.level_downsamples, downsample, tolerance)
 
     # ------------------------------------------------------------------------------ pixels
     def read_region(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
@@ -285,7 +284,14 @@ class OpenSlideReader(SlideReader):
 
     backend = "openslide"
 
-    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mpp: float | None = None,
+        *,
+        cache_bytes: int = 64 * 2**20,
+        _cache: Any = None,
+    ) -> None:
         super().__init__(path, mpp)
         import openslide
 
@@ -295,6 +301,13 @@ class OpenSlideReader(SlideReader):
             raise SlideError(
                 f"OpenSlide cannot open {_slide_name(self._path)}: {_one_line(exc)}"
             ) from None
+        # One decoded-tile cache shared by a reader and its clones: neighbouring tiles read by
+        # different threads often need the same source tile.
+        self._cache_bytes = int(cache_bytes)
+        self._os_cache = (
+            _cache if _cache is not None else openslide.OpenSlideCache(self._cache_bytes)
+        )
+        self._osr.set_cache(self._os_cache)
         props = self._osr.properties
         self._properties = {str(k): str(v) for k, v in props.items()}
         self._vendor = self._properties.get("openslide.vendor", "unknown")
@@ -324,7 +337,9 @@ class OpenSlideReader(SlideReader):
 
     def clone(self) -> OpenSlideReader:
         self._check_open()
-        return OpenSlideReader(self._path, mpp=self._mpp_override)
+        return OpenSlideReader(
+            self._path, mpp=self._mpp_override, cache_bytes=self._cache_bytes, _cache=self._os_cache
+        )
 
     def close(self) -> None:
         if not self._closed:
@@ -352,6 +367,7 @@ class TiffFileReader(SlideReader):
         mpp: float | None = None,
         *,
         cache_bytes: int = 64 * 2**20,
+        _cache: _TileCache | None = None,
     ) -> None:
         super().__init__(path, mpp)
         self._tif = _open_tifffile(self._path)
@@ -361,9 +377,8 @@ class TiffFileReader(SlideReader):
             self._tif.close()
             raise
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_bytes = int(cache_bytes)
-        self._cache_used = 0
+        # Shared by a reader and its clones (thread-safe), like OpenSlide's cache.
+        self._cache = _cache if _cache is not None else _TileCache(int(cache_bytes))
 
     def _setup(self) -> None:
         tif = self._tif
@@ -422,14 +437,10 @@ class TiffFileReader(SlideReader):
         key = (level, index)
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         tile = self._decode_segment(self._pages[level], index, seg_h, seg_w)
-        self._cache[key] = tile
-        self._cache_used += tile.nbytes
-        while self._cache_used > self._cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cache_used -= old.nbytes
+        tile.setflags(write=False)
+        self._cache.put(key, tile)
         return tile
 
     def _decode_segment(self, page: Any, index: int, seg_h: int, seg_w: int) -> np.ndarray:
@@ -440,7 +451,7 @@ class TiffFileReader(SlideReader):
         if page.compression in {6, 7, 34892, 33007}:  # JPEG flavours
             kwargs["jpegtables"] = page.jpegtables
             kwargs["jpegheader"] = page.jpegheader
-        planes = []
+        planes: list[np.ndarray | None] = []
         for plane in range(n_planes):
             i = plane * n_per_plane + index
             offset, count = int(page.dataoffsets[i]), int(page.databytecounts[i])
@@ -473,22 +484,20 @@ class TiffFileReader(SlideReader):
         if all(p is None for p in planes):
             return np.full((seg_h, seg_w, 3), 255, dtype=np.uint8)
         template = next(p for p in planes if p is not None)
-        planes = [
-            p if p is not None else np.full_like(template, 255)
-            for p in planes
-        ]
-        arr = np.concatenate(planes, axis=-1) if n_planes > 1 else planes[0]
+        filled = [p if p is not None else np.full_like(template, 255) for p in planes]
+        arr = np.concatenate(filled, axis=-1) if n_planes > 1 else filled[0]
         return _to_rgb(arr, page)
 
     # ------------------------------------------------------------------------------ handles
     def clone(self) -> TiffFileReader:
         self._check_open()
-        return TiffFileReader(self._path, mpp=self._mpp_override, cache_bytes=self._cache_bytes)
+        return TiffFileReader(
+            self._path, mpp=self._mpp_override, cache_bytes=self._cache.capacity, _cache=self._cache
+        )
 
     def close(self) -> None:
         if not self._closed:
             self._tif.close()
-            self._cache.clear()
         super().close()
 
     def check_complete(self) -> None:
@@ -496,7 +505,86 @@ class TiffFileReader(SlideReader):
         _check_segments_in_file(self._tif, self._pages, self._path)
 
 
+# ======================================================================================== arrays
+
+
+class ArrayReader(SlideReader):
+    """An in-memory slide: level arrays ``uint8 [h, w, 3]``, level 0 first.
+
+    For tests and for images already in memory (and as the smallest example of a backend).
+    Clones share the (read-only) arrays.
+    """
+
+    backend = "array"
+
+    def __init__(
+        self,
+        levels: np.ndarray | list[np.ndarray],
+        mpp: float | None = None,
+        *,
+        path: str | os.PathLike[str] = "<array>",
+        vendor: str = "array",
+    ) -> None:
+        super().__init__(path, None)
+        arrays = [levels] if isinstance(levels, np.ndarray) else list(levels)
+        if not arrays:
+            raise InputError("ArrayReader needs at least one level array")
+        for a in arrays:
+            if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8 or 0 in a.shape:
+                raise InputError(
+                    f"levels must be non-empty uint8 [h, w, 3]; got {a.dtype} {a.shape}"
+                )
+        self._arrays = arrays
+        self._level_dimensions = tuple((int(a.shape[1]), int(a.shape[0])) for a in arrays)
+        file_mpp = _check_mpp_value(mpp)
+        self._file_mpp = (file_mpp, file_mpp) if file_mpp is not None else None
+        self._vendor = vendor
+
+    def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        lvl_x, lvl_y = int(round(l0_x / ds)), int(round(l0_y / ds))
+        out = np.full((lvl_h, lvl_w, 3), 255, dtype=np.uint8)
+        src = self._arrays[level]
+        x0, y0 = max(lvl_x, 0), max(lvl_y, 0)
+        x1, y1 = min(lvl_x + lvl_w, src.shape[1]), min(lvl_y + lvl_h, src.shape[0])
+        if x0 < x1 and y0 < y1:
+            out[y0 - lvl_y : y1 - lvl_y, x0 - lvl_x : x1 - lvl_x] = src[y0:y1, x0:x1]
+        return out
+
+    def clone(self) -> ArrayReader:
+        self._check_open()
+        mpp = self._file_mpp[0] if self._file_mpp is not None else None
+        return ArrayReader(self._arrays, mpp, path=self._path, vendor=self._vendor)
+
+
 # =================================================================================== tiff helpers
+
+
+class _TileCache:
+    """A thread-safe LRU of decoded tiles, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[int, int], value: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._used += value.nbytes
+            while self._used > self.capacity and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._used -= old.nbytes
 
 
 class _TiffLogCapture(logging.Handler):
@@ -511,6 +599,7 @@ class _TiffLogCapture(logging.Handler):
 
 
 _TIFF_LOG_LOCK = threading.Lock()
+_TRUNCATION_LOG = re.compile(r"invalid\b.*\boffset|offset to first page", re.IGNORECASE)
 
 
 def _open_tifffile(path: Path) -> Any:
@@ -544,13 +633,15 @@ def _open_tifffile(path: Path) -> Any:
                 ) from None
         finally:
             logger.removeHandler(capture)
-    broken = [m for m in capture.messages if "invalid" in m.lower() or "raised" in m.lower()]
+    # Only offsets past the end of the file are fatal (a truncated copy); tifffile also logs
+    # benign oddities of vendor tags, which must not turn away a slide OpenSlide reads.
+    broken = [m for m in capture.messages if _TRUNCATION_LOG.search(m)]
     if broken:
         tif.close()
+        detail = re.sub(r"<[^>]*>\s*", "", _one_line(Exception(broken[0])))
         raise SlideError(
             f"slide {_slide_name(path)} is truncated or corrupt: its TIFF structure points past "
-            f"the end of the file ({_one_line(Exception(broken[0]))}); re-copy the file and "
-            "check its size"
+            f"the end of the file ({detail}); re-copy the file and check its size"
         )
     return tif
 
@@ -576,7 +667,9 @@ def _check_page_supported(page: Any, path: Path) -> None:
             "grayscale slides; convert it (e.g. with bfconvert or vips) to 8-bit"
         )
     if int(page.imagedepth) != 1:
-        raise SlideError(f"slide {_slide_name(path)} is a volume (ImageDepth > 1); expected a 2-D slide")
+        raise SlideError(
+            f"slide {_slide_name(path)} is a volume (ImageDepth > 1); expected a 2-D slide"
+        )
     photometric = int(page.photometric)
     spp = int(page.samplesperpixel)
     # 0 MinIsWhite, 1 MinIsBlack, 2 RGB, 6 YCbCr (JPEG decodes it to RGB)
