@@ -43,13 +43,13 @@ from typing import Any, Literal
 import numpy as np
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import InputError, OutputError
+from fastinsight.errors import InputError
 from fastinsight.slide.colormap import COLORMAPS, colorize
 from fastinsight.slide.grid import TileGrid
+from fastinsight.slide.pyramid import write_pyramid_tiff
 
 Encoding = Literal["score", "rgb"]
 
-TIFF_TILE = 256
 _SCORE_LEVELS = 254  # codes 1..255 carry the score; 0 is non-tissue
 
 
@@ -155,17 +155,6 @@ def _check_range(value_range: tuple[float, float]) -> tuple[float, float]:
     return vmin, vmax
 
 
-def pyramid_levels(level0: np.ndarray, min_level_size: int = 1024) -> list[np.ndarray]:
-    """Level 0 then every-other-pixel reductions until the longer side is <= ``min_level_size``.
-
-    Shapes: ``[h, w(, s)]`` -> list of ``[ceil(h / 2^k), ceil(w / 2^k)(, s)]``.
-    """
-    levels = [level0]
-    while max(levels[-1].shape[:2]) > min_level_size:
-        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
-    return levels
-
-
 def heatmap_description(
     *,
     encoding: Encoding,
@@ -225,7 +214,6 @@ def write_heatmap_tiff(
     ``cells``: the stitched cell array of ``grid`` (NaN = non-tissue). Returns the geometry.
     Shapes: ``cells`` float ``grid.cell_shape`` (or ``[1, *grid.cell_shape]``).
     """
-    import tifffile
 
     arr = np.asarray(cells)
     if arr.ndim == 3 and arr.shape[0] == 1:
@@ -273,27 +261,15 @@ def write_heatmap_tiff(
         slide=slide,
         extra=extra_description,
     )
-    levels = pyramid_levels(level0, min_level_size)
-    with atomic_path(path) as tmp:
-        try:
-            with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-                for k, data in enumerate(levels):
-                    px_per_cm = 10000.0 / (geometry.hm_mpp * 2**k)
-                    tw.write(
-                        data,
-                        tile=(TIFF_TILE, TIFF_TILE),
-                        resolution=(px_per_cm, px_per_cm),
-                        resolutionunit="CENTIMETER",
-                        subfiletype=1 if k else 0,
-                        description=description if k == 0 else None,
-                        software="fastinsight",
-                        metadata=None,
-                        **kwargs,
-                    )
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write heatmap {str(path)!r}: {exc}; check disk space"
-            ) from None
+    write_pyramid_tiff(
+        path,
+        level0,
+        geometry.hm_mpp,
+        compression=kwargs["compression"],
+        compressionargs=kwargs["compressionargs"],
+        description=description,
+        min_level_size=min_level_size,
+    )
     return geometry
 
 

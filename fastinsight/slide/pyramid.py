@@ -1,0 +1,79 @@
+"""Pyramidal BigTIFF writing shared by the heatmap writer and the synthetic slides.
+
+The layout every viewer we target opens with all its levels and the right mpp (spec section 4):
+BigTIFF, 256 x 256 tiles, level 0 then /2 reductions as top-level IFDs in the main chain, each
+reduction with SubFileType = 1, ResolutionUnit = CENTIMETER with X/YResolution = 10000 / mpp
+of that level, a plain-text ImageDescription and no OME-XML or tifffile JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from fastinsight.atomic import atomic_path
+from fastinsight.errors import InputError, OutputError
+
+TIFF_TILE = 256
+
+
+def pyramid_levels(level0: np.ndarray, min_level_size: int = 1024) -> list[np.ndarray]:
+    """Level 0 then every-other-pixel reductions until the longer side is <= ``min_level_size``.
+
+    Shapes: ``[h, w(, s)]`` -> list of ``[ceil(h / 2^k), ceil(w / 2^k)(, s)]``.
+    """
+    levels = [level0]
+    while max(levels[-1].shape[:2]) > min_level_size:
+        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
+    return levels
+
+
+def write_pyramid_tiff(
+    path: str | os.PathLike[str],
+    level0: np.ndarray,
+    mpp: float,
+    *,
+    compression: str = "zlib",
+    compressionargs: dict[str, Any] | None = None,
+    description: str = "",
+    min_level_size: int = 1024,
+    levels: list[np.ndarray] | None = None,
+) -> None:
+    """Write ``level0`` (uint8 ``[h, w]`` or ``[h, w, 3]``) and its /2 pyramid, atomically.
+
+    ``levels`` may be given precomputed (level 0 first); otherwise every-other-pixel
+    reductions are made. ``mpp`` is level 0's micrometres per pixel.
+    """
+    import tifffile
+
+    if level0.dtype != np.uint8 or level0.ndim not in (2, 3):
+        raise InputError(
+            f"pyramid TIFF levels must be uint8 [h, w] or [h, w, 3]; got {level0.dtype} "
+            f"{level0.shape}"
+        )
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise InputError(f"mpp must be a positive number; got {mpp!r}")
+    photometric = "rgb" if level0.ndim == 3 else "minisblack"
+    levels = levels or pyramid_levels(level0, min_level_size)
+    with atomic_path(path) as tmp:
+        try:
+            with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+                for k, data in enumerate(levels):
+                    px_per_cm = 10000.0 / (mpp * 2**k)
+                    tw.write(
+                        data,
+                        photometric=photometric,
+                        compression=compression,
+                        compressionargs=compressionargs or {},
+                        tile=(TIFF_TILE, TIFF_TILE),
+                        resolution=(px_per_cm, px_per_cm),
+                        resolutionunit="CENTIMETER",
+                        subfiletype=1 if k else 0,
+                        description=description if k == 0 else None,
+                        software="fastinsight",
+                        metadata=None,
+                    )
+        except OSError as exc:
+            raise OutputError(f"cannot write {str(path)!r}: {exc}; check disk space") from None
