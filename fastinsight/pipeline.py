@@ -1,0 +1,388 @@
+"""From a slide to a heatmap in one streaming pass.
+
+Tiles are read and decoded in background threads, go through the patch encoder and straight
+into the INSIGHT head batch by batch; only the raw heatmap cells ``[N, K, h, w]`` stay, on the
+device. After the last batch the dynamic threshold and the pooling run over the slide's tissue
+cells. The slide's token grid is never held whole, in memory or on disk: peak memory is bounded
+by the batch size, not by the slide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastinsight import __version__
+from fastinsight.atomic import atomic_path, check_writable
+from fastinsight.errors import InputError
+from fastinsight.model import InsightModel
+from fastinsight.slide import (
+    Tile,
+    TileGrid,
+    Tiler,
+    cell_scale_for,
+    cell_tissue_mask,
+    detect_tissue,
+    open_slide,
+    stitch_cells,
+    tissue_tiles,
+    write_geojson,
+    write_heatmap_tiff,
+    write_overlay,
+    write_scores_sidecar,
+)
+
+STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Settings of one slide run; the CLI flags of ``fastinsight predict`` map onto these."""
+
+    device: str | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    tissue: str = "brightfield"
+    min_tissue_fraction: float = 0.1
+    min_cell_fraction: float = 0.5
+    mpp: float | None = None
+    reader_backend: str = "auto"
+    encoder_weights: str | None = None
+    progress: bool = True
+    profile: bool = False
+    thumbnail_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise InputError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+class StageTimer:
+    """Wall time per pipeline stage. With ``sync`` the device is synchronised at each boundary
+    so GPU work is charged to the stage that launched it (costs a little throughput)."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._sync = sync and device.type == "cuda"
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self._sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def check_compatible(model: InsightModel, encoder: Any) -> None:
+    """The encoder's tokens must be what the model was trained on; fail before any tile is read."""
+    cfg = model.config
+    if encoder.embed_dim != cfg.in_dim:
+        raise InputError(
+            f"encoder {encoder.name!r} gives {encoder.embed_dim} channels but the model expects "
+            f"{cfg.in_dim}; use the encoder the model was trained with ({cfg.encoder!r})"
+        )
+    if cfg.norm == "tile" and tuple(encoder.grid_size) != tuple(cfg.grid_size):
+        raise InputError(
+            f"encoder {encoder.name!r} gives {encoder.grid_size} token grids but the model was "
+            f"trained on {cfg.grid_size}; use tiles of {cfg.tile_size_px} px"
+        )
+    if encoder.grid_size[0] != encoder.grid_size[1]:
+        raise InputError(f"the slide pipeline needs square token grids, got {encoder.grid_size}")
+
+
+def tile_cells(mask: np.ndarray, tiles: list[Tile], cells: int) -> np.ndarray:
+    """Cut the slide-level cell mask into per-tile grids. Shapes: ``[R*c, C*c]`` -> ``[N, c, c]``."""
+    rows, cols = mask.shape[0] // cells, mask.shape[1] // cells
+    blocks = mask.reshape(rows, cells, cols, cells).transpose(0, 2, 1, 3)
+    r = np.fromiter((t.tile_row for t in tiles), dtype=np.int64, count=len(tiles))
+    c = np.fromiter((t.tile_col for t in tiles), dtype=np.int64, count=len(tiles))
+    return np.ascontiguousarray(blocks[r, c])
+
+
+@dataclass
+class SlideResult:
+    """Everything one slide run produced, able to write every output.
+
+    Shapes: scores, thresholds ``[K]``; cells and raw_cells ``[K, R*c, C*c]`` float32 with NaN
+    for non-tissue (cells after the threshold, raw_cells before); cell_mask ``[R*c, C*c]``.
+    """
+
+    slide_id: str
+    slide_path: str
+    scores: np.ndarray
+    thresholds: np.ndarray
+    cells: np.ndarray
+    raw_cells: np.ndarray
+    cell_mask: np.ndarray
+    grid: TileGrid
+    n_tiles: int
+    class_names: tuple[str, ...]
+    model_info: dict[str, Any]
+    encoder_info: dict[str, Any]
+    slide_info: dict[str, Any]
+    timings: dict[str, float]
+    thumbnail: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tiles_per_second(self) -> float:
+        wall = self.timings.get("total", 0.0)
+        return self.n_tiles / wall if wall > 0 else float("nan")
+
+    def class_index(self, name_or_index: str | int | None) -> int:
+        if name_or_index is None:
+            return 0
+        if isinstance(name_or_index, int) or str(name_or_index).isdigit():
+            k = int(name_or_index)
+            if not 0 <= k < len(self.class_names):
+                raise InputError(f"class index {k} out of range 0..{len(self.class_names) - 1}")
+            return k
+        if name_or_index not in self.class_names:
+            raise InputError(
+                f"unknown class {name_or_index!r}; the model has {list(self.class_names)}"
+            )
+        return self.class_names.index(str(name_or_index))
+
+    def heatmap_paths(self, out: str | os.PathLike[str], classes: list[int]) -> list[Path]:
+        """One file per class: ``out`` itself for one class, ``stem.<class>.tif`` for several."""
+        p = Path(out)
+        if len(classes) == 1:
+            return [p]
+        return [p.with_name(f"{p.stem}.{self.class_names[k]}{p.suffix}") for k in classes]
+
+    def write_heatmap(
+        self,
+        out: str | os.PathLike[str],
+        class_: str | int | None = None,
+        encoding: str = "score",
+        all_classes: bool = False,
+    ) -> list[Path]:
+        """Pyramidal heatmap TIFF(s); with ``all_classes`` one file per class."""
+        classes = list(range(len(self.class_names))) if all_classes else [self.class_index(class_)]
+        paths = self.heatmap_paths(out, classes)
+        for k, path in zip(classes, paths, strict=True):
+            write_heatmap_tiff(
+                path,
+                self.cells[k],
+                self.grid,
+                encoding=encoding,  # type: ignore[arg-type]
+                model=str(self.model_info.get("name", "")),
+                class_name=self.class_names[k],
+                slide=self.slide_id,
+                extra_description={
+                    "slide score": f"{self.scores[k]:.6f}",
+                    "otsu threshold": f"{self.thresholds[k]:.6f}",
+                },
+            )
+        return paths
+
+    def write_overlay(self, out: str | os.PathLike[str], class_: str | int | None = None) -> None:
+        if self.thumbnail is None:
+            raise InputError("this result has no slide thumbnail; run from a slide for an overlay")
+        k = self.class_index(class_)
+        write_overlay(
+            out,
+            self.thumbnail,
+            self.cells[k],
+            cell_scale=cell_scale_for(self.grid, self.thumbnail.shape),
+            title=f"{self.slide_id}  {self.class_names[k]}  score {self.scores[k]:.3f}",
+        )
+
+    def write_geojson(
+        self, out: str | os.PathLike[str], class_: str | int | None = None, per: str = "tile"
+    ) -> int:
+        k = self.class_index(class_)
+        return write_geojson(out, self.cells[k], self.grid, per=per, class_name=self.class_names[k])
+
+    def write_sidecar(self, out: str | os.PathLike[str]) -> None:
+        write_scores_sidecar(
+            out,
+            self.cells,
+            self.grid,
+            mask=self.cell_mask,
+            class_names=self.class_names,
+            metadata={
+                "slide_id": self.slide_id,
+                "scores": self.scores.tolist(),
+                "thresholds": self.thresholds.tolist(),
+            },
+        )
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "fastinsight": __version__,
+            "slide_id": self.slide_id,
+            "slide": self.slide_info,
+            "scores": dict(zip(self.class_names, map(float, self.scores), strict=True)),
+            "thresholds": dict(zip(self.class_names, map(float, self.thresholds), strict=True)),
+            "model": self.model_info,
+            "encoder": self.encoder_info,
+            "grid": self.grid.to_dict(),
+            "tiles": {
+                "grid": self.grid.n_tiles,
+                "processed": self.n_tiles,
+                "tissue_cells": int(self.cell_mask.sum()),
+            },
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "tiles_per_s": round(self.tiles_per_second, 2),
+            "notes": self.notes,
+        }
+
+    def write_report(self, out: str | os.PathLike[str]) -> None:
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
+
+
+def _images_to_tensor(images: Any, device: torch.device) -> Tensor:
+    t = images if isinstance(images, Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return t.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def predict_slide(
+    slide: str | os.PathLike[str],
+    model: InsightModel,
+    encoder: Any = None,
+    options: PredictOptions | None = None,
+    model_info: dict[str, Any] | None = None,
+) -> SlideResult:
+    """Run one slide through tiler, encoder and INSIGHT head in a single streaming pass.
+
+    ``encoder`` defaults to the one the model's config names (``options.encoder_weights`` for
+    pretrained weights). Errors (unreadable slide, no mpp, no tissue, an encoder that does not
+    fit the model) come before any tile is encoded.
+    """
+    from fastinsight.encoders import build_encoder
+
+    opts = options or PredictOptions()
+    device = resolve_device(opts.device)
+    timer = StageTimer(device, sync=opts.profile)
+    notes: list[str] = []
+    start = time.perf_counter()
+    model = model.to(device).eval()
+    cfg = model.config
+    if encoder is None:
+        encoder = build_encoder(
+            cfg.encoder, opts.encoder_weights, tile_size_px=cfg.tile_size_px, device=device
+        )
+    encoder = encoder.to(device).eval()
+    check_compatible(model, encoder)
+
+    with timer.stage("open"):
+        reader = open_slide(slide, mpp=opts.mpp, backend=opts.reader_backend)
+    try:
+        with timer.stage("tissue"):
+            grid = TileGrid.for_slide(
+                reader,
+                target_mpp=cfg.target_mpp,
+                tile_px=encoder.tile_size_px,
+                cells_per_side=encoder.grid_size[0],
+            )
+            thumbnail = reader.thumbnail(opts.thumbnail_size)
+            tissue = detect_tissue(reader, opts.tissue)  # type: ignore[arg-type]
+            tiles = tissue_tiles(grid, tissue, opts.min_tissue_fraction)
+            slide_mask = cell_tissue_mask(grid, tissue, opts.min_cell_fraction, tiles=tiles)
+            if not slide_mask.any():
+                from fastinsight.errors import SlideError
+
+                raise SlideError(
+                    f"no heatmap cell is at least {opts.min_cell_fraction:.0%} tissue in "
+                    f"{str(slide)!r}; use --tissue all or lower --min-cell-tissue"
+                )
+        c = encoder.grid_size[0]
+        k = cfg.num_classes
+        n = len(tiles)
+        raw = torch.empty((n, k, c, c), dtype=torch.float32, device=device)
+        bar = _progress(n, opts.progress, Path(slide).name)
+        done = 0
+        tiler = Tiler(reader, grid, tiles, num_workers=opts.num_workers)
+        for batch in tiler.batches(opts.batch_size, pin_memory=device.type == "cuda"):
+            timer.seconds["read"] += batch.wait_seconds
+            with timer.stage("transfer"):
+                images = _images_to_tensor(batch.images, device)
+            with timer.stage("encoder"):
+                tokens = encoder.encode(images)
+            with timer.stage("head"):
+                raw[done : done + len(batch)] = model(tokens).float()
+            done += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        with timer.stage("threshold_pool"):
+            mask_t = torch.from_numpy(tile_cells(slide_mask, tiles, c)).to(device)
+            heat, thresholds, scores = model.threshold_and_pool(raw, mask_t)
+            heat = heat.masked_fill(~mask_t[:, None], float("nan"))
+            raw_masked = raw.masked_fill(~mask_t[:, None], float("nan"))
+            cells = stitch_cells(heat, tiles, grid).cpu().numpy()
+            raw_cells = stitch_cells(raw_masked, tiles, grid).cpu().numpy()
+        slide_info = {
+            "path": str(slide),
+            "vendor": reader.vendor,
+            "dimensions": list(reader.dimensions),
+            "mpp": reader.mpp,
+            "level_count": reader.level_count,
+            "level_downsamples": list(reader.level_downsamples),
+            "tissue_mode": tissue.mode,
+            "tissue_fraction": round(float(tissue.tissue_fraction), 4),
+        }
+    finally:
+        reader.close()
+    timer.seconds["total"] = time.perf_counter() - start
+    return SlideResult(
+        slide_id=Path(slide).stem,
+        slide_path=str(slide),
+        scores=scores.cpu().numpy(),
+        thresholds=thresholds.cpu().numpy(),
+        cells=cells,
+        raw_cells=raw_cells,
+        cell_mask=slide_mask,
+        grid=grid,
+        n_tiles=n,
+        class_names=cfg.names,
+        model_info=model_info or {"name": "in-memory model"},
+        encoder_info=encoder.identity(),
+        slide_info=slide_info,
+        timings=dict(timer.seconds),
+        thumbnail=thumbnail,
+        notes=notes,
+    )
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, unit="tile", desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
+    )
+
+
+def prepare_outputs(*paths: str | os.PathLike[str] | None) -> None:
+    """Check every requested output path is writable before hours of work are spent."""
+    for p in paths:
+        if p is not None:
+            check_writable(p)

@@ -1,0 +1,231 @@
+"""``fastinsight predict``: one slide (or one feature file) to heatmap TIFF, scores and more."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastinsight.errors import CheckpointError, InputError
+
+MODEL_ENV = "FASTINSIGHT_MODEL"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slide", nargs="?", help="whole-slide image (svs, ndpi, tiff, ome.tif, ...)")
+    p.add_argument(
+        "--out", "-o", help="heatmap TIFF to write (pyramidal, opens in QuPath/OpenSlide)"
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        help=f"INSIGHT checkpoint (.safetensors or official .pth); default ${MODEL_ENV}",
+    )
+    p.add_argument(
+        "--features",
+        help="precomputed features h5 (official INSIGHT, CLAM or TRIDENT) instead of a slide",
+    )
+    p.add_argument(
+        "--patches-h5", help="CLAM patches/<slide>.h5 giving the geometry of a CLAM features file"
+    )
+    p.add_argument(
+        "--patch-size-l0",
+        type=float,
+        help="level-0 size of a feature tile when the h5 does not record it",
+    )
+    p.add_argument(
+        "--encoder", help="patch encoder (default: the one the model names); see `fastinsight info`"
+    )
+    p.add_argument(
+        "--encoder-weights", help="local weight file of the encoder (e.g. UNI's pytorch_model.bin)"
+    )
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "triton", "reference"),
+        help="head implementation",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="tiles per encoder batch (bounds GPU memory)"
+    )
+    p.add_argument("--num-workers", type=int, default=2, help="tile reading/decoding threads")
+    p.add_argument(
+        "--tissue",
+        default="brightfield",
+        choices=("brightfield", "fluorescence", "all"),
+        help="tissue detection: bright-field H&E, dark-background fluorescence, or every tile",
+    )
+    p.add_argument(
+        "--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a tile"
+    )
+    p.add_argument(
+        "--min-cell-tissue",
+        type=float,
+        default=0.5,
+        help="minimum tissue fraction of a heatmap cell",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        help="slide microns per pixel (overrides the file; needed when it has none)",
+    )
+    p.add_argument(
+        "--class",
+        dest="class_",
+        help="class (name or index) for the heatmap when K > 1 (default: first)",
+    )
+    p.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="one heatmap TIFF per class: OUT_STEM.<class>.tif",
+    )
+    p.add_argument(
+        "--encoding",
+        default="score",
+        choices=("score", "rgb"),
+        help="heatmap TIFF pixels: uint8 score (lossless; 0 = non-tissue) or RGB colour map",
+    )
+    p.add_argument("--overlay", help="PNG: heatmap over a slide thumbnail, with a colour bar")
+    p.add_argument("--geojson", help="QuPath GeoJSON of tiles with measurements {score}")
+    p.add_argument(
+        "--geojson-per",
+        default="tile",
+        choices=("tile", "cell"),
+        help="one GeoJSON feature per tile or per cell",
+    )
+    p.add_argument(
+        "--report", help="JSON report: scores, thresholds, model, encoder, geometry, timings"
+    )
+    p.add_argument("--scores", help="npz sidecar with the raw float heatmap cells and mask")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="synchronise the GPU per stage for exact stage timings",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+
+
+def resolve_model_path(arg: str | None) -> Path:
+    path = arg or os.environ.get(MODEL_ENV)
+    if not path:
+        raise CheckpointError(
+            f"no model given: pass --model PATH or set {MODEL_ENV}; an official INSIGHT .pth or a "
+            "fastinsight .safetensors (train one with `fastinsight train`, or run `fastinsight demo`)"
+        )
+    return Path(path).expanduser()
+
+
+def load_for_predict(
+    path: Path, backend: str, device: Any, quiet: bool
+) -> tuple[Any, dict[str, Any]]:
+    from fastinsight.checkpoint import load_model, model_identity
+
+    model = load_model(path, backend=backend, device="cpu")
+    info = model_identity(path)
+    info["name"] = path.name
+    if info["format"] == "torch" and not quiet:
+        cfg = model.config
+        print(
+            f"fastinsight: official INSIGHT checkpoint: assuming {cfg.encoder.upper()} tokens "
+            f"({cfg.in_dim} x {cfg.grid_size[0]} x {cfg.grid_size[1]}) on {cfg.tile_size_px} px "
+            f"tiles at {cfg.target_mpp} um/px",
+            file=sys.stderr,
+        )
+    return model, info
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastinsight.pipeline import PredictOptions, prepare_outputs, resolve_device
+
+    if not args.slide and not args.features:
+        raise InputError(
+            "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"
+        )
+    if not any((args.out, args.overlay, args.geojson, args.report, args.scores)):
+        raise InputError(
+            "nothing to write: pass --out heatmap.tif (and/or --overlay, --geojson, --report, --scores)"
+        )
+    prepare_outputs(args.out, args.overlay, args.geojson, args.report, args.scores)
+    device = resolve_device(args.device)
+    model, info = load_for_predict(resolve_model_path(args.model), args.backend, device, args.quiet)
+    options = PredictOptions(
+        device=str(device),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        tissue=args.tissue,
+        min_tissue_fraction=args.min_tissue,
+        min_cell_fraction=args.min_cell_tissue,
+        mpp=args.mpp,
+        encoder_weights=args.encoder_weights,
+        progress=not args.quiet,
+        profile=args.profile,
+    )
+    if args.features:
+        from fastinsight.features_pipeline import predict_features
+
+        result = predict_features(
+            args.features,
+            model,
+            options,
+            slide=args.slide,
+            patches_h5=args.patches_h5,
+            patch_size_l0=args.patch_size_l0,
+            model_info=info,
+        )
+    else:
+        from fastinsight.pipeline import predict_slide
+
+        encoder = None
+        if args.encoder:
+            from fastinsight.encoders import build_encoder
+
+            encoder = build_encoder(
+                args.encoder,
+                args.encoder_weights,
+                tile_size_px=model.config.tile_size_px,
+                device=device,
+            )
+        result = predict_slide(args.slide, model, encoder, options, model_info=info)
+    write_outputs(result, args)
+    k = result.class_index(args.class_)
+    summary = ", ".join(
+        f"{n}={s:.4f}" for n, s in zip(result.class_names, result.scores, strict=True)
+    )
+    print(
+        f"{result.slide_id}: {summary} (threshold {result.thresholds[k]:.4f}; "
+        f"{result.n_tiles} tiles in {result.timings['total']:.1f} s, {result.tiles_per_second:.1f} tiles/s)"
+    )
+    return 0
+
+
+def write_outputs(result: Any, args: argparse.Namespace) -> None:
+    """Write what was asked for; if any write fails, remove the ones already written."""
+    start = time.perf_counter()
+    written: list[Path] = []
+    try:
+        if args.out:
+            written += result.write_heatmap(
+                args.out, args.class_, encoding=args.encoding, all_classes=args.all_classes
+            )
+        if args.overlay:
+            result.write_overlay(args.overlay, args.class_)
+            written.append(Path(args.overlay))
+        if args.geojson:
+            result.write_geojson(args.geojson, args.class_, per=args.geojson_per)
+            written.append(Path(args.geojson))
+        if args.scores:
+            result.write_sidecar(args.scores)
+            written.append(Path(args.scores))
+        result.timings["write"] = time.perf_counter() - start
+        if args.report:
+            result.write_report(args.report)
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
