@@ -11,7 +11,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SLIDES = Path(os.environ.get("FASTINSIGHT_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides"))
+SHARED_SLIDES = Path(
+    os.environ.get("FASTINSIGHT_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -98,17 +98,23 @@ def official_forward(state: dict, tokens: np.ndarray) -> np.ndarray:
     s = {k: v.double().numpy() for k, v in state.items()}
     x = tokens.astype(np.float64)
     z = _conv1x1(x, s["reduce_dimension_block.0.weight"], s["reduce_dimension_block.0.bias"])
-    z = _layer_norm_chw(_gelu(z), s["reduce_dimension_block.2.weight"], s["reduce_dimension_block.2.bias"])
+    z = _layer_norm_chw(
+        _gelu(z), s["reduce_dimension_block.2.weight"], s["reduce_dimension_block.2.bias"]
+    )
     d = z
     for ci, li in ((0, 2), (3, 5), (6, 8), (9, None)):
         d = _conv1x1(d, s[f"backbone_block.{ci}.weight"], s[f"backbone_block.{ci}.bias"])
         if li is not None:
-            d = _layer_norm_chw(_gelu(d), s[f"backbone_block.{li}.weight"], s[f"backbone_block.{li}.bias"])
+            d = _layer_norm_chw(
+                _gelu(d), s[f"backbone_block.{li}.weight"], s[f"backbone_block.{li}.bias"]
+            )
     cx = z
     for ci, li in ((1, 3), (5, 7), (9, 11), (13, None)):
         cx = _conv3x3_replicate(cx, s[f"context_block.{ci}.weight"], s[f"context_block.{ci}.bias"])
         if li is not None:
-            cx = _layer_norm_chw(_gelu(cx), s[f"context_block.{li}.weight"], s[f"context_block.{li}.bias"])
+            cx = _layer_norm_chw(
+                _gelu(cx), s[f"context_block.{li}.weight"], s[f"context_block.{li}.bias"]
+            )
     sd = _sigmoid(d)
     return np.maximum(sd - sd * _sigmoid(cx), 0.0)
 

@@ -28,7 +28,9 @@ def test_dataparallel_prefix_and_wrapped_state_dict(tmp_path) -> None:
     state = random_official_state_dict(32, 1)
     prefixed = {f"module.{k}": v for k, v in state.items()}
     a = load_model(_save(prefixed, tmp_path / "a.pth"), backend="reference", device="cpu")
-    b = load_model(_save({"state_dict": state}, tmp_path / "b.pth"), backend="reference", device="cpu")
+    b = load_model(
+        _save({"state_dict": state}, tmp_path / "b.pth"), backend="reference", device="cpu"
+    )
     x = torch.randn(2, 32, 14, 14)
     torch.testing.assert_close(a(x), b(x))
 

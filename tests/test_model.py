@@ -95,7 +95,9 @@ def test_single_valid_cell() -> None:
 @pytest.mark.parametrize("pooling", ["smoothmax", "lse_lba", "max", "mean"])
 @pytest.mark.parametrize("norm", ["tile", "channel"])
 def test_options_run_and_round_trip(tmp_path, pooling: str, norm: str) -> None:
-    cfg = InsightConfig(in_dim=24, num_classes=3, pooling=pooling, norm=norm, class_names=("a", "b", "c"))
+    cfg = InsightConfig(
+        in_dim=24, num_classes=3, pooling=pooling, norm=norm, class_names=("a", "b", "c")
+    )
     model = InsightModel(cfg, backend="reference")
     if pooling == "lse_lba":
         with torch.no_grad():

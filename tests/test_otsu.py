@@ -21,7 +21,9 @@ def _cases() -> dict[str, np.ndarray]:
         "two-values": np.array([0.2, 0.7] * 50),
         "three-values": np.array([0.0, 0.5, 1.0, 1.0]),
         "two-cells": np.array([0.3, 0.9]),
-        "sparse-heatmap": np.where(rng.random(10_000) < 0.95, 1e-4 * rng.random(10_000), rng.random(10_000)),
+        "sparse-heatmap": np.where(
+            rng.random(10_000) < 0.95, 1e-4 * rng.random(10_000), rng.random(10_000)
+        ),
         "negative": -rng.exponential(1.0, 3000),
         # scikit-image does its sums in float32 and overflows past ~1e15 (inf variance, first
         # bin wins); we sum in float64. Within float32's safe range the two agree.

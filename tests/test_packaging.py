@@ -15,9 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_ships_only_the_fastinsight_namespace(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp_path.glob("fastinsight-*.whl")
@@ -27,9 +39,11 @@ def test_wheel_ships_only_the_fastinsight_namespace(tmp_path: Path) -> None:
     assert "fastinsight/kernels/__init__.py" in names
     assert "fastinsight/export/__init__.py" in names
     assert not any(n.startswith(("kernels/", "export/", "tests/", "bench/")) for n in names)
-    entry = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))
-    ).decode()
+    entry = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith("entry_points.txt")))
+        .decode()
+    )
     assert "fastinsight = fastinsight.cli:main" in entry
 
 

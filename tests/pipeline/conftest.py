@@ -1,0 +1,23 @@
+"""Fixtures for slide-pipeline tests: a small random-init model paired with the vit-tiny encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastinsight import InsightConfig, InsightModel
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fastinsight checkpoint for the random-init ``vit-tiny`` encoder (64 x 14 x 14 tokens)."""
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    model = InsightModel(
+        InsightConfig(
+            in_dim=64, num_classes=2, class_names=("tumour", "necrosis"), encoder="vit-tiny"
+        ),
+        backend="reference",
+    )
+    model.save(str(path))
+    return path

@@ -1,0 +1,288 @@
+"""`fastinsight predict` end to end on every real test slide, and every bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import torch
+
+from fastinsight.cli import main
+from fastinsight.slide import decode_scores, read_scores_sidecar
+from fastinsight.slide.heatmap_tiff import HeatmapGeometry
+
+
+def _predict(*argv: str) -> int:
+    return main(["predict", *map(str, argv), "--quiet", "--num-workers", "1"])
+
+
+def _check_heatmap(tif: Path, sidecar: Path, score: float) -> None:
+    """Reopen the viewer TIFF with OpenSlide: levels, mpp, extent, and values vs the sidecar."""
+    side = read_scores_sidecar(sidecar)
+    grid = side.grid
+    geo = HeatmapGeometry.from_grid(grid)
+    with openslide.OpenSlide(str(tif)) as hm:
+        assert hm.level_count >= 1
+        assert hm.dimensions == (geo.hm_width, geo.hm_height)
+        for k in range(1, hm.level_count):
+            w0, h0 = hm.level_dimensions[k - 1]
+            assert hm.level_dimensions[k] == (-(-w0 // 2), -(-h0 // 2))
+        mpp = float(hm.properties["openslide.mpp-x"])
+        assert mpp == pytest.approx(geo.hm_mpp, rel=1e-6)
+        # The heatmap covers the slide's physical extent (to within one heatmap pixel).
+        assert abs(hm.dimensions[0] * mpp - grid.slide_width * grid.slide_mpp) <= mpp
+        assert abs(hm.dimensions[1] * mpp - grid.slide_height * grid.slide_mpp) <= mpp
+        codes = np.asarray(hm.read_region((0, 0), 0, hm.dimensions))[..., 0]
+    decoded = decode_scores(codes)
+    cells = geo.cells_to_pixels(side.scores[0])
+    tissue = np.isfinite(cells)
+    assert np.array_equal(np.isfinite(decoded), tissue)  # 0 = non-tissue, distinct from score 0
+    np.testing.assert_allclose(decoded[tissue], cells[tissue], atol=0.5 / 254 + 1e-6)
+    # SmoothMax of the decoded cells gives back the slide score (up to the 8-bit quantisation).
+    vals = torch.from_numpy(side.scores[0][side.mask].astype(np.float32))[None]
+    from fastinsight.pooling import smoothmax
+
+    assert smoothmax(vals, None, 8.0).item() == pytest.approx(score, abs=1e-5)
+
+
+def _score(report: Path, name: str = "tumour") -> float:
+    import json
+
+    return json.loads(report.read_text())["scores"][name]
+
+
+def test_aperio_jpeg_end_to_end(slides_dir, tiny_model_path, tmp_path) -> None:
+    out = tmp_path / "cmu.tif"
+    rc = _predict(
+        slides_dir / "CMU-1-Small-Region.svs",
+        "--model",
+        tiny_model_path,
+        "--out",
+        out,
+        "--overlay",
+        tmp_path / "o.png",
+        "--geojson",
+        tmp_path / "g.geojson",
+        "--report",
+        tmp_path / "r.json",
+        "--scores",
+        tmp_path / "s.npz",
+    )
+    assert rc == 0
+    _check_heatmap(out, tmp_path / "s.npz", _score(tmp_path / "r.json"))
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["slide"]["mpp"] == pytest.approx(0.499)
+    assert report["encoder"]["name"] == "vit-tiny"
+    assert report["tiles"]["processed"] > 0 and report["tiles_per_s"] > 0
+    assert set(report["timings_s"]) >= {
+        "read",
+        "encoder",
+        "head",
+        "threshold_pool",
+        "write",
+        "total",
+    }
+    geo = json.loads((tmp_path / "g.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and geo["features"]
+    assert "score" in geo["features"][0]["properties"]["measurements"]
+
+
+def test_jpeg2000_without_mpp_fails_then_works_with_mpp(
+    slides_dir, tiny_model_path, tmp_path, capsys
+) -> None:
+    slide = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    out = tmp_path / "tcga.tif"
+    assert _predict(slide, "--model", tiny_model_path, "--out", out) == 5
+    assert "has no mpp" in capsys.readouterr().err and "--mpp" in capsys.readouterr().err + "--mpp"
+    assert not out.exists()
+    rc = _predict(
+        slide,
+        "--model",
+        tiny_model_path,
+        "--out",
+        out,
+        "--mpp",
+        "0.5",
+        "--scores",
+        tmp_path / "s.npz",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert rc == 0
+    _check_heatmap(out, tmp_path / "s.npz", _score(tmp_path / "r.json"))
+
+
+def test_ndpi_fluorescence(slides_dir, tiny_model_path, tmp_path, capsys) -> None:
+    slide = slides_dir / "test3-DAPI-2-387.ndpi"
+    out = tmp_path / "ndpi.tif"
+    assert _predict(slide, "--model", tiny_model_path, "--out", out) == 5
+    assert "--tissue fluorescence" in capsys.readouterr().err
+    assert not out.exists()
+    rc = _predict(
+        slide,
+        "--model",
+        tiny_model_path,
+        "--out",
+        out,
+        "--tissue",
+        "fluorescence",
+        "--scores",
+        tmp_path / "s.npz",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert rc == 0
+    _check_heatmap(out, tmp_path / "s.npz", _score(tmp_path / "r.json"))
+
+
+def test_ome_tiff_through_tifffile(slides_dir, tiny_model_path, tmp_path) -> None:
+    out = tmp_path / "ome.tif"
+    rc = _predict(
+        slides_dir / "OS-1-detail.ome.tif",
+        "--model",
+        tiny_model_path,
+        "--out",
+        out,
+        "--scores",
+        tmp_path / "s.npz",
+        "--report",
+        tmp_path / "r.json",
+        "--all-classes",
+    )
+    assert rc == 0
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["slide"]["vendor"] == "ome-tiff" and report["slide"]["mpp"] == pytest.approx(
+        0.2271, abs=1e-4
+    )
+    paths = [tmp_path / "ome.tumour.tif", tmp_path / "ome.necrosis.tif"]
+    assert all(p.exists() for p in paths)
+    _check_heatmap(paths[0], tmp_path / "s.npz", _score(tmp_path / "r.json"))
+
+
+# ----------------------------------------------------------------------------------- bad input
+def _bad(tmp_path: Path, slide: Path, model: Path, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "never.tif"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastinsight.cli",
+            "predict",
+            str(slide),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert not out.exists(), "a failed run left an output file"
+    assert not list(tmp_path.glob(".never.tif*")), "a failed run left a temp file"
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fastinsight: error:")]
+    assert len(lines) == 1, proc.stderr
+    return proc.returncode, lines[0]
+
+
+def test_bad_slides(slides_dir, tiny_model_path, tmp_path) -> None:
+    rc, msg = _bad(tmp_path, tmp_path / "nope.svs", tiny_model_path)
+    assert rc == 5 and "nope.svs" in msg
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide at all\n")
+    rc, msg = _bad(tmp_path, text, tiny_model_path)
+    assert rc == 5 and "notes.svs" in msg
+    good = slides_dir / "CMU-1-Small-Region.svs"
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 5])
+    rc, msg = _bad(tmp_path, truncated, tiny_model_path)
+    assert rc == 5 and "truncated.svs" in msg
+
+
+def test_no_tissue_and_unwritable_output(slides_dir, tiny_model_path, tmp_path) -> None:
+    from PIL import Image
+
+    blank = tmp_path / "blank.tif"
+    from fastinsight.slide.pyramid import write_pyramid_tiff
+
+    write_pyramid_tiff(blank, np.full((600, 600, 3), 245, np.uint8), mpp=0.5, compression="jpeg")
+    rc, msg = _bad(tmp_path, blank, tiny_model_path)
+    assert rc == 5 and "no tissue" in msg
+    del Image
+    good = slides_dir / "CMU-1-Small-Region.svs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastinsight.cli",
+            "predict",
+            str(good),
+            "--model",
+            str(tiny_model_path),
+            "--out",
+            str(tmp_path / "missing-dir" / "h.tif"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 6 and "does not exist" in proc.stderr
+
+
+def test_model_encoder_mismatch_and_foreign_encoder_weights(slides_dir, tmp_path) -> None:
+    from fastinsight import InsightConfig, InsightModel
+
+    wrong = tmp_path / "wrong.safetensors"
+    InsightModel(InsightConfig(in_dim=1024, encoder="vit-tiny"), backend="reference").save(
+        str(wrong)
+    )
+    rc, msg = _bad(tmp_path, slides_dir / "CMU-1-Small-Region.svs", wrong)
+    assert rc == 4 and "1024" in msg and "64" in msg
+    uni = tmp_path / "uni.safetensors"
+    InsightModel(InsightConfig(in_dim=1024, encoder="uni"), backend="reference").save(str(uni))
+    rc, msg = _bad(tmp_path, slides_dir / "CMU-1-Small-Region.svs", uni)
+    assert "--encoder-weights" in msg
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, foreign)
+    rc, msg = _bad(
+        tmp_path, slides_dir / "CMU-1-Small-Region.svs", uni, "--encoder-weights", str(foreign)
+    )
+    assert rc == 3 and "resnet.pth" in msg
+
+
+def test_no_model_is_a_clear_error(slides_dir, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("FASTINSIGHT_MODEL", raising=False)
+    assert (
+        main(
+            [
+                "predict",
+                str(slides_dir / "CMU-1-Small-Region.svs"),
+                "--out",
+                str(tmp_path / "h.tif"),
+            ]
+        )
+        == 3
+    )
+    assert "FASTINSIGHT_MODEL" in capsys.readouterr().err
+
+
+def test_model_from_environment(slides_dir, tiny_model_path, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FASTINSIGHT_MODEL", str(tiny_model_path))
+    src = slides_dir / "CMU-1-Small-Region.svs"
+    local = tmp_path / "copy.svs"
+    shutil.copy(src, local)
+    assert main(["predict", str(local), "--out", str(tmp_path / "h.tif"), "--quiet"]) == 0
+    assert (tmp_path / "h.tif").exists()

@@ -1,0 +1,51 @@
+"""The streamed heatmap equals the heatmap of the whole token grid at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastinsight import InsightConfig, InsightModel
+from fastinsight.encoders import build_encoder
+from fastinsight.pipeline import PredictOptions, predict_slide, tile_cells
+from fastinsight.slide import (
+    TileGrid,
+    Tiler,
+    cell_tissue_mask,
+    detect_tissue,
+    open_slide,
+    stitch_cells,
+    tissue_tiles,
+)
+
+
+def test_streamed_equals_whole_grid(slides_dir) -> None:
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    encoder = build_encoder("vit-tiny")
+    model = InsightModel(
+        InsightConfig(in_dim=64, num_classes=3, encoder="vit-tiny"), backend="reference"
+    )
+    opts = PredictOptions(batch_size=7, num_workers=2, progress=False)  # ragged last batch
+    streamed = predict_slide(slide, model, encoder, opts)
+
+    # The same slide, every tissue tile's token grid held at once, one model.predict call.
+    with open_slide(slide) as reader:
+        grid = TileGrid.for_slide(reader, 0.5, 224, 14)
+        tissue = detect_tissue(reader, "brightfield")
+        tiles = tissue_tiles(grid, tissue, 0.1)
+        mask = cell_tissue_mask(grid, tissue, 0.5, tiles=tiles)
+        images = np.concatenate(
+            [b.images for b in Tiler(reader, grid, tiles, num_workers=0).batches(10_000)]
+        )
+    with torch.no_grad():
+        tokens = encoder.encode(torch.from_numpy(images))
+    assert tokens.shape == (len(tiles), 64, 14, 14)
+    mask_t = torch.from_numpy(tile_cells(mask, tiles, 14))
+    whole = model.predict(tokens, mask_t)
+
+    np.testing.assert_allclose(streamed.scores, whole.scores.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(streamed.thresholds, whole.thresholds.numpy(), rtol=0, atol=1e-6)
+    heat = whole.heatmap.masked_fill(~mask_t[:, None], float("nan"))
+    expected = stitch_cells(heat, tiles, grid).numpy()
+    np.testing.assert_allclose(streamed.cells, expected, rtol=0, atol=1e-6, equal_nan=True)
+    assert streamed.n_tiles == len(tiles)
