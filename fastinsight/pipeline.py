@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,6 @@ class SlideResult:
     slide_info: dict[str, Any]
     timings: dict[str, float]
     thumbnail: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tiles_per_second(self) -> float:
@@ -251,7 +250,6 @@ class SlideResult:
             },
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "tiles_per_s": round(self.tiles_per_second, 2),
-            "notes": self.notes,
         }
 
     def write_report(self, out: str | os.PathLike[str]) -> None:
@@ -262,6 +260,108 @@ class SlideResult:
 def _images_to_tensor(images: Any, device: torch.device) -> Tensor:
     t = images if isinstance(images, Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     return t.to(device, non_blocking=True)
+
+
+@dataclass
+class SlideTiling:
+    """An open slide with its tissue, grid, tissue tiles and cell mask: what a pass iterates."""
+
+    reader: Any
+    grid: TileGrid
+    tiles: list[Tile]
+    cell_mask: np.ndarray
+    thumbnail: np.ndarray
+    info: dict[str, Any]
+
+    def tile_mask(self) -> np.ndarray:
+        """Per-tile cell mask. Shapes: -> bool ``[N, c, c]``."""
+        return tile_cells(self.cell_mask, self.tiles, self.grid.cells_per_side)
+
+
+def open_tiling(
+    slide: str | os.PathLike[str],
+    encoder: Any,
+    target_mpp: float,
+    opts: PredictOptions,
+    timer: StageTimer,
+) -> SlideTiling:
+    """Open ``slide`` and lay the encoder's tile grid over its tissue (errors come here, early)."""
+    from fastinsight.errors import SlideError
+
+    with timer.stage("open"):
+        reader = open_slide(slide, mpp=opts.mpp, backend=opts.reader_backend)
+    try:
+        with timer.stage("tissue"):
+            grid = TileGrid.for_slide(
+                reader,
+                target_mpp=target_mpp,
+                tile_px=encoder.tile_size_px,
+                cells_per_side=encoder.grid_size[0],
+            )
+            thumbnail = reader.thumbnail(opts.thumbnail_size)
+            tissue = detect_tissue(reader, opts.tissue)  # type: ignore[arg-type]
+            tiles = tissue_tiles(grid, tissue, opts.min_tissue_fraction)
+            mask = cell_tissue_mask(grid, tissue, opts.min_cell_fraction, tiles=tiles)
+            if not mask.any():
+                raise SlideError(
+                    f"no heatmap cell is at least {opts.min_cell_fraction:.0%} tissue in "
+                    f"{str(slide)!r}; use --tissue all or lower --min-cell-tissue"
+                )
+    except BaseException:
+        reader.close()
+        raise
+    info = {
+        "path": str(slide),
+        "vendor": reader.vendor,
+        "dimensions": list(reader.dimensions),
+        "mpp": reader.mpp,
+        "level_count": reader.level_count,
+        "level_downsamples": list(reader.level_downsamples),
+        "tissue_mode": tissue.mode,
+        "tissue_fraction": round(float(tissue.tissue_fraction), 4),
+    }
+    return SlideTiling(reader, grid, tiles, mask, thumbnail, info)
+
+
+def stream_tokens(
+    tiling: SlideTiling,
+    encoder: Any,
+    device: torch.device,
+    opts: PredictOptions,
+    timer: StageTimer,
+    desc: str,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(first tile index, tokens [B, C, h, w])`` batch by batch, reading ahead in threads."""
+    bar = _progress(len(tiling.tiles), opts.progress, desc)
+    done = 0
+    tiler = Tiler(tiling.reader, tiling.grid, tiling.tiles, num_workers=opts.num_workers)
+    try:
+        for batch in tiler.batches(opts.batch_size, pin_memory=device.type == "cuda"):
+            timer.seconds["read"] += batch.wait_seconds
+            with timer.stage("transfer"):
+                images = _images_to_tensor(batch.images, device)
+            with timer.stage("encoder"):
+                tokens = encoder.encode(images)
+            yield done, tokens
+            done += len(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def _setup(model: InsightModel, encoder: Any, opts: PredictOptions) -> tuple[torch.device, Any]:
+    from fastinsight.encoders import build_encoder
+
+    device = resolve_device(opts.device)
+    model.to(device).eval()
+    cfg = model.config
+    if encoder is None:
+        encoder = build_encoder(
+            cfg.encoder, opts.encoder_weights, tile_size_px=cfg.tile_size_px, device=device
+        )
+    encoder = encoder.to(device).eval()
+    check_compatible(model, encoder)
+    return device, encoder
 
 
 @torch.no_grad()
@@ -278,99 +378,71 @@ def predict_slide(
     pretrained weights). Errors (unreadable slide, no mpp, no tissue, an encoder that does not
     fit the model) come before any tile is encoded.
     """
-    from fastinsight.encoders import build_encoder
-
     opts = options or PredictOptions()
-    device = resolve_device(opts.device)
-    timer = StageTimer(device, sync=opts.profile)
-    notes: list[str] = []
     start = time.perf_counter()
-    model = model.to(device).eval()
+    device, encoder = _setup(model, encoder, opts)
+    timer = StageTimer(device, sync=opts.profile)
     cfg = model.config
-    if encoder is None:
-        encoder = build_encoder(
-            cfg.encoder, opts.encoder_weights, tile_size_px=cfg.tile_size_px, device=device
-        )
-    encoder = encoder.to(device).eval()
-    check_compatible(model, encoder)
-
-    with timer.stage("open"):
-        reader = open_slide(slide, mpp=opts.mpp, backend=opts.reader_backend)
+    tiling = open_tiling(slide, encoder, cfg.target_mpp, opts, timer)
     try:
-        with timer.stage("tissue"):
-            grid = TileGrid.for_slide(
-                reader,
-                target_mpp=cfg.target_mpp,
-                tile_px=encoder.tile_size_px,
-                cells_per_side=encoder.grid_size[0],
-            )
-            thumbnail = reader.thumbnail(opts.thumbnail_size)
-            tissue = detect_tissue(reader, opts.tissue)  # type: ignore[arg-type]
-            tiles = tissue_tiles(grid, tissue, opts.min_tissue_fraction)
-            slide_mask = cell_tissue_mask(grid, tissue, opts.min_cell_fraction, tiles=tiles)
-            if not slide_mask.any():
-                from fastinsight.errors import SlideError
-
-                raise SlideError(
-                    f"no heatmap cell is at least {opts.min_cell_fraction:.0%} tissue in "
-                    f"{str(slide)!r}; use --tissue all or lower --min-cell-tissue"
-                )
         c = encoder.grid_size[0]
-        k = cfg.num_classes
-        n = len(tiles)
-        raw = torch.empty((n, k, c, c), dtype=torch.float32, device=device)
-        bar = _progress(n, opts.progress, Path(slide).name)
-        done = 0
-        tiler = Tiler(reader, grid, tiles, num_workers=opts.num_workers)
-        for batch in tiler.batches(opts.batch_size, pin_memory=device.type == "cuda"):
-            timer.seconds["read"] += batch.wait_seconds
-            with timer.stage("transfer"):
-                images = _images_to_tensor(batch.images, device)
-            with timer.stage("encoder"):
-                tokens = encoder.encode(images)
+        n = len(tiling.tiles)
+        raw = torch.empty((n, cfg.num_classes, c, c), dtype=torch.float32, device=device)
+        for first, tokens in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name):
             with timer.stage("head"):
-                raw[done : done + len(batch)] = model(tokens).float()
-            done += len(batch)
-            bar.update(len(batch))
-        bar.close()
-        with timer.stage("threshold_pool"):
-            mask_t = torch.from_numpy(tile_cells(slide_mask, tiles, c)).to(device)
-            heat, thresholds, scores = model.threshold_and_pool(raw, mask_t)
-            heat = heat.masked_fill(~mask_t[:, None], float("nan"))
-            raw_masked = raw.masked_fill(~mask_t[:, None], float("nan"))
-            cells = stitch_cells(heat, tiles, grid).cpu().numpy()
-            raw_cells = stitch_cells(raw_masked, tiles, grid).cpu().numpy()
-        slide_info = {
-            "path": str(slide),
-            "vendor": reader.vendor,
-            "dimensions": list(reader.dimensions),
-            "mpp": reader.mpp,
-            "level_count": reader.level_count,
-            "level_downsamples": list(reader.level_downsamples),
-            "tissue_mode": tissue.mode,
-            "tissue_fraction": round(float(tissue.tissue_fraction), 4),
-        }
+                raw[first : first + tokens.shape[0]] = model(tokens).float()
     finally:
-        reader.close()
+        tiling.reader.close()
+    with timer.stage("threshold_pool"):
+        mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
+        heat, thresholds, scores = model.threshold_and_pool(raw, mask_t)
+        outside = ~mask_t[:, None]
+        cells = stitch_cells(heat.masked_fill(outside, float("nan")), tiling.tiles, tiling.grid)
+        raw_cells = stitch_cells(raw.masked_fill(outside, float("nan")), tiling.tiles, tiling.grid)
     timer.seconds["total"] = time.perf_counter() - start
     return SlideResult(
         slide_id=Path(slide).stem,
         slide_path=str(slide),
         scores=scores.cpu().numpy(),
         thresholds=thresholds.cpu().numpy(),
-        cells=cells,
-        raw_cells=raw_cells,
-        cell_mask=slide_mask,
-        grid=grid,
+        cells=cells.cpu().numpy(),
+        raw_cells=raw_cells.cpu().numpy(),
+        cell_mask=tiling.cell_mask,
+        grid=tiling.grid,
         n_tiles=n,
         class_names=cfg.names,
         model_info=model_info or {"name": "in-memory model"},
         encoder_info=encoder.identity(),
-        slide_info=slide_info,
+        slide_info=tiling.info,
         timings=dict(timer.seconds),
-        thumbnail=thumbnail,
-        notes=notes,
+        thumbnail=tiling.thumbnail,
     )
+
+
+@torch.no_grad()
+def encode_slide(
+    slide: str | os.PathLike[str],
+    encoder: Any,
+    target_mpp: float = 0.5,
+    options: PredictOptions | None = None,
+) -> tuple[Tensor, Tensor, SlideTiling]:
+    """Token grids of a slide's tissue tiles, kept in memory (for training on small cohorts).
+
+    Shapes: -> tokens ``[N, C, h, w]`` float32 (on CPU), cell mask ``[N, h, w]`` bool.
+    """
+    opts = options or PredictOptions()
+    device = resolve_device(opts.device)
+    encoder = encoder.to(device).eval()
+    timer = StageTimer(device, sync=False)
+    tiling = open_tiling(slide, encoder, target_mpp, opts, timer)
+    try:
+        parts = [
+            t.float().cpu()
+            for _, t in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name)
+        ]
+    finally:
+        tiling.reader.close()
+    return torch.cat(parts), torch.from_numpy(tiling.tile_mask()), tiling
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
