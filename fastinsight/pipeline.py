@@ -384,21 +384,40 @@ def predict_slide(
     timer = StageTimer(device, sync=opts.profile)
     cfg = model.config
     tiling = open_tiling(slide, encoder, cfg.target_mpp, opts, timer)
+    c = encoder.grid_size[0]
+    n = len(tiling.tiles)
+    slide_context = cfg.context == "slide"
     try:
-        c = encoder.grid_size[0]
-        n = len(tiling.tiles)
-        raw = torch.empty((n, cfg.num_classes, c, c), dtype=torch.float32, device=device)
+        if slide_context:
+            # The context convolutions run across tiles: keep the (small) token grids, stitch.
+            buf = torch.empty((n, cfg.in_dim, c, c), dtype=torch.float32, device=device)
+        else:
+            buf = torch.empty((n, cfg.num_classes, c, c), dtype=torch.float32, device=device)
         for first, tokens in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name):
+            if slide_context:
+                buf[first : first + tokens.shape[0]] = tokens.float()
+                continue
             with timer.stage("head"):
-                raw[first : first + tokens.shape[0]] = model(tokens).float()
+                buf[first : first + tokens.shape[0]] = model(tokens).float()
     finally:
         tiling.reader.close()
-    with timer.stage("threshold_pool"):
+    if slide_context:
+        with timer.stage("head"):
+            mask_t = torch.from_numpy(tiling.cell_mask).to(device)[None]
+            grid_tokens = stitch_cells(buf, tiling.tiles, tiling.grid, fill=0.0)[None]
+            raw = model(grid_tokens, mask_t)
+    else:
+        raw = buf
         mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
+    with timer.stage("threshold_pool"):
         heat, thresholds, scores = model.threshold_and_pool(raw, mask_t)
         outside = ~mask_t[:, None]
-        cells = stitch_cells(heat.masked_fill(outside, float("nan")), tiling.tiles, tiling.grid)
-        raw_cells = stitch_cells(raw.masked_fill(outside, float("nan")), tiling.tiles, tiling.grid)
+        heat, raw = heat.masked_fill(outside, float("nan")), raw.masked_fill(outside, float("nan"))
+        if slide_context:
+            cells, raw_cells = heat[0], raw[0]
+        else:
+            cells = stitch_cells(heat, tiling.tiles, tiling.grid)
+            raw_cells = stitch_cells(raw, tiling.tiles, tiling.grid)
     timer.seconds["total"] = time.perf_counter() - start
     return SlideResult(
         slide_id=Path(slide).stem,

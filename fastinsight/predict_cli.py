@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="precomputed features h5 (official INSIGHT, CLAM or TRIDENT) instead of a slide",
     )
     p.add_argument(
+        "--slide",
+        dest="slide_opt",
+        help="with --features: the slide, for alignment, mpp and the overlay",
+    )
+    p.add_argument(
         "--patches-h5", help="CLAM patches/<slide>.h5 giving the geometry of a CLAM features file"
     )
     p.add_argument(
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             args.features,
             model,
             options,
-            slide=args.slide,
+            slide=args.slide_opt or args.slide,
             patches_h5=args.patches_h5,
             patch_size_l0=args.patch_size_l0,
             model_info=info,
