@@ -167,7 +167,9 @@ def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
     """Write ``model`` as safetensors with its config embedded (atomically)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
     meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)

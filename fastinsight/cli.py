@@ -20,8 +20,14 @@ Runner = Callable[[argparse.Namespace], int]
 # subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 # Modules are imported only when their command runs, so `fastinsight --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("fastinsight.predict_cli", "slide (or feature file) -> heatmap TIFF, scores, overlay"),
-    "demo": ("fastinsight.demo", "synthetic cohort end to end: train, predict, evaluate (no downloads)"),
+    "predict": (
+        "fastinsight.predict_cli",
+        "slide (or feature file) -> heatmap TIFF, scores, overlay",
+    ),
+    "demo": (
+        "fastinsight.demo",
+        "synthetic cohort end to end: train, predict, evaluate (no downloads)",
+    ),
     "info": ("fastinsight.cli", "show a checkpoint's architecture and settings"),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {}
@@ -38,8 +44,16 @@ def _run_info(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, backend="reference", device="cpu")
     cfg = json.loads(model.config.to_json())
-    print(json.dumps({"format": sniff_format(__import__("pathlib").Path(args.model)),
-                      "parameters": model.parameter_count(), "config": cfg}, indent=2))
+    print(
+        json.dumps(
+            {
+                "format": sniff_format(__import__("pathlib").Path(args.model)),
+                "parameters": model.parameter_count(),
+                "config": cfg,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -54,12 +68,32 @@ def register(name: str, module: str, help_text: str, group: str | None = None) -
 register("train", "fastinsight.train", "train INSIGHT on precomputed features and slide labels")
 register("evaluate", "fastinsight.evaluate", "slide AUC and heatmap Dice against ground truth")
 register("predict-cohort", "fastinsight.cohort", "many slides over local or cluster GPUs with Ray")
-register("check", "fastinsight.kernels.check", "compile every kernel ahead of time; report spills", group="kernels")
-register("onnx", "fastinsight.export.cli:onnx", "export the head (or an encoder) to ONNX", group="export")
-register("tensorrt", "fastinsight.export.cli:tensorrt", "build a TensorRT engine from ONNX", group="export")
-register("triton-repo", "fastinsight.export.cli:triton_repo", "write a Triton Inference Server model repository", group="export")
+register(
+    "check",
+    "fastinsight.kernels.check",
+    "compile every kernel ahead of time; report spills",
+    group="kernels",
+)
+register(
+    "onnx", "fastinsight.export.cli:onnx", "export the head (or an encoder) to ONNX", group="export"
+)
+register(
+    "tensorrt",
+    "fastinsight.export.cli:tensorrt",
+    "build a TensorRT engine from ONNX",
+    group="export",
+)
+register(
+    "triton-repo",
+    "fastinsight.export.cli:triton_repo",
+    "write a Triton Inference Server model repository",
+    group="export",
+)
 
-GROUP_HELP = {"kernels": "Triton kernel tools", "export": "ONNX, TensorRT and Triton Inference Server export"}
+GROUP_HELP = {
+    "kernels": "Triton kernel tools",
+    "export": "ONNX, TensorRT and Triton Inference Server export",
+}
 
 
 def _resolve(spec: str) -> tuple[Callable[[argparse.ArgumentParser], None], Runner]:

@@ -69,7 +69,9 @@ class InsightConfig:
         if self.context not in ("tile", "slide"):
             problems.append(f"context must be 'tile' or 'slide', got {self.context!r}")
         if self.context == "slide" and self.norm != "channel":
-            problems.append("context='slide' needs norm='channel' (a per-tile norm has no slide grid)")
+            problems.append(
+                "context='slide' needs norm='channel' (a per-tile norm has no slide grid)"
+            )
         if self.threshold not in ("otsu", "none"):
             problems.append(f"threshold must be 'otsu' or 'none', got {self.threshold!r}")
         if self.pooling not in POOLINGS:

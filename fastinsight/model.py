@@ -42,7 +42,9 @@ class ChannelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        y = nn.functional.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        y = nn.functional.layer_norm(
+            x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps
+        )
         return y.movedim(-1, 1)
 
 
@@ -175,9 +177,7 @@ class InsightModel(nn.Module):
             raise InputError(f"token grids must be floating point, got {grid.dtype}")
         return grid
 
-    def logits(
-        self, tokens: Tensor, cell_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def logits(self, tokens: Tensor, cell_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, cell_mask ``[N, h, w]`` ->
         (D, Cx) each ``[N, K, h, w]``. ``cell_mask`` applies to ``context="slide"`` only."""
         grid = self._check_tokens(tokens)

@@ -85,7 +85,9 @@ def otsu_threshold(values: Tensor, mask: Tensor | None = None, nbins: int = 256)
     ``InsightModel.threshold_and_pool``); here such a row yields NaN rather than a host sync.
     """
     if values.ndim != 2:
-        raise InputError(f"otsu_threshold expects values of shape [K, M], got {tuple(values.shape)}")
+        raise InputError(
+            f"otsu_threshold expects values of shape [K, M], got {tuple(values.shape)}"
+        )
     if nbins < 2:
         raise InputError(f"otsu_threshold needs at least 2 bins, got {nbins}")
     v = values.float()

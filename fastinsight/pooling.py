@@ -125,5 +125,3 @@ def logit(p: Tensor, eps: float = 1e-6) -> Tensor:
     """``log(p / (1 - p))`` with p clamped to ``[eps, 1 - eps]``."""
     p = p.clamp(eps, 1.0 - eps)
     return torch.log(p) - torch.log1p(-p)
-
-

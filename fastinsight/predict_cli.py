@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="precomputed features h5 (official INSIGHT, CLAM or TRIDENT) instead of a slide",
     )
     p.add_argument(
+        "--snap-to-grid",
+        action="store_true",
+        help="round feature tiles to the nearest grid tile (CLAM starts each contour off-grid)",
+    )
+    p.add_argument(
         "--slide",
         dest="slide_opt",
         help="with --features: the slide, for alignment, mpp and the overlay",
@@ -181,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             slide=args.slide_opt or args.slide,
             patches_h5=args.patches_h5,
             patch_size_l0=args.patch_size_l0,
+            snap=args.snap_to_grid,
             model_info=info,
         )
     else:
