@@ -45,6 +45,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask),
+    # so results on a shared filesystem are readable by the group as usual.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, target)

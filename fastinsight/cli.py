@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 2-7 a ``FastInsightError`` (bad input or environment; see ``fastinsight.errors``), with a
-one-line message and no traceback; 130 interrupted.
+one-line message and no traceback; 8 ``predict-cohort`` finished but some slides failed (see
+its summary.csv); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -105,3 +105,15 @@ def test_config_json_round_trip_and_unknown_fields() -> None:
         InsightConfig.from_json('{"in_dim": 3, "warp_drive": true}')
     with pytest.raises(CheckpointError, match="class_names"):
         InsightConfig(num_classes=2, class_names=("only-one",))
+
+
+def test_atomic_outputs_get_the_usual_file_mode(tmp_path) -> None:
+    import os
+
+    from fastinsight.atomic import atomic_path
+
+    with atomic_path(tmp_path / "x.txt") as tmp:
+        tmp.write_text("hi")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
