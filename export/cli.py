@@ -1,0 +1,246 @@
+"""``fastinsight export onnx | tensorrt | triton-repo``: thin wrappers over ``fastinsight.export``.
+
+Mounted by ``fastinsight.cli`` as ``fastinsight.export.cli:<name>``: each command has
+``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastinsight.errors import BackendError, InputError
+
+
+def _load_model(path: str) -> object:
+    from fastinsight.checkpoint import load_model
+
+    return load_model(path, backend="reference", device="cpu")
+
+
+def _head_option_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="weights and I/O precision of the graph; TensorRT 11 builds in this precision "
+        "(default fp32)",
+    )
+    parser.add_argument(
+        "--with-mask",
+        action="store_true",
+        help="add a bool input `mask` [N, h, w] (tissue cells); required for context='slide' models",
+    )
+    parser.add_argument(
+        "--accum-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the Otsu statistics and pooling sums: float64 is exact (onnxruntime); "
+        "TensorRT has no float64, so use float32 for a TensorRT engine (default float64)",
+    )
+    parser.add_argument(
+        "--histogram",
+        choices=("matmul", "scatter"),
+        default="matmul",
+        help="Otsu histogram as a factorised one-hot MatMul (TensorRT-native, default) or "
+        "ScatterElements add (onnxruntime)",
+    )
+    parser.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
+
+
+def _head_options(args: argparse.Namespace, **extra: object) -> object:
+    from .head import HeadExportOptions
+
+    return HeadExportOptions(
+        precision=args.precision,
+        with_mask=args.with_mask,
+        accum_dtype=args.accum_dtype,
+        histogram=args.histogram,
+        opset=args.opset,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+# -- export onnx ---------------------------------------------------------------------------------
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--model", help="INSIGHT checkpoint: official .pth or fastinsight .safetensors"
+    )
+    what.add_argument(
+        "--encoder", help="patch encoder name (vit-tiny, resnet-tiny, uni, resnet50-trunc, ...)"
+    )
+    parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument(
+        "--head-only", action="store_true", help="output the raw heatmap only (no threshold/pool)"
+    )
+    stage.add_argument(
+        "--postprocess-only",
+        action="store_true",
+        help="threshold and pooling alone: raw heatmap in, heatmap/thresholds/scores out",
+    )
+    _head_option_arguments(parser)
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the onnxruntime-vs-PyTorch parity check (N = 1, 7, 64)",
+    )
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from .verify import describe
+
+    if args.encoder_weights and not args.encoder:
+        raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
+    if args.encoder:
+        if args.head_only or args.postprocess_only or args.with_mask:
+            raise InputError("--head-only/--postprocess-only/--with-mask apply to --model only")
+        from .encoder import export_encoder_onnx, load_encoder
+        from .verify import verify_encoder_onnx
+
+        encoder = load_encoder(args.encoder, args.encoder_weights)
+        path = export_encoder_onnx(encoder, args.out, args.precision, args.opset)
+        print(f"wrote {path} ({describe(path)})")
+        if not args.no_verify:
+            print(verify_encoder_onnx(path, encoder).summary())
+        return 0
+    from .head import export_head_onnx
+    from .verify import verify_head_onnx
+
+    model = _load_model(args.model)
+    options = _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
+    path = export_head_onnx(model, args.out, options)  # type: ignore[arg-type]
+    print(f"wrote {path} ({describe(path)})")
+    if not args.no_verify:
+        print(verify_head_onnx(path, model, options=options).summary())  # type: ignore[arg-type]
+    return 0
+
+
+# -- export tensorrt -----------------------------------------------------------------------------
+def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", required=True, help="ONNX graph from `fastinsight export onnx`")
+    parser.add_argument("--out", required=True, help="TensorRT plan to write (e.g. head.plan)")
+    parser.add_argument("--min-tiles", type=int, default=1, help="smallest tile count N (1)")
+    parser.add_argument("--opt-tiles", type=int, default=1024, help="tile count to tune for (1024)")
+    parser.add_argument("--max-tiles", type=int, default=16384, help="largest tile count N (16384)")
+    parser.add_argument(
+        "--timing-cache", help="timing cache file: read if it exists, written after the build"
+    )
+    parser.add_argument(
+        "--workspace", type=float, default=4.0, help="builder workspace in GiB (default 4)"
+    )
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip running the engine against onnxruntime"
+    )
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="keep fp32 convolutions in full fp32 (TensorRT uses TF32 by default)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+
+
+def run_tensorrt(args: argparse.Namespace) -> int:
+    from .tensorrt import build_engine, check_engine, check_tile_range, tensorrt_status
+
+    reason = tensorrt_status()
+    if reason is not None:
+        # One plain line, no traceback: the machine cannot build engines at all.
+        print(f"fastinsight: {reason}", file=sys.stderr)
+        return BackendError.exit_code
+    check_tile_range(args.min_tiles, args.opt_tiles, args.max_tiles)
+    if not Path(args.onnx).is_file():
+        raise InputError(f"ONNX file {args.onnx!r} does not exist; export it first")
+    if args.workspace <= 0:
+        raise InputError(f"--workspace must be > 0 GiB, got {args.workspace}")
+    info = build_engine(
+        args.onnx,
+        args.out,
+        min_tiles=args.min_tiles,
+        opt_tiles=args.opt_tiles,
+        max_tiles=args.max_tiles,
+        timing_cache=args.timing_cache,
+        workspace=int(args.workspace * (1 << 30)),
+        verbose=args.verbose,
+        tf32=not args.no_tf32,
+    )
+    print(
+        f"wrote {info.plan} (TensorRT {info.tensorrt_version} on {info.device}; tiles "
+        f"{args.min_tiles}..{args.opt_tiles}..{args.max_tiles})"
+    )
+    if not args.no_check:
+        sizes = tuple(sorted({min(max(n, args.min_tiles), args.max_tiles) for n in (1, 7, 64)}))
+        print(check_engine(info.plan, args.onnx, sizes=sizes).summary())
+    return 0
+
+
+# -- export triton-repo --------------------------------------------------------------------------
+def add_triton_repo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="INSIGHT checkpoint: official .pth or fastinsight .safetensors",
+    )
+    parser.add_argument("--out", required=True, help="repository folder to write")
+    parser.add_argument("--encoder", help="patch encoder for the encoder -> head ensembles")
+    parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
+    parser.add_argument(
+        "--plan", help="TensorRT plan of the head (`fastinsight export tensorrt`) to include"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="encoder max batch = most tiles per insight_pipeline request (default 64)",
+    )
+    parser.add_argument("--instances", type=int, default=1, help="instances per model (1)")
+    parser.add_argument(
+        "--instance-kind", choices=("gpu", "cpu", "auto"), default="gpu", help="(default gpu)"
+    )
+    parser.add_argument(
+        "--ensemble-head",
+        choices=("auto", "onnx", "trt"),
+        default="auto",
+        help="head called by insight_pipeline (auto: the plan when given)",
+    )
+    parser.add_argument(
+        "--no-chunked",
+        action="store_true",
+        help="leave out insight_head_raw, insight_postprocess and insight_tiles",
+    )
+    _head_option_arguments(parser)
+    parser.add_argument("--no-verify", action="store_true", help="skip the parity checks")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run_triton_repo(args: argparse.Namespace) -> int:
+    from .triton import write_triton_repo
+
+    if args.encoder_weights and not args.encoder:
+        raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
+    model = _load_model(args.model)
+    encoder = None
+    if args.encoder:
+        from .encoder import load_encoder
+
+        encoder = load_encoder(args.encoder, args.encoder_weights)
+    result = write_triton_repo(
+        args.out,
+        model,  # type: ignore[arg-type]
+        encoder,
+        plan=args.plan,
+        max_batch_size=args.max_batch_size,
+        instances=args.instances,
+        instance_kind=args.instance_kind,
+        head_options=_head_options(args),  # type: ignore[arg-type]
+        encoder_precision=args.precision,
+        chunked=not args.no_chunked,
+        ensemble_head=args.ensemble_head,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {result.path}: {', '.join(result.models)}")
+    return 0
