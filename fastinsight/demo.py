@@ -1,0 +1,200 @@
+"""``fastinsight demo OUT_DIR``: the whole method on a synthetic cohort, nothing downloaded.
+
+1. writes a cohort of pyramidal TIFF slides with planted lesions (true masks kept);
+2. streams the training slides through the real slide pipeline with a small random-init
+   encoder (``vit-tiny``) and trains INSIGHT on slide labels only;
+3. predicts the held-out slides with the single-pass pipeline (heatmap TIFF, overlay, GeoJSON,
+   scores sidecar, report per slide);
+4. scores them: slide AUC and Dice of the thresholded heatmap against the planted masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastinsight.atomic import atomic_path
+from fastinsight.config import InsightConfig
+from fastinsight.errors import InputError, OutputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder for the cohort, the model and every output")
+    p.add_argument("--slides", type=int, default=32, help="cohort size (half with lesions)")
+    p.add_argument("--held-out", type=int, default=8, help="slides kept out of training")
+    p.add_argument("--size", type=int, default=1120, help="slide side in px at 0.5 um/px")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, encoder and training")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def demo_model_config(in_dim: int) -> InsightConfig:
+    """INSIGHT's architecture, narrowed (32/16/16 instead of 128/64/64) so it trains on a CPU in
+    seconds, with the per-cell channel norm: the official per-tile LayerNorm ties every cell to
+    its tile's statistics, and on this cohort it learns to flag whole lesion tiles rather than
+    the lesion cells (held-out Dice ~0.1 vs ~0.9 with the channel norm)."""
+    return InsightConfig(
+        in_dim=in_dim,
+        reduce_dim=32,
+        widths=(32, 16, 16),
+        norm="channel",
+        encoder="vit-tiny",
+        class_names=("lesion",),
+        target_mpp=0.5,
+        tile_size_px=224,
+    )
+
+
+def run_demo(
+    out_dir: str | Path,
+    slides: int = 32,
+    held_out: int = 8,
+    size: int = 1120,
+    epochs: int = 12,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``OUT_DIR/report.json``) its summary."""
+    from fastinsight.encoders import build_encoder
+    from fastinsight.evaluate import dice, resample_mask, roc_auc
+    from fastinsight.pipeline import PredictOptions, encode_slide, predict_slide, resolve_device
+    from fastinsight.synthetic import make_cohort
+    from fastinsight.train import Bag, TrainConfig, train_on_bags
+
+    if slides < 8 or not 4 <= held_out <= slides - 4:
+        raise InputError(
+            f"need at least 8 slides and 4..slides-4 held out; got {slides}, {held_out}"
+        )
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {str(out)!r}: {exc}") from exc
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    log(
+        f"[1/4] writing {slides} synthetic slides ({size} x {size} px at 0.5 um/px) to {out / 'cohort'}"
+    )
+    cohort = make_cohort(out / "cohort", n_slides=slides, size_px=(size, size), seed=seed)
+    train_slides, test_slides = cohort[: slides - held_out], cohort[slides - held_out :]
+
+    encoder = build_encoder("vit-tiny", seed=seed, device=dev)
+    opts = PredictOptions(device=str(dev), batch_size=32, num_workers=1, progress=False)
+    log(
+        f"[2/4] encoding {len(train_slides)} training slides with {encoder.name} (random init, seed {seed})"
+    )
+    bags = []
+    for s in _bar(train_slides, progress, "encode"):
+        tokens, mask, _ = encode_slide(s.path, encoder, 0.5, opts)
+        bags.append(Bag(tokens, mask, torch.tensor([float(s.label)]), s.slide_id))
+    t_encode = time.perf_counter() - start
+
+    model_path = out / "model.safetensors"
+    log(f"[3/4] training INSIGHT on slide labels only ({epochs} epochs) -> {model_path}")
+    torch.manual_seed(seed)
+    train_cfg = TrainConfig(epochs=epochs, lr=2e-3, patience=epochs, seed=seed, device=str(dev))
+    model, history = train_on_bags(
+        bags,
+        train_cfg,
+        demo_model_config(encoder.embed_dim),
+        out_path=model_path,
+        progress=False,
+        log=log,
+    )
+    t_train = time.perf_counter() - start - t_encode
+
+    log(f"[4/4] predicting {len(test_slides)} held-out slides -> {out / 'predictions'}")
+    rows = []
+    for s in _bar(test_slides, progress, "predict"):
+        res = predict_slide(s.path, model, encoder, opts, model_info={"name": model_path.name})
+        d = out / "predictions" / s.slide_id
+        d.mkdir(parents=True, exist_ok=True)
+        res.write_heatmap(d / "heatmap.tif")
+        res.write_overlay(d / "overlay.png")
+        res.write_geojson(d / "tiles.geojson")
+        res.write_sidecar(d / "scores.npz")
+        res.write_report(d / "report.json")
+        truth = np.asarray(Image.open(s.mask_path)) > 0
+        on_grid = resample_mask(
+            truth, 1.0, res.grid.cell_shape, res.grid.l0_cell_size, method="area"
+        )
+        predicted = np.nan_to_num(res.cells[0], nan=0.0) > 0  # the cells Otsu kept
+        rows.append(
+            {
+                "slide_id": s.slide_id,
+                "label": s.label,
+                "score": float(res.scores[0]),
+                "threshold": float(res.thresholds[0]),
+                "dice": dice(predicted, on_grid) if s.label else None,
+                "tiles": res.n_tiles,
+            }
+        )
+    scores = [r["score"] for r in rows]
+    labels = [r["label"] for r in rows]
+    dices = [r["dice"] for r in rows if r["dice"] is not None]
+    report = {
+        "auc": roc_auc(scores, labels),
+        "dice_mean": float(np.mean(dices)),
+        "dice_sd": float(np.std(dices)),
+        "dice_definition": "cells kept by the Otsu threshold vs the planted mask (cells >= 50% lesion)",
+        "slides": rows,
+        "train": {
+            "slides": len(train_slides),
+            "epochs_run": len(history),
+            "final_train_loss": history[-1].train_loss,
+            "final_val_loss": history[-1].val_loss,
+        },
+        "seconds": {
+            "encode_train": round(t_encode, 1),
+            "train": round(t_train, 1),
+            "total": round(time.perf_counter() - start, 1),
+        },
+        "device": str(dev),
+        "encoder": encoder.identity(),
+        "model": str(model_path),
+    }
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    log("")
+    log(f"{'slide':<16} {'label':>5} {'score':>7} {'dice':>6}")
+    for r in rows:
+        d = "" if r["dice"] is None else f"{r['dice']:.3f}"
+        log(f"{r['slide_id']:<16} {r['label']:>5} {r['score']:>7.3f} {d:>6}")
+    log(
+        f"\nheld-out AUC {report['auc']:.3f}   Dice {report['dice_mean']:.3f} +- {report['dice_sd']:.3f}"
+        f"   ({report['seconds']['total']:.0f} s on {dev})"
+    )
+    log(
+        f"outputs: {out / 'predictions'}/<slide>/ (heatmap.tif opens in QuPath), {out / 'report.json'}"
+    )
+    return report
+
+
+def _bar(items: list[Any], enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="slide", disable=not enabled, leave=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(
+        args.out_dir,
+        slides=args.slides,
+        held_out=args.held_out,
+        size=args.size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    return 0
