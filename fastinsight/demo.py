@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fastinsight.atomic import atomic_path
 from fastinsight.config import InsightConfig
@@ -66,7 +64,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``OUT_DIR/report.json``) its summary."""
     from fastinsight.encoders import build_encoder
-    from fastinsight.evaluate import dice, resample_mask, roc_auc
+    from fastinsight.evaluate import evaluate, find_ground_truth, load_predictions, read_labels
     from fastinsight.pipeline import PredictOptions, encode_slide, predict_slide, resolve_device
     from fastinsight.synthetic import make_cohort
     from fastinsight.train import Bag, TrainConfig, train_on_bags
@@ -114,7 +112,6 @@ def run_demo(
     t_train = time.perf_counter() - start - t_encode
 
     log(f"[4/4] predicting {len(test_slides)} held-out slides -> {out / 'predictions'}")
-    rows = []
     for s in _bar(test_slides, progress, "predict"):
         res = predict_slide(s.path, model, encoder, opts, model_info={"name": model_path.name})
         d = out / "predictions" / s.slide_id
@@ -124,28 +121,25 @@ def run_demo(
         res.write_geojson(d / "tiles.geojson")
         res.write_sidecar(d / "scores.npz")
         res.write_report(d / "report.json")
-        truth = np.asarray(Image.open(s.mask_path)) > 0
-        on_grid = resample_mask(
-            truth, 1.0, res.grid.cell_shape, res.grid.l0_cell_size, method="area"
-        )
-        predicted = np.nan_to_num(res.cells[0], nan=0.0) > 0  # the cells Otsu kept
-        rows.append(
-            {
-                "slide_id": s.slide_id,
-                "label": s.label,
-                "score": float(res.scores[0]),
-                "threshold": float(res.thresholds[0]),
-                "dice": dice(predicted, on_grid) if s.label else None,
-                "tiles": res.n_tiles,
-            }
-        )
-    scores = [r["score"] for r in rows]
-    labels = [r["label"] for r in rows]
-    dices = [r["dice"] for r in rows if r["dice"] is not None]
+    # Scored exactly as `fastinsight evaluate` scores: the cells Otsu kept (threshold 0) against
+    # the planted masks resampled to the heatmap grid (a cell is lesion when >= 50% of it is).
+    evaluation = evaluate(
+        load_predictions(out / "predictions"),
+        read_labels(out / "cohort" / "labels.csv"),
+        ground_truth=find_ground_truth(out / "cohort" / "masks"),
+        threshold=0.0,
+        resample="area",
+    )
+    evaluation.write_json(out / "evaluation.json")
+    lesion = evaluation.classes[0]
+    rows = [
+        {"slide_id": e.slide_id, "label": e.labels[0], "score": e.scores[0], "dice": e.dice[0]}
+        for e in evaluation.slides
+    ]
     report = {
-        "auc": roc_auc(scores, labels),
-        "dice_mean": float(np.mean(dices)),
-        "dice_sd": float(np.std(dices)),
+        "auc": lesion.auc,
+        "dice_mean": lesion.dice_mean,
+        "dice_sd": lesion.dice_sd,
         "dice_definition": "cells kept by the Otsu threshold vs the planted mask (cells >= 50% lesion)",
         "slides": rows,
         "train": {

@@ -162,6 +162,8 @@ def load_prediction_npz(path: str | os.PathLike[str]) -> EvalInput:
         raise InputError(f"prediction file {str(p)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {str(p)!r} as an npz prediction: {exc}") from exc
+    if "geometry" in data:  # the sidecar of `fastinsight predict --scores` / predict-cohort
+        return _from_sidecar(p)
     missing = [k for k in ("scores", "heatmap", "cell_size_l0") if k not in data]
     if missing:
         raise InputError(
@@ -196,6 +198,27 @@ def load_prediction_npz(path: str | os.PathLike[str]) -> EvalInput:
     )
 
 
+def _from_sidecar(path: Path) -> EvalInput:
+    """An ``EvalInput`` from the slide pipeline's scores sidecar (NaN cells are non-tissue)."""
+    from fastinsight.slide import read_scores_sidecar
+
+    side = read_scores_sidecar(path)
+    meta = side.metadata
+    if "scores" not in meta:
+        raise InputError(f"{str(path)!r} is a scores sidecar without slide scores in its metadata")
+    grid = side.grid
+    return EvalInput(
+        slide_id=str(meta.get("slide_id") or path.stem),
+        scores=np.asarray(meta["scores"], dtype=np.float64),
+        heatmap=np.nan_to_num(side.scores, nan=0.0),
+        mask=side.mask,
+        cell_size_l0=grid.l0_cell_size,
+        slide_size_l0=(grid.slide_width, grid.slide_height),
+        mpp=grid.slide_mpp,
+        class_names=side.class_names,
+    )
+
+
 def save_prediction_npz(pred: EvalInput, path: str | os.PathLike[str]) -> None:
     """Write ``pred`` in the npz layout ``load_prediction_npz`` reads (atomically)."""
     arrays: dict[str, Any] = {
@@ -218,11 +241,13 @@ def save_prediction_npz(pred: EvalInput, path: str | os.PathLike[str]) -> None:
 
 
 def load_predictions(folder: str | os.PathLike[str]) -> list[EvalInput]:
-    """Every ``*.npz`` prediction of a folder, sorted by slide id."""
+    """Every ``*.npz`` prediction of a folder, sorted by slide id; also the ``<slide>/scores.npz``
+    layout that ``predict-cohort`` and ``demo`` write."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise InputError(f"predictions folder {str(root)!r} does not exist or is not a folder")
-    preds = [load_prediction_npz(f) for f in sorted(root.glob("*.npz"))]
+    files = sorted(root.glob("*.npz")) or sorted(root.glob("*/scores.npz"))
+    preds = [load_prediction_npz(f) for f in files]
     if not preds:
         raise InputError(f"no .npz predictions in {str(root)!r}; run fastinsight predict first")
     seen: dict[str, int] = {}

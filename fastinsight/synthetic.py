@@ -120,7 +120,8 @@ def make_cohort(
     """Write ``n_slides`` pyramidal TIFF slides (half positive) with their masks and labels.
 
     Files: ``slides/<id>.tif`` (pyramidal, JPEG, mpp in the resolution tags),
-    ``masks/<id>.png`` (level-0 lesion mask), ``labels.csv`` (slide_id, lesion) and
+    ``masks/<id>.tif`` (level-0 lesion mask, 255 = lesion; what ``fastinsight evaluate
+    --ground-truth`` reads), ``labels.csv`` (slide_id, lesion) and
     ``cohort.json``.
     """
     from fastinsight.slide.pyramid import write_pyramid_tiff
@@ -144,8 +145,14 @@ def make_cohort(
             compression="jpeg",
             description=f"fastinsight synthetic slide {sid} (label {int(positive)})",
         )
-        mask_path = out / "masks" / f"{sid}.png"
-        Image.fromarray(lesion.astype(np.uint8) * 255).save(mask_path)
+        mask_path = out / "masks" / f"{sid}.tif"
+        write_pyramid_tiff(
+            mask_path,
+            lesion.astype(np.uint8) * 255,
+            mpp=mpp,
+            compression="zlib",
+            description=f"lesion mask of {sid} (255 = lesion)",
+        )
         slides.append(SyntheticSlide(sid, path, int(positive), mask_path, mpp))
     with open(out / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)

@@ -27,7 +27,25 @@ def test_demo_learns_to_find_the_lesions(tmp_path, capsys) -> None:
     with openslide.OpenSlide(str(out / "predictions" / held_out[0] / "heatmap.tif")) as hm:
         assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(8.0)
 
-
-def test_demo_rejects_bad_sizes(tmp_path, capsys) -> None:
-    assert main(["demo", str(tmp_path / "d"), "--slides", "4"]) == 4
-    assert "at least 8 slides" in capsys.readouterr().err
+    # `fastinsight evaluate` on the demo's outputs agrees with the demo's own numbers.
+    ev = tmp_path / "eval"
+    rc = main(
+        [
+            "evaluate",
+            str(out / "predictions"),
+            str(out / "cohort" / "labels.csv"),
+            "--ground-truth",
+            str(out / "cohort" / "masks"),
+            "--threshold",
+            "0",
+            "--resample",
+            "area",
+            "--out",
+            str(ev),
+        ]
+    )
+    assert rc == 0
+    lesion = json.loads(ev.with_suffix(".json").read_text())["classes"][0]
+    assert lesion["auc"] == pytest.approx(report["auc"])
+    assert lesion["dice_mean"] == pytest.approx(report["dice_mean"], abs=1e-9)
+    assert lesion["dice_slides"] == 4
