@@ -30,6 +30,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check fastinsight kernels export tests bench
 	$(VENV)/bin/ruff format --check fastinsight kernels export tests bench
+	$(VENV)/bin/mypy fastinsight
 
 bench-smoke: setup
 	$(PY) bench/bench_kernels.py --smoke

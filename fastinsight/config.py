@@ -112,5 +112,5 @@ class InsightConfig:
             raise CheckpointError(
                 f"model config has unknown fields {unknown}; was it written by a newer fastinsight?"
             )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         return cls(**values)

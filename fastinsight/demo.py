@@ -136,7 +136,7 @@ def run_demo(
         {"slide_id": e.slide_id, "label": e.labels[0], "score": e.scores[0], "dice": e.dice[0]}
         for e in evaluation.slides
     ]
-    report = {
+    report: dict[str, Any] = {
         "auc": lesion.auc,
         "dice_mean": lesion.dice_mean,
         "dice_sd": lesion.dice_sd,

@@ -119,20 +119,21 @@ class InsightModel(nn.Module):
         """The head's parameters as a ``HeadWeights`` (no copies)."""
 
         def layers(seq: nn.Sequential) -> tuple[ConvLayer, ...]:
-            mods = [m for m in seq if not isinstance(m, (nn.ReplicationPad2d, nn.GELU))]
+            mods = [m for m in seq if isinstance(m, (nn.Conv2d, nn.LayerNorm, ChannelNorm))]
             out = []
             for i, m in enumerate(mods):
-                if isinstance(m, nn.Conv2d):
-                    nxt = mods[i + 1] if i + 1 < len(mods) else None
-                    is_norm = isinstance(nxt, (nn.LayerNorm, ChannelNorm))
-                    out.append(
-                        ConvLayer(
-                            m.weight,
-                            m.bias,
-                            nxt.weight if is_norm else None,
-                            nxt.bias if is_norm else None,
-                        )
+                if not isinstance(m, nn.Conv2d):
+                    continue
+                nxt = mods[i + 1] if i + 1 < len(mods) else None
+                norm = nxt if isinstance(nxt, (nn.LayerNorm, ChannelNorm)) else None
+                out.append(
+                    ConvLayer(
+                        m.weight,
+                        m.bias if m.bias is not None else torch.zeros(m.out_channels),
+                        norm.weight if norm is not None else None,
+                        norm.bias if norm is not None else None,
                     )
+                )
             return tuple(out)
 
         (reduce,) = layers(self.reduce_dimension_block)

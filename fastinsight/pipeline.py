@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class PredictOptions:
     min_tissue_fraction: float = 0.1
     min_cell_fraction: float = 0.5
     mpp: float | None = None
-    reader_backend: str = "auto"
+    reader_backend: Literal["auto", "openslide", "tifffile"] = "auto"
     encoder_weights: str | None = None
     progress: bool = True
     profile: bool = False
