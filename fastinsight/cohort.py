@@ -63,6 +63,7 @@ from fastinsight.errors import (
     OutputError,
 )
 from fastinsight.pipeline import STAGES, PredictOptions
+from fastinsight.predict_cli import add_run_arguments, predict_options
 
 EXIT_SLIDES_FAILED = 8
 """Exit code of ``predict-cohort`` when at least one slide failed (the rest were processed)."""
@@ -1106,59 +1107,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-temp-dir", help="Ray's session and log folder for a local instance (kept)"
     )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "triton", "reference"),
-        help="head implementation",
-    )
-    p.add_argument("--encoder-weights", help="encoder weight file (same path on every node)")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch")
-    p.add_argument("--num-workers", type=int, default=2, help="tile reading threads per slide")
-    p.add_argument(
-        "--tissue",
-        default="brightfield",
-        choices=("brightfield", "fluorescence", "all"),
-        help="tissue detection: bright-field H&E, dark-background fluorescence, or every tile",
-    )
-    p.add_argument(
-        "--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a tile"
-    )
-    p.add_argument(
-        "--min-cell-tissue",
-        type=float,
-        default=0.5,
-        help="minimum tissue fraction of a heatmap cell",
-    )
-    p.add_argument(
-        "--mpp",
-        type=float,
-        help="microns per pixel for slides whose manifest row gives none (overrides the files)",
-    )
-    p.add_argument(
-        "--class",
-        dest="class_",
-        metavar="CLASS",
-        help="class (name or index) of heatmap.tif and overlay.png",
-    )
-    p.add_argument("--all-classes", action="store_true", help="one heatmap.<class>.tif per class")
-    p.add_argument(
-        "--encoding", default="score", choices=("score", "rgb"), help="heatmap TIFF pixels"
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_run_arguments(p)
 
 
 def options_from_args(args: argparse.Namespace) -> CohortOptions:
-    predict = PredictOptions(
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        tissue=args.tissue,
-        min_tissue_fraction=args.min_tissue,
-        min_cell_fraction=args.min_cell_tissue,
-        mpp=args.mpp,
-        encoder_weights=args.encoder_weights,
-        progress=False,
-    )
+    predict = predict_options(args, progress=False)
     return CohortOptions(
         predict=predict,
         class_=args.class_,

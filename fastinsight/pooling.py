@@ -15,7 +15,6 @@ for any value range and any number of cells:
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

@@ -50,10 +50,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encoder", help="patch encoder (default: the one the model names); see `fastinsight info`"
     )
     p.add_argument(
-        "--encoder-weights", help="local weight file of the encoder (e.g. UNI's pytorch_model.bin)"
+        "--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)"
+    )
+    add_run_arguments(p)
+    p.add_argument("--overlay", help="PNG: heatmap over a slide thumbnail, with a colour bar")
+    p.add_argument("--geojson", help="QuPath GeoJSON of tiles with measurements {score}")
+    p.add_argument(
+        "--geojson-per",
+        default="tile",
+        choices=("tile", "cell"),
+        help="one GeoJSON feature per tile or per cell",
     )
     p.add_argument(
-        "--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)"
+        "--report", help="JSON report: scores, thresholds, model, encoder, geometry, timings"
+    )
+    p.add_argument("--scores", help="npz sidecar with the raw float heatmap cells and mask")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="synchronise the GPU per stage for exact stage timings",
+    )
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of a slide run shared by ``predict`` and ``predict-cohort``."""
+    p.add_argument(
+        "--encoder-weights", help="local weight file of the encoder (e.g. UNI's pytorch_model.bin)"
     )
     p.add_argument(
         "--backend",
@@ -88,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--class",
         dest="class_",
+        metavar="CLASS",
         help="class (name or index) for the heatmap when K > 1 (default: first)",
     )
     p.add_argument(
@@ -101,24 +124,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("score", "rgb"),
         help="heatmap TIFF pixels: uint8 score (lossless; 0 = non-tissue) or RGB colour map",
     )
-    p.add_argument("--overlay", help="PNG: heatmap over a slide thumbnail, with a colour bar")
-    p.add_argument("--geojson", help="QuPath GeoJSON of tiles with measurements {score}")
-    p.add_argument(
-        "--geojson-per",
-        default="tile",
-        choices=("tile", "cell"),
-        help="one GeoJSON feature per tile or per cell",
-    )
-    p.add_argument(
-        "--report", help="JSON report: scores, thresholds, model, encoder, geometry, timings"
-    )
-    p.add_argument("--scores", help="npz sidecar with the raw float heatmap cells and mask")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="synchronise the GPU per stage for exact stage timings",
-    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+
+
+def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The ``PredictOptions`` of the flags added by ``add_run_arguments``."""
+    from fastinsight.pipeline import PredictOptions
+
+    values: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "tissue": args.tissue,
+        "min_tissue_fraction": args.min_tissue,
+        "min_cell_fraction": args.min_cell_tissue,
+        "mpp": args.mpp,
+        "encoder_weights": args.encoder_weights,
+        "progress": not args.quiet,
+    }
+    values.update(overrides)
+    return PredictOptions(**values)
 
 
 def resolve_model_path(arg: str | None) -> Path:
@@ -151,7 +175,7 @@ def load_for_predict(
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.pipeline import PredictOptions, prepare_outputs, resolve_device
+    from fastinsight.pipeline import prepare_outputs, resolve_device
 
     if not args.slide and not args.features:
         raise InputError(
@@ -164,18 +188,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_outputs(args.out, args.overlay, args.geojson, args.report, args.scores)
     device = resolve_device(args.device)
     model, info = load_for_predict(resolve_model_path(args.model), args.backend, device, args.quiet)
-    options = PredictOptions(
-        device=str(device),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        tissue=args.tissue,
-        min_tissue_fraction=args.min_tissue,
-        min_cell_fraction=args.min_cell_tissue,
-        mpp=args.mpp,
-        encoder_weights=args.encoder_weights,
-        progress=not args.quiet,
-        profile=args.profile,
-    )
+    options = predict_options(args, device=str(device), profile=args.profile)
     if args.features:
         from fastinsight.features_pipeline import predict_features
 
