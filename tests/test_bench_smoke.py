@@ -19,10 +19,31 @@ def test_slide_benchmark_smoke(slides_dir, tmp_path) -> None:
     finally:
         sys.path.pop(0)
     out = tmp_path / "slide.csv"
-    assert bench_slide.main(["--smoke", "--slide", str(slides_dir / "CMU-1-Small-Region.svs"),
-                             "--csv", str(out), "--num-workers", "1"]) == 0
+    assert (
+        bench_slide.main(
+            [
+                "--smoke",
+                "--slide",
+                str(slides_dir / "CMU-1-Small-Region.svs"),
+                "--csv",
+                str(out),
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     (row,) = list(csv.DictReader(out.open()))
     assert row["device"].startswith("cpu") and int(row["tiles"]) > 0
-    stages = ["open_s", "tissue_s", "read_wait_s", "transfer_s", "encoder_s", "head_s", "threshold_pool_s", "write_s"]
+    stages = [
+        "open_s",
+        "tissue_s",
+        "read_wait_s",
+        "transfer_s",
+        "encoder_s",
+        "head_s",
+        "threshold_pool_s",
+        "write_s",
+    ]
     assert sum(float(row[s]) for s in stages) <= float(row["wall_s"]) * 1.05
     assert 0 <= float(row["outside_encoder_frac"]) <= 1

@@ -91,7 +91,9 @@ def test_safetensors_without_config_is_refused(tmp_path) -> None:
 
 def test_save_is_atomic_and_leaves_nothing_on_failure(tmp_path) -> None:
     model = InsightModel(InsightConfig(in_dim=16), backend="reference")
-    with pytest.raises(Exception):
+    from fastinsight.errors import OutputError
+
+    with pytest.raises(OutputError, match="does not exist"):
         model.save(str(tmp_path / "missing-dir" / "m.safetensors"))
     assert list(tmp_path.iterdir()) == []
     model.save(str(tmp_path / "m.safetensors"))

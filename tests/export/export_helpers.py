@@ -33,6 +33,7 @@ def save_official(path: Path, num_classes: int, **overrides: object) -> Path:
 def assert_clean_graph(path: Path, *, allow_double: bool = True) -> set[str]:
     """onnx.checker passes, no ReduceLogSumExp anywhere, standard domain only. Returns op types."""
     import onnx
+
     from fastinsight.export._onnx_io import op_types, tensor_types
 
     onnx.checker.check_model(str(path), full_check=True)

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from fastinsight.export import graph_ops
 
+from fastinsight.export import graph_ops
 from fastinsight.otsu import otsu_threshold as reference_otsu
 from fastinsight.pooling import lse_lba, masked_max, masked_mean, smoothmax
 

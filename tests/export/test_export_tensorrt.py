@@ -11,11 +11,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fastinsight.export import tensorrt as trt_export  # noqa: E402
-from fastinsight.export.cli import add_tensorrt_arguments, run_tensorrt  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from fastinsight.errors import BackendError, InputError  # noqa: E402
+from fastinsight.export import tensorrt as trt_export  # noqa: E402
+from fastinsight.export.cli import add_tensorrt_arguments, run_tensorrt  # noqa: E402
 
 REASON = trt_export.tensorrt_status()
 needs_tensorrt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -93,6 +93,7 @@ def test_without_tensorrt_the_command_says_so_in_one_line(
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_onnxruntime(tmp_path: Path, precision: str) -> None:
     from export_helpers import make_model
+
     from fastinsight.export.head import HeadExportOptions, export_head_onnx
 
     model = make_model(num_classes=3)

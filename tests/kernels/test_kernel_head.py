@@ -1,0 +1,149 @@
+"""Parity of the fused INSIGHT head with the reference (interpreter on CPU, or the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinsight.errors import BackendError, InputError
+from fastinsight.reference import insight_head_reference, tokens_as_grid
+
+from .helpers import DEVICE, INTERPRET, copy_as, make_model, max_err
+from .tolerances import FP32_ATOL, lowp_bound
+
+# (N, C, grid, K, norm, token layout): N = 1 and ragged N (more tiles than interpreter
+# programs, so the persistent loop wraps), C not a power of two, both norms, every layout.
+CASES = [
+    (3, 96, (4, 4), 3, "tile", "nchw"),
+    (5, 96, (4, 4), 1, "channel", "nchw"),
+    (3, 96, (4, 4), 3, "tile", "nhwc"),
+    (1, 96, (4, 4), 1, "tile", "strided"),
+    (3, 96, (4, 4), 3, "channel", "strided"),
+    (1, 200, (14, 14), 1, "tile", "nchw"),
+    (2, 200, (14, 14), 3, "channel", "nhwc"),
+]
+DTYPES = [torch.float32, torch.float16]
+
+
+def case_id(case) -> str:
+    n, c, (h, w), k, norm, layout = case
+    return f"N={n}-C={c}-{h}x{w}-K={k}-{norm}-{layout}"
+
+
+def make_tokens(n: int, c: int, grid: tuple[int, int], layout: str, dtype: torch.dtype):
+    """Token grids ``[N, C, h, w]`` in the requested memory layout (same values every time)."""
+    h, w = grid
+    base = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(n * c + h))
+    if layout == "nchw":
+        x = base.clone()
+    elif layout == "nhwc":  # the encoder's [N, h*w, C], viewed as a grid without a copy
+        x = tokens_as_grid(base.flatten(2).transpose(1, 2).contiguous(), grid)
+    else:  # a slice of a larger buffer, rows not contiguous, every other tile
+        big = torch.zeros(2 * n, c + 5, h, w + 3)
+        big[::2, 2 : 2 + c, :, 1 : 1 + w] = base
+        x = big[::2, 2 : 2 + c, :, 1 : 1 + w]
+    return base, x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_head_matches_reference(case, dtype) -> None:
+    from fastinsight.kernels import head, insight_head
+
+    n, c, grid, k, norm, layout = case
+    model = make_model(c, k, grid, norm)
+    base, x = make_tokens(n, c, grid, layout, torch.float32)
+    expected_layout = {"nchw": head.LAYOUT_NCHW, "nhwc": head.LAYOUT_NHWC}.get(
+        layout, head.LAYOUT_STRIDED
+    )
+    assert head.token_layout(x) == expected_layout
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            base.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        kernel_model = copy_as(model, dtype, DEVICE)
+        out = insight_head(x.to(device=DEVICE, dtype=dtype), kernel_model.head_weights())
+    assert out.shape == (n, k, *grid) and out.dtype == dtype and out.is_contiguous()
+    err = max_err(out, ref64)
+    if dtype == torch.float32:
+        assert err <= FP32_ATOL, f"fp32 error {err:.2e} > {FP32_ATOL:.0e}"
+    else:
+        with torch.no_grad():
+            ref_lowp = insight_head_reference(
+                base.to(dtype), copy_as(model, dtype, "cpu").head_weights()
+            )
+        bound = lowp_bound(dtype, max_err(ref_lowp, ref64))
+        assert err <= bound, f"{dtype} error {err:.2e} > {bound:.2e} (2x PyTorch's + floor)"
+
+
+def test_head_tiles_are_independent() -> None:
+    """A tile's heatmap does not depend on its batch (per-program scratch, persistent loop)."""
+    from fastinsight.kernels import insight_head
+
+    model = make_model(96, 3, (4, 4), "tile").to(DEVICE)
+    x = torch.randn(6, 96, 4, 4, device=DEVICE)
+    with torch.no_grad():
+        full = insight_head(x, model.head_weights())
+        for i in (0, 4, 5):
+            alone = insight_head(x[i : i + 1], model.head_weights())
+            assert torch.equal(alone, full[i : i + 1])
+
+
+def test_head_sees_weight_updates() -> None:
+    """The prepared-weights cache follows in-place updates (tensor versions)."""
+    from fastinsight.kernels import insight_head
+
+    model = make_model(96, 1, (4, 4), "channel").to(DEVICE)
+    x = torch.randn(2, 96, 4, 4, device=DEVICE)
+    with torch.no_grad():
+        before = insight_head(x, model.head_weights())
+        model.context_block[-1].bias.add_(1.0)
+        after = insight_head(x, model.head_weights())
+        ref = insight_head_reference(x, model.head_weights())
+    assert not torch.equal(before, after)
+    assert max_err(after, ref) <= 1e-5
+
+
+def test_model_dispatches_to_kernels() -> None:
+    """``backend="triton"`` runs the kernels from the encoder's [N, h*w, C] layout."""
+    ref_model = make_model(96, 3, (4, 4), "tile").to(DEVICE)
+    kernel_model = copy_as(ref_model, torch.float32, DEVICE)
+    kernel_model.backend = "triton"
+    tokens = torch.randn(3, 16, 96, device=DEVICE)
+    mask = torch.rand(3, 4, 4, device=DEVICE) > 0.3
+    with torch.no_grad():
+        assert kernel_model.uses_kernels and not ref_model.uses_kernels
+        got = kernel_model.predict(tokens, mask)
+        want = ref_model.predict(tokens, mask)
+    assert max_err(got.raw_heatmap, want.raw_heatmap) <= FP32_ATOL
+    assert torch.equal(got.thresholds, want.thresholds)
+    assert max_err(got.scores, want.scores) <= 1e-5
+
+
+def test_head_rejects_bad_inputs() -> None:
+    from fastinsight.kernels import insight_head
+
+    model = make_model(96, 1, (4, 4), "tile").to(DEVICE)
+    weights = model.head_weights()
+    with torch.no_grad():
+        with pytest.raises(InputError, match="channels"):
+            insight_head(torch.randn(1, 95, 4, 4, device=DEVICE), weights)
+        with pytest.raises(InputError, match=r"\[N, C, h, w\]"):
+            insight_head(torch.randn(1, 16, 96, device=DEVICE), weights)
+        with pytest.raises(InputError, match="grid size"):
+            insight_head(torch.randn(1, 96, 5, 5, device=DEVICE), weights)
+        with pytest.raises(InputError, match="float"):
+            insight_head(torch.ones(1, 96, 4, 4, device=DEVICE, dtype=torch.int32), weights)
+        with pytest.raises(InputError, match="precision"):
+            insight_head(torch.randn(1, 96, 4, 4, device=DEVICE), weights, precision="fp8")
+    with pytest.raises(BackendError, match="forward-only"):
+        insight_head(torch.randn(1, 96, 4, 4, device=DEVICE), weights)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's limits only")
+def test_interpreter_refuses_bf16() -> None:
+    from fastinsight.kernels import insight_head
+
+    model = make_model(96, 1, (4, 4), "tile").to(torch.bfloat16)
+    with torch.no_grad(), pytest.raises(InputError, match="bfloat16"):
+        insight_head(torch.randn(1, 96, 4, 4, dtype=torch.bfloat16), model.head_weights())

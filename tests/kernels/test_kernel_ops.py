@@ -1,0 +1,80 @@
+"""Packaging and tracing: lazy Triton import, torch.library ops, torch.compile through a model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .helpers import DEVICE, copy_as, make_model, max_err
+
+
+def test_import_does_not_import_triton() -> None:
+    code = (
+        "import sys, fastinsight, fastinsight.kernels as k\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert callable(k.available)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+def test_launchers_are_torch_library_ops() -> None:
+    import fastinsight.kernels as k
+
+    assert k.insight_head.__module__ == "fastinsight.kernels.ops"
+    for name in ("insight_head", "otsu_threshold", "pool"):
+        assert hasattr(torch.ops.fastinsight, name)
+
+
+def test_fake_implementations_match() -> None:
+    """``torch.library.opcheck``: schema and fake (meta) kernels agree with the real ones."""
+    import fastinsight.kernels  # noqa: F401  (registers the ops)
+    from fastinsight.kernels import head
+
+    model = make_model(96, 3, (4, 4), "channel").to(DEVICE)
+    x = torch.randn(2, 96, 4, 4, device=DEVICE)
+    params = [p.detach() for p in head.flatten_weights(model.head_weights())]
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.fastinsight.insight_head.default,
+        (x, params, "channel", 1e-5, "ieee"),
+        test_utils=tests,
+    )
+    values = torch.rand(2, 300, device=DEVICE)
+    mask = torch.rand(300, device=DEVICE) > 0.5
+    torch.library.opcheck(
+        torch.ops.fastinsight.otsu_threshold.default, (values, mask, 256), test_utils=tests
+    )
+    torch.library.opcheck(
+        torch.ops.fastinsight.pool.default, (values, mask, "smoothmax", None, 8.0), test_utils=tests
+    )
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_traces_model_with_kernels(backend: str) -> None:
+    """A model using the kernels compiles (one opaque node per op) and gives the eager result."""
+    import torch._dynamo
+
+    model = make_model(96, 1, (4, 4), "tile").to(DEVICE)
+    kernel_model = copy_as(model, torch.float32, DEVICE)
+    kernel_model.backend = "triton"
+    tokens = torch.randn(2, 96, 4, 4, device=DEVICE)
+    mask = torch.rand(2, 4, 4, device=DEVICE) > 0.2
+
+    def run(m, t, msk):
+        raw = m(t)
+        heat, thresholds, scores = m.threshold_and_pool(raw, msk)
+        return raw, thresholds, scores
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend=backend, fullgraph=False)
+    with torch.no_grad():
+        got = compiled(kernel_model, tokens, mask)
+        want = run(kernel_model, tokens, mask)
+        ref = run(model, tokens, mask)
+    for g, w, r in zip(got, want, ref, strict=True):
+        assert max_err(g, w) == 0.0
+        assert max_err(g, r) <= 1e-5
