@@ -1,10 +1,33 @@
 """Fused Triton kernels for the INSIGHT head, the dynamic threshold and the pooling.
 
-Shipped as ``fastinsight.kernels``. Triton is imported lazily, so ``import fastinsight`` works on
-machines without it.
+Shipped as ``fastinsight.kernels``. Triton is imported lazily, so ``import fastinsight`` (and
+``import fastinsight.kernels``) works on machines without it. The launchers have the signatures
+of their references and are registered as ``torch.library`` custom ops (``torch.ops.fastinsight``)
+on first use:
+
+- ``insight_head(tokens, weights)``           as ``fastinsight.reference.insight_head_reference``
+- ``otsu_threshold(values, mask, nbins)``     as ``fastinsight.otsu.otsu_threshold``
+- ``smoothmax``, ``lse_lba``, ``masked_max``, ``masked_mean`` as ``fastinsight.pooling``
+
+They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
+launcher was used (slow; for tests). ``fastinsight kernels check`` (``fastinsight.kernels.check``)
+compiles every variant for sm_80/sm_90 without a GPU.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+_LAUNCHERS = (
+    "insight_head",
+    "lse_lba",
+    "masked_max",
+    "masked_mean",
+    "otsu_threshold",
+    "smoothmax",
+)
+
+__all__ = ["available", *_LAUNCHERS]
 
 
 def available() -> bool:
@@ -14,3 +37,12 @@ def available() -> bool:
     except Exception:
         return False
     return True
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the launchers (and with them Triton and the custom ops) load on first use.
+    if name in _LAUNCHERS:
+        from . import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,418 @@
+"""Kernel benchmark: the fused head + Otsu + pooling against the reference paths, side by side.
+
+The UNI setting (C = 1024 tokens on a 14 x 14 grid, K = 1 and 3 classes, N = 1k / 8k / 32k tiles)
+with four providers in one run, each timed for the head, for threshold + pooling, and for both:
+
+- ``official_fp32``: the reference head in fp32, eager (what the official code runs), then Otsu on
+  the host with scikit-image (a device-to-host copy of the heatmap), SmoothMax on the device;
+- ``eager_bf16``: the reference head in bf16, eager, with the device Otsu and pooling references;
+- ``compile_bf16``: the same reference functions under ``torch.compile``;
+- ``kernels_bf16``: ``fastinsight.kernels`` (fused head, Otsu kernel, pooling kernel).
+
+Reference heads run in chunks of 4096 tiles, as ``InsightModel.raw_heatmap`` does (the eager
+activations of 32k tiles do not fit); the kernels take the whole batch. Times are medians of
+``triton.testing.do_bench``. The same run measures the ceilings it compares against: a large
+device copy (GB/s) and a large bf16 matmul (TFLOP/s); ``roofline_ms`` is the larger of
+bytes / bandwidth and FLOPs / matmul rate, with the minimal bytes (tokens read once, heatmap
+written once, heatmap read once by threshold + pooling). Results go to a CSV with the device,
+versions, shapes and git revision.
+
+    python bench/bench_kernels.py                 # GPU: the full UNI grid -> bench/results/
+    python bench/bench_kernels.py --smoke         # CPU, seconds: references + interpreted kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+CHUNK = 4096
+FIELDS = [
+    "timestamp",
+    "git_rev",
+    "device",
+    "torch",
+    "triton",
+    "fastinsight",
+    "mode",
+    "provider",
+    "stage",
+    "dtype",
+    "N",
+    "C",
+    "grid",
+    "K",
+    "norm",
+    "median_ms",
+    "gb_per_s",
+    "tflop_per_s",
+    "roofline_ms",
+    "pct_of_roofline",
+    "x_slower_than_kernels",
+    "copy_gb_per_s",
+    "matmul_tflop_per_s",
+    "note",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+def git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    from fastinsight import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "fastinsight": __version__}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and ceilings
+# --------------------------------------------------------------------------------------------
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median wall time of ``fn`` in ms: ``do_bench`` on CUDA, ``perf_counter`` on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, smoke: bool) -> tuple[float, float]:
+    """(copy GB/s, bf16 matmul TFLOP/s) measured on this device now."""
+    nbytes = (64 << 20) if smoke else (4 << 30)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), device, reps=5)
+    src = dst = torch.empty(0)
+    n = 1024 if smoke else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms = median_ms(lambda: a @ b, device, reps=3)
+    return 2 * nbytes / copy_ms / 1e6, 2 * n**3 / mm_ms / 1e9
+
+
+def head_flops(weights, n: int, cells: int) -> float:
+    """Multiply-adds x 2 of the head's convolutions (elementwise work is negligible)."""
+    macs = weights.reduce.weight[:, :, 0, 0].numel()
+    macs += sum(layer.weight.numel() for layer in weights.detect)
+    macs += sum(layer.weight.numel() for layer in weights.context)  # 3x3: 9 taps per weight
+    return 2.0 * n * cells * macs
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------
+def chunked(fn: Callable, tokens: torch.Tensor) -> torch.Tensor:
+    if tokens.shape[0] <= CHUNK:
+        return fn(tokens)
+    return torch.cat([fn(tokens[i : i + CHUNK]) for i in range(0, tokens.shape[0], CHUNK)])
+
+
+def host_otsu(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official-style threshold: scikit-image on the host, per class."""
+    from skimage.filters import threshold_otsu
+
+    v = values.float().cpu().numpy()
+    keep = mask.cpu().numpy()
+    t = [threshold_otsu(v[k][keep]) for k in range(v.shape[0])]
+    return torch.tensor(t, dtype=torch.float32, device=values.device)
+
+
+def make_providers(model, smoke: bool, device: torch.device, names: list[str]) -> dict[str, dict]:
+    """Per provider: dtype, head(tokens) -> raw, post(raw, mask) -> (thresholds, scores)."""
+    from fastinsight.otsu import otsu_threshold
+    from fastinsight.pooling import smoothmax
+    from fastinsight.reference import insight_head_reference
+
+    def flat(raw: torch.Tensor) -> torch.Tensor:
+        return raw.float().transpose(0, 1).reshape(raw.shape[1], -1)
+
+    def ref_post(raw, mask):
+        values = flat(raw)
+        t = otsu_threshold(values, mask)
+        return t, smoothmax(values * (values > t[:, None]), mask, 8.0)
+
+    def official_post(raw, mask):
+        values = flat(raw)
+        t = host_otsu(values, mask)
+        return t, smoothmax(values * (values > t[:, None]), mask, 8.0)
+
+    low = torch.bfloat16
+    w32 = model.float().head_weights()
+    providers: dict[str, dict] = {}
+    if "official_fp32" in names:
+        providers["official_fp32"] = {
+            "dtype": torch.float32,
+            "head": lambda x: chunked(lambda c: insight_head_reference(c, w32), x),
+            "post": official_post,
+        }
+    wlow = _copy(model, low).head_weights()
+    if "eager_bf16" in names:
+        providers["eager_bf16"] = {
+            "dtype": torch.bfloat16,
+            "head": lambda x: chunked(lambda c: insight_head_reference(c, wlow), x),
+            "post": ref_post,
+        }
+    if "compile_bf16" in names:
+        # CPU smoke: aot_eager traces the same graphs without a C++ toolchain or minutes of Inductor.
+        backend = "aot_eager" if device.type == "cpu" else "inductor"
+        head_c = torch.compile(lambda c: insight_head_reference(c, wlow), backend=backend)
+        post_c = torch.compile(ref_post, backend=backend)
+        providers["compile_bf16"] = {
+            "dtype": torch.bfloat16,
+            "head": lambda x: chunked(head_c, x),
+            "post": post_c,
+            "note": f"torch.compile backend={backend}",
+        }
+    if "kernels_bf16" in names:
+        from fastinsight import kernels
+
+        kdtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        wk = _copy(model, kdtype).head_weights()
+
+        def kernel_post(raw, mask):
+            values = flat(raw)
+            t = kernels.otsu_threshold(values, mask)
+            return t, kernels.smoothmax(values * (values > t[:, None]), mask, 8.0)
+
+        providers["kernels_bf16"] = {
+            "dtype": kdtype,
+            "head": lambda x: kernels.insight_head(x, wk),
+            "post": kernel_post,
+            "note": "Triton interpreter (fp32: no bf16 there)" if device.type == "cpu" else "",
+        }
+    for p in providers.values():
+        p.setdefault("note", "")
+    return providers
+
+
+def _copy(model, dtype: torch.dtype):
+    from fastinsight.model import InsightModel
+
+    twin = InsightModel(model.config, backend="reference")
+    twin.load_state_dict(model.state_dict())
+    return twin.eval().to(device=next(model.parameters()).device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+def time_provider(prov: dict, tokens: torch.Tensor, mask: torch.Tensor, device, reps: int):
+    """(head, threshold_pool, total) median ms of one provider, NaN on out-of-memory."""
+    try:
+        x = tokens.to(prov["dtype"])
+        with torch.no_grad():
+            raw = prov["head"](x)
+            t_head = median_ms(lambda: prov["head"](x), device, reps)
+            t_post = median_ms(lambda: prov["post"](raw, mask), device, reps)
+            t_all = median_ms(lambda: prov["post"](prov["head"](x), mask), device, reps)
+        return (t_head, t_post, t_all), prov["note"]
+    except torch.cuda.OutOfMemoryError:
+        return (float("nan"),) * 3, "out of memory"
+    finally:
+        x = raw = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    from fastinsight.config import InsightConfig
+    from fastinsight.model import InsightModel
+
+    device = torch.device(args.device)
+    env = {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_rev": git_rev(),
+        "device": device_name(device),
+        **versions(),
+        "mode": "smoke" if args.smoke else "full",
+    }
+    copy_gbs, mm_tflops = measure_ceilings(device, args.smoke)
+    print(f"# {env['device']}: copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.1f} TFLOP/s")
+    rows: list[dict[str, object]] = []
+    h, w = args.grid
+    cells = h * w
+    for k in args.classes:
+        torch.manual_seed(0)
+        config = InsightConfig(
+            in_dim=args.channels, num_classes=k, grid_size=(h, w), norm=args.norm
+        )
+        model = InsightModel(config, backend="reference").eval().to(device)
+        weights = model.head_weights()
+        providers = make_providers(model, args.smoke, device, args.providers)
+        for n in args.tiles:
+            tokens = torch.randn(n, args.channels, h, w, device=device, dtype=torch.bfloat16)
+            mask = torch.rand(n * cells, device=device) > 0.2
+            flops = head_flops(weights, n, cells)
+            block: list[dict[str, object]] = []
+            for name, prov in providers.items():
+                times, note = time_provider(prov, tokens, mask, device, args.reps)
+                bits = torch.finfo(prov["dtype"]).bits
+                in_bytes = n * args.channels * cells * bits // 8
+                out_bytes = n * k * cells * bits // 8
+                post_bytes = n * k * cells * 4 + n * cells  # fp32 values + bool mask, read once
+                stage_io = {
+                    "head": (in_bytes + out_bytes, flops),
+                    "threshold_pool": (post_bytes, 0.0),
+                    "total": (in_bytes + out_bytes + post_bytes, flops),
+                }
+                for stage, ms in zip(stage_io, times, strict=True):
+                    nbytes, fl = stage_io[stage]
+                    roof = max(nbytes / (copy_gbs * 1e6), fl / (mm_tflops * 1e9))
+                    block.append(
+                        {
+                            **env,
+                            "provider": name,
+                            "stage": stage,
+                            "dtype": str(prov["dtype"]).removeprefix("torch."),
+                            "N": n,
+                            "C": args.channels,
+                            "grid": f"{h}x{w}",
+                            "K": k,
+                            "norm": args.norm,
+                            "median_ms": _sig(ms),
+                            "gb_per_s": _sig(nbytes / ms / 1e6),
+                            "tflop_per_s": _sig(fl / ms / 1e9),
+                            "roofline_ms": _sig(roof),
+                            "pct_of_roofline": _sig(100 * roof / ms),
+                            "x_slower_than_kernels": "",
+                            "copy_gb_per_s": _sig(copy_gbs),
+                            "matmul_tflop_per_s": _sig(mm_tflops),
+                            "note": note,
+                        }
+                    )
+            kernel_ms = {
+                r["stage"]: float(r["median_ms"]) for r in block if r["provider"] == "kernels_bf16"
+            }
+            for r in block:
+                if kernel_ms.get(r["stage"]):
+                    r["x_slower_than_kernels"] = _sig(float(r["median_ms"]) / kernel_ms[r["stage"]])
+            rows += block
+            tokens = mask = torch.empty(0)
+    return rows
+
+
+def _sig(x: float) -> float:
+    """Four significant digits (times from microseconds to seconds in one column)."""
+    return float(f"{x:.4g}")
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    cols = ["provider", "stage", "N", "K", "median_ms", "gb_per_s", "tflop_per_s",
+            "pct_of_roofline", "x_slower_than_kernels"]  # fmt: skip
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, seconds")
+    parser.add_argument("--tiles", type=int, nargs="+", default=None, help="N values")
+    parser.add_argument("--classes", type=int, nargs="+", default=[1, 3], help="K values")
+    parser.add_argument("--channels", type=int, default=None, help="C (default 1024, UNI)")
+    parser.add_argument("--grid", type=int, nargs=2, default=[14, 14])
+    parser.add_argument("--norm", choices=["tile", "channel"], default="tile")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=["official_fp32", "eager_bf16", "compile_bf16", "kernels_bf16"],
+    )
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--reps", type=int, default=None, help="CPU repetitions (GPU: do_bench)")
+    parser.add_argument("--csv", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    args.reps = args.reps or (1 if args.smoke else 3)
+    if args.smoke:
+        args.tiles = args.tiles or [2]
+        args.classes = args.classes if args.classes != [1, 3] else [1]
+        args.channels = args.channels or 128
+    else:
+        args.tiles = args.tiles or [1024, 8192, 32768]
+        args.channels = args.channels or 1024
+    if args.csv is None:
+        tag = "smoke" if args.smoke else device_name(torch.device(args.device)).split(" (")[0]
+        args.csv = RESULTS / f"kernels_{tag.replace(' ', '_')}.csv"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu" and "kernels_bf16" in args.providers:
+        # The kernels run on CPU only in Triton's interpreter, chosen before they are imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; use --smoke on CPU", file=sys.stderr)
+        return 2
+    rows = run(args)
+    write_csv(rows, args.csv)
+    print_table(rows)
+    print(f"# {len(rows)} rows appended to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

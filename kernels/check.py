@@ -1,0 +1,256 @@
+"""``fastinsight kernels check``: compile every kernel variant ahead of time, no GPU needed.
+
+For each variant the package can launch (``head.compile_specs`` and ``reduce.compile_specs``) and
+each requested architecture this runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+arch, 32))``, then the ``cuobjdump --dump-resource-usage`` shipped in the Triton wheel on the
+cubin, and prints one row per variant: registers, spill bytes (stack + local: a kernel here makes
+no calls, so any stack is spilled registers) and shared memory. The exit status is non-zero if a
+variant fails to compile, spills, or needs more shared memory than the architecture has
+(spec section 6). Spills are a defect to fix in the kernel or its config, not to hide.
+
+Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...]`` (the CLI
+calls ``add_arguments`` and ``run``), ``python -m fastinsight.kernels.check ...``, or ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+# Shared memory one block may use (bytes): sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    kernel: str
+    variant: str
+    config: str
+    arch: int
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        limit = MAX_SHARED.get(self.arch, 101376)
+        return not self.error and self.spill_bytes == 0 and self.shared_bytes <= limit
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "FAIL (compile)"
+        if self.spill_bytes:
+            return "FAIL (spill)"
+        if self.shared_bytes > MAX_SHARED.get(self.arch, 101376):
+            return "FAIL (shared)"
+        return "ok"
+
+
+def _parse_arch(text: str) -> list[int] | None:
+    archs = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(?:sm_?)?(\d+)a?", part.strip().lower())
+        if not match:
+            return None
+        archs.append(int(match.group(1)))
+    return archs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    try:
+        path = triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # older Triton
+        path = os.path.join(
+            os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+        )
+    return path
+
+
+def resource_usage(cubin: bytes, function: str) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of ``function`` in ``cubin``, from ``cuobjdump``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(path)
+    usage: dict[str, int] = {}
+    current = None
+    for line in out.splitlines():
+        if line.strip().startswith("Function "):
+            current = line.strip()[len("Function ") :].rstrip(":")
+        elif current == function and "REG:" in line:
+            for key, value in re.findall(r"([A-Z]+):(\d+)", line):
+                usage[key] = int(value)
+    if not usage:
+        raise RuntimeError(f"cuobjdump reported nothing for {function}:\n{out}")
+    return usage
+
+
+def compile_one(spec, arch: int) -> CheckResult:
+    """Compile one ``KernelSpec`` for ``sm_<arch>`` and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    module_name, fn_name = spec.kernel.split(":")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    base = CheckResult(fn_name, spec.variant, spec.config, arch)
+    try:
+        signature = dict(spec.signature)
+        signature.update({name: "constexpr" for name in spec.constexprs})
+        # The launchers hand over 16-byte aligned pointers only (Triton's "D" specialisation).
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, name in enumerate(fn.arg_names)
+            if spec.signature.get(name, "").startswith("*")
+        }
+        src = ASTSource(fn, signature, dict(spec.constexprs), attrs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options)
+        )
+        usage = resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+    except Exception as exc:  # reported in the table, exit status non-zero
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()
+        return CheckResult(**{**base.__dict__, "error": message[0][:200] if message else "error",
+                              "seconds": time.perf_counter() - start})  # fmt: skip
+    return CheckResult(
+        kernel=fn_name,
+        variant=spec.variant,
+        config=spec.config,
+        arch=arch,
+        registers=usage.get("REG", -1),
+        spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        shared_bytes=int(compiled.metadata.shared) + usage.get("SHARED", 0),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def all_specs():
+    """Every kernel variant the package can launch (official head architecture)."""
+    from . import head, reduce
+
+    return head.compile_specs() + reduce.compile_specs()
+
+
+def _job(args):
+    index, arch = args
+    return compile_one(all_specs()[index], arch)
+
+
+def format_table(results: list[CheckResult]) -> str:
+    header = ("kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "s", "status")
+    rows = [
+        (
+            r.kernel,
+            r.variant,
+            r.config,
+            f"sm_{r.arch}",
+            str(r.registers) if r.registers >= 0 else "-",
+            str(r.spill_bytes) if r.spill_bytes >= 0 else "-",
+            str(r.shared_bytes) if r.shared_bytes >= 0 else "-",
+            f"{r.seconds:.1f}",
+            r.verdict + (f": {r.error}" if r.error else ""),
+        )
+        for r in results
+    ]
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) -> list[CheckResult]:
+    """Compile the variants (those matching any ``only`` text, or all) for every arch."""
+    specs = all_specs()
+    wanted = [o.lower() for o in only or []]
+
+    def selected(spec) -> bool:
+        name = f"{spec.kernel} {spec.variant} {spec.config}".lower()
+        return not wanted or any(w in name for w in wanted)
+
+    work = [(i, arch) for arch in archs for i, spec in enumerate(specs) if selected(spec)]
+    if jobs > 1 and len(work) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(_job, work))
+    return [_job(w) for w in work]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastinsight kernels check`` (the CLI calls this, then ``run``)."""
+    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated, e.g. sm_80,sm_90")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="only variants whose kernel/variant/config text contains this (repeatable)",
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile, print the table; 0 when every variant compiles without spilling, else 1 (2: usage)."""
+    archs = _parse_arch(args.arch)
+    if not archs:
+        print(f"fastinsight kernels check: --arch expects e.g. sm_80,sm_90; got {args.arch!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("fastinsight kernels check: unset TRITON_INTERPRET (the interpreter cannot compile)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("fastinsight kernels check: Triton is not installed", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = run_check(archs, args.only, max(1, args.jobs))
+    if not results:
+        print(f"fastinsight kernels check: no variant matches --only {args.only}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    print(
+        f"\n{len(results)} variants, {len(archs)} arch(s), {time.perf_counter() - start:.0f} s: "
+        + ("all compile without spills" if not bad else f"{len(bad)} FAILED")
+    )
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastinsight kernels check`` as a function: returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="fastinsight kernels check",
+        description="Compile every Triton kernel variant ahead of time (no GPU needed) and report "
+        "registers, spills and shared memory.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The public kernel launchers, registered as ``torch.library`` custom ops.
+
+Each launcher has the signature of its reference (``fastinsight.reference`` / ``otsu`` /
+``pooling``) and calls one custom op (``torch.ops.fastinsight.*``) with a fake (meta)
+implementation, so ``torch.compile`` and ``torch.export`` trace through a model that uses them
+and see one opaque node per op. The ops are forward-only: the kernels have no backward, so a
+call that would need one is refused (train with the reference).
+
+Importing this module imports Triton (and registers the ops); ``fastinsight.kernels`` imports it
+lazily, on first use of a launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastinsight.errors import BackendError, InputError
+from fastinsight.reference import HeadWeights
+
+from . import head as _head
+from . import reduce as _reduce
+
+__all__ = [
+    "insight_head",
+    "lse_lba",
+    "masked_max",
+    "masked_mean",
+    "otsu_threshold",
+    "smoothmax",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastinsight::insight_head", mutates_args=())
+def _insight_head_op(
+    tokens: Tensor, params: list[Tensor], norm: str, eps: float, precision: str
+) -> Tensor:
+    return _head.insight_head_launch(tokens, list(params), norm, eps, precision)
+
+
+@_insight_head_op.register_fake
+def _insight_head_fake(
+    tokens: Tensor, params: list[Tensor], norm: str, eps: float, precision: str
+) -> Tensor:
+    n, _, h, w = tokens.shape
+    k = params[16].shape[0]  # the last detection conv's weight [K, W3, 1, 1]
+    return tokens.new_empty((n, k, h, w))
+
+
+@torch.library.custom_op("fastinsight::otsu_threshold", mutates_args=())
+def _otsu_op(values: Tensor, mask: Tensor | None, nbins: int) -> Tensor:
+    return _reduce.otsu_threshold_launch(values, mask, nbins)
+
+
+@_otsu_op.register_fake
+def _otsu_fake(values: Tensor, mask: Tensor | None, nbins: int) -> Tensor:
+    return values.new_empty((values.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastinsight::pool", mutates_args=())
+def _pool_op(
+    values: Tensor, mask: Tensor | None, method: str, param_tensor: Tensor | None, param: float
+) -> Tensor:
+    return _reduce.pool_launch(values, mask, method, param_tensor, param)
+
+
+@_pool_op.register_fake
+def _pool_fake(
+    values: Tensor, mask: Tensor | None, method: str, param_tensor: Tensor | None, param: float
+) -> Tensor:
+    return values.new_empty((values.shape[0],), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (the reference signatures)
+# --------------------------------------------------------------------------------------------
+def _forward_only(what: str, *tensors: Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise BackendError(
+            f"{what}: the Triton kernels are forward-only; run under torch.no_grad() / "
+            "torch.inference_mode(), or use backend='reference' for training"
+        )
+
+
+def insight_head(tokens: Tensor, weights: HeadWeights, *, precision: str = "ieee") -> Tensor:
+    """Fused INSIGHT head: raw heatmap of a batch of token grids, as ``insight_head_reference``.
+
+    Shapes: tokens ``[N, C, h, w]`` (any strides: a channels-last view of the encoder's
+    ``[N, h*w, C]`` from ``tokens_as_grid`` is read in place) -> ``[N, K, h, w]`` in the tokens'
+    dtype (fp32, fp16 or bf16; fp32 accumulation). ``precision`` applies to fp32 tokens:
+    ``"ieee"`` (exact fp32 dots, the parity setting) or ``"tf32"`` (tensor cores).
+    """
+    params = _head.flatten_weights(weights)
+    _forward_only("insight_head", tokens, *params)
+    _head.check_head_inputs(tokens, params, weights.norm)
+    if precision not in _head.PRECISIONS:
+        raise InputError(f"precision must be one of {_head.PRECISIONS}, got {precision!r}")
+    params = [p.detach() for p in params]
+    return _insight_head_op(tokens, params, weights.norm, float(weights.eps), precision)
+
+
+def otsu_threshold(values: Tensor, mask: Tensor | None = None, nbins: int = 256) -> Tensor:
+    """Per-class Otsu threshold as ``fastinsight.otsu.otsu_threshold`` (scikit-image's).
+
+    Shapes: values ``[K, M]``, mask ``[M]`` / ``[K, M]`` bool or None -> ``[K]`` float32.
+    """
+    return _otsu_op(values.detach(), None if mask is None else mask.detach(), int(nbins))
+
+
+def _pool(values: Tensor, mask: Tensor | None, method: str, param: float | Tensor) -> Tensor:
+    _forward_only(method, values, param if isinstance(param, Tensor) else None)
+    mask = None if mask is None else mask.detach()
+    if isinstance(param, Tensor):
+        return _pool_op(values.detach(), mask, method, param.detach(), 0.0)
+    return _pool_op(values.detach(), mask, method, None, float(param))
+
+
+def smoothmax(values: Tensor, mask: Tensor | None = None, a: float | Tensor = 8.0) -> Tensor:
+    """SmoothMax pooling ``sum(softmax(a x) x)``. Shapes: ``[K, M]``, ``[M]``/``[K, M]`` -> ``[K]``."""
+    return _pool(values, mask, "smoothmax", a)
+
+
+def lse_lba(values: Tensor, mask: Tensor | None = None, r: float | Tensor = 6.0) -> Tensor:
+    """LSE-LBA pooling ``(1/r) log(mean(exp(r x)))``. Shapes as ``smoothmax``; r scalar or ``[K]``."""
+    return _pool(values, mask, "lse_lba", r)
+
+
+def masked_max(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Shapes: values ``[K, M]``, mask ``[M]``/``[K, M]`` -> ``[K]``."""
+    return _pool(values, mask, "max", 0.0)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Shapes: values ``[K, M]``, mask ``[M]``/``[K, M]`` -> ``[K]``."""
+    return _pool(values, mask, "mean", 0.0)

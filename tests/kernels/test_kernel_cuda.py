@@ -1,0 +1,86 @@
+"""The kernels on a GPU: every dtype at the UNI shape, TF32, and no host synchronisation.
+
+Marked ``cuda``: skipped (with the reason) on machines without one, like the CI CPU runners.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinsight.otsu import otsu_threshold as otsu_reference
+from fastinsight.reference import insight_head_reference, tokens_as_grid
+
+from .helpers import INTERPRET, copy_as, make_model, max_err
+from .tolerances import FP32_ATOL, TF32_ATOL, lowp_bound
+
+pytestmark = [
+    pytest.mark.cuda,  # the root conftest skips these without a GPU
+    pytest.mark.skipif(
+        INTERPRET and torch.cuda.is_available(),
+        reason="TRITON_INTERPRET is set: the kernels run on CPU, not on the GPU",
+    ),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("norm", ["tile", "channel"])
+@pytest.mark.parametrize("k", [1, 3], ids=lambda k: f"K={k}")
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_head_uni_shape(dtype, norm, k, layout) -> None:
+    from fastinsight.kernels import insight_head
+
+    n, c, grid = 37, 1024, (14, 14)
+    model = make_model(c, k, grid, norm)
+    base = torch.randn(n, c, *grid)
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            base.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        gpu = copy_as(model, dtype, "cuda")
+        x = base.to(device="cuda", dtype=dtype)
+        if layout == "nhwc":
+            x = tokens_as_grid(x.flatten(2).transpose(1, 2).contiguous(), grid)
+        out = insight_head(x, gpu.head_weights())
+        torch.cuda.synchronize()
+        err = max_err(out, ref64)
+        if dtype == torch.float32:
+            assert err <= FP32_ATOL
+            tf32 = insight_head(x, gpu.head_weights(), precision="tf32")
+            assert max_err(tf32, ref64) <= TF32_ATOL
+        else:
+            ref_lowp = insight_head_reference(x, gpu.head_weights())
+            assert err <= lowp_bound(dtype, max_err(ref_lowp, ref64))
+
+
+def test_threshold_and_pool_on_gpu_without_host_sync() -> None:
+    """Head, Otsu and pooling back to back with CUDA's sync debug mode set to raise."""
+    from fastinsight import kernels
+
+    model = copy_as(make_model(1024, 3, (14, 14), "tile"), torch.bfloat16, "cuda")
+    x = torch.randn(512, 1024, 14, 14, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(512 * 196, device="cuda") > 0.2
+    with torch.no_grad():
+        kernels.insight_head(x, model.head_weights())  # warm-up (compiles)
+        values = (
+            kernels.insight_head(x, model.head_weights()).float().transpose(0, 1).reshape(3, -1)
+        )
+        kernels.otsu_threshold(values, mask)
+        kernels.smoothmax(values, mask, 8.0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            raw = kernels.insight_head(x, model.head_weights())
+            values = raw.float().transpose(0, 1).reshape(3, -1)
+            t = kernels.otsu_threshold(values, mask)
+            kept = values * (values > t[:, None])
+            scores = kernels.smoothmax(kept, mask, 8.0)
+            lse = kernels.lse_lba(kept, mask, torch.full((3,), 6.0, device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    want_t = otsu_reference(values, mask)
+    width = (values.amax(1) - values.amin(1)) / 256
+    assert bool(((t - want_t).abs() <= width).all())
+    assert bool(torch.isfinite(scores).all() and torch.isfinite(lse).all())
