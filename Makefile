@@ -10,7 +10,7 @@ EXTRAS     ?= test,export,cohort,dev
 DEMO_DIR   ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench-smoke clean
+.PHONY: setup demo test kernels-check lint bench-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# Every Triton kernel configuration compiled ahead of time for Ampere and Hopper (no GPU
+# needed); fails on a compile error or any register spill.
+kernels-check: setup
+	$(VENV)/bin/fastinsight kernels check --arch sm_80,sm_90
 
 lint: setup
 	$(VENV)/bin/ruff check fastinsight kernels export tests bench

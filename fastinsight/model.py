@@ -257,9 +257,9 @@ class InsightModel(nn.Module):
                 raise InputError(
                     f"mask must be [N, h, w] = {(n, *raw.shape[2:])}, got {tuple(mask.shape)}"
                 )
-            flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
-            if not bool(flat_mask.any()):
+            if mask.device.type == "cpu" and not bool(mask.any()):  # free on the host
                 raise InputError("the tissue mask is empty: no cell of the slide is tissue")
+            flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
         t = self.threshold(values, flat_mask)
         kept = values * (values > t[:, None])
         scores = self.pool(kept, flat_mask)
@@ -288,6 +288,10 @@ class InsightModel(nn.Module):
         else:
             raw = self.raw_heatmap(tokens, chunk_size)
         heatmap, t, scores = self.threshold_and_pool(raw, mask)
+        # The one host synchronisation, after the slide is done: an empty mask on the device
+        # surfaces here as NaN scores.
+        if not bool(torch.isfinite(scores).all()):
+            raise InputError("the tissue mask is empty: no cell of the slide is tissue")
         return SlidePrediction(
             scores=scores,
             heatmap=heatmap,
