@@ -13,7 +13,6 @@ Two formats, told apart by their bytes, not their names:
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 from fastinsight.atomic import atomic_path
 from fastinsight.config import InsightConfig
 from fastinsight.errors import CheckpointError
+from fastinsight.fileformat import file_sha256, weights_format
 from fastinsight.model import InsightModel
 
 CONFIG_KEY = "fastinsight.config"
@@ -40,12 +40,9 @@ def sniff_format(path: Path) -> str:
         raise CheckpointError(f"model path {str(path)!r} is a directory, not a file") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read model file {str(path)!r}: {exc}") from exc
-    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":
-        return "torch"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
+    fmt = weights_format(head)
+    if fmt is not None:
+        return fmt
     raise CheckpointError(
         f"{str(path)!r} is neither a PyTorch state_dict (.pth) nor a safetensors file; "
         "pass an official INSIGHT .pth or a fastinsight .safetensors checkpoint"
@@ -177,11 +174,8 @@ def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
 
 def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     """A short identity of a checkpoint for reports: its file name, format and sha256."""
-    import hashlib
-
     p = Path(path)
-    digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    return {"path": str(p), "format": sniff_format(p), "sha256": digest}
+    return {"path": str(p), "format": sniff_format(p), "sha256": file_sha256(p)}
 
 
 __all__ = ["load_model", "save_model", "sniff_format", "model_identity"]

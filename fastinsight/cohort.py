@@ -62,6 +62,7 @@ from fastinsight.errors import (
     InputError,
     OutputError,
 )
+from fastinsight.fileformat import file_sha256
 from fastinsight.pipeline import STAGES, PredictOptions
 from fastinsight.predict_cli import add_run_arguments, predict_options
 
@@ -308,14 +309,6 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return f"{size}:{h.hexdigest()[:32]}"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(4 * _MIB), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def options_hash(options: CohortOptions, mpp: float | None, encoder_weights_id: str | None) -> str:
     """Hash of every setting that changes a slide's outputs (not device, batch size, threads)."""
     p = options.predict
@@ -374,7 +367,7 @@ def check_complete(
             return None, f"missing output {name}"
         if not isinstance(meta, dict) or f.stat().st_size != meta.get("bytes"):
             return None, f"output {name} has another size than recorded"
-        if _file_sha256(f) != meta.get("sha256"):
+        if file_sha256(f) != meta.get("sha256"):
             return None, f"output {name} has another sha256 than recorded"
     try:
         fingerprint = file_fingerprint(job.slide.path)
@@ -666,7 +659,7 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
             "options_hash": job.options_hash,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {
-                p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)} for p in written
+                p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in written
             },
             "outcome": outcome.as_json(),
         }

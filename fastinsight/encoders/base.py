@@ -28,10 +28,10 @@ from fastinsight.atomic import atomic_path
 from fastinsight.encoders.weights import (
     PathLike,
     check_state_dict,
-    file_sha256,
     read_state_dict,
 )
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.fileformat import file_sha256
 
 logger = logging.getLogger(__name__)
 

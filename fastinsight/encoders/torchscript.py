@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from fastinsight.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
-from fastinsight.encoders.weights import PathLike, file_sha256
+from fastinsight.encoders.weights import PathLike
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.fileformat import file_sha256
 
 LAYOUTS: tuple[str, ...] = ("grid", "tokens", "cls+tokens")
 _DUMMY_BATCH = 2

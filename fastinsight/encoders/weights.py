@@ -15,9 +15,7 @@ every key carries them.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import CheckpointError
+from fastinsight.fileformat import weights_format
 
 PathLike = str | os.PathLike[str]
 
@@ -32,15 +31,6 @@ PathLike = str | os.PathLike[str]
 KNOWN_PREFIXES: tuple[str, ...] = ("module.", "model.", "backbone.", "encoder.", "trunk.")
 # Dict keys under which training scripts nest the actual state_dict.
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module")
-
-
-def file_sha256(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks (the UNI file is 1.2 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sniff(path: Path, what: str) -> str:
@@ -59,12 +49,9 @@ def _sniff(path: Path, what: str) -> str:
         ) from None
     except OSError as exc:
         raise CheckpointError(f"cannot read encoder weights file {str(path)!r}: {exc}") from exc
-    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":
-        return "torch"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
+    fmt = weights_format(head)
+    if fmt is not None:
+        return fmt
     raise CheckpointError(
         f"{str(path)!r} is neither a PyTorch state_dict nor a safetensors file "
         f"(found {len(head)} leading bytes {head[:8]!r}); pass {what}"

@@ -15,8 +15,8 @@ from fastinsight.encoders import (
     ViTEncoder,
     build_encoder,
 )
-from fastinsight.encoders.weights import file_sha256
 from fastinsight.errors import CheckpointError
+from fastinsight.fileformat import file_sha256
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
