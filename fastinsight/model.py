@@ -198,7 +198,9 @@ class InsightModel(nn.Module):
             from fastinsight.kernels import insight_head
 
             return insight_head(grid, self.head_weights())
-        return insight_head_reference(grid, self.head_weights())
+        # Tokens may come from a bf16-autocast encoder; the reference runs in the weights' dtype.
+        weight_dtype = self.reduce_dimension_block[0].weight.dtype
+        return insight_head_reference(grid.to(weight_dtype), self.head_weights())
 
     def raw_heatmap(self, tokens: Tensor, chunk_size: int | None = 4096) -> Tensor:
         """The raw heatmap of a bag of tiles, ``chunk_size`` tiles at a time (bounded memory)."""

@@ -174,3 +174,12 @@ def test_reference_runs_on_cuda_like_cpu() -> None:
         gpu = model.cuda().predict(tokens.cuda())
     torch.testing.assert_close(gpu.raw_heatmap.cpu(), cpu.raw_heatmap, atol=1e-5, rtol=0)
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=1e-5, rtol=0)
+
+
+def test_half_precision_tokens_run_in_the_weights_dtype() -> None:
+    """A bf16-autocast encoder (e.g. the ResNet trunk on CUDA) hands over bf16 token grids."""
+    model = InsightModel(InsightConfig(in_dim=16), backend="reference")
+    tokens = torch.randn(2, 16, 14, 14)
+    out = model(tokens.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(tokens.bfloat16().float()))
