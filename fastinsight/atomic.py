@@ -21,37 +21,54 @@ from fastinsight.errors import OutputError
 def check_writable(path: str | os.PathLike[str]) -> Path:
     """Fail early (before hours of work) if ``path`` cannot be created.
 
-    Returns the resolved path. Raises OutputError naming the path and the reason.
+    Creates and removes a probe file beside the target: permission bits say too little (root
+    passes every access check, /proc refuses files anyway). Returns the path.
     """
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise OutputError(f"output path {str(target)!r} is a directory; pass a file name")
-    if not parent.exists():
+    if not parent.is_dir():
         raise OutputError(
-            f"output folder {str(parent)!r} does not exist; create it or choose another --out"
+            f"the folder of output {str(target)!r} does not exist; create {str(parent)!r} or "
+            "choose another path"
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {str(parent)!r} is not writable; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create files in {str(parent)!r} for output {str(target)!r} "
+            f"({exc.strerror or exc}); choose another path"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return target
+
+
+def _default_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
     target = check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".part" + target.suffix, dir=target.parent
-    )
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part" + target.suffix, dir=target.parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask),
-    # so results on a shared filesystem are readable by the group as usual.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp creates 0600 (and some writers recreate the file): give the result the usual
+        # mode so outputs on a shared filesystem are readable by the group as any file is.
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

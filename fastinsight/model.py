@@ -199,7 +199,7 @@ class InsightModel(nn.Module):
 
             return insight_head(grid, self.head_weights())
         # Tokens may come from a bf16-autocast encoder; the reference runs in the weights' dtype.
-        weight_dtype = self.reduce_dimension_block[0].weight.dtype
+        weight_dtype = self.head_weights().reduce.weight.dtype
         return insight_head_reference(grid.to(weight_dtype), self.head_weights())
 
     def raw_heatmap(self, tokens: Tensor, chunk_size: int | None = 4096) -> Tensor:

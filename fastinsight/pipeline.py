@@ -67,6 +67,16 @@ class PredictOptions:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise InputError(f"--num-workers must be >= 0, got {self.num_workers}")
+        for flag, value in (
+            ("--min-tissue", self.min_tissue_fraction),
+            ("--min-cell-tissue", self.min_cell_fraction),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"{flag} is a fraction in [0, 1], got {value}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise InputError(
+                f"--mpp must be a positive number of microns per pixel, got {self.mpp}"
+            )
 
 
 class StageTimer:
@@ -90,10 +100,19 @@ class StageTimer:
             self.seconds[name] += time.perf_counter() - start
 
 
+def class_heatmap_path(out: str | os.PathLike[str], class_name: str | None) -> Path:
+    """``out`` itself, or ``<stem>.<class>.tif`` when every class gets its own file."""
+    p = Path(out)
+    return p if class_name is None else p.with_name(f"{p.stem}.{class_name}{p.suffix}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return dev
@@ -168,13 +187,6 @@ class SlideResult:
             )
         return self.class_names.index(str(name_or_index))
 
-    def heatmap_paths(self, out: str | os.PathLike[str], classes: list[int]) -> list[Path]:
-        """One file per class: ``out`` itself for one class, ``stem.<class>.tif`` for several."""
-        p = Path(out)
-        if len(classes) == 1:
-            return [p]
-        return [p.with_name(f"{p.stem}.{self.class_names[k]}{p.suffix}") for k in classes]
-
     def write_heatmap(
         self,
         out: str | os.PathLike[str],
@@ -184,7 +196,9 @@ class SlideResult:
     ) -> list[Path]:
         """Pyramidal heatmap TIFF(s); with ``all_classes`` one file per class."""
         classes = list(range(len(self.class_names))) if all_classes else [self.class_index(class_)]
-        paths = self.heatmap_paths(out, classes)
+        paths = [
+            class_heatmap_path(out, self.class_names[k] if all_classes else None) for k in classes
+        ]
         for k, path in zip(classes, paths, strict=True):
             write_heatmap_tiff(
                 path,
@@ -472,8 +486,26 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     )
 
 
-def prepare_outputs(*paths: str | os.PathLike[str] | None) -> None:
-    """Check every requested output path is writable before hours of work are spent."""
-    for p in paths:
-        if p is not None:
-            check_writable(p)
+def prepare_outputs(
+    outputs: dict[str, str | os.PathLike[str] | None],
+    inputs: dict[str, str | os.PathLike[str] | None],
+) -> None:
+    """Before hours of work: every output (flag -> path) is writable, no two outputs are the same
+    file, and no output would overwrite an input (the slide, a feature file, the model)."""
+    from fastinsight.errors import OutputError
+
+    seen: dict[Path, str] = {}
+    for flag, path in inputs.items():
+        if path is not None:
+            seen[Path(path).expanduser().resolve()] = f"the input {flag}"
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise OutputError(
+                f"{flag} {str(path)!r} is also {seen[resolved]}; writing it would destroy that "
+                "file: choose another output path"
+            )
+        seen[resolved] = f"the output of {flag}"
+        check_writable(path)

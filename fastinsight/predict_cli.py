@@ -175,8 +175,10 @@ def load_for_predict(
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.pipeline import prepare_outputs, resolve_device
+    from fastinsight.pipeline import class_heatmap_path, prepare_outputs, resolve_device
 
+    if args.class_ is not None and args.all_classes:
+        raise InputError("--class and --all-classes exclude each other: pick one class or all")
     if not args.slide and not args.features:
         raise InputError(
             "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"
@@ -185,9 +187,34 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "nothing to write: pass --out heatmap.tif (and/or --overlay, --geojson, --report, --scores)"
         )
-    prepare_outputs(args.out, args.overlay, args.geojson, args.report, args.scores)
     device = resolve_device(args.device)
-    model, info = load_for_predict(resolve_model_path(args.model), args.backend, device, args.quiet)
+    model_path = resolve_model_path(args.model)
+    model, info = load_for_predict(model_path, args.backend, device, args.quiet)
+    if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
+        raise InputError(
+            f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "
+            "for a PNG)"
+        )
+    outputs = {
+        "--overlay": args.overlay,
+        "--geojson": args.geojson,
+        "--report": args.report,
+        "--scores": args.scores,
+    }
+    if args.out:
+        for name in model.config.names if args.all_classes else [None]:
+            outputs["--out" if name is None else f"--out ({name})"] = class_heatmap_path(
+                args.out, name
+            )
+    prepare_outputs(
+        outputs,
+        {
+            "slide": args.slide,
+            "--slide": args.slide_opt,
+            "--features": args.features,
+            "--model": model_path,
+        },
+    )
     options = predict_options(args, device=str(device), profile=args.profile)
     if args.features:
         from fastinsight.features_pipeline import predict_features

@@ -483,12 +483,9 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available; pass --device cpu")
-    return dev
+    from fastinsight.pipeline import resolve_device
+
+    return resolve_device(name)
 
 
 def _optimizer(model: InsightModel, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -119,3 +119,12 @@ def test_atomic_outputs_get_the_usual_file_mode(tmp_path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saved_models_are_readable_like_any_file(tmp_path) -> None:
+    import os
+
+    InsightModel(InsightConfig(in_dim=8), backend="reference").save(str(tmp_path / "m.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

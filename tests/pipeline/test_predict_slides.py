@@ -286,3 +286,30 @@ def test_model_from_environment(slides_dir, tiny_model_path, tmp_path, monkeypat
     shutil.copy(src, local)
     assert main(["predict", str(local), "--out", str(tmp_path / "h.tif"), "--quiet"]) == 0
     assert (tmp_path / "h.tif").exists()
+
+
+def test_outputs_never_overwrite_inputs_and_flags_are_checked_first(
+    slides_dir, tiny_model_path, tmp_path, capsys
+) -> None:
+    slide = tmp_path / "self.svs"
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", slide)
+    before = slide.read_bytes()
+    cases = [
+        (["--out", str(tmp_path / "h.tif"), "--overlay", str(slide)], 6, "would destroy"),
+        (["--out", str(tmp_path / "h.tif"), "--report", str(tiny_model_path)], 6, "would destroy"),
+        (
+            ["--out", str(tmp_path / "h.tif"), "--scores", str(tmp_path / "h.tif")],
+            6,
+            "would destroy",
+        ),
+        (["--out", "/proc/fastinsight-x.tif"], 6, "cannot create files"),
+        (["--out", str(tmp_path / "h.png")], 4, "must end in .tif"),
+        (["--out", str(tmp_path / "h.tif"), "--device", "foo"], 4, "not a device"),
+        (["--out", str(tmp_path / "h.tif"), "--min-cell-tissue", "-3"], 4, "fraction"),
+        (["--out", str(tmp_path / "h.tif"), "--class", "tumour", "--all-classes"], 4, "exclude"),
+    ]
+    for extra, code, text in cases:
+        assert _predict(slide, "--model", tiny_model_path, *extra) == code, extra
+        assert text in capsys.readouterr().err, extra
+    assert slide.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["self.svs"]
