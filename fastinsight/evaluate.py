@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.atomic import atomic_path
+from fastinsight.atomic import atomic_path, check_writable
 from fastinsight.errors import InputError
 
 GT_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".geojson", ".json")
@@ -294,6 +294,11 @@ def read_labels(path: str | os.PathLike[str]) -> Labels:
             "per slide"
         )
     header = [h.strip() for h in rows[0]]
+    if header[0].lower() not in ("slide_id", "slide", "case_id", "id"):
+        raise InputError(
+            f"{str(p)!r}: the first column is {header[0]!r}; expected a header "
+            "'slide_id,<class>,...' with the slide ids (file stems) in the first column"
+        )
     split_col = next((i for i, h in enumerate(header) if h.lower() == "split" and i > 0), None)
     class_cols = [i for i in range(1, len(header)) if i != split_col]
     if not class_cols:
@@ -1041,6 +1046,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastinsight evaluate`` from parsed arguments; writes <out>.json and <out>.csv."""
+    if not 0.0 <= args.threshold < 1.0:
+        raise InputError(
+            f"--threshold {args.threshold} can never be exceeded or always is: heatmap values lie "
+            "in [0, 1]; use a value in [0, 1) (0 = the cells the model's Otsu threshold kept)"
+        )
+    if args.mask_downsample is not None and not args.mask_downsample > 0:
+        raise InputError(
+            f"--mask-downsample must be > 0 level-0 px per mask px, got {args.mask_downsample}"
+        )
+    out = str(args.out)
+    for suffix in (".json", ".csv"):
+        if out.endswith(suffix):
+            out = out[: -len(suffix)]
+    check_writable(out + ".json")
+    check_writable(out + ".csv")
     result = evaluate_from_folder(
         args.predictions,
         args.labels,
@@ -1053,10 +1073,6 @@ def run(args: argparse.Namespace) -> int:
         mask_values=args.mask_values,
         geojson_classes=args.geojson_classes,
     )
-    out = str(args.out)
-    for suffix in (".json", ".csv"):
-        if out.endswith(suffix):
-            out = out[: -len(suffix)]
     result.write_json(out + ".json")
     result.write_csv(out + ".csv")
     print(result.summary())

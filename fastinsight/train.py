@@ -968,6 +968,19 @@ def train_from_folder(
         infos = {s: i for s, i in infos.items() if i.num_tiles > 0}
     if not infos:
         raise InputError("no labelled slide with tiles to train on")
+    unlabelled = sorted(set(files) - set(labels.slide_ids))
+    if unlabelled:
+        notes.append(
+            f"{len(unlabelled)} feature files have no label and are left out: {unlabelled[:5]}"
+        )
+    for k, name in enumerate(labels.class_names):
+        column = [labels.values[s][k] for s in infos]
+        if len(infos) < 2 or min(column) == max(column):
+            raise InputError(
+                f"class {name!r}: the {len(infos)} training slides are all "
+                f"{'positive' if column and column[0] else 'negative'}; slide-level training needs "
+                "at least one positive and one negative slide per class"
+            )
     mcfg = build_model_config(
         infos,
         labels.class_names,
