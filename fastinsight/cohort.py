@@ -853,6 +853,21 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     )
 
 
+def _check_encoder(config: Any, weights: str | None) -> None:
+    """Check the model's encoder before Ray starts, so a missing weight file or an encoder that
+    does not fit the model fails here, once, not in every slide task. With a weight file the
+    architecture is built on the meta device (no memory); the file itself is read by the tasks."""
+    from fastinsight.encoders import build_encoder
+    from fastinsight.model import InsightModel
+    from fastinsight.pipeline import check_compatible
+
+    device = "meta" if weights else "cpu"  # without weights only small random encoders build
+    encoder = build_encoder(
+        config.encoder, weights, tile_size_px=config.tile_size_px, device=device
+    )
+    check_compatible(InsightModel(config, backend="reference"), encoder)
+
+
 def predict_cohort(
     slides: str | os.PathLike[str] | Sequence[CohortSlide],
     model_path: str | os.PathLike[str],
@@ -888,6 +903,7 @@ def predict_cohort(
         names = tuple(model.config.names)
         _check_class(opts.class_, names)
         weights = opts.predict.encoder_weights
+        _check_encoder(model.config, weights)
         weights_id = None
         if weights:
             try:

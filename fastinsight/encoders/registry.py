@@ -58,7 +58,12 @@ class EncoderEntry:
 
 
 def _missing_weights(name: str, hint: str, random_ok: bool) -> CheckpointError:
-    alt = "; or random_init=True for an untrained encoder (benchmarks only)" if random_ok else ""
+    alt = (
+        "; or, from Python, build_encoder(..., random_init=True) for an untrained encoder "
+        "(benchmarks only)"
+        if random_ok
+        else ""
+    )
     return CheckpointError(
         f"encoder {name!r} needs pretrained weights and none were given (nothing is downloaded); "
         f"fetch {hint} and pass it with --encoder-weights PATH (weights=PATH){alt}"
