@@ -847,7 +847,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
         initial=initial,
         unit="slide",
         desc="cohort",
-        disable=not enabled,
+        disable=None if enabled else True,  # None: off when not a terminal
         dynamic_ncols=True,
         file=sys.stderr,
     )

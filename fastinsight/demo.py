@@ -69,6 +69,10 @@ def run_demo(
     from fastinsight.synthetic import make_cohort
     from fastinsight.train import Bag, TrainConfig, train_on_bags
 
+    if epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {epochs}")
+    if size < 448:
+        raise InputError(f"--size must be at least 448 px (two tiles of 224 px), got {size}")
     if slides < 8 or not 4 <= held_out <= slides - 4:
         raise InputError(
             f"need at least 8 slides and 4..slides-4 held out; got {slides}, {held_out}"
@@ -107,7 +111,7 @@ def run_demo(
         demo_model_config(encoder.embed_dim),
         out_path=model_path,
         progress=False,
-        log=log,
+        log=log if progress else None,
     )
     t_train = time.perf_counter() - start - t_encode
 
@@ -177,7 +181,7 @@ def run_demo(
 def _bar(items: list[Any], enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="slide", disable=not enabled, leave=False)
+    return tqdm(items, desc=desc, unit="slide", disable=None if enabled else True, leave=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -482,7 +482,12 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, unit="tile", desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
+        total=total,
+        unit="tile",
+        desc=desc,
+        disable=None if enabled else True,
+        leave=False,
+        dynamic_ncols=True,
     )
 
 

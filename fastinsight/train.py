@@ -670,7 +670,7 @@ def _fit(
             order.tolist(),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="slide",
-            disable=not progress,
+            disable=None if progress else True,  # None: off when not a terminal
             leave=False,
         )
         for i, idx in enumerate(bar):
