@@ -7,7 +7,6 @@ Mounted by ``fastinsight.cli`` as ``fastinsight.export.cli:<name>``: each comman
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from fastinsight.errors import BackendError, InputError
@@ -148,9 +147,8 @@ def run_tensorrt(args: argparse.Namespace) -> int:
 
     reason = tensorrt_status()
     if reason is not None:
-        # One plain line, no traceback: the machine cannot build engines at all.
-        print(f"fastinsight: {reason}", file=sys.stderr)
-        return BackendError.exit_code
+        # One plain line, no traceback (the CLI prints it): the machine cannot build engines.
+        raise BackendError(reason)
     check_tile_range(args.min_tiles, args.opt_tiles, args.max_tiles)
     if not Path(args.onnx).is_file():
         raise InputError(f"ONNX file {args.onnx!r} does not exist; export it first")

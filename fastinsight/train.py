@@ -948,6 +948,11 @@ def train_from_folder(
     """
     cfg = config or TrainConfig()
     out = Path(out_path).expanduser()
+    if out.suffix != ".safetensors":
+        raise InputError(
+            f"--out {str(out_path)!r} must end in .safetensors: training writes a fastinsight "
+            "checkpoint (safetensors + config), with .train.pt and .metrics.* beside it"
+        )
     check_writable(out)
     labels: Labels = read_labels(labels_csv)
     files = find_feature_files(features_dir)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from fastinsight.errors import BackendError, InputError  # noqa: E402
 from fastinsight.export import tensorrt as trt_export  # noqa: E402
-from fastinsight.export.cli import add_tensorrt_arguments, run_tensorrt  # noqa: E402
 
 REASON = trt_export.tensorrt_status()
 needs_tensorrt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -76,13 +74,14 @@ def test_engine_info_round_trips(tmp_path: Path) -> None:
 def test_without_tensorrt_the_command_says_so_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = argparse.ArgumentParser()
-    add_tensorrt_arguments(parser)
+    from fastinsight.cli import main
+
     graph = _tiny_graph(tmp_path / "g.onnx")
-    args = parser.parse_args(["--onnx", str(graph), "--out", str(tmp_path / "g.plan")])
-    assert run_tensorrt(args) == BackendError.exit_code
+    argv = ["export", "tensorrt", "--onnx", str(graph), "--out", str(tmp_path / "g.plan")]
+    assert main(argv) == BackendError.exit_code
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("TensorRT" in err or "GPU" in err), err
+    assert len(err.splitlines()) == 1 and err.startswith("fastinsight: error:"), err
+    assert "TensorRT" in err or "GPU" in err
     assert not (tmp_path / "g.plan").exists()
     with pytest.raises(BackendError):
         trt_export.build_engine(graph, tmp_path / "g.plan")
