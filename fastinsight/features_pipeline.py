@@ -68,7 +68,7 @@ def grid_positions(feats: SlideFeatures, grid: TileGrid, snap: bool) -> np.ndarr
 
 
 def _slide_geometry(
-    feats: SlideFeatures, slide: str | None, mpp: float | None
+    feats: SlideFeatures, slide: str | None, mpp: float | None, cfg: Any
 ) -> tuple[tuple[int, int], float, np.ndarray | None, dict[str, Any]]:
     if slide is not None:
         with open_slide(slide, mpp=mpp) as reader:
@@ -85,6 +85,17 @@ def _slide_geometry(
             )
     l0_mag = feats.attrs.get("coords.level0_magnification")
     slide_mpp = mpp or (10.0 / float(l0_mag) if l0_mag not in (None, "None") else None)
+    mpp_source = "given" if mpp else "file attributes"
+    patch = feats.patch_size_l0
+    if slide_mpp is None and patch:
+        # The tiles were cut at the model's training geometry (e.g. 224 px at 0.5 um/px), so a
+        # level-0 tile of `patch` px spans tile_size_px * target_mpp micrometres.
+        tile_px = feats.tile_size_px or cfg.tile_size_px
+        slide_mpp = tile_px * cfg.target_mpp / patch
+        mpp_source = (
+            f"derived: {tile_px} px tiles at the model's {cfg.target_mpp} um/px over {patch} "
+            "level-0 px; pass --mpp or --slide if the features were cut otherwise"
+        )
     if slide_mpp is None:
         raise SlideError(
             f"{feats.source}: the level-0 mpp is unknown; pass --slide SLIDE or --mpp (level 0)"
@@ -95,7 +106,8 @@ def _slide_geometry(
         step = feats.step_l0 or feats.patch_size_l0 or 0
         far = feats.l0_xy.max(dim=0).values + (feats.patch_size_l0 or step)
         size = (int(far[0]), int(far[1]))
-    return size, float(slide_mpp), None, {"path": None, "mpp": slide_mpp, "dimensions": list(size)}
+    info = {"path": None, "mpp": slide_mpp, "mpp_source": mpp_source, "dimensions": list(size)}
+    return size, float(slide_mpp), None, info
 
 
 @torch.no_grad()
@@ -123,7 +135,7 @@ def predict_features(
             f"{feats.source} holds {feats.in_dim}-dim features but the model expects {cfg.in_dim}; "
             "use features of the encoder the model was trained with"
         )
-    size, slide_mpp, thumbnail, slide_info = _slide_geometry(feats, slide, opts.mpp)
+    size, slide_mpp, thumbnail, slide_info = _slide_geometry(feats, slide, opts.mpp, cfg)
     grid = feature_grid(feats, size, slide_mpp)
     rc = grid_positions(feats, grid, snap)
     model = model.to(device).eval()

@@ -184,3 +184,15 @@ def test_features_cli_and_bad_files(slide: Path, tmp_path: Path, capsys) -> None
             slide=str(slide),
             patch_size_l0=224,
         )
+
+
+def test_features_without_slide_or_mpp_use_the_model_geometry(tmp_path: Path) -> None:
+    model = InsightModel(InsightConfig(in_dim=16, encoder="vit-tiny"), backend="reference")
+    h5 = tmp_path / "f.h5"
+    with h5py.File(h5, "w") as f:
+        f["features"] = np.random.rand(2, 16, 14, 14).astype(np.float32)
+        f["coords"] = np.array([[0, 0], [448, 0]], dtype=np.int64)
+    res = predict_features(h5, model, OPTS, patch_size_l0=448)  # a 40x slide: 0.25 um/px
+    assert res.grid.slide_mpp == pytest.approx(0.25)
+    assert "derived" in res.slide_info["mpp_source"]
+    assert res.grid.l0_tile_size == pytest.approx(448)
