@@ -898,7 +898,7 @@ def predict_cohort(
 
     with _cohort_lock(out):
         model, info = load_for_predict(
-            Path(model_path).expanduser(), opts.backend, "cpu", quiet=not opts.progress
+            Path(model_path).expanduser(), opts.backend, quiet=not opts.progress
         )
         names = tuple(model.config.names)
         _check_class(opts.class_, names)

@@ -10,7 +10,6 @@ unchanged (spec section 1)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -305,12 +304,6 @@ class InsightModel(nn.Module):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def named_head_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """The official checkpoint's 32 tensors (no pooling parameters)."""
-        for name, t in self.state_dict().items():
-            if not name.startswith("pooling."):
-                yield name, t
 
     def save(self, path: str) -> None:
         """Write fastinsight's own checkpoint: safetensors with the config embedded as JSON."""

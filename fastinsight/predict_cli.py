@@ -155,9 +155,8 @@ def resolve_model_path(arg: str | None) -> Path:
     return Path(path).expanduser()
 
 
-def load_for_predict(
-    path: Path, backend: str, device: Any, quiet: bool
-) -> tuple[Any, dict[str, Any]]:
+def load_for_predict(path: Path, backend: str, quiet: bool) -> tuple[Any, dict[str, Any]]:
+    """The model on the CPU (the run moves it to its device) and its identity for reports."""
     from fastinsight.checkpoint import load_model, model_identity
 
     model = load_model(path, backend=backend, device="cpu")
@@ -189,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     model_path = resolve_model_path(args.model)
-    model, info = load_for_predict(model_path, args.backend, device, args.quiet)
+    model, info = load_for_predict(model_path, args.backend, args.quiet)
     if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(
             f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "

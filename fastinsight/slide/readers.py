@@ -968,32 +968,25 @@ def open_slide(
         raise SlideError(f"slide path {_slide_name(path)} is a folder; pass the slide file itself")
 
     attempts: list[str] = []
-    if backend in ("auto", "openslide"):
+    kinds: tuple[tuple[str, type[SlideReader]], ...] = (
+        ("openslide", OpenSlideReader),
+        ("tifffile", TiffFileReader),
+    )
+    for kind, reader_cls in kinds:
+        if backend not in ("auto", kind):
+            continue
         try:
-            reader: SlideReader = OpenSlideReader(path, mpp=mpp)
+            reader = reader_cls(path, mpp=mpp)
         except SlideError as exc:
             attempts.append(str(exc))
-        else:
-            try:
-                if validate:
-                    _validate(reader)
-                return reader
-            except SlideError as exc:
-                reader.close()
-                attempts.append(str(exc))
-    if backend in ("auto", "tifffile"):
+            continue
         try:
-            reader = TiffFileReader(path, mpp=mpp)
+            if validate:
+                _validate(reader)
+            return reader
         except SlideError as exc:
+            reader.close()
             attempts.append(str(exc))
-        else:
-            try:
-                if validate:
-                    _validate(reader)
-                return reader
-            except SlideError as exc:
-                reader.close()
-                attempts.append(str(exc))
     truncated = [a for a in attempts if "truncated" in a]
     if truncated:
         raise SlideError(truncated[0])
