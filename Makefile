@@ -4,8 +4,9 @@
 VENV       ?= .venv
 PYTHON     ?= python3
 PY         := $(VENV)/bin/python
-# The CPU wheel of torch 2.13.0; on a GPU machine pip picks the platform's CUDA build instead.
-TORCH_SPEC ?= torch==2.13.0
+# timm needs torchvision: torch 2.14.1 + torchvision 0.29.1 is a matching pair (on GPU machines
+# pip picks the platform's CUDA build of the same pair).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS     ?= test,export,cohort,dev
 DEMO_DIR   ?= demo-out
 PYTEST_ARGS ?=
@@ -17,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
