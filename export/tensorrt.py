@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import BackendError, InputError, OutputError
+from fastinsight.errors import BackendError, InputError, OutputError, ParityError
 
 DEFAULT_WORKSPACE = 4 << 30
 
@@ -385,7 +385,7 @@ def check_engine(
     seed: int = 0,
     atol: float | None = None,
 ) -> EngineCheck:
-    """Run the engine and onnxruntime on the same random inputs; raise OutputError on mismatch.
+    """Run the engine and onnxruntime on the same random inputs; raise ParityError on mismatch.
 
     Tolerances (absolute, on heatmaps in [0, 1] and scores): fp32 graphs 5e-3 when the engine
     may use TF32 (the default; 1e-3 without), fp16 graphs 2e-2; thresholds may differ by one
@@ -464,7 +464,7 @@ def check_engine(
             errors[name] = max(errors.get(name, 0.0), err)
             tols[name] = max(tols.get(name, 0.0), tol)
             if not err <= tol:
-                raise OutputError(
+                raise ParityError(
                     f"the TensorRT engine disagrees with onnxruntime on {name!r}: max |diff| "
                     f"{err:.3g} > {tol:.3g} (N={n})"
                 )

@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from fastinsight import __version__
+from fastinsight._version import __version__
 from fastinsight.errors import FastInsightError
 
 Runner = Callable[[argparse.Namespace], int]

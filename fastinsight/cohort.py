@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastinsight import __version__
+from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import (
     BackendError,

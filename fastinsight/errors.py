@@ -13,6 +13,16 @@ class FastInsightError(Exception):
     exit_code = 2
 
 
+class ConfigError(FastInsightError):
+    """A configuration object built with invalid fields (from Python or from the CLI).
+
+    Messages name the field (``batch_size must be >= 1``); the CLI maps field names to its flags.
+    A bad configuration *inside a model file* stays a ``CheckpointError``.
+    """
+
+    exit_code = 2
+
+
 class CheckpointError(FastInsightError):
     """A model file that is missing, unreadable, or of another architecture."""
 
@@ -41,3 +51,11 @@ class BackendError(FastInsightError):
     """A requested backend (Triton, CUDA, TensorRT, ONNX Runtime) that is not available here."""
 
     exit_code = 7
+
+
+class ParityError(BackendError):
+    """A compiled back-end (TensorRT engine, ONNX graph) whose outputs disagree with the reference.
+
+    Not an output-path problem: the file was written, but the back-end computes something else.
+    Same exit code as the other back-end failures (7).
+    """

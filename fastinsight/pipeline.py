@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastinsight import __version__
+from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path, check_writable
-from fastinsight.errors import InputError
+from fastinsight.errors import BackendError, InputError
 from fastinsight.model import InsightModel
 from fastinsight.slide import (
     Tile,
@@ -114,7 +114,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError:
         raise InputError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise BackendError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     return dev
 
 
