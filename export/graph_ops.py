@@ -1,6 +1,6 @@
 """Otsu threshold and slide pooling written for an ONNX graph that TensorRT can build.
 
-These are the same computations as ``fastinsight.otsu`` and ``fastinsight.pooling`` (the ground
+These are the same computations as ``fastinsight.ops.otsu`` and ``fastinsight.ops.pooling`` (the ground
 truth), re-expressed with operators that export to standard ONNX and that TensorRT supports:
 
 - Histogram. The reference counts with ``scatter_add``. In ONNX that is ``ScatterElements`` with
@@ -59,7 +59,7 @@ def log1p(x: Tensor) -> Tensor:
 
 
 def histogram_edges(vmin: Tensor, vmax: Tensor, nbins: int) -> Tensor:
-    """numpy's ``histogram`` edges, as ``fastinsight.otsu.histogram_edges`` (no in-place write).
+    """numpy's ``histogram`` edges, as ``fastinsight.ops.otsu.histogram_edges`` (no in-place write).
 
     Shapes: vmin, vmax ``[K]`` float32 -> ``[K, nbins + 1]`` float32.
     """
@@ -75,7 +75,7 @@ def histogram_edges(vmin: Tensor, vmax: Tensor, nbins: int) -> Tensor:
 def histogram_bins(values: Tensor, edges: Tensor) -> Tensor:
     """The bin of every value by numpy's rule, as float indices (exact small integers).
 
-    Same arithmetic as ``fastinsight.otsu.histogram_bins``. Shapes: values ``[K, M]``,
+    Same arithmetic as ``fastinsight.ops.otsu.histogram_bins``. Shapes: values ``[K, M]``,
     edges ``[K, B + 1]`` -> float32 ``[K, M]`` in ``[0, B)``.
     """
     nbins = edges.shape[1] - 1
@@ -126,7 +126,7 @@ def _reverse_cumsum(x: Tensor) -> Tensor:
 
 
 def otsu_from_histogram(counts: Tensor, centers: Tensor, accum: torch.dtype) -> Tensor:
-    """``fastinsight.otsu.otsu_from_histogram`` in ``accum`` precision.
+    """``fastinsight.ops.otsu.otsu_from_histogram`` in ``accum`` precision.
 
     Shapes: counts ``[K, B]``, centers ``[K, B]`` float32 -> ``[K]`` float32 (a bin centre).
     """
@@ -153,7 +153,7 @@ def otsu_threshold(
 ) -> Tensor:
     """Per-row Otsu threshold over the cells where ``keep`` is 1 (all cells when None).
 
-    Same results as ``fastinsight.otsu.otsu_threshold`` (bit for bit with ``accum=float64``).
+    Same results as ``fastinsight.ops.otsu.otsu_threshold`` (bit for bit with ``accum=float64``).
     A row with no kept cell gives NaN.
 
     Shapes: values ``[K, M]`` float32, keep ``[K, M]`` float32 0/1 or None -> ``[K]`` float32.
@@ -242,6 +242,6 @@ def lse_lba(
 
 
 def logit(p: Tensor, eps: float = 1e-6) -> Tensor:
-    """``fastinsight.pooling.logit``: ``log(p) - log1p(-p)`` with p clamped to ``[eps, 1-eps]``."""
+    """``fastinsight.ops.pooling.logit``: ``log(p) - log1p(-p)`` with p clamped to ``[eps, 1-eps]``."""
     p = p.clamp(eps, 1.0 - eps)
     return torch.log(p) - log1p(-p)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fastinsight.errors import BackendError, InputError
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 
 from . import graph_ops
 
@@ -302,7 +302,7 @@ def head_metadata(model: InsightModel, options: HeadExportOptions) -> dict[str, 
     return {
         "fastinsight.version": fastinsight.__version__,
         "fastinsight.kind": options.kind,
-        "fastinsight.config": cfg.to_json(),
+        "fastinsight.models.config": cfg.to_json(),
         "fastinsight.precision": options.precision,
         "fastinsight.head_only": str(options.head_only).lower(),
         "fastinsight.postprocess_only": str(options.postprocess_only).lower(),

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from fastinsight.errors import BackendError, InputError, OutputError
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 
 from ._onnx_io import TensorSpec, graph_io
 from .head import HeadExportOptions

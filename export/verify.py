@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import BackendError, OutputError
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 
 from .head import HeadExportOptions
 

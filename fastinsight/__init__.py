@@ -12,29 +12,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fastinsight import _moved
 from fastinsight._version import __version__
+
+_moved.install()  # old import paths (fastinsight.models.insight, ...) keep working, with a warning
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from fastinsight.errors import FastInsightError
-    from fastinsight.checkpoint import load_model, save_model
-    from fastinsight.config import InsightConfig
-    from fastinsight.model import InsightModel, SlidePrediction
-    from fastinsight.otsu import otsu_threshold
-    from fastinsight.pooling import lse_lba, masked_max, masked_mean, smoothmax
+    from fastinsight.models.checkpoints import load_model, save_model
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel, SlidePrediction
+    from fastinsight.ops.otsu import otsu_threshold
+    from fastinsight.ops.pooling import lse_lba, masked_max, masked_mean, smoothmax
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "FastInsightError": "fastinsight.errors",
-    "InsightConfig": "fastinsight.config",
-    "InsightModel": "fastinsight.model",
-    "SlidePrediction": "fastinsight.model",
-    "load_model": "fastinsight.checkpoint",
-    "save_model": "fastinsight.checkpoint",
-    "otsu_threshold": "fastinsight.otsu",
-    "lse_lba": "fastinsight.pooling",
-    "masked_max": "fastinsight.pooling",
-    "masked_mean": "fastinsight.pooling",
-    "smoothmax": "fastinsight.pooling",
+    "InsightConfig": "fastinsight.models.config",
+    "InsightModel": "fastinsight.models.insight",
+    "SlidePrediction": "fastinsight.models.insight",
+    "load_model": "fastinsight.models.checkpoints",
+    "save_model": "fastinsight.models.checkpoints",
+    "otsu_threshold": "fastinsight.ops.otsu",
+    "lse_lba": "fastinsight.ops.pooling",
+    "masked_max": "fastinsight.ops.pooling",
+    "masked_mean": "fastinsight.ops.pooling",
+    "smoothmax": "fastinsight.ops.pooling",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -6,7 +6,7 @@ settings, puts the model's weights into the Ray object store once, and submits o
 remaining slide. A task asks for one GPU when the cluster has GPUs (so N GPUs run N slides at a
 time) and for CPU slots otherwise; it rebuilds the model from the object store (never from the
 checkpoint file), builds the encoder the model's config names (cached per worker process), runs
-:func:`fastinsight.pipeline.predict_slide` and writes::
+:func:`fastinsight.predict.slide.predict_slide` and writes::
 
     DIR/<slide id>/heatmap.tif     pyramidal heatmap TIFF (heatmap.<class>.tif with --all-classes)
     DIR/<slide id>/overlay.png     heatmap over a thumbnail
@@ -63,8 +63,8 @@ from fastinsight.errors import (
     OutputError,
 )
 from fastinsight.fileformat import file_sha256
-from fastinsight.pipeline import STAGES, PredictOptions
-from fastinsight.predict_cli import add_run_arguments, predict_options
+from fastinsight.predict.slide import STAGES, PredictOptions
+from fastinsight.cli.predict import add_run_arguments, predict_options
 
 EXIT_SLIDES_FAILED = 8
 """Exit code of ``predict-cohort`` when at least one slide failed (the rest were processed)."""
@@ -531,8 +531,8 @@ def _worker_model(model_box: list[Any], sha256: str, device: str) -> tuple[Any, 
         import ray
         import torch
 
-        from fastinsight.config import InsightConfig
-        from fastinsight.model import InsightModel
+        from fastinsight.models.config import InsightConfig
+        from fastinsight.models.insight import InsightModel
 
         payload: ModelPayload = ray.get(model_box[0])
         model = InsightModel(InsightConfig.from_json(payload.config_json), backend=payload.backend)
@@ -621,7 +621,7 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
     """
     import torch
 
-    from fastinsight.pipeline import predict_slide
+    from fastinsight.predict.slide import predict_slide
 
     slide = job.slide
     node = socket.gethostname()
@@ -858,8 +858,8 @@ def _check_encoder(config: Any, weights: str | None) -> None:
     does not fit the model fails here, once, not in every slide task. With a weight file the
     architecture is built on the meta device (no memory); the file itself is read by the tasks."""
     from fastinsight.encoders import build_encoder
-    from fastinsight.model import InsightModel
-    from fastinsight.pipeline import check_compatible
+    from fastinsight.models.insight import InsightModel
+    from fastinsight.predict.slide import check_compatible
 
     device = "meta" if weights else "cpu"  # without weights only small random encoders build
     encoder = build_encoder(
@@ -880,7 +880,7 @@ def predict_cohort(
     :class:`CohortSlide`. Returns one outcome per slide; failed slides do not raise. Raises a
     FastInsightError only for what stops the whole cohort (model, manifest, output folder, Ray).
     """
-    from fastinsight.predict_cli import load_for_predict
+    from fastinsight.cli.predict import load_for_predict
 
     opts = options or CohortOptions()
     cohort = check_unique(
@@ -1073,7 +1073,7 @@ def _collect(ray: Any, ref: Any, job: SlideJob, max_retries: int) -> SlideOutcom
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fastinsight.predict_cli import MODEL_ENV
+    from fastinsight.cli.predict import MODEL_ENV
 
     p.epilog = (
         f"exit codes: 0 every slide ok or skipped; {EXIT_SLIDES_FAILED} some slides failed "
@@ -1138,7 +1138,7 @@ def options_from_args(args: argparse.Namespace) -> CohortOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.predict_cli import resolve_model_path
+    from fastinsight.cli.predict import resolve_model_path
 
     options = options_from_args(args)
     report = predict_cohort(args.slides, resolve_model_path(args.model), args.out_dir, options)

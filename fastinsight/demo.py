@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.errors import InputError, OutputError
 
 
@@ -65,7 +65,7 @@ def run_demo(
     """Run the demo; returns (and writes to ``OUT_DIR/report.json``) its summary."""
     from fastinsight.encoders import build_encoder
     from fastinsight.evaluate import evaluate, find_ground_truth, load_predictions, read_labels
-    from fastinsight.pipeline import PredictOptions, encode_slide, predict_slide, resolve_device
+    from fastinsight.predict.slide import PredictOptions, encode_slide, predict_slide, resolve_device
     from fastinsight.synthetic import make_cohort
     from fastinsight.train import Bag, TrainConfig, train_on_bags
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from fastinsight.atomic import atomic_path, check_writable
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.evaluate import Labels, read_labels, roc_auc
 from fastinsight.features import (
@@ -61,8 +61,8 @@ from fastinsight.features import (
     inspect_features,
     read_features,
 )
-from fastinsight.model import InsightModel
-from fastinsight.reference import gate
+from fastinsight.models.insight import InsightModel
+from fastinsight.ops.reference import gate
 
 STATE_FORMAT = "fastinsight.train/1"
 # Fields of TrainConfig a resumed run may change.
@@ -483,7 +483,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(name: str) -> torch.device:
-    from fastinsight.pipeline import resolve_device
+    from fastinsight.predict.slide import resolve_device
 
     return resolve_device(name)
 

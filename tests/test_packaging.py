@@ -38,6 +38,13 @@ def test_wheel_ships_only_the_fastinsight_namespace(tmp_path: Path) -> None:
     assert tops == {"fastinsight", next(t for t in tops if t.endswith(".dist-info"))}
     assert "fastinsight/kernels/__init__.py" in names
     assert "fastinsight/export/__init__.py" in names
+    # subpackages are discovered, not listed: every package folder under fastinsight/ ships
+    local = {
+        str(p.relative_to(REPO))
+        for p in (REPO / "fastinsight").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert local and local <= set(names), sorted(local - set(names))
     assert not any(n.startswith(("kernels/", "export/", "tests/", "bench/")) for n in names)
     entry = (
         zipfile.ZipFile(wheel)

@@ -25,7 +25,7 @@ from torch import Tensor
 from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path, check_writable
 from fastinsight.errors import BackendError, InputError
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 from fastinsight.slide import (
     Tile,
     TileGrid,

@@ -1,6 +1,6 @@
 """``fastinsight export onnx | tensorrt | triton-repo``: thin wrappers over ``fastinsight.export``.
 
-Mounted by ``fastinsight.cli`` as ``fastinsight.export.cli:<name>``: each command has
+Mounted by ``fastinsight.cli`` as ``fastinsight.cli.export:<name>``: each command has
 ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``.
 """
 
@@ -13,7 +13,7 @@ from fastinsight.errors import BackendError, InputError
 
 
 def _load_model(path: str) -> object:
-    from fastinsight.checkpoint import load_model
+    from fastinsight.models.checkpoints import load_model
 
     return load_model(path, backend="reference", device="cpu")
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.errors import BackendError, InputError
-from fastinsight.otsu import otsu_threshold
-from fastinsight.pooling import Pooling, logit
-from fastinsight.reference import (
+from fastinsight.ops.otsu import otsu_threshold
+from fastinsight.ops.pooling import Pooling, logit
+from fastinsight.ops.reference import (
     ConvLayer,
     HeadWeights,
     gate,
@@ -307,6 +307,6 @@ class InsightModel(nn.Module):
 
     def save(self, path: str) -> None:
         """Write fastinsight's own checkpoint: safetensors with the config embedded as JSON."""
-        from fastinsight.checkpoint import save_model
+        from fastinsight.models.checkpoints import save_model
 
         save_model(self, path)

@@ -17,8 +17,8 @@ import torch
 
 from fastinsight.errors import InputError, SlideError
 from fastinsight.features import SlideFeatures, read_features, unstitch
-from fastinsight.model import InsightModel
-from fastinsight.pipeline import PredictOptions, SlideResult, resolve_device
+from fastinsight.models.insight import InsightModel
+from fastinsight.predict.slide import PredictOptions, SlideResult, resolve_device
 from fastinsight.slide import TileGrid, open_slide, stitch_cells
 
 

@@ -7,7 +7,7 @@ Two formats, told apart by their bytes, not their names:
   architecture (C, K, grid) is read off the tensor shapes and the official inference settings
   (Otsu, SmoothMax a = 8) apply.
 - **fastinsight**: safetensors with the ``InsightConfig`` embedded as JSON in the header metadata
-  (key ``fastinsight.config``), written by ``model.save(path)``.
+  (key ``fastinsight.models.config``), written by ``model.save(path)``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from fastinsight.atomic import atomic_path
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import file_sha256, weights_format
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 
-CONFIG_KEY = "fastinsight.config"
+CONFIG_KEY = "fastinsight.models.config"
 FORMAT_KEY = "fastinsight.format"
 FORMAT_VERSION = "1"
 

@@ -22,7 +22,7 @@ Runner = Callable[[argparse.Namespace], int]
 # Modules are imported only when their command runs, so `fastinsight --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": (
-        "fastinsight.predict_cli",
+        "fastinsight.cli.predict",
         "slide (or feature file) -> heatmap TIFF, scores, overlay",
     ),
     "demo": (
@@ -41,7 +41,7 @@ def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import json
 
-    from fastinsight.checkpoint import load_model, sniff_format
+    from fastinsight.models.checkpoints import load_model, sniff_format
 
     model = load_model(args.model, backend="reference", device="cpu")
     cfg = json.loads(model.config.to_json())
@@ -76,17 +76,17 @@ register(
     group="kernels",
 )
 register(
-    "onnx", "fastinsight.export.cli:onnx", "export the head (or an encoder) to ONNX", group="export"
+    "onnx", "fastinsight.cli.export:onnx", "export the head (or an encoder) to ONNX", group="export"
 )
 register(
     "tensorrt",
-    "fastinsight.export.cli:tensorrt",
+    "fastinsight.cli.export:tensorrt",
     "build a TensorRT engine from ONNX",
     group="export",
 )
 register(
     "triton-repo",
-    "fastinsight.export.cli:triton_repo",
+    "fastinsight.cli.export:triton_repo",
     "write a Triton Inference Server model repository",
     group="export",
 )

@@ -129,7 +129,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
     """The ``PredictOptions`` of the flags added by ``add_run_arguments``."""
-    from fastinsight.pipeline import PredictOptions
+    from fastinsight.predict.slide import PredictOptions
 
     values: dict[str, Any] = {
         "batch_size": args.batch_size,
@@ -157,7 +157,7 @@ def resolve_model_path(arg: str | None) -> Path:
 
 def load_for_predict(path: Path, backend: str, quiet: bool) -> tuple[Any, dict[str, Any]]:
     """The model on the CPU (the run moves it to its device) and its identity for reports."""
-    from fastinsight.checkpoint import load_model, model_identity
+    from fastinsight.models.checkpoints import load_model, model_identity
 
     model = load_model(path, backend=backend, device="cpu")
     info = model_identity(path)
@@ -174,7 +174,7 @@ def load_for_predict(path: Path, backend: str, quiet: bool) -> tuple[Any, dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.pipeline import class_heatmap_path, prepare_outputs, resolve_device
+    from fastinsight.predict.slide import class_heatmap_path, prepare_outputs, resolve_device
 
     if args.class_ is not None and args.all_classes:
         raise InputError("--class and --all-classes exclude each other: pick one class or all")
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     )
     options = predict_options(args, device=str(device), profile=args.profile)
     if args.features:
-        from fastinsight.features_pipeline import predict_features
+        from fastinsight.predict.features import predict_features
 
         result = predict_features(
             args.features,
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
             model_info=info,
         )
     else:
-        from fastinsight.pipeline import predict_slide
+        from fastinsight.predict.slide import predict_slide
 
         encoder = None
         if args.encoder:
