@@ -40,7 +40,20 @@ _LAZY: dict[str, str] = {
     "smoothmax": "fastinsight.ops.pooling",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "FastInsightError",
+    "InsightConfig",
+    "InsightModel",
+    "SlidePrediction",
+    "__version__",
+    "load_model",
+    "lse_lba",
+    "masked_max",
+    "masked_mean",
+    "otsu_threshold",
+    "save_model",
+    "smoothmax",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,19 +18,8 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.models.config import InsightConfig
 from fastinsight.errors import InputError, OutputError
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", help="folder for the cohort, the model and every output")
-    p.add_argument("--slides", type=int, default=32, help="cohort size (half with lesions)")
-    p.add_argument("--held-out", type=int, default=8, help="slides kept out of training")
-    p.add_argument("--size", type=int, default=1120, help="slide side in px at 0.5 um/px")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, encoder and training")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+from fastinsight.models.config import InsightConfig
 
 
 def demo_model_config(in_dim: int) -> InsightConfig:
@@ -65,7 +53,12 @@ def run_demo(
     """Run the demo; returns (and writes to ``OUT_DIR/report.json``) its summary."""
     from fastinsight.encoders import build_encoder
     from fastinsight.evaluate import evaluate, find_ground_truth, load_predictions, read_labels
-    from fastinsight.predict.slide import PredictOptions, encode_slide, predict_slide, resolve_device
+    from fastinsight.predict.slide import (
+        PredictOptions,
+        encode_slide,
+        predict_slide,
+        resolve_device,
+    )
     from fastinsight.synthetic import make_cohort
     from fastinsight.train import Bag, TrainConfig, train_on_bags
 
@@ -182,17 +175,3 @@ def _bar(items: list[Any], enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="slide", disable=None if enabled else True, leave=False)
-
-
-def run(args: argparse.Namespace) -> int:
-    run_demo(
-        args.out_dir,
-        slides=args.slides,
-        held_out=args.held_out,
-        size=args.size,
-        epochs=args.epochs,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    return 0

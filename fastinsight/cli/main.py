@@ -26,36 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "slide (or feature file) -> heatmap TIFF, scores, overlay",
     ),
     "demo": (
-        "fastinsight.demo",
+        "fastinsight.cli.demo",
         "synthetic cohort end to end: train, predict, evaluate (no downloads)",
     ),
-    "info": ("fastinsight.cli", "show a checkpoint's architecture and settings"),
+    "info": ("fastinsight.cli.info", "show a checkpoint's architecture and settings"),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {}
-
-
-def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="official INSIGHT .pth or fastinsight .safetensors")
-
-
-def _run_info(args: argparse.Namespace) -> int:
-    import json
-
-    from fastinsight.models.checkpoints import load_model, sniff_format
-
-    model = load_model(args.model, backend="reference", device="cpu")
-    cfg = json.loads(model.config.to_json())
-    print(
-        json.dumps(
-            {
-                "format": sniff_format(__import__("pathlib").Path(args.model)),
-                "parameters": model.parameter_count(),
-                "config": cfg,
-            },
-            indent=2,
-        )
-    )
-    return 0
 
 
 def register(name: str, module: str, help_text: str, group: str | None = None) -> None:
@@ -66,9 +42,9 @@ def register(name: str, module: str, help_text: str, group: str | None = None) -
         GROUPS.setdefault(group, {})[name] = (module, help_text)
 
 
-register("train", "fastinsight.train", "train INSIGHT on precomputed features and slide labels")
-register("evaluate", "fastinsight.evaluate", "slide AUC and heatmap Dice against ground truth")
-register("predict-cohort", "fastinsight.cohort", "many slides over local or cluster GPUs with Ray")
+register("train", "fastinsight.cli.train", "train INSIGHT on precomputed features and slide labels")
+register("evaluate", "fastinsight.cli.evaluate", "slide AUC and heatmap Dice against ground truth")
+register("predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray")
 register(
     "check",
     "fastinsight.kernels.check",
@@ -99,8 +75,6 @@ GROUP_HELP = {
 
 def _resolve(spec: str) -> tuple[Callable[[argparse.ArgumentParser], None], Runner]:
     module_name, _, prefix = spec.partition(":")
-    if module_name == "fastinsight.cli":
-        return _add_info_arguments, _run_info
     module = importlib.import_module(module_name)
     add = getattr(module, f"add_{prefix}_arguments" if prefix else "add_arguments")
     run = getattr(module, f"run_{prefix}" if prefix else "run")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fastinsight.errors import CheckpointError, InputError
-
-MODEL_ENV = "FASTINSIGHT_MODEL"
+from fastinsight.errors import InputError
+from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,34 +140,6 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
     }
     values.update(overrides)
     return PredictOptions(**values)
-
-
-def resolve_model_path(arg: str | None) -> Path:
-    path = arg or os.environ.get(MODEL_ENV)
-    if not path:
-        raise CheckpointError(
-            f"no model given: pass --model PATH or set {MODEL_ENV}; an official INSIGHT .pth or a "
-            "fastinsight .safetensors (train one with `fastinsight train`, or run `fastinsight demo`)"
-        )
-    return Path(path).expanduser()
-
-
-def load_for_predict(path: Path, backend: str, quiet: bool) -> tuple[Any, dict[str, Any]]:
-    """The model on the CPU (the run moves it to its device) and its identity for reports."""
-    from fastinsight.models.checkpoints import load_model, model_identity
-
-    model = load_model(path, backend=backend, device="cpu")
-    info = model_identity(path)
-    info["name"] = path.name
-    if info["format"] == "torch" and not quiet:
-        cfg = model.config
-        print(
-            f"fastinsight: official INSIGHT checkpoint: assuming {cfg.encoder.upper()} tokens "
-            f"({cfg.in_dim} x {cfg.grid_size[0]} x {cfg.grid_size[1]}) on {cfg.tile_size_px} px "
-            f"tiles at {cfg.target_mpp} um/px",
-            file=sys.stderr,
-        )
-    return model, info
 
 
 def run(args: argparse.Namespace) -> int:

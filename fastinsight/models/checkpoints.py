@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from fastinsight.atomic import atomic_path
-from fastinsight.models.config import InsightConfig
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import file_sha256, weights_format
+from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 
 CONFIG_KEY = "fastinsight.models.config"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastinsight.models.config import InsightConfig
 from fastinsight.errors import BackendError, InputError
+from fastinsight.models.config import InsightConfig
 from fastinsight.ops.otsu import otsu_threshold
 from fastinsight.ops.pooling import Pooling, logit
 from fastinsight.ops.reference import (

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from fastinsight.cli.evaluate import add_arguments, run
 from fastinsight.errors import InputError
 from fastinsight.evaluate import (
     EvalInput,
     Labels,
-    add_arguments,
     average_ranks,
     dice,
     evaluate,
@@ -28,7 +28,6 @@ from fastinsight.evaluate import (
     read_mask_tiff,
     resample_mask,
     roc_auc,
-    run,
     save_prediction_npz,
 )
 

@@ -18,15 +18,14 @@ from safetensors.torch import load_file
 from synth_cohort import cohort, small_config
 
 from fastinsight.checkpoint import load_model
+from fastinsight.cli.train import add_arguments, run
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.evaluate import roc_auc
 from fastinsight.model import InsightModel
 from fastinsight.train import (
     Bag,
     TrainConfig,
-    add_arguments,
     bce_loss,
-    run,
     slide_forward,
     state_path_for,
     stratified_split,

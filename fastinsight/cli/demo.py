@@ -1,0 +1,32 @@
+"""``fastinsight demo``: its flags and how they map onto ``fastinsight.demo.run_demo``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder for the cohort, the model and every output")
+    p.add_argument("--slides", type=int, default=32, help="cohort size (half with lesions)")
+    p.add_argument("--held-out", type=int, default=8, help="slides kept out of training")
+    p.add_argument("--size", type=int, default=1120, help="slide side in px at 0.5 um/px")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, encoder and training")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastinsight.demo import run_demo
+
+    run_demo(
+        args.out_dir,
+        slides=args.slides,
+        held_out=args.held_out,
+        size=args.size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    return 0
