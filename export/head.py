@@ -302,7 +302,7 @@ def head_metadata(model: InsightModel, options: HeadExportOptions) -> dict[str, 
     return {
         "fastinsight.version": fastinsight.__version__,
         "fastinsight.kind": options.kind,
-        "fastinsight.models.config": cfg.to_json(),
+        "fastinsight.config": cfg.to_json(),
         "fastinsight.precision": options.precision,
         "fastinsight.head_only": str(options.head_only).lower(),
         "fastinsight.postprocess_only": str(options.postprocess_only).lower(),

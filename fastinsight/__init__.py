@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastinsight import _moved
 from fastinsight._version import __version__
 
-_moved.install()  # old import paths (fastinsight.models.insight, ...) keep working, with a warning
+_moved.install()  # old import paths (fastinsight.model, ...) keep working, with a warning
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from fastinsight.errors import FastInsightError

@@ -40,3 +40,20 @@ def test_new_paths_do_not_warn() -> None:
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_file_format_keys_did_not_move(tmp_path) -> None:
+    """Moving the modules must not move the keys written into files (checkpoints from before)."""
+    from safetensors import safe_open
+
+    from fastinsight.models.checkpoints import CONFIG_KEY, load_model
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
+
+    assert CONFIG_KEY == "fastinsight.config"
+    path = tmp_path / "m.safetensors"
+    InsightModel(InsightConfig(in_dim=8), backend="reference").save(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert "fastinsight.config" in meta and InsightConfig.from_json(meta["fastinsight.config"])
+    assert load_model(path, backend="reference", device="cpu").config.in_dim == 8

@@ -7,7 +7,7 @@ Two formats, told apart by their bytes, not their names:
   architecture (C, K, grid) is read off the tensor shapes and the official inference settings
   (Otsu, SmoothMax a = 8) apply.
 - **fastinsight**: safetensors with the ``InsightConfig`` embedded as JSON in the header metadata
-  (key ``fastinsight.models.config``), written by ``model.save(path)``.
+  (key ``fastinsight.config``), written by ``model.save(path)``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastinsight.fileformat import file_sha256, weights_format
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 
-CONFIG_KEY = "fastinsight.models.config"
+CONFIG_KEY = "fastinsight.config"
 FORMAT_KEY = "fastinsight.format"
 FORMAT_VERSION = "1"
 
