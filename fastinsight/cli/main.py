@@ -44,7 +44,9 @@ def register(name: str, module: str, help_text: str, group: str | None = None) -
 
 register("train", "fastinsight.cli.train", "train INSIGHT on precomputed features and slide labels")
 register("evaluate", "fastinsight.cli.evaluate", "slide AUC and heatmap Dice against ground truth")
-register("predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray")
+register(
+    "predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray"
+)
 register(
     "check",
     "fastinsight.kernels.check",

@@ -13,20 +13,23 @@ Two formats, told apart by their bytes, not their names:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import file_sha256, weights_format
 from fastinsight.models.config import InsightConfig
-from fastinsight.models.insight import InsightModel
-
-CONFIG_KEY = "fastinsight.config"
-FORMAT_KEY = "fastinsight.format"
-FORMAT_VERSION = "1"
+from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-exported)
+    CONFIG_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    InsightModel,
+)
 
 
 def sniff_format(path: Path) -> str:
@@ -100,7 +103,30 @@ def load_state_strict(model: InsightModel, state: dict[str, Tensor], source: str
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
-def _load_official(path: Path, backend: str) -> InsightModel:
+@dataclass
+class CheckpointFile:
+    """A model file read once, handed to every registered loader's predicate.
+
+    ``format`` is ``"torch"`` (a plain state_dict loaded with ``weights_only=True``) or
+    ``"safetensors"``; ``metadata`` is the safetensors header metadata (empty for torch files).
+    """
+
+    path: Path
+    format: str
+    state: dict[str, Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """One entry of the sniffer: ``accepts(file)`` says whether ``load(file, backend)`` applies."""
+
+    name: str
+    accepts: Callable[[CheckpointFile], bool]
+    load: Callable[[CheckpointFile, str], torch.nn.Module]
+
+
+def _read_torch_state(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
@@ -118,13 +144,10 @@ def _load_official(path: Path, backend: str) -> InsightModel:
     # Checkpoints saved from nn.DataParallel carry a "module." prefix.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    config = config_from_official_state_dict(state)
-    model = InsightModel(config, backend=backend)
-    load_state_strict(model, state, str(path))
-    return model
+    return state
 
 
-def _load_safetensors(path: Path, backend: str) -> InsightModel:
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     try:
@@ -133,28 +156,67 @@ def _load_safetensors(path: Path, backend: str) -> InsightModel:
             state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:
         raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
-    if CONFIG_KEY not in meta:
+    return state, dict(meta)
+
+
+def read_checkpoint(path: Path) -> CheckpointFile:
+    """Sniff ``path`` by its bytes and read its tensors (and metadata) once."""
+    fmt = sniff_format(path)
+    if fmt == "torch":
+        return CheckpointFile(path, fmt, _read_torch_state(path))
+    state, meta = _read_safetensors(path)
+    return CheckpointFile(path, fmt, state, meta)
+
+
+def _load_official(ckpt: CheckpointFile, backend: str) -> InsightModel:
+    config = config_from_official_state_dict(ckpt.state)
+    model = InsightModel(config, backend=backend)
+    load_state_strict(model, ckpt.state, str(ckpt.path))
+    return model
+
+
+def _load_safetensors(ckpt: CheckpointFile, backend: str) -> InsightModel:
+    if CONFIG_KEY not in ckpt.metadata:
         raise CheckpointError(
-            f"{str(path)!r} is a safetensors file without a fastinsight config (metadata key "
+            f"{str(ckpt.path)!r} is a safetensors file without a fastinsight config (metadata key "
             f"{CONFIG_KEY!r}); it was not written by fastinsight's model.save()"
         )
-    model = InsightModel(InsightConfig.from_json(meta[CONFIG_KEY]), backend=backend)
-    load_state_strict(model, state, str(path))
+    model = InsightModel(InsightConfig.from_json(ckpt.metadata[CONFIG_KEY]), backend=backend)
+    load_state_strict(model, ckpt.state, str(ckpt.path))
     return model
+
+
+# The sniffer's table, tried in order; the INSIGHT entries come last and accept every file of
+# their format, so a file nobody else claims gets INSIGHT's precise error ("missing key ...").
+LOADERS: list[ModelLoader] = [
+    ModelLoader("insight-fastinsight", lambda f: f.format == "safetensors", _load_safetensors),
+    ModelLoader("insight-official", lambda f: f.format == "torch", _load_official),
+]
+
+
+def register_loader(loader: ModelLoader) -> None:
+    """Let another model family claim its files: ``loader`` is tried before INSIGHT's entries.
+
+    E.g. ``register_loader(ModelLoader("pylon", lambda f: "pylon" in f.metadata.get(...), load))``.
+    Registering a name twice replaces the earlier entry.
+    """
+    LOADERS[:] = [entry for entry in LOADERS if entry.name != loader.name]
+    LOADERS.insert(0, loader)
 
 
 def load_model(
     path: str | os.PathLike[str],
     backend: str = "auto",
     device: str | torch.device | None = None,
-) -> InsightModel:
-    """Load an official INSIGHT ``.pth`` or a fastinsight ``.safetensors`` checkpoint.
+) -> Any:
+    """Load a model file with the first registered loader that accepts it.
 
-    The model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
+    Built in: an official INSIGHT ``.pth`` or a fastinsight ``.safetensors`` checkpoint. The
+    model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
     """
-    p = Path(path).expanduser()
-    fmt = sniff_format(p)
-    model = _load_official(p, backend) if fmt == "torch" else _load_safetensors(p, backend)
+    ckpt = read_checkpoint(Path(path).expanduser())
+    loader = next(entry for entry in LOADERS if entry.accepts(ckpt))
+    model = loader.load(ckpt, backend)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
@@ -162,14 +224,7 @@ def load_model(
 
 def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
     """Write ``model`` as safetensors with its config embedded (atomically)."""
-    from safetensors.torch import save_file
-
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
-    }
-    meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    model.save(str(path))
 
 
 def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -178,4 +233,13 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     return {"path": str(p), "format": sniff_format(p), "sha256": file_sha256(p)}
 
 
-__all__ = ["load_model", "save_model", "sniff_format", "model_identity"]
+__all__ = [
+    "CheckpointFile",
+    "ModelLoader",
+    "load_model",
+    "model_identity",
+    "read_checkpoint",
+    "register_loader",
+    "save_model",
+    "sniff_format",
+]

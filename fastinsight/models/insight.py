@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastinsight.atomic import atomic_path
 from fastinsight.errors import BackendError, InputError
 from fastinsight.models.config import InsightConfig
 from fastinsight.ops.otsu import otsu_threshold
@@ -29,6 +30,11 @@ from fastinsight.ops.reference import (
 )
 
 BACKENDS = ("auto", "triton", "reference")
+
+# fastinsight's own checkpoint: safetensors with these header metadata keys (see save()).
+CONFIG_KEY = "fastinsight.config"
+FORMAT_KEY = "fastinsight.format"
+FORMAT_VERSION = "1"
 
 
 class ChannelNorm(nn.Module):
@@ -307,6 +313,11 @@ class InsightModel(nn.Module):
 
     def save(self, path: str) -> None:
         """Write fastinsight's own checkpoint: safetensors with the config embedded as JSON."""
-        from fastinsight.models.checkpoints import save_model
+        from safetensors.torch import save_file
 
-        save_model(self, path)
+        state = {
+            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()
+        }
+        meta = {CONFIG_KEY: self.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
