@@ -33,9 +33,8 @@ def test_attribute_through_old_path() -> None:
 
 
 def test_new_paths_do_not_warn() -> None:
-    code = (
-        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-        + "".join(f"import {new}\n" for new in sorted(set(MOVED.values())))
+    code = "import warnings; warnings.simplefilter('error', DeprecationWarning)\n" + "".join(
+        f"import {new}\n" for new in sorted(set(MOVED.values()))
     )
     import subprocess
 
