@@ -282,15 +282,15 @@ class CohortOptions:
 
     def __post_init__(self) -> None:
         if self.encoding not in ("score", "rgb"):
-            raise InputError(f"--encoding must be 'score' or 'rgb', got {self.encoding!r}")
+            raise InputError(f"encoding must be 'score' or 'rgb', got {self.encoding!r}", fields=("encoding",))
         if not self.cpus_per_slide > 0:
-            raise InputError(f"--cpus-per-slide must be > 0, got {self.cpus_per_slide}")
+            raise InputError(f"cpus_per_slide must be > 0, got {self.cpus_per_slide}", fields=("cpus_per_slide",))
         if self.gpus_per_slide is not None and self.gpus_per_slide < 0:
-            raise InputError(f"--gpus-per-slide must be >= 0, got {self.gpus_per_slide}")
+            raise InputError(f"gpus_per_slide must be >= 0, got {self.gpus_per_slide}", fields=("gpus_per_slide",))
         if self.max_retries < 0:
-            raise InputError(f"--max-retries must be >= 0, got {self.max_retries}")
+            raise InputError(f"max_retries must be >= 0, got {self.max_retries}", fields=("max_retries",))
         if self.num_cpus is not None and self.num_cpus < 1:
-            raise InputError(f"--num-cpus must be >= 1, got {self.num_cpus}")
+            raise InputError(f"num_cpus must be >= 1, got {self.num_cpus}", fields=("num_cpus",))
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:

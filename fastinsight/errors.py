@@ -8,9 +8,17 @@ from __future__ import annotations
 
 
 class FastInsightError(Exception):
-    """Base class of every error fastinsight raises on bad input or a bad environment."""
+    """Base class of every error fastinsight raises on bad input or a bad environment.
+
+    ``fields`` names the option fields a message is about (``("batch_size",)``): the library
+    speaks in field names, and the CLI rewrites them as its flags (``--batch-size``).
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.fields = fields
 
 
 class ConfigError(FastInsightError):

@@ -11,7 +11,7 @@ import torch
 
 from fastinsight import __version__
 from fastinsight.cli import main
-from tests.official import random_official_state_dict
+from tests.support.official import random_official_state_dict
 
 
 def test_version_and_help(capsys) -> None:
@@ -47,3 +47,19 @@ def test_errors_are_one_line_without_traceback(tmp_path) -> None:
     assert proc.returncode == 3
     assert proc.stderr.strip().startswith("fastinsight: error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_options_speak_fields_and_the_cli_speaks_flags() -> None:
+    from fastinsight.cli.main import error_message
+    from fastinsight.errors import InputError
+    from fastinsight.predict.slide import PredictOptions
+
+    with pytest.raises(InputError, match=r"^batch_size must be >= 1") as err:
+        PredictOptions(batch_size=0)
+    assert error_message(err.value) == "--batch-size must be >= 1, got 0"
+    with pytest.raises(InputError, match="min_cell_fraction") as err:
+        PredictOptions(min_cell_fraction=2.0)
+    assert error_message(err.value).startswith("--min-cell-tissue is a fraction")
+    # only the fields an error names are rewritten, never other words of the message
+    plain = InputError("mpp and batch_size are words here")
+    assert error_message(plain) == str(plain)

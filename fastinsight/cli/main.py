@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fastinsight.cli.info", "show a checkpoint's architecture and settings"),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+# Option fields (as the library's options objects name them) -> the flags that set them. The
+# library's messages speak in field names; the CLI shows its own flags.
+FIELD_FLAGS: dict[str, str] = {
+    "batch_size": "--batch-size",
+    "num_workers": "--num-workers",
+    "min_tissue_fraction": "--min-tissue",
+    "min_cell_fraction": "--min-cell-tissue",
+    "mpp": "--mpp",
+    "encoding": "--encoding",
+    "cpus_per_slide": "--cpus-per-slide",
+    "gpus_per_slide": "--gpus-per-slide",
+    "max_retries": "--max-retries",
+    "num_cpus": "--num-cpus",
+}
+
+
+def error_message(exc: FastInsightError) -> str:
+    """``exc``'s message with the option fields it names written as CLI flags."""
+    message = str(exc)
+    for name in getattr(exc, "fields", ()):
+        flag = FIELD_FLAGS.get(name)
+        if flag is not None:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+    return message
 
 
 def register(name: str, module: str, help_text: str, group: str | None = None) -> None:
@@ -121,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(run(args) or 0)
     except FastInsightError as exc:
-        print(f"fastinsight: error: {exc}", file=sys.stderr)
+        print(f"fastinsight: error: {error_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fastinsight: interrupted", file=sys.stderr)

@@ -64,18 +64,23 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise InputError(
+                f"batch_size must be >= 1, got {self.batch_size}", fields=("batch_size",)
+            )
         if self.num_workers < 0:
-            raise InputError(f"--num-workers must be >= 0, got {self.num_workers}")
-        for flag, value in (
-            ("--min-tissue", self.min_tissue_fraction),
-            ("--min-cell-tissue", self.min_cell_fraction),
+            raise InputError(
+                f"num_workers must be >= 0, got {self.num_workers}", fields=("num_workers",)
+            )
+        for name, value in (
+            ("min_tissue_fraction", self.min_tissue_fraction),
+            ("min_cell_fraction", self.min_cell_fraction),
         ):
             if not 0.0 <= value <= 1.0:
-                raise InputError(f"{flag} is a fraction in [0, 1], got {value}")
+                raise InputError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
         if self.mpp is not None and not self.mpp > 0:
             raise InputError(
-                f"--mpp must be a positive number of microns per pixel, got {self.mpp}"
+                f"mpp must be a positive number of microns per pixel, got {self.mpp}",
+                fields=("mpp",),
             )
 
 

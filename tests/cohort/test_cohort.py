@@ -30,7 +30,7 @@ ray = pytest.importorskip(
 )
 
 from fastinsight import cohort  # noqa: E402
-from fastinsight.checkpoint import load_model, model_identity  # noqa: E402
+from fastinsight.cli.main import error_message  # noqa: E402
 from fastinsight.cohort import (  # noqa: E402
     CRASH_DIR_ENV,
     CRASH_ENV,
@@ -45,10 +45,11 @@ from fastinsight.cohort import (  # noqa: E402
     predict_cohort,
     read_summary,
 )
-from fastinsight.config import InsightConfig  # noqa: E402
 from fastinsight.errors import InputError  # noqa: E402
-from fastinsight.model import InsightModel  # noqa: E402
-from fastinsight.pipeline import PredictOptions, predict_slide  # noqa: E402
+from fastinsight.models.checkpoints import load_model, model_identity  # noqa: E402
+from fastinsight.models.config import InsightConfig  # noqa: E402
+from fastinsight.models.insight import InsightModel  # noqa: E402
+from fastinsight.predict.slide import PredictOptions, predict_slide  # noqa: E402
 from fastinsight.synthetic import make_cohort  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -525,8 +526,11 @@ def test_cli_starts_and_stops_its_own_local_ray(env: Env, ray_session: None) -> 
 
 
 def test_cohort_options_are_checked() -> None:
-    with pytest.raises(InputError, match="--cpus-per-slide"):
+    # the library names its fields; the CLI shows them as its flags
+    with pytest.raises(InputError, match="cpus_per_slide") as err:
         CohortOptions(cpus_per_slide=0)
-    with pytest.raises(InputError, match="--max-retries"):
+    assert error_message(err.value).startswith("--cpus-per-slide must be > 0")
+    with pytest.raises(InputError, match="max_retries") as err:
         CohortOptions(max_retries=-1)
+    assert "--max-retries" in error_message(err.value)
     assert cohort.EXIT_SLIDES_FAILED not in range(2, 8)  # distinct from FastInsightError codes
