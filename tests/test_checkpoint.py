@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fastinsight import InsightConfig, InsightModel, load_model
-from fastinsight.checkpoint import sniff_format
 from fastinsight.errors import CheckpointError
-from tests.official import random_official_state_dict
+from fastinsight.models.checkpoints import sniff_format
+from tests.support.official import random_official_state_dict
 
 
 def _save(state, path):

@@ -8,7 +8,7 @@ import torch
 
 from fastinsight import InsightConfig, InsightModel, load_model
 from fastinsight.errors import CheckpointError, InputError
-from tests.official import (
+from tests.support.official import (
     OFFICIAL_KEYS,
     official_predict,
     official_shapes,
@@ -42,7 +42,7 @@ def test_official_checkpoint_matches_official_numbers(tmp_path, k: int, zip_form
     heat, thresholds, scores = official_predict(state, tokens.numpy())
 
     raw_ref = pred.raw_heatmap.double().numpy()
-    from tests.official import official_forward
+    from tests.support.official import official_forward
 
     np.testing.assert_allclose(raw_ref, official_forward(state, tokens.numpy()), atol=1e-5)
     bin_width = (raw_ref.max() - raw_ref.min()) / 256

@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
-from fastinsight.otsu import histogram_bins, histogram_edges, otsu_threshold
+from fastinsight.ops.otsu import histogram_bins, histogram_edges, otsu_threshold
 
 
 def _cases() -> dict[str, np.ndarray]:

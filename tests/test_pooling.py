@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastinsight.errors import InputError
-from fastinsight.pooling import Pooling, lse_lba, masked_max, masked_mean, smoothmax
+from fastinsight.ops.pooling import Pooling, lse_lba, masked_max, masked_mean, smoothmax
 
 
 def smoothmax_oracle(x: np.ndarray, a: float) -> float:

@@ -8,7 +8,7 @@ import torch
 from fastinsight.cohort import predict_cohort
 from fastinsight.errors import CheckpointError
 from fastinsight.synthetic import make_cohort
-from tests.official import random_official_state_dict
+from tests.support.official import random_official_state_dict
 
 
 def test_official_model_without_uni_weights_fails_before_ray(tmp_path) -> None:

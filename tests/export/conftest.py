@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from export_helpers import save_official
+
+from tests.support.export_helpers import save_official
 
 
 @pytest.fixture

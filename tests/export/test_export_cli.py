@@ -11,10 +11,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from export_helpers import make_model
-
 from fastinsight.cli import main
 from fastinsight.errors import InputError
+from tests.support.export_helpers import make_model
 
 
 def test_triton_repo_command_writes_a_checked_repository(

@@ -15,13 +15,12 @@ encoders = pytest.importorskip("fastinsight.encoders")
 if not hasattr(encoders, "build_encoder"):
     pytest.skip("fastinsight.encoders.build_encoder is not available", allow_module_level=True)
 
-from export_helpers import assert_clean_graph  # noqa: E402
-
 from fastinsight.cli import main  # noqa: E402
 from fastinsight.errors import InputError  # noqa: E402
 from fastinsight.export._onnx_io import graph_io  # noqa: E402
 from fastinsight.export.encoder import export_encoder_onnx, load_encoder  # noqa: E402
 from fastinsight.export.verify import ort_session, verify_encoder_onnx  # noqa: E402
+from tests.support.export_helpers import assert_clean_graph  # noqa: E402
 
 
 def test_vit_tiny_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastinsight.export import graph_ops
-from fastinsight.otsu import otsu_threshold as reference_otsu
-from fastinsight.pooling import lse_lba, masked_max, masked_mean, smoothmax
+from fastinsight.ops.otsu import otsu_threshold as reference_otsu
+from fastinsight.ops.pooling import lse_lba, masked_max, masked_mean, smoothmax
 
 
 def _rows() -> dict[str, torch.Tensor]:

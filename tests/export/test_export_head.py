@@ -12,14 +12,13 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from export_helpers import assert_clean_graph, make_model  # noqa: E402
-
-from fastinsight.checkpoint import load_model  # noqa: E402
 from fastinsight.cli import main  # noqa: E402
 from fastinsight.errors import InputError  # noqa: E402
 from fastinsight.export._onnx_io import graph_io  # noqa: E402
 from fastinsight.export.head import HeadExportOptions, export_head_onnx  # noqa: E402
 from fastinsight.export.verify import ort_session, verify_head_onnx  # noqa: E402
+from fastinsight.models.checkpoints import load_model  # noqa: E402
+from tests.support.export_helpers import assert_clean_graph, make_model  # noqa: E402
 
 
 def _run(

@@ -12,11 +12,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from export_helpers import assert_clean_graph, make_model  # noqa: E402
-
 from fastinsight.export._onnx_io import graph_io  # noqa: E402
 from fastinsight.export.head import HeadExportOptions, export_head_onnx  # noqa: E402
 from fastinsight.export.verify import ort_session, verify_head_onnx  # noqa: E402
+from tests.support.export_helpers import assert_clean_graph, make_model  # noqa: E402
 
 
 def test_head_only_with_a_channel_norm_takes_any_grid(tmp_path: Path) -> None:

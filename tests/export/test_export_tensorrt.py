@@ -91,9 +91,8 @@ def test_without_tensorrt_the_command_says_so_in_one_line(
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_onnxruntime(tmp_path: Path, precision: str) -> None:
-    from export_helpers import make_model
-
     from fastinsight.export.head import HeadExportOptions, export_head_onnx
+    from tests.support.export_helpers import make_model
 
     model = make_model(num_classes=3)
     options = HeadExportOptions(precision=precision, accum_dtype="float32")

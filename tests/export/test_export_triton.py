@@ -16,7 +16,6 @@ encoders = pytest.importorskip("fastinsight.encoders")
 if not hasattr(encoders, "build_encoder"):
     pytest.skip("fastinsight.encoders.build_encoder is not available", allow_module_level=True)
 
-from export_helpers import make_model  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 
 from fastinsight.errors import InputError, OutputError  # noqa: E402
@@ -24,6 +23,7 @@ from fastinsight.export import triton as triton_repo  # noqa: E402
 from fastinsight.export._onnx_io import graph_io  # noqa: E402
 from fastinsight.export.encoder import load_encoder  # noqa: E402
 from fastinsight.export.tensorrt import EngineInfo, ProfileShapes, sidecar_path  # noqa: E402
+from tests.support.export_helpers import make_model  # noqa: E402
 
 ONNX_TO_TRITON = {
     "FLOAT": "TYPE_FP32",

@@ -8,15 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from h5_layouts import (
-    grid_coords,
-    write_clam_features,
-    write_clam_patches,
-    write_insight,
-    write_trident,
-)
 
-from fastinsight.config import InsightConfig
 from fastinsight.errors import InputError
 from fastinsight.features import (
     decode_attr,
@@ -25,7 +17,15 @@ from fastinsight.features import (
     read_features,
     unstitch,
 )
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
+from tests.support.h5_layouts import (
+    grid_coords,
+    write_clam_features,
+    write_clam_patches,
+    write_insight,
+    write_trident,
+)
 
 RC = np.array([[0, 0], [0, 2], [1, 1], [2, 0], [2, 3]])  # tile_row, tile_col (with gaps)
 

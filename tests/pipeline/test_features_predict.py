@@ -16,8 +16,8 @@ from fastinsight.cli import main
 from fastinsight.encoders import build_encoder
 from fastinsight.encoders.torchscript import TorchScriptEncoder
 from fastinsight.errors import InputError
-from fastinsight.features_pipeline import predict_features
-from fastinsight.pipeline import PredictOptions, encode_slide, predict_slide
+from fastinsight.predict.features import predict_features
+from fastinsight.predict.slide import PredictOptions, encode_slide, predict_slide
 from fastinsight.synthetic import make_cohort
 
 OPTS = PredictOptions(tissue="all", progress=False, num_workers=0, batch_size=16)

@@ -45,7 +45,7 @@ def _check_heatmap(tif: Path, sidecar: Path, score: float) -> None:
     np.testing.assert_allclose(decoded[tissue], cells[tissue], atol=0.5 / 254 + 1e-6)
     # SmoothMax of the decoded cells gives back the slide score (up to the 8-bit quantisation).
     vals = torch.from_numpy(side.scores[0][side.mask].astype(np.float32))[None]
-    from fastinsight.pooling import smoothmax
+    from fastinsight.ops.pooling import smoothmax
 
     assert smoothmax(vals, None, 8.0).item() == pytest.approx(score, abs=1e-5)
 

@@ -7,7 +7,7 @@ import torch
 
 from fastinsight import InsightConfig, InsightModel
 from fastinsight.encoders import build_encoder
-from fastinsight.pipeline import PredictOptions, predict_slide, tile_cells
+from fastinsight.predict.slide import PredictOptions, predict_slide, tile_cells
 from fastinsight.slide import (
     TileGrid,
     Tiler,

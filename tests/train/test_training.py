@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from synth_cohort import cohort, small_config
 
-from fastinsight.checkpoint import load_model
 from fastinsight.cli.train import add_arguments, run
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.evaluate import roc_auc
-from fastinsight.model import InsightModel
+from fastinsight.models.checkpoints import load_model
+from fastinsight.models.insight import InsightModel
 from fastinsight.train import (
     Bag,
     TrainConfig,
@@ -32,9 +30,8 @@ from fastinsight.train import (
     train_from_folder,
     train_on_bags,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "features"))
-from h5_layouts import grid_coords, write_insight, write_trident  # noqa: E402
+from tests.support.h5_layouts import grid_coords, write_insight, write_trident  # noqa: E402
+from tests.support.synth_cohort import cohort, small_config
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.train import Bag
 
 # A head narrow enough to train in seconds on two CPU cores.
