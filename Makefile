@@ -34,8 +34,8 @@ kernels-check: setup
 	$(VENV)/bin/fastinsight kernels check --arch sm_80,sm_90
 
 lint: setup
-	$(VENV)/bin/ruff check fastinsight kernels export tests bench
-	$(VENV)/bin/ruff format --check fastinsight kernels export tests bench
+	$(VENV)/bin/ruff check fastinsight kernels export tests bench setup.py
+	$(VENV)/bin/ruff format --check fastinsight kernels export tests bench setup.py
 	$(VENV)/bin/mypy fastinsight
 
 bench-smoke: setup
