@@ -82,6 +82,8 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
             subs = [t for t in targets if t in modules]
             if len(subs) < len(targets) or not names:
                 subs.append(base)
+            missing = [t for t in subs if t not in modules]
+            assert not missing or base in modules, f"{name} imports {base}, which does not exist"
             edges[name].update(t for t in subs if t in modules and t != name)
     return edges, external
 

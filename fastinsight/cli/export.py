@@ -49,7 +49,7 @@ def _head_option_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _head_options(args: argparse.Namespace, **extra: object) -> object:
-    from .head import HeadExportOptions
+    from fastinsight.export.head import HeadExportOptions
 
     return HeadExportOptions(
         precision=args.precision,
@@ -90,15 +90,15 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    from .verify import describe
+    from fastinsight.export.verify import describe
 
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
     if args.encoder:
         if args.head_only or args.postprocess_only or args.with_mask:
             raise InputError("--head-only/--postprocess-only/--with-mask apply to --model only")
-        from .encoder import export_encoder_onnx, load_encoder
-        from .verify import verify_encoder_onnx
+        from fastinsight.export.encoder import export_encoder_onnx, load_encoder
+        from fastinsight.export.verify import verify_encoder_onnx
 
         encoder = load_encoder(args.encoder, args.encoder_weights)
         path = export_encoder_onnx(encoder, args.out, args.precision, args.opset)
@@ -106,8 +106,8 @@ def run_onnx(args: argparse.Namespace) -> int:
         if not args.no_verify:
             print(verify_encoder_onnx(path, encoder).summary())
         return 0
-    from .head import export_head_onnx
-    from .verify import verify_head_onnx
+    from fastinsight.export.head import export_head_onnx
+    from fastinsight.export.verify import verify_head_onnx
 
     model = _load_model(args.model)
     options = _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
@@ -143,7 +143,7 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tensorrt(args: argparse.Namespace) -> int:
-    from .tensorrt import build_engine, check_engine, check_tile_range, tensorrt_status
+    from fastinsight.export.tensorrt import build_engine, check_engine, check_tile_range, tensorrt_status
 
     reason = tensorrt_status()
     if reason is not None:
@@ -215,14 +215,14 @@ def add_triton_repo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
-    from .triton import write_triton_repo
+    from fastinsight.export.triton import write_triton_repo
 
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
     model = _load_model(args.model)
     encoder = None
     if args.encoder:
-        from .encoder import load_encoder
+        from fastinsight.export.encoder import load_encoder
 
         encoder = load_encoder(args.encoder, args.encoder_weights)
     result = write_triton_repo(
