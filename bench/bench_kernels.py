@@ -64,8 +64,17 @@ FIELDS = [
     "x_slower_than_kernels",
     "copy_gb_per_s",
     "matmul_tflop_per_s",
+    "max_err_vs_fp32",
+    "parity",
+    "config",
     "note",
 ]
+# Tiles of the fp32 reference that every provider's head is checked against before it is timed.
+PARITY_TILES = 64
+# A provider passes when its max error against the fp32 reference is at most this factor times
+# the eager bf16 reference's own error, plus half an ulp of bf16 at 1.0 (tests/kernels/tolerances.py).
+PARITY_FACTOR = 2.0
+PARITY_FLOOR = 2.0**-8
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,13 +120,19 @@ def versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # Timing and ceilings
 # --------------------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median wall time of ``fn`` in ms: ``do_bench`` on CUDA, ``perf_counter`` on CPU."""
+def median_ms(
+    fn: Callable[[], object], device: torch.device, reps: int, warmup: bool = True
+) -> float:
+    """Median wall time of ``fn`` in ms: ``do_bench`` on CUDA, ``perf_counter`` on CPU.
+
+    ``warmup=False`` on CPU when the caller already ran ``fn``'s work once (compiles are done).
+    """
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    fn()  # warm-up
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -168,7 +183,9 @@ def host_otsu(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.float32, device=values.device)
 
 
-def make_providers(model, smoke: bool, device: torch.device, names: list[str]) -> dict[str, dict]:
+def make_providers(
+    model, smoke: bool, device: torch.device, names: list[str], kernel_config: str | None = None
+) -> dict[str, dict]:
     """Per provider: dtype, head(tokens) -> raw, post(raw, mask) -> (thresholds, scores)."""
     from fastinsight.otsu import otsu_threshold
     from fastinsight.pooling import smoothmax
@@ -206,13 +223,17 @@ def make_providers(model, smoke: bool, device: torch.device, names: list[str]) -
     if "compile_bf16" in names:
         # CPU smoke: aot_eager traces the same graphs without a C++ toolchain or minutes of Inductor.
         backend = "aot_eager" if device.type == "cpu" else "inductor"
-        head_c = torch.compile(lambda c: insight_head_reference(c, wlow), backend=backend)
-        post_c = torch.compile(ref_post, backend=backend)
+        # Static shapes: one N per run, so Dynamo never falls back to a dynamic batch dimension
+        # (which turns off Inductor's layout optimisation and specialisation). Default mode.
+        head_c = torch.compile(
+            lambda c: insight_head_reference(c, wlow), backend=backend, dynamic=False
+        )
+        post_c = torch.compile(ref_post, backend=backend, dynamic=False)
         providers["compile_bf16"] = {
             "dtype": torch.bfloat16,
             "head": lambda x: chunked(head_c, x),
             "post": post_c,
-            "note": f"torch.compile backend={backend}",
+            "note": f"torch.compile backend={backend} dynamic=False mode=default",
         }
     if "kernels_bf16" in names:
         from fastinsight import kernels
@@ -225,15 +246,52 @@ def make_providers(model, smoke: bool, device: torch.device, names: list[str]) -
             t = kernels.otsu_threshold(values, mask)
             return t, kernels.smoothmax(values * (values > t[:, None]), mask, 8.0)
 
+        if kernel_config:
+            head_fn = _configured_head(wk, kernel_config)
+        else:
+
+            def head_fn(x):
+                return kernels.insight_head(x, wk)
+
         providers["kernels_bf16"] = {
             "dtype": kdtype,
-            "head": lambda x: kernels.insight_head(x, wk),
+            "head": head_fn,
             "post": kernel_post,
+            "config": kernel_config or "default",
             "note": "Triton interpreter (fp32: no bf16 there)" if device.type == "cpu" else "",
         }
     for p in providers.values():
         p.setdefault("note", "")
     return providers
+
+
+def parse_kernel_config(text: str):
+    """``P64-I64-O128`` (optionally ``-w8``, ``-t2`` token stages) -> ``HeadLaunchConfig``."""
+    import dataclasses
+    import re
+
+    from fastinsight.kernels.head import HeadLaunchConfig
+
+    keys = {"P": "BLOCK_P", "I": "BLOCK_I", "O": "BLOCK_O", "w": "num_warps", "t": "token_stages"}
+    fields = {}
+    for part in text.split("-"):
+        match = re.fullmatch(r"([PIOwt])(\d+)", part)
+        if not match:
+            raise SystemExit(f"bench_kernels: --kernel-config expects e.g. P64-I64-O128, got {text!r}")
+        fields[keys[match.group(1)]] = int(match.group(2))
+    return dataclasses.replace(HeadLaunchConfig(), **fields)
+
+
+def _configured_head(weights, text: str) -> Callable:
+    from fastinsight.kernels import head as khead
+
+    cfg = parse_kernel_config(text)
+    params = [p.detach() for p in khead.flatten_weights(weights)]
+
+    def run_head(x: torch.Tensor) -> torch.Tensor:
+        return khead.insight_head_launch(x, params, weights.norm, weights.eps, "ieee", cfg)
+
+    return run_head
 
 
 def _copy(model, dtype: torch.dtype):
@@ -247,15 +305,38 @@ def _copy(model, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
+def head_error(prov: dict, tokens: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error of the provider's head on the first tiles against the fp32 reference.
+
+    The provider runs on the whole batch (the shape it is timed at: no extra compile), NaN when
+    it runs out of memory.
+    """
+    try:
+        with torch.no_grad():
+            out = prov["head"](tokens.to(prov["dtype"]))[: ref.shape[0]]
+        return float((out.float() - ref).abs().max())
+    except torch.cuda.OutOfMemoryError:
+        return float("nan")
+    finally:
+        if tokens.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def time_provider(prov: dict, tokens: torch.Tensor, mask: torch.Tensor, device, reps: int):
     """(head, threshold_pool, total) median ms of one provider, NaN on out-of-memory."""
     try:
         x = tokens.to(prov["dtype"])
         with torch.no_grad():
             raw = prov["head"](x)
-            t_head = median_ms(lambda: prov["head"](x), device, reps)
-            t_post = median_ms(lambda: prov["post"](raw, mask), device, reps)
-            t_all = median_ms(lambda: prov["post"](prov["head"](x), mask), device, reps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            # The parity check and the call above warmed the head; one post call warms the post.
+            prov["post"](raw, mask)
+            t_head = median_ms(lambda: prov["head"](x), device, reps, warmup=False)
+            t_post = median_ms(lambda: prov["post"](raw, mask), device, reps, warmup=False)
+            t_all = median_ms(
+                lambda: prov["post"](prov["head"](x), mask), device, reps, warmup=False
+            )
         return (t_head, t_post, t_all), prov["note"]
     except torch.cuda.OutOfMemoryError:
         return (float("nan"),) * 3, "out of memory"
@@ -289,14 +370,30 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         )
         model = InsightModel(config, backend="reference").eval().to(device)
         weights = model.head_weights()
-        providers = make_providers(model, args.smoke, device, args.providers)
+        providers = make_providers(
+            model, args.smoke, device, args.providers, args.kernel_config
+        )
+        from fastinsight.reference import insight_head_reference
+
         for n in args.tiles:
             tokens = torch.randn(n, args.channels, h, w, device=device, dtype=torch.bfloat16)
             mask = torch.rand(n * cells, device=device) > 0.2
             flops = head_flops(weights, n, cells)
+            with torch.no_grad():
+                ref = insight_head_reference(tokens[:PARITY_TILES].float(), weights).float()
+            errors = {name: head_error(prov, tokens, ref) for name, prov in providers.items()}
+            # The bf16 reference's own error sets the bar (fp32 providers: the floor alone).
+            own = errors.get("eager_bf16", 0.0)
+            bound = PARITY_FACTOR * own + PARITY_FLOOR
             block: list[dict[str, object]] = []
             for name, prov in providers.items():
-                times, note = time_provider(prov, tokens, mask, device, args.reps)
+                ok = errors[name] <= bound
+                if ok or errors[name] != errors[name]:  # NaN: out of memory, reported by timing
+                    times, note = time_provider(prov, tokens, mask, device, args.reps)
+                else:
+                    # A fast wrong kernel must not score: not timed, flagged in the CSV.
+                    times, note = (float("nan"),) * 3, f"parity FAILED (bound {bound:.3g})"
+                    print(f"# {name}: max error {errors[name]:.3g} > {bound:.3g}", file=sys.stderr)
                 bits = torch.finfo(prov["dtype"]).bits
                 in_bytes = n * args.channels * cells * bits // 8
                 out_bytes = n * k * cells * bits // 8
@@ -328,6 +425,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                             "x_slower_than_kernels": "",
                             "copy_gb_per_s": _sig(copy_gbs),
                             "matmul_tflop_per_s": _sig(mm_tflops),
+                            "max_err_vs_fp32": _sig(errors[name]),
+                            "parity": "ok" if ok else ("-" if errors[name] != errors[name] else "FAILED"),
+                            "config": prov.get("config", ""),
                             "note": note,
                         }
                     )
@@ -337,6 +437,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             for r in block:
                 if kernel_ms.get(r["stage"]):
                     r["x_slower_than_kernels"] = _sig(float(r["median_ms"]) / kernel_ms[r["stage"]])
+            # Written as soon as the block ends: a run killed by a time limit keeps what it did.
+            write_csv(block, args.csv)
+            print_table(block)
             rows += block
             tokens = mask = torch.empty(0)
     return rows
@@ -350,11 +453,20 @@ def _sig(x: float) -> float:
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != FIELDS:
+            raise SystemExit(
+                f"bench_kernels: {path} has other columns ({header}); "
+                "write to a new file with --csv PATH"
+            )
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()
         writer.writerows(rows)
+        f.flush()
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
@@ -382,6 +494,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--reps", type=int, default=None, help="CPU repetitions (GPU: do_bench)")
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument(
+        "--kernel-config",
+        default=None,
+        help="time the fused head with these blocks, e.g. P64-I64-O128 (default: the shipped one)",
+    )
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -403,13 +520,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu" and "kernels_bf16" in args.providers:
         # The kernels run on CPU only in Triton's interpreter, chosen before they are imported.
+        # Never flip it inside a process that already imported them (a test run on a GPU).
+        if "fastinsight.kernels.head" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+            print("bench_kernels: the kernels were imported for the GPU in this process; run "
+                  "the CPU smoke in its own process", file=sys.stderr)  # fmt: skip
+            return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.device != "cpu" and not torch.cuda.is_available():
         print("bench_kernels: no CUDA device; use --smoke on CPU", file=sys.stderr)
         return 2
     rows = run(args)
-    write_csv(rows, args.csv)
-    print_table(rows)
     print(f"# {len(rows)} rows appended to {args.csv}")
     return 0
 

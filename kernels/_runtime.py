@@ -97,3 +97,6 @@ class KernelSpec:
     signature: dict[str, str]
     constexprs: dict[str, object]
     options: dict[str, object]
+    # The check fails a variant that should run its dots on tensor cores (bf16/fp16 head
+    # configs) and compiles to none.
+    needs_tensor_cores: bool = False

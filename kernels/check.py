@@ -3,10 +3,17 @@
 For each variant the package can launch (``head.compile_specs`` and ``reduce.compile_specs``) and
 each requested architecture this runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))``, then the ``cuobjdump --dump-resource-usage`` shipped in the Triton wheel on the
-cubin, and prints one row per variant: registers, spill bytes (stack + local: a kernel here makes
-no calls, so any stack is spilled registers) and shared memory. The exit status is non-zero if a
-variant fails to compile, spills, or needs more shared memory than the architecture has
-(spec section 6). Spills are a defect to fix in the kernel or its config, not to hide.
+cubin, reads the PTX, and prints one row per variant: registers, spill bytes (stack + local: a
+kernel here makes no calls, so any stack is spilled registers), shared memory, the tensor-core
+instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80, counted in the PTX) and the
+global loads by width (``ld.global`` vectors, ``cp.async`` and TMA bulk copies, in bytes per
+thread: 16 B is a fully vectorised load). The exit status is non-zero if a variant fails to
+compile, spills, needs more shared memory than the architecture has, or is a 16-bit (or TF32)
+head config whose dots compiled to no tensor-core instruction (spec section 6). Spills are a
+defect to fix in the kernel or its config, not to hide.
+
+The logic is argparse-free: ``run_check`` returns ``CheckResult`` rows (``as_row`` gives a dict
+per row); ``add_arguments``/``run``/``main`` are the thin command line.
 
 Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...]`` (the CLI
 calls ``add_arguments`` and ``run``), ``python -m fastinsight.kernels.check ...``, or ``main(argv)``.
@@ -40,11 +47,15 @@ class CheckResult:
     shared_bytes: int = -1
     seconds: float = 0.0
     error: str = ""
+    tensor_core_ops: int = -1  # wgmma + mma instructions in the PTX
+    tensor_core_kind: str = ""  # e.g. "wgmma m64n64k16" (the most frequent shape)
+    widest_load_bytes: int = -1  # per thread, over ld.global / cp.async / bulk copies
+    loads_by_width: str = ""  # e.g. "16B:12 2B:8 cp.async16B:4"
+    needs_tensor_cores: bool = False
 
     @property
     def ok(self) -> bool:
-        limit = MAX_SHARED.get(self.arch, 101376)
-        return not self.error and self.spill_bytes == 0 and self.shared_bytes <= limit
+        return self.verdict == "ok"
 
     @property
     def verdict(self) -> str:
@@ -54,7 +65,68 @@ class CheckResult:
             return "FAIL (spill)"
         if self.shared_bytes > MAX_SHARED.get(self.arch, 101376):
             return "FAIL (shared)"
+        if self.needs_tensor_cores and self.tensor_core_ops == 0:
+            return "FAIL (no tensor cores)"
         return "ok"
+
+    def as_row(self) -> dict[str, object]:
+        """One flat row (a CSV/JSON record) with the verdict."""
+        return {**self.__dict__, "arch": f"sm_{self.arch}", "status": self.verdict}
+
+
+# Element sizes of PTX types, bytes.
+_PTX_BYTES = {"8": 1, "16": 2, "32": 4, "64": 8, "128": 16}
+_LD_GLOBAL = re.compile(r"\bld\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[busf](\d+)\b")
+_CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global(?:\.[a-z0-9_:]+)*\s+"
+                       r"\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")  # fmt: skip
+_BULK = re.compile(r"\bcp\.async\.bulk(?:\.tensor)?\.[^\s;]*global")
+_WGMMA = re.compile(r"\bwgmma\.mma_async(?:\.sp)?\.sync\.aligned\.(m\d+n\d+k\d+)")
+_MMA = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)")
+
+
+def ptx_stats(ptx: str) -> dict[str, object]:
+    """Tensor-core instructions and global loads by width, counted in PTX text.
+
+    ``ld.global[.nc][.v2|.v4].<type><bits>`` is ``v * bits / 8`` bytes per thread;
+    ``cp.async.{ca,cg}.shared.global [dst], [src], N`` copies N bytes; a TMA / bulk copy
+    (``cp.async.bulk[.tensor]``) is counted as such (its width is a whole box, not per thread).
+    Each instruction is counted once where it appears in the text (loops are not unrolled here).
+    """
+    widths: dict[str, int] = {}
+    widest = 0
+    for line in ptx.splitlines():
+        line = line.strip()
+        if not line or line.startswith("//"):
+            continue
+        m = _LD_GLOBAL.search(line)
+        if m:
+            nbytes = int(m.group(1) or 1) * _PTX_BYTES.get(m.group(2), int(m.group(2)) // 8)
+            key = f"{nbytes}B"
+        else:
+            m = _CP_ASYNC.search(line)
+            if m:
+                nbytes = int(m.group(1), 0)
+                key = f"cp.async{nbytes}B"
+            elif _BULK.search(line):
+                nbytes, key = 16, "bulk"
+            else:
+                continue
+        widths[key] = widths.get(key, 0) + 1
+        widest = max(widest, nbytes)
+    shapes: dict[str, int] = {}
+    for kind, pattern in (("wgmma", _WGMMA), ("mma", _MMA)):
+        for m in pattern.finditer(ptx):
+            name = f"{kind} {m.group(1)}"
+            shapes[name] = shapes.get(name, 0) + 1
+    def order(item: tuple[str, int]) -> tuple[int, int]:
+        return (-int(re.sub(r"\D", "", item[0]) or 0), -item[1])
+
+    return {
+        "tensor_core_ops": sum(shapes.values()),
+        "tensor_core_kind": max(shapes, key=lambda k: shapes[k]) if shapes else "",
+        "widest_load_bytes": widest,
+        "loads_by_width": " ".join(f"{k}:{v}" for k, v in sorted(widths.items(), key=order)),
+    }
 
 
 def _parse_arch(text: str) -> list[int] | None:
@@ -115,7 +187,8 @@ def compile_one(spec, arch: int) -> CheckResult:
     start = time.perf_counter()
     module_name, fn_name = spec.kernel.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    base = CheckResult(fn_name, spec.variant, spec.config, arch)
+    needs_tc = bool(getattr(spec, "needs_tensor_cores", False))
+    base = CheckResult(fn_name, spec.variant, spec.config, arch, needs_tensor_cores=needs_tc)
     try:
         signature = dict(spec.signature)
         signature.update({name: "constexpr" for name in spec.constexprs})
@@ -130,6 +203,7 @@ def compile_one(spec, arch: int) -> CheckResult:
             src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options)
         )
         usage = resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+        stats = ptx_stats(compiled.asm["ptx"])
     except Exception as exc:  # reported in the table, exit status non-zero
         message = f"{type(exc).__name__}: {exc}".strip().splitlines()
         return CheckResult(**{**base.__dict__, "error": message[0][:200] if message else "error",
@@ -143,6 +217,8 @@ def compile_one(spec, arch: int) -> CheckResult:
         spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
         shared_bytes=int(compiled.metadata.shared) + usage.get("SHARED", 0),
         seconds=time.perf_counter() - start,
+        needs_tensor_cores=needs_tc,
+        **stats,
     )
 
 
@@ -159,7 +235,8 @@ def _job(args):
 
 
 def format_table(results: list[CheckResult]) -> str:
-    header = ("kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "s", "status")
+    header = ("kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "tensor cores",
+              "widest ld", "global loads", "s", "status")  # fmt: skip
     rows = [
         (
             r.kernel,
@@ -169,6 +246,9 @@ def format_table(results: list[CheckResult]) -> str:
             str(r.registers) if r.registers >= 0 else "-",
             str(r.spill_bytes) if r.spill_bytes >= 0 else "-",
             str(r.shared_bytes) if r.shared_bytes >= 0 else "-",
+            f"{r.tensor_core_ops} {r.tensor_core_kind}".strip() if r.tensor_core_ops >= 0 else "-",
+            f"{r.widest_load_bytes}B" if r.widest_load_bytes >= 0 else "-",
+            r.loads_by_width or "-",
             f"{r.seconds:.1f}",
             r.verdict + (f": {r.error}" if r.error else ""),
         )
@@ -236,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [r for r in results if not r.ok]
     print(
         f"\n{len(results)} variants, {len(archs)} arch(s), {time.perf_counter() - start:.0f} s: "
-        + ("all compile without spills" if not bad else f"{len(bad)} FAILED")
+        + ("all compile without spills, 16-bit head dots on tensor cores" if not bad
+           else f"{len(bad)} FAILED")  # fmt: skip
     )
     return 1 if bad else 0
 

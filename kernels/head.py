@@ -565,6 +565,7 @@ def compile_specs(dims: dict[str, int] | None = None) -> list[KernelSpec]:
                         signature=head_signature(dtype),
                         constexprs=consts,
                         options=_launch_options(cfg),
+                        needs_tensor_cores=key in ("bf16", "fp16", "fp32-tf32"),
                     )
                 )
     return specs

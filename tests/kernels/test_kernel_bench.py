@@ -1,29 +1,91 @@
-"""``bench/bench_kernels.py --smoke`` runs on CPU (CI) and writes its CSV row set."""
+"""The prepared GPU check, dry-run on CPU: ``bash bench/device_check.sh --dry-run OUT``.
+
+It runs the same steps as on the GPU machine at smoke size (kernels in Triton's interpreter, in
+their own process: this test process never sets ``TRITON_INTERPRET``, so a GPU run of the suite is
+not poisoned) and must leave the same CSV files, each with rows.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+STEPS = "env install tests kernels"
 
 
-def test_kernel_benchmark_smoke(tmp_path) -> None:
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not available")
+    out = tmp_path_factory.mktemp("device-check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, DEVICE_CHECK_STEPS=STEPS, DEVICE_CHECK_BUDGET_S="400")
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "device_check.sh"), "--dry-run", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_dry_run_writes_every_step_and_csv(dry_run: Path) -> None:
+    steps = {r["step"]: r for r in _rows(dry_run / "steps.csv")}
+    assert set(steps) == set(STEPS.split())
+    for name, row in steps.items():
+        assert row["status"] == "ok", (name, row)
+        assert float(row["seconds"]) >= 0
+    assert int(steps["kernels"]["csv_rows"]) == 9
+    tests = _rows(dry_run / "tests.csv")
+    assert tests and tests[-1]["test"] == "summary"
+    assert (dry_run / "device_check.log").read_text().count("== ") >= 2 * len(steps)
+    # At most 8 files come back from the device machine: nothing else is left behind.
+    assert len([p for p in dry_run.rglob("*") if p.is_file()]) <= 8
+
+
+def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
+    rows = _rows(dry_run / "kernels.csv")
+    assert {r["provider"] for r in rows} == {"eager_bf16", "compile_bf16", "kernels_bf16"}
+    assert {r["stage"] for r in rows} == {"head", "threshold_pool", "total"}
+    for r in rows:
+        assert r["device"].startswith("cpu") and r["git_rev"] and r["torch"] and r["triton"]
+        assert r["parity"] == "ok" and float(r["max_err_vs_fp32"]) < 0.1
+        assert float(r["median_ms"]) > 0 and float(r["copy_gb_per_s"]) > 0
+    kernel_total = [r for r in rows if r["provider"] == "kernels_bf16" and r["stage"] == "total"]
+    assert float(kernel_total[0]["x_slower_than_kernels"]) == 1.0
+    assert "dynamic=False" in next(r for r in rows if r["provider"] == "compile_bf16")["note"]
+
+
+def test_dry_run_usage_errors() -> None:
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "device_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_kernel_config_parses() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import bench_kernels
     finally:
         sys.path.pop(0)
-    out = tmp_path / "kernels.csv"
-    assert bench_kernels.main(["--smoke", "--csv", str(out)]) == 0
-    rows = list(csv.DictReader(out.open()))
-    providers = {"official_fp32", "eager_bf16", "compile_bf16", "kernels_bf16"}
-    assert {r["provider"] for r in rows} == providers
-    assert {r["stage"] for r in rows} == {"head", "threshold_pool", "total"}
-    assert len(rows) == 4 * 3
-    for r in rows:
-        assert r["device"].startswith("cpu") and r["git_rev"] and r["torch"] and r["triton"]
-        assert float(r["median_ms"]) > 0 and float(r["copy_gb_per_s"]) > 0
-    kernel_total = [r for r in rows if r["provider"] == "kernels_bf16" and r["stage"] == "total"]
-    assert float(kernel_total[0]["x_slower_than_kernels"]) == 1.0
+    cfg = bench_kernels.parse_kernel_config("P64-I64-O128-w8")
+    assert (cfg.BLOCK_P, cfg.BLOCK_I, cfg.BLOCK_O, cfg.num_warps) == (64, 64, 128, 8)
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_kernel_config("P64-X3")

@@ -29,6 +29,12 @@ def test_check_compiles_without_spills_quick() -> None:
     )
     assert any(line.startswith("_otsu_histogram_kernel") for line in lines)
     assert "all compile without spills" in proc.stdout
+    # The new columns: bf16 dots on tensor cores (mma.sync on sm_80, wgmma on sm_90) and the
+    # global loads by width.
+    sm80 = next(h for h in head if " sm_80 " in h)
+    sm90 = next(h for h in head if " sm_90 " in h)
+    assert " mma m16n8k16" in sm80 and " wgmma m64n" in sm90
+    assert "16B:" in sm90
 
 
 @pytest.mark.slow
@@ -62,3 +68,57 @@ def test_check_table_flags_spills() -> None:
     assert clean.ok and not spilled.ok and not broken.ok
     table = format_table([clean, spilled, broken])
     assert "FAIL (spill)" in table and "FAIL (compile)" in table
+
+
+PTX = """
+// a comment: ld.global.v4.b32 must not count
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p1 ld.global.nc.b16 { %rs1 }, [ %rd2 + 0 ];
+    ld.global.L1::evict_last.v2.b32 { %r5, %r6 }, [ %rd3 + 0 ];
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x10, %r8;
+    cp.async.ca.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x8, %r10;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd6, %rd7, %p2, 1, 1, 0, 1;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd6, %rd7, %p2, 1, 1, 0, 1;
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};
+    st.global.v4.b32 [ %rd8 + 0 ], { %r1, %r2, %r3, %r4 };
+"""
+
+
+def test_ptx_stats_counts_tensor_cores_and_load_widths() -> None:
+    from fastinsight.kernels.check import ptx_stats
+
+    stats = ptx_stats(PTX)
+    assert stats["tensor_core_ops"] == 3
+    assert stats["tensor_core_kind"] == "wgmma m64n64k16"
+    assert stats["widest_load_bytes"] == 16
+    widths = dict(item.split(":") for item in stats["loads_by_width"].split())
+    assert widths == {"16B": "1", "8B": "1", "2B": "1", "cp.async16B": "1", "cp.async8B": "1"}
+    scalar = ptx_stats("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];\nfma.rn.f32 %f1, %f2, %f3, %f4;")
+    assert scalar["tensor_core_ops"] == 0 and scalar["widest_load_bytes"] == 2
+
+
+def test_check_fails_a_16_bit_head_without_tensor_cores() -> None:
+    from fastinsight.kernels.check import CheckResult
+
+    simt = CheckResult("k", "bf16", "c", 90, registers=128, spill_bytes=0, shared_bytes=1024,
+                       tensor_core_ops=0, needs_tensor_cores=True)  # fmt: skip
+    mma = CheckResult("k", "bf16", "c", 90, registers=128, spill_bytes=0, shared_bytes=1024,
+                      tensor_core_ops=12, needs_tensor_cores=True)  # fmt: skip
+    fp32 = CheckResult("k", "fp32-ieee", "c", 90, registers=128, spill_bytes=0, shared_bytes=1024,
+                       tensor_core_ops=0)  # fmt: skip
+    assert simt.verdict == "FAIL (no tensor cores)" and not simt.ok
+    assert mma.ok and fp32.ok
+    assert mma.as_row()["status"] == "ok" and mma.as_row()["arch"] == "sm_90"
+
+
+def test_head_specs_demand_tensor_cores_for_16_bit() -> None:
+    # compile_specs reads the compiled (not interpreted) kernel's signature: its own process.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "from fastinsight.kernels.head import compile_specs\n"
+        "for s in compile_specs():\n"
+        "    assert s.needs_tensor_cores == (not s.variant.startswith('fp32-ieee')), s.variant\n"
+        "print(len(compile_specs()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and int(proc.stdout) > 0, proc.stderr
