@@ -1,17 +1,35 @@
-"""CPU-side reference benchmarks (pytest-benchmark): the head, Otsu and pooling references.
+"""CPU benchmarks: fastinsight's CPU head + threshold + pooling against the official code.
 
 Not part of the test suite (``testpaths = tests``); run it explicitly:
 
     pytest bench/test_bench_cpu.py --benchmark-only [--benchmark-json bench/results/cpu.json]
+    python bench/test_bench_cpu.py --csv bench/results/cpu_head.csv [--tiles 256 --repeats 5]
 
-The shapes are the UNI tile (C = 1024, 14 x 14) at a CPU-sized N; GPU timings of the kernels
-and the references side by side come from ``bench/bench_kernels.py`` (``do_bench``).
+"official" is the official ``models/Insight.py`` (Zhangdylan83/Insight) re-expressed as a plain
+``torch.nn`` module in fp32 eval mode with the official module indices (so it loads the same
+``state_dict``), scikit-image's Otsu on the host and SmoothMax(8): ``OfficialInsight`` below.
+"ours" is ``InsightModel.predict`` on the CPU (``fastinsight.reference.insight_head_cpu``:
+channels-last GEMMs + Winograd 3x3; the device Otsu and pooling). The script form times the two
+interleaved (official, ours, official, ours, ...) so a machine shared with other work loads both
+alike, checks that heatmaps and scores agree to 1e-5, and appends one CSV row with the median
+tiles/s of each and the median of the per-pair ratios, with the CPU model and thread count.
+GPU timings come from ``bench/bench_kernels.py`` (``do_bench``).
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import datetime as dt
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from fastinsight.config import InsightConfig
 from fastinsight.model import InsightModel
@@ -19,14 +37,159 @@ from fastinsight.otsu import otsu_threshold
 from fastinsight.pooling import lse_lba, smoothmax
 from fastinsight.reference import insight_head_reference
 
-pytest.importorskip("pytest_benchmark")
-
 N_TILES = 16
 CELLS = 196
+REPO = Path(__file__).resolve().parents[1]
+
+
+class OfficialInsight(nn.Module):
+    """The official INSIGHT module as plain ``torch.nn`` (spec section 1), fp32, eval.
+
+    Shapes: tokens ``[N, C, h, w]`` -> raw heatmap ``[N, K, h, w]``.
+    """
+
+    def __init__(self, c: int, k: int, h: int = 14, w: int = 14) -> None:
+        super().__init__()
+
+        def ln(ch: int) -> nn.LayerNorm:
+            return nn.LayerNorm([ch, h, w])
+
+        self.reduce_dimension_block = nn.Sequential(nn.Conv2d(c, 128, 1), nn.GELU(), ln(128))
+        self.backbone_block = nn.Sequential(
+            nn.Conv2d(128, 128, 1), nn.GELU(), ln(128),
+            nn.Conv2d(128, 64, 1), nn.GELU(), ln(64),
+            nn.Conv2d(64, 64, 1), nn.GELU(), ln(64),
+            nn.Conv2d(64, k, 1),
+        )  # fmt: skip
+        pad = nn.ReplicationPad2d(1)
+        self.context_block = nn.Sequential(
+            pad, nn.Conv2d(128, 128, 3), nn.GELU(), ln(128),
+            pad, nn.Conv2d(128, 64, 3), nn.GELU(), ln(64),
+            pad, nn.Conv2d(64, 64, 3), nn.GELU(), ln(64),
+            pad, nn.Conv2d(64, k, 3),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.reduce_dimension_block(x)
+        d = torch.sigmoid(self.backbone_block(z))
+        return torch.relu(d - d * torch.sigmoid(self.context_block(z)))
+
+
+def official_predict(model: OfficialInsight, tokens: torch.Tensor, a: float = 8.0):
+    """Official inference: head, Otsu (scikit-image, host) per class over the slide, SmoothMax.
+
+    Shapes: tokens ``[N, C, h, w]`` -> (heatmap ``[N, K, h, w]``, scores ``[K]``).
+    """
+    from skimage.filters import threshold_otsu
+
+    with torch.no_grad():
+        raw = model(tokens)
+        k = raw.shape[1]
+        values = raw.transpose(0, 1).reshape(k, -1)
+        t = torch.tensor([threshold_otsu(v.numpy()) for v in values], dtype=values.dtype)
+        kept = values * (values > t[:, None])
+        e = torch.exp(a * kept)
+        scores = (kept * e).sum(1) / e.sum(1)
+    return kept.reshape(k, raw.shape[0], *raw.shape[2:]).transpose(0, 1), scores
+
+
+def compare(tiles: int, repeats: int, k: int = 1, c: int = 1024) -> dict[str, object]:
+    """Interleaved timing of official vs ours at ``tiles`` tiles; outputs checked to 1e-5."""
+    torch.manual_seed(0)
+    ours = InsightModel(InsightConfig(in_dim=c, num_classes=k), backend="reference").eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn(p.shape))  # trained-looking, not the init
+    official = OfficialInsight(c, k).eval()
+    official.load_state_dict(ours.state_dict())
+    tokens = torch.randn(tiles, c, 14, 14)
+    heat_o, scores_o = official_predict(official, tokens)
+    pred = ours.predict(tokens)
+    err = max(
+        (pred.heatmap - heat_o).abs().max().item(), (pred.scores - scores_o).abs().max().item()
+    )
+    if err > 1e-5:
+        raise SystemExit(f"test_bench_cpu: ours differs from official by {err:.3g} (> 1e-5)")
+    t_off, t_ours = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        official_predict(official, tokens)
+        t_off.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ours.predict(tokens)
+        t_ours.append(time.perf_counter() - start)
+    ratios = [o / u for o, u in zip(t_off, t_ours, strict=True)]
+    return {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_rev": _git_rev(),
+        "device": f"{_cpu_model()} ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "N": tiles,
+        "C": c,
+        "K": k,
+        "repeats": repeats,
+        "official_tiles_per_s": round(tiles / statistics.median(t_off), 2),
+        "ours_tiles_per_s": round(tiles / statistics.median(t_ours), 2),
+        "median_ratio": round(statistics.median(ratios), 3),
+        "min_ratio": round(min(ratios), 3),
+        "max_abs_err": float(f"{err:.3g}"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_rev() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="official vs fastinsight on the CPU, interleaved")
+    parser.add_argument("--tiles", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--classes", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="N = 8, C = 64, one repeat")
+    parser.add_argument("--csv", type=Path, default=REPO / "bench" / "results" / "cpu_head.csv")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        row = compare(8, 1, args.classes, c=64)
+    else:
+        row = compare(args.tiles, args.repeats, args.classes)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.csv.exists()
+    with args.csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 @pytest.fixture(scope="module")
 def weights():
+    pytest.importorskip("pytest_benchmark")
     torch.manual_seed(0)
     model = InsightModel(InsightConfig(in_dim=1024, num_classes=3), backend="reference").eval()
     return model.head_weights()
@@ -46,6 +209,22 @@ def test_bench_head_reference(benchmark, weights, dtype) -> None:
     with torch.no_grad():
         out = benchmark(insight_head_reference, x, w)
     assert out.shape == (N_TILES, 3, 14, 14)
+
+
+@pytest.mark.parametrize("impl", ["official", "ours"])
+def test_bench_predict_vs_official(benchmark, impl) -> None:
+    """Head + threshold + pooling at N = 64: the official module vs ``InsightModel.predict``."""
+    torch.manual_seed(0)
+    ours = InsightModel(InsightConfig(in_dim=1024, num_classes=1), backend="reference").eval()
+    official = OfficialInsight(1024, 1).eval()
+    official.load_state_dict(ours.state_dict())
+    x = torch.randn(64, 1024, 14, 14)
+    if impl == "official":
+        heat, scores = benchmark(official_predict, official, x)
+    else:
+        pred = benchmark(ours.predict, x)
+        heat, scores = pred.heatmap, pred.scores
+    assert heat.shape == (64, 1, 14, 14) and bool(torch.isfinite(scores).all())
 
 
 def test_bench_otsu_reference(benchmark, values) -> None:

@@ -24,6 +24,7 @@ from fastinsight.ops.reference import (
     ConvLayer,
     HeadWeights,
     gate,
+    insight_head_cpu,
     insight_head_reference,
     insight_logits_reference,
     tokens_as_grid,
@@ -204,8 +205,18 @@ class InsightModel(nn.Module):
 
             return insight_head(grid, self.head_weights())
         # Tokens may come from a bf16-autocast encoder; the reference runs in the weights' dtype.
-        weight_dtype = self.head_weights().reduce.weight.dtype
-        return insight_head_reference(grid.to(weight_dtype), self.head_weights())
+        weights = self.head_weights()
+        weight_dtype = weights.reduce.weight.dtype
+        if (
+            grid.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and weight_dtype in (torch.float32, torch.float64)
+            and all(layer.kernel_size == 3 for layer in weights.context)
+        ):
+            # Inference on a CPU: the same function as channels-last GEMMs + Winograd 3x3
+            # (fastinsight.reference.insight_head_cpu; equal to the reference within ~1e-6).
+            return insight_head_cpu(grid, weights)
+        return insight_head_reference(grid.to(weight_dtype), weights)
 
     def raw_heatmap(self, tokens: Tensor, chunk_size: int | None = 4096) -> Tensor:
         """The raw heatmap of a bag of tiles, ``chunk_size`` tiles at a time (bounded memory)."""
@@ -288,12 +299,14 @@ class InsightModel(nn.Module):
         Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, mask ``[N, h, w]`` bool (None = all) ->
         ``SlidePrediction``.
         """
-        if check_finite and not bool(torch.isfinite(tokens).all()):
-            raise InputError("token grids contain NaN or inf; check the feature extraction")
         if self.config.context == "slide":
             raw = self(tokens, mask)
         else:
             raw = self.raw_heatmap(tokens, chunk_size)
+        # NaN or inf in the tokens propagates through the convolutions and the LayerNorm to the
+        # heatmap, so checking the small heatmap replaces a second full pass over the tokens.
+        if check_finite and not bool(torch.isfinite(raw).all()):
+            raise InputError("token grids contain NaN or inf; check the feature extraction")
         heatmap, t, scores = self.threshold_and_pool(raw, mask)
         # The one host synchronisation, after the slide is done: an empty mask on the device
         # surfaces here as NaN scores.
