@@ -118,6 +118,7 @@ def ptx_stats(ptx: str) -> dict[str, object]:
         for m in pattern.finditer(ptx):
             name = f"{kind} {m.group(1)}"
             shapes[name] = shapes.get(name, 0) + 1
+
     def order(item: tuple[str, int]) -> tuple[int, int]:
         return (-int(re.sub(r"\D", "", item[0]) or 0), -item[1])
 
@@ -316,8 +317,11 @@ def run(args: argparse.Namespace) -> int:
     bad = [r for r in results if not r.ok]
     print(
         f"\n{len(results)} variants, {len(archs)} arch(s), {time.perf_counter() - start:.0f} s: "
-        + ("all compile without spills, 16-bit head dots on tensor cores" if not bad
-           else f"{len(bad)} FAILED")  # fmt: skip
+        + (
+            "all compile without spills, 16-bit head dots on tensor cores"
+            if not bad
+            else f"{len(bad)} FAILED"
+        )  # fmt: skip
     )
     return 1 if bad else 0
 

@@ -84,10 +84,13 @@ class HeadLaunchConfig:
 
 # One config per compute type: blocks that compile for sm_80 and sm_90 without a register spill
 # (``fastinsight kernels check`` proves it for every variant; larger ones spill). Pipelining the
-# token stream (token_stages=2) fits in registers for 16-bit tokens only.
+# token stream (token_stages=2) fits in registers for 16-bit tokens only. 16-bit: K steps of 64
+# and 128-wide output blocks cut a tile's dot iterations from 768 to 304 (the 3x3 c0 layer from
+# 288 to 72) at the same 1 CTA/SM occupancy (docs/kernel-analysis.md section 2; P128 spills).
+FAST_16BIT = HeadLaunchConfig(BLOCK_P=64, BLOCK_I=64, BLOCK_O=128)
 GPU_CONFIGS: dict[str, HeadLaunchConfig] = {
-    "bf16": HeadLaunchConfig(),
-    "fp16": HeadLaunchConfig(),
+    "bf16": FAST_16BIT,
+    "fp16": FAST_16BIT,
     "fp32-tf32": HeadLaunchConfig(token_stages=1),
     "fp32-ieee": HeadLaunchConfig(token_stages=1),
 }
@@ -526,8 +529,10 @@ def head_signature(dtype: torch.dtype) -> dict[str, str]:
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
             continue
-        if name in ("x_ptr", "out_ptr", "act_ptr"):
+        if name in ("x_ptr", "act_ptr"):
             sig[name] = act
+        elif name == "out_ptr":
+            sig[name] = "*fp32"  # the heatmap is fp32 whatever the tokens (Otsu's histogram)
         elif name.endswith("w_ptr") and not name.endswith("nw_ptr"):
             sig[name] = act  # conv weights, in the compute dtype
         elif name.endswith("_ptr"):
@@ -589,7 +594,7 @@ def insight_head_launch(
     precision: str = "ieee",
     config: HeadLaunchConfig | None = None,
 ) -> Tensor:
-    """Launch the fused head. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` (tokens' dtype)."""
+    """Launch the fused head. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dims = check_head_inputs(tokens, params, norm)
@@ -606,7 +611,9 @@ def insight_head_launch(
     act_size, g_size = scratch_sizes(dims, h * w, programs, max(16, next_pow2(dims["K"])))
     act = torch.empty(act_size, device=device, dtype=tokens.dtype)
     g = torch.empty(g_size, device=device, dtype=torch.float32)
-    out = torch.empty((n, dims["K"], h, w), device=device, dtype=tokens.dtype)
+    # fp32 whatever the tokens: bf16 keeps ~8 bits, coarser than a 256-bin Otsu histogram over
+    # [0, 1] above 0.5, which would move the threshold against the fp32 official model.
+    out = torch.empty((n, dims["K"], h, w), device=device, dtype=torch.float32)
     _insight_head_fwd_kernel[(programs,)](
         x, out, act, g, *prepared,
         n, dims["C"], dims["K"], h, w,

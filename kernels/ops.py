@@ -47,7 +47,7 @@ def _insight_head_fake(
 ) -> Tensor:
     n, _, h, w = tokens.shape
     k = params[16].shape[0]  # the last detection conv's weight [K, W3, 1, 1]
-    return tokens.new_empty((n, k, h, w))
+    return tokens.new_empty((n, k, h, w), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastinsight::otsu_threshold", mutates_args=())
@@ -89,8 +89,8 @@ def insight_head(tokens: Tensor, weights: HeadWeights, *, precision: str = "ieee
     """Fused INSIGHT head: raw heatmap of a batch of token grids, as ``insight_head_reference``.
 
     Shapes: tokens ``[N, C, h, w]`` (any strides: a channels-last view of the encoder's
-    ``[N, h*w, C]`` from ``tokens_as_grid`` is read in place) -> ``[N, K, h, w]`` in the tokens'
-    dtype (fp32, fp16 or bf16; fp32 accumulation). ``precision`` applies to fp32 tokens:
+    ``[N, h*w, C]`` from ``tokens_as_grid`` is read in place) -> ``[N, K, h, w]`` float32 for
+    fp32, fp16 or bf16 tokens (fp32 accumulation; the heatmap stays fp32 for Otsu). ``precision`` applies to fp32 tokens:
     ``"ieee"`` (exact fp32 dots, the parity setting) or ``"tf32"`` (tensor cores).
     """
     params = _head.flatten_weights(weights)

@@ -213,8 +213,8 @@ class InsightModel(nn.Module):
             and weight_dtype in (torch.float32, torch.float64)
             and all(layer.kernel_size == 3 for layer in weights.context)
         ):
-            # Inference on a CPU: the same function as channels-last GEMMs + Winograd 3x3
-            # (fastinsight.reference.insight_head_cpu; equal to the reference within ~1e-6).
+            # Inference on a CPU: the same function with channels-last (oneDNN-native) maps
+            # (channels-last oneDNN convolutions; equal to the reference within ~1e-6).
             return insight_head_cpu(grid, weights)
         return insight_head_reference(grid.to(weight_dtype), weights)
 

@@ -140,111 +140,73 @@ def insight_head_reference(tokens: Tensor, weights: HeadWeights) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# The same head, reformulated for CPUs (``InsightModel`` uses it for inference on the CPU)
+# The same head, laid out for CPUs (``InsightModel`` uses it for inference on the CPU)
 # ------------------------------------------------------------------------------------------------
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile
-# d and 3x3 filter g, 2x2 outputs per tile: 16 multiplies where the direct form needs 36. The
-# transforms of B and A are additions only; G has halves; all exact-ish in fp32 (error ~1e-7 rel).
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Tiles per chunk: the channels-last activations of a chunk stay in the CPU's caches.
-CPU_CHUNK = 32
+# Tiles per chunk: a chunk's activations stay in the CPU's caches between layers.
+CPU_CHUNK = 64
 
 
-def _wino_filters(weight: Tensor) -> Tensor:
-    """``U = G g G^T`` for every (out, in) pair. Shapes: ``[O, I, 3, 3]`` -> ``[16, I, O]``."""
-    g = torch.tensor(_WINO_G, dtype=weight.dtype, device=weight.device)
-    u = torch.einsum("ak,oikl,bl->abio", g, weight, g)  # [4, 4, I, O]
-    return u.reshape(16, weight.shape[1], weight.shape[0]).contiguous()
+def _cl_hidden(y: Tensor, layer: ConvLayer, kind: str, eps: float, affine) -> Tensor:
+    """GELU + LayerNorm of a channels-last ``[n, c, h, w]`` map, staying channels-last.
 
-
-def _wino_conv3x3(x: Tensor, u: Tensor, bias: Tensor, h: int, w: int) -> Tensor:
-    """Replicate-padded 3x3 convolution of channels-last grids by Winograd F(2x2, 3x3).
-
-    Shapes: x ``[N, h*w, I]``, u ``[16, I, O]`` (``_wino_filters``), bias ``[O]`` ->
-    ``[N, h*w, O]``. Odd sizes are handled by replicating one more border row/column into a
-    tile whose extra outputs are cropped.
+    The normalisation runs on the contiguous ``[n, h, w, c]`` view, with the ``[c, h, w]``
+    affine permuted to ``[h, w, c]`` once (tile norm) or the channel affine (channel norm).
     """
-    n, _, ci = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
-    rows = torch.arange(-1, 2 * th + 1, device=x.device).clamp(0, h - 1)
-    cols = torch.arange(-1, 2 * tw + 1, device=x.device).clamp(0, w - 1)
-    grid = x.view(n, h, w, ci)
-    p = grid.index_select(1, rows).index_select(2, cols)  # [N, 2th+2, 2tw+2, I] replicate pad
-    # d[i][j]: the 4x4 input tiles at stride 2, as 16 strided views [N, th, tw, I].
-    d = [[p[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
-    # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), then the same along the columns.
-    t = [[d[0][j] - d[2][j], d[1][j] + d[2][j], d[2][j] - d[1][j], d[1][j] - d[3][j]]
-         for j in range(4)]  # fmt: skip  # t[j][a]
-    v = torch.stack(
-        [
-            torch.stack(
-                [t[0][a] - t[2][a], t[1][a] + t[2][a], t[2][a] - t[1][a], t[1][a] - t[3][a]]
-            )
-            for a in range(4)
-        ]
-    )  # [4(a), 4(b), N, th, tw, I]
-    m = torch.bmm(v.reshape(16, n * th * tw, ci), u).view(4, 4, n, th, tw, -1)
-    # A^T m A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-    r0 = m[0] + m[1] + m[2]
-    r1 = m[1] - m[2] - m[3]
-    y = torch.stack(
-        [torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], dim=3) for r in (r0, r1)],
-        dim=2,
-    )  # [N, th, 2, tw, 2, O]
-    y = y.reshape(n, 2 * th, 2 * tw, -1)[:, :h, :w]
-    return (y + bias).reshape(n, h * w, -1)
-
-
-def _cl_norm(y: Tensor, layer: ConvLayer, kind: str, eps: float, affine: tuple[Tensor, Tensor]):
-    """LayerNorm of channels-last activations ``[N, h*w, c]`` (tile: over cells and channels)."""
+    v = F.gelu(y).permute(0, 2, 3, 1)
     if kind == "tile":
-        return F.layer_norm(y, tuple(y.shape[1:]), affine[0], affine[1], eps)
-    return F.layer_norm(y, (y.shape[-1],), layer.norm_weight, layer.norm_bias, eps)
+        v = F.layer_norm(v, tuple(v.shape[1:]), affine[0], affine[1], eps)
+    else:
+        v = F.layer_norm(v, (v.shape[-1],), layer.norm_weight, layer.norm_bias, eps)
+    return v.permute(0, 3, 1, 2)
 
 
 def insight_head_cpu(tokens: Tensor, weights: HeadWeights, chunk: int = CPU_CHUNK) -> Tensor:
-    """``insight_head_reference``, computed the way a CPU is fast at, same values (fp32 ~1e-6).
+    """``insight_head_reference`` laid out the way a CPU is fast at; same values (fp32 ~1e-6).
 
-    Channels-last throughout: the 1x1 convolutions are one GEMM each over all cells of a chunk
-    (``[n*h*w, c_in] @ [c_in, c_out]``, no NCHW reorder), the replicate-padded 3x3 convolutions
-    are Winograd F(2x2, 3x3) (2.25x fewer multiplies, 62 % of the head's FLOPs), LayerNorm
-    ([c, h, w]) runs on ``[n, h*w, c]`` with its affine transposed once, and ``chunk`` tiles
-    at a time keep the activations in cache. Official architecture with a 1x1 reduce.
+    Every activation is channels-last (``torch.channels_last``: oneDNN's native layout, so its
+    convolutions skip the NCHW <-> blocked reorders that take about half of their time on NCHW
+    maps); the encoder's ``[N, h*w, C]`` tokens viewed as a grid are already channels-last
+    (``tokens_as_grid``), NCHW tokens are converted once per chunk. LayerNorm([c, h, w]) runs on
+    the contiguous ``[n, h, w, c]`` view with its affine permuted once; ``chunk`` tiles at a time
+    keep the activations in cache.
 
-    Shapes: tokens ``[N, C, h, w]`` (any strides; a channels-last view of ``[N, h*w, C]`` is
-    read without a copy) -> heatmap ``[N, K, h, w]`` in the tokens' dtype.
+    Shapes: tokens ``[N, C, h, w]`` (any strides) -> heatmap ``[N, K, h, w]`` in the tokens'
+    dtype.
     """
-    n, c, h, w = tokens.shape
+    n, _, h, w = tokens.shape
     dtype = weights.reduce.weight.dtype
     kind, eps = weights.norm, weights.eps
+    cl = torch.channels_last
 
-    def mat(layer: ConvLayer) -> Tensor:  # 1x1 conv weight [O, I, 1, 1] -> [I, O]
-        return layer.weight[:, :, 0, 0].t()
+    def affine(layer: ConvLayer):
+        if kind != "tile" or layer.norm_weight is None:
+            return None
+        return (layer.norm_weight.permute(1, 2, 0), layer.norm_bias.permute(1, 2, 0))
 
-    def affine(layer: ConvLayer) -> tuple[Tensor, Tensor]:  # [c, h, w] -> [h*w, c]
-        if kind != "tile":
-            return (layer.norm_weight, layer.norm_bias)
-        return (layer.norm_weight.flatten(1).t(), layer.norm_bias.flatten(1).t())
+    def prepared(layer: ConvLayer):
+        return (layer.weight.contiguous(memory_format=cl), layer, affine(layer))
 
-    def hidden(y: Tensor, layer: ConvLayer) -> Tensor:
-        return _cl_norm(F.gelu(y), layer, kind, eps, affine(layer))
+    reduce = prepared(weights.reduce)
+    detect = [prepared(layer) for layer in weights.detect]
+    context = [prepared(layer) for layer in weights.context]
 
-    wino = [_wino_filters(layer.weight) for layer in weights.context]
+    def conv(x: Tensor, spec, pad: bool) -> Tensor:
+        weight, layer, aff = spec
+        if pad and layer.kernel_size > 1:
+            p = layer.kernel_size // 2
+            x = F.pad(x, (p, p, p, p), mode="replicate")
+        y = F.conv2d(x, weight, layer.bias)
+        return y if layer.norm_weight is None else _cl_hidden(y, layer, kind, eps, aff)
+
     out = torch.empty((n, weights.num_classes, h, w), dtype=tokens.dtype, device=tokens.device)
     for s in range(0, n, chunk):
-        x = tokens[s : s + chunk].to(dtype)
-        b = x.shape[0]
-        # [b, C, h, w] -> [b, h*w, C]: free for a channels-last view, one copy for NCHW.
-        xc = x.flatten(2).transpose(1, 2)
-        z = hidden(torch.matmul(xc, mat(weights.reduce)) + weights.reduce.bias, weights.reduce)
+        x = tokens[s : s + chunk].to(dtype).contiguous(memory_format=cl)
+        z = conv(x, reduce, pad=False)
         d = z
-        for layer in weights.detect:
-            y = torch.addmm(layer.bias, d.reshape(b * h * w, -1), mat(layer)).view(b, h * w, -1)
-            d = y if layer.norm_weight is None else hidden(y, layer)
-        cx = z
-        for layer, u in zip(weights.context, wino, strict=True):
-            y = _wino_conv3x3(cx, u, layer.bias, h, w)
-            cx = y if layer.norm_weight is None else hidden(y, layer)
-        heat = torch.sigmoid(d) * torch.sigmoid(-cx)  # [b, h*w, K]
-        out[s : s + b] = heat.transpose(1, 2).reshape(b, -1, h, w)
+        for spec in detect:
+            d = conv(d, spec, pad=False)
+        c = z
+        for spec in context:
+            c = conv(c, spec, pad=True)
+        out[s : s + x.shape[0]] = torch.sigmoid(d) * torch.sigmoid(-c)
     return out

@@ -21,6 +21,9 @@ CASES = [
     (3, 96, (4, 4), 3, "channel", "strided"),
     (1, 200, (14, 14), 1, "tile", "nchw"),
     (2, 200, (14, 14), 3, "channel", "nhwc"),
+    # The other grids the models use: patch-14 encoders at 224 px, DINOv2 CT slices (tiny N, C).
+    (2, 48, (16, 16), 3, "tile", "nchw"),
+    (1, 32, (37, 37), 1, "tile", "nhwc"),
 ]
 DTYPES = [torch.float32, torch.float16]
 
@@ -63,7 +66,7 @@ def test_head_matches_reference(case, dtype) -> None:
         )
         kernel_model = copy_as(model, dtype, DEVICE)
         out = insight_head(x.to(device=DEVICE, dtype=dtype), kernel_model.head_weights())
-    assert out.shape == (n, k, *grid) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (n, k, *grid) and out.dtype == torch.float32 and out.is_contiguous()
     err = max_err(out, ref64)
     if dtype == torch.float32:
         assert err <= FP32_ATOL, f"fp32 error {err:.2e} > {FP32_ATOL:.0e}"
@@ -174,3 +177,33 @@ def test_interpreter_refuses_bf16() -> None:
     model = make_model(96, 1, (4, 4), "tile").to(torch.bfloat16)
     with torch.no_grad(), pytest.raises(InputError, match="bfloat16"):
         insight_head(torch.randn(1, 96, 4, 4, dtype=torch.bfloat16), model.head_weights())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the GPU block configs through the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_gpu_block_configs_in_interpreter(dtype) -> None:
+    """The blocks the GPU launches (several cell blocks and output blocks per layer, the Chan
+    merge across blocks, padded rows clamped) give the same heatmap as the reference."""
+    from fastinsight.kernels.head import (
+        GPU_CONFIGS,
+        compute_key,
+        flatten_weights,
+        insight_head_launch,
+    )
+
+    n, c, grid, k = 2, 64, (14, 14), 3
+    model = make_model(c, k, grid, "tile")
+    x = torch.randn(n, c, *grid)
+    cfg = GPU_CONFIGS[compute_key(dtype, "ieee")]
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            x.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        w = copy_as(model, dtype, "cpu").head_weights()
+        out = insight_head_launch(x.to(dtype), flatten_weights(w), "tile", 1e-5, "ieee", cfg)
+        if dtype == torch.float32:
+            bound = FP32_ATOL
+        else:
+            bound = lowp_bound(dtype, max_err(insight_head_reference(x.to(dtype), w), ref64))
+    assert out.dtype == torch.float32
+    assert max_err(out, ref64) <= bound
