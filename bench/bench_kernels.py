@@ -277,7 +277,9 @@ def parse_kernel_config(text: str):
     for part in text.split("-"):
         match = re.fullmatch(r"([PIOwt])(\d+)", part)
         if not match:
-            raise SystemExit(f"bench_kernels: --kernel-config expects e.g. P64-I64-O128, got {text!r}")
+            raise SystemExit(
+                f"bench_kernels: --kernel-config expects e.g. P64-I64-O128, got {text!r}"
+            )
         fields[keys[match.group(1)]] = int(match.group(2))
     return dataclasses.replace(HeadLaunchConfig(), **fields)
 
@@ -370,9 +372,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         )
         model = InsightModel(config, backend="reference").eval().to(device)
         weights = model.head_weights()
-        providers = make_providers(
-            model, args.smoke, device, args.providers, args.kernel_config
-        )
+        providers = make_providers(model, args.smoke, device, args.providers, args.kernel_config)
         from fastinsight.reference import insight_head_reference
 
         for n in args.tiles:
@@ -426,7 +426,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                             "copy_gb_per_s": _sig(copy_gbs),
                             "matmul_tflop_per_s": _sig(mm_tflops),
                             "max_err_vs_fp32": _sig(errors[name]),
-                            "parity": "ok" if ok else ("-" if errors[name] != errors[name] else "FAILED"),
+                            "parity": "ok"
+                            if ok
+                            else ("-" if errors[name] != errors[name] else "FAILED"),
                             "config": prov.get("config", ""),
                             "note": note,
                         }
