@@ -292,11 +292,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Compile, print the table; 0 when every variant compiles without spilling, else 1 (2: usage)."""
-    archs = _parse_arch(args.arch)
+def check_command(arch: str = "sm_80,sm_90", only: list[str] | None = None, jobs: int = 1) -> int:
+    """``fastinsight kernels check`` without argparse: compile, print the table, return the exit
+    status (0 when every variant passes, 1 when one fails, 2 on a usage problem)."""
+    archs = _parse_arch(arch)
     if not archs:
-        print(f"fastinsight kernels check: --arch expects e.g. sm_80,sm_90; got {args.arch!r}",
+        print(f"fastinsight kernels check: --arch expects e.g. sm_80,sm_90; got {arch!r}",
               file=sys.stderr)  # fmt: skip
         return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -309,9 +310,9 @@ def run(args: argparse.Namespace) -> int:
         print("fastinsight kernels check: Triton is not installed", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results = run_check(archs, args.only, max(1, args.jobs))
+    results = run_check(archs, only, max(1, jobs))
     if not results:
-        print(f"fastinsight kernels check: no variant matches --only {args.only}", file=sys.stderr)
+        print(f"fastinsight kernels check: no variant matches --only {only}", file=sys.stderr)
         return 2
     print(format_table(results))
     bad = [r for r in results if not r.ok]
@@ -324,6 +325,11 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     )
     return 1 if bad else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI's runner: ``check_command`` with the parsed flags."""
+    return check_command(args.arch, args.only, args.jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
