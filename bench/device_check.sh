@@ -119,7 +119,8 @@ EOF
 }
 
 # The package must import from THIS checkout. pip without network or build isolation; if that is
-# not possible, a `sitecustomize` on PYTHONPATH that maps pyproject's package-dir entries
+# not possible, a `sitecustomize` on PYTHONPATH that maps the package-dir entries (pyproject's,
+# and the root folders kernels/ and export/ that ship as fastinsight.kernels / .export)
 # (fastinsight.kernels -> kernels/ ...) the way setuptools' editable finder does, ahead of any
 # other installed copy, with the checkout itself first on PYTHONPATH.
 importable() {
@@ -137,6 +138,10 @@ repo, shadow = sys.argv[1:]
 with open(os.path.join(repo, "pyproject.toml"), "rb") as f:
     mapping = tomllib.load(f).get("tool", {}).get("setuptools", {}).get("package-dir", {})
 mapping = {k: os.path.join(repo, v) for k, v in mapping.items() if k.startswith("fastinsight.")}
+# setup.py may hold the mapping instead: root folders that ship inside the fastinsight namespace.
+for name in ("kernels", "export"):
+    if os.path.isdir(os.path.join(repo, name)) and not os.path.isdir(os.path.join(repo, "fastinsight", name)):
+        mapping.setdefault(f"fastinsight.{name}", os.path.join(repo, name))
 code = f"""# written by bench/device_check.sh: the package-dir mapping of {repo}/pyproject.toml
 import importlib.abc, importlib.util, os, sys
 _MAP = {json.dumps(mapping)}
