@@ -51,6 +51,14 @@ LAYOUT_NCHW = 1  # [N, C, h, w] with the h*w cells contiguous (stride_xw = 1, st
 LAYOUT_NHWC = 2  # channels last, e.g. the encoder's [N, h*w, C] (stride_xc = 1)
 LAYOUT_NAMES = {LAYOUT_STRIDED: "strided", LAYOUT_NCHW: "nchw", LAYOUT_NHWC: "nhwc"}
 
+# What ``_head_layer`` does after its convolution (compile-time constants of the kernel).
+MODE_HIDDEN = tl.constexpr(0)  # GELU + LayerNorm into the next layer's input
+MODE_DETECT_OUT = tl.constexpr(1)  # the detection logits D, kept for the gate
+MODE_GATE_OUT = tl.constexpr(2)  # the last context conv: the heatmap sigmoid(D) sigmoid(-Cx)
+# The scratch activations are channels-last; the 3x3 layers read them through all strides.
+_LAYOUT_CL = tl.constexpr(2)
+_LAYOUT_ANY = tl.constexpr(0)
+
 PRECISIONS = ("ieee", "tf32")
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -134,13 +142,13 @@ def _head_layer(
     1 / 2 make the cell / channel stride a compile-time 1); weights are ``[KS*KS, cin, cout]``.
     For KS = 3 the neighbour cell is clamped to the tile: that clamp is the replication padding.
 
-    MODE 0, a hidden layer, ``dst[P, cout] = LN(GELU(conv(src)))``: pass 1 computes
+    MODE_HIDDEN, a hidden layer, ``dst[P, cout] = LN(GELU(conv(src)))``: pass 1 computes
     ``[BLOCK_P, BLOCK_O]`` blocks of GELU(conv) into ``g`` (fp32) and, for the tile norm, merges
     the tile's (count, mean, M2) block by block with Chan's update in a fixed order; pass 2
     normalises ``g`` into ``dst`` (compute dtype): the tile norm elementwise with the
     per-position affine, the channel norm whole cells (``BLOCK_OF`` >= cout) at a time.
-    MODE 1, the last detection conv: the logits D go to ``dst[P, BLOCK_O]`` (fp32).
-    MODE 2, the last context conv: reads D from ``g`` and writes the gated heatmap
+    MODE_DETECT_OUT, the last detection conv: the logits D go to ``dst[P, BLOCK_O]`` (fp32).
+    MODE_GATE_OUT, the last context conv: reads D from ``g`` and writes the gated heatmap
     ``sigmoid(D) * sigmoid(-Cx)`` to ``dst[k, row, col]`` through the output strides.
     """
     i = tl.arange(0, BLOCK_I)
@@ -193,7 +201,7 @@ def _head_layer(
                                      mask=i_ok[:, None] & o_ok[None, :], other=0.0)  # fmt: skip
                         acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
             y = acc + tl.load(b_ptr + o, mask=o_ok, other=0.0)[None, :]
-            if MODE == 0:
+            if MODE == MODE_HIDDEN:
                 # Exact (erf) GELU, as nn.GELU() and the official code.
                 y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
                 tl.store(g_ptr + p[:, None] * cout + o[None, :], y, mask=ok)
@@ -209,7 +217,7 @@ def _head_layer(
                     mean = mean + delta * (n_b / total)
                     m2 = m2 + m2_b + delta * delta * (count * n_b / total)
                     count = total
-            elif MODE == 1:
+            elif MODE == MODE_DETECT_OUT:
                 tl.store(dst_ptr + p[:, None] * BLOCK_O + o[None, :], y, mask=ok)
             else:
                 d = tl.load(g_ptr + p[:, None] * BLOCK_O + o[None, :], mask=ok, other=0.0)
@@ -217,7 +225,7 @@ def _head_layer(
                 out = dst_ptr + (pr * stride_oh + pc * stride_ow)[:, None] + o[None, :] * stride_ok
                 tl.store(out, heat.to(dst_ptr.dtype.element_ty), mask=ok)
     tl.debug_barrier()
-    if MODE == 0:
+    if MODE == MODE_HIDDEN:
         if TILE_NORM:
             rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
             # Elementwise over the contiguous [P, cout] buffer; the launcher stores the affine
@@ -305,43 +313,43 @@ def _insight_head_fwd_kernel(
         # reduce_dimension_block: the one pass over the tokens.
         _head_layer(x_tile, stride_xh, stride_xw, stride_xc, C,
                     rw_ptr, rb_ptr, rnw_ptr, rnb_ptr, gs_ptr, z_ptr, 0, 0, 0, P, H, W, eps, CR,
-                    0, BLOCK_OR, BLOCK_CR, 1, LAYOUT, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_OR, BLOCK_CR, 1, LAYOUT, TILE_NORM, BLOCK_P, BLOCK_I,
                     TOKEN_STAGES, PRECISION, NORM_BLOCK)  # fmt: skip
         # backbone_block (detection): 1x1 convolutions; the scratch is channels-last (LAYOUT 2).
         _head_layer(z_ptr, W * CR, CR, 1, CR,
                     d0w_ptr, d0b_ptr, d0nw_ptr, d0nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W1,
-                    0, BLOCK_O1, BLOCK_W1, 1, 2, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O1, BLOCK_W1, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         _head_layer(h0_ptr, W * W1, W1, 1, W1,
                     d1w_ptr, d1b_ptr, d1nw_ptr, d1nb_ptr, gs_ptr, h1_ptr, 0, 0, 0, P, H, W, eps, W2,
-                    0, BLOCK_O2, BLOCK_W2, 1, 2, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O2, BLOCK_W2, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         _head_layer(h1_ptr, W * W2, W2, 1, W2,
                     d2w_ptr, d2b_ptr, d2nw_ptr, d2nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W3,
-                    0, BLOCK_O3, BLOCK_W3, 1, 2, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O3, BLOCK_W3, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         _head_layer(h0_ptr, W * W3, W3, 1, W3,
                     d3w_ptr, d3b_ptr, d3w_ptr, d3w_ptr, gs_ptr, d_ptr, 0, 0, 0, P, H, W, eps, K,
-                    1, BLOCK_K, BLOCK_K, 1, 2, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_DETECT_OUT, BLOCK_K, BLOCK_K, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         # context_block: replicate-padded 3x3 convolutions.
         _head_layer(z_ptr, W * CR, CR, 1, CR,
                     c0w_ptr, c0b_ptr, c0nw_ptr, c0nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W1,
-                    0, BLOCK_O1, BLOCK_W1, 3, 0, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O1, BLOCK_W1, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         _head_layer(h0_ptr, W * W1, W1, 1, W1,
                     c1w_ptr, c1b_ptr, c1nw_ptr, c1nb_ptr, gs_ptr, h1_ptr, 0, 0, 0, P, H, W, eps, W2,
-                    0, BLOCK_O2, BLOCK_W2, 3, 0, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O2, BLOCK_W2, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         _head_layer(h1_ptr, W * W2, W2, 1, W2,
                     c2w_ptr, c2b_ptr, c2nw_ptr, c2nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W3,
-                    0, BLOCK_O3, BLOCK_W3, 3, 0, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_HIDDEN, BLOCK_O3, BLOCK_W3, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
         # Last context conv and the gate sigmoid(D) * sigmoid(-Cx), written as [N, K, H, W].
         _head_layer(h0_ptr, W * W3, W3, 1, W3,
                     c3w_ptr, c3b_ptr, c3w_ptr, c3w_ptr, d_ptr, out_tile,
                     stride_ok, stride_oh, stride_ow, P, H, W, eps, K,
-                    2, BLOCK_K, BLOCK_K, 3, 0, TILE_NORM, BLOCK_P, BLOCK_I,
+                    MODE_GATE_OUT, BLOCK_K, BLOCK_K, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
                     1, PRECISION, NORM_BLOCK)  # fmt: skip
 
 
