@@ -187,9 +187,9 @@ def make_providers(
     model, smoke: bool, device: torch.device, names: list[str], kernel_config: str | None = None
 ) -> dict[str, dict]:
     """Per provider: dtype, head(tokens) -> raw, post(raw, mask) -> (thresholds, scores)."""
-    from fastinsight.otsu import otsu_threshold
-    from fastinsight.pooling import smoothmax
-    from fastinsight.reference import insight_head_reference
+    from fastinsight.ops.otsu import otsu_threshold
+    from fastinsight.ops.pooling import smoothmax
+    from fastinsight.ops.reference import insight_head_reference
 
     def flat(raw: torch.Tensor) -> torch.Tensor:
         return raw.float().transpose(0, 1).reshape(raw.shape[1], -1)
@@ -297,7 +297,7 @@ def _configured_head(weights, text: str) -> Callable:
 
 
 def _copy(model, dtype: torch.dtype):
-    from fastinsight.model import InsightModel
+    from fastinsight.models.insight import InsightModel
 
     twin = InsightModel(model.config, backend="reference")
     twin.load_state_dict(model.state_dict())
@@ -349,8 +349,8 @@ def time_provider(prov: dict, tokens: torch.Tensor, mask: torch.Tensor, device, 
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
-    from fastinsight.config import InsightConfig
-    from fastinsight.model import InsightModel
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
 
     device = torch.device(args.device)
     env = {
@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         model = InsightModel(config, backend="reference").eval().to(device)
         weights = model.head_weights()
         providers = make_providers(model, args.smoke, device, args.providers, args.kernel_config)
-        from fastinsight.reference import insight_head_reference
+        from fastinsight.ops.reference import insight_head_reference
 
         for n in args.tiles:
             tokens = torch.randn(n, args.channels, h, w, device=device, dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ Not part of the test suite (``testpaths = tests``); run it explicitly:
 "official" is the official ``models/Insight.py`` (Zhangdylan83/Insight) re-expressed as a plain
 ``torch.nn`` module in fp32 eval mode with the official module indices (so it loads the same
 ``state_dict``), scikit-image's Otsu on the host and SmoothMax(8): ``OfficialInsight`` below.
-"ours" is ``InsightModel.predict`` on the CPU (``fastinsight.reference.insight_head_cpu``:
+"ours" is ``InsightModel.predict`` on the CPU (``fastinsight.ops.reference.insight_head_cpu``:
 channels-last oneDNN convolutions; the device Otsu and pooling). The script form times the two
 interleaved (official, ours, official, ours, ...) so a machine shared with other work loads both
 alike, checks that heatmaps and scores agree to 1e-5, and appends one CSV row with the median
@@ -31,11 +31,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastinsight.config import InsightConfig
-from fastinsight.model import InsightModel
-from fastinsight.otsu import otsu_threshold
-from fastinsight.pooling import lse_lba, smoothmax
-from fastinsight.reference import insight_head_reference
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
+from fastinsight.ops.otsu import otsu_threshold
+from fastinsight.ops.pooling import lse_lba, smoothmax
+from fastinsight.ops.reference import insight_head_reference
 
 N_TILES = 16
 CELLS = 196

@@ -5,9 +5,9 @@ Shipped as ``fastinsight.kernels``. Triton is imported lazily, so ``import fasti
 of their references and are registered as ``torch.library`` custom ops (``torch.ops.fastinsight``)
 on first use:
 
-- ``insight_head(tokens, weights)``           as ``fastinsight.reference.insight_head_reference``
-- ``otsu_threshold(values, mask, nbins)``     as ``fastinsight.otsu.otsu_threshold``
-- ``smoothmax``, ``lse_lba``, ``masked_max``, ``masked_mean`` as ``fastinsight.pooling``
+- ``insight_head(tokens, weights)``           as ``fastinsight.ops.reference.insight_head_reference``
+- ``otsu_threshold(values, mask, nbins)``     as ``fastinsight.ops.otsu.otsu_threshold``
+- ``smoothmax``, ``lse_lba``, ``masked_max``, ``masked_mean`` as ``fastinsight.ops.pooling``
 
 They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
 launcher was used (slow; for tests). ``fastinsight kernels check`` (``fastinsight.kernels.check``)

@@ -13,15 +13,15 @@ head config whose dots compiled to no tensor-core instruction (spec section 6). 
 defect to fix in the kernel or its config, not to hide.
 
 The logic is argparse-free: ``run_check`` returns ``CheckResult`` rows (``as_row`` gives a dict
-per row); ``add_arguments``/``run``/``main`` are the thin command line.
+per row); ``check_command`` prints the table and returns the exit status, and
+``fastinsight.cli.kernels`` is the thin command line around it.
 
-Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...]`` (the CLI
-calls ``add_arguments`` and ``run``), ``python -m fastinsight.kernels.check ...``, or ``main(argv)``.
+Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...]`` (the flags
+live in ``fastinsight.cli.kernels``), or ``check_command(arch, only, jobs)`` from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import re
@@ -281,17 +281,6 @@ def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) ->
     return [_job(w) for w in work]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fastinsight kernels check`` (the CLI calls this, then ``run``)."""
-    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated, e.g. sm_80,sm_90")
-    parser.add_argument(
-        "--only",
-        action="append",
-        help="only variants whose kernel/variant/config text contains this (repeatable)",
-    )
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-
-
 def check_command(arch: str = "sm_80,sm_90", only: list[str] | None = None, jobs: int = 1) -> int:
     """``fastinsight kernels check`` without argparse: compile, print the table, return the exit
     status (0 when every variant passes, 1 when one fails, 2 on a usage problem)."""
@@ -325,23 +314,3 @@ def check_command(arch: str = "sm_80,sm_90", only: list[str] | None = None, jobs
         )  # fmt: skip
     )
     return 1 if bad else 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """The CLI's runner: ``check_command`` with the parsed flags."""
-    return check_command(args.arch, args.only, args.jobs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fastinsight kernels check`` as a function: returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="fastinsight kernels check",
-        description="Compile every Triton kernel variant ahead of time (no GPU needed) and report "
-        "registers, spills and shared memory.",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastinsight.errors import InputError
-from fastinsight.reference import HeadWeights
+from fastinsight.ops.reference import HeadWeights
 
 from ._runtime import INTERPRET, KernelSpec, aligned, check_device, next_pow2, num_programs
 
@@ -453,7 +453,7 @@ def check_head_inputs(tokens: Tensor, params: list[Tensor], norm: str) -> dict[s
     if tokens.ndim != 4:
         raise InputError(
             f"insight_head expects token grids [N, C, h, w], got {tuple(tokens.shape)}; "
-            "pass [N, h*w, C] through fastinsight.reference.tokens_as_grid (a view)"
+            "pass [N, h*w, C] through fastinsight.ops.reference.tokens_as_grid (a view)"
         )
     if not tokens.is_floating_point() or tokens.dtype not in _TL_DTYPES:
         raise InputError(f"token grids must be float32, float16 or bfloat16, got {tokens.dtype}")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import BackendError, InputError
-from fastinsight.reference import HeadWeights
+from fastinsight.ops.reference import HeadWeights
 
 from . import head as _head
 from . import reduce as _reduce
@@ -103,7 +103,7 @@ def insight_head(tokens: Tensor, weights: HeadWeights, *, precision: str = "ieee
 
 
 def otsu_threshold(values: Tensor, mask: Tensor | None = None, nbins: int = 256) -> Tensor:
-    """Per-class Otsu threshold as ``fastinsight.otsu.otsu_threshold`` (scikit-image's).
+    """Per-class Otsu threshold as ``fastinsight.ops.otsu.otsu_threshold`` (scikit-image's).
 
     Shapes: values ``[K, M]``, mask ``[M]`` / ``[K, M]`` bool or None -> ``[K]`` float32.
     """

@@ -156,7 +156,7 @@ def _otsu_histogram_kernel(
         x = tl.load(v_ptr + k * stride_vk + cols.to(tl.int64) * stride_vm, mask=ok, other=0.0)
         x = x.to(tl.float32)
         x = tl.minimum(tl.maximum(x, vmin), vmax)
-        # numpy's rule (fastinsight.otsu.histogram_bins): scale, truncate, then nudge by one
+        # numpy's rule (fastinsight.ops.otsu.histogram_bins): scale, truncate, then nudge by one
         # where rounding put the value on the wrong side of an edge.
         idx = (tl.math.div_rn(x - lo, hi - lo) * NBINS).to(tl.int32)
         idx = tl.minimum(tl.maximum(idx, 0), NBINS - 1)
@@ -182,7 +182,7 @@ def _otsu_select_kernel(
                                                      BLOCK_NB)  # fmt: skip
     i = tl.arange(0, NBINS_PAD)
     row = hist_ptr + k * NBINS_PAD
-    # Bin centres (edges[:-1] + edges[1:]) / 2 in float32, as fastinsight.otsu / scikit-image.
+    # Bin centres (edges[:-1] + edges[1:]) / 2 in float32, as fastinsight.ops.otsu / scikit-image.
     c0 = (_edge(i, lo, hi, step, NBINS) + _edge(i + 1, lo, hi, step, NBINS)) / 2
     c1 = (_edge(i + 1, lo, hi, step, NBINS) + _edge(i + 2, lo, hi, step, NBINS)) / 2
     n0 = tl.load(row + i, mask=i < NBINS, other=0).to(tl.float64)
@@ -255,7 +255,7 @@ def _pool_sums_kernel(
             w = tl.where(ok, tl.exp(p * x - zmax), 0.0)
             acc0 += w.to(tl.float64)
             acc1 += (w * x).to(tl.float64)
-        elif METHOD == 1:  # LSE-LBA: sum expm1(r (x - max)), as fastinsight.pooling.lse_lba
+        elif METHOD == 1:  # LSE-LBA: sum expm1(r (x - max)), as fastinsight.ops.pooling.lse_lba
             u = (p * (x - vmax)).to(tl.float64)
             # Kahan's expm1 in float64: exact for tiny |u| (r -> 0), saturates to -1.
             e = tl.exp(u)

@@ -76,8 +76,8 @@ register(
 )
 register(
     "check",
-    "fastinsight.kernels.check",
-    "compile every kernel ahead of time; report spills",
+    "fastinsight.cli.kernels:check",
+    "compile every kernel ahead of time; report spills and tensor-core use",
     group="kernels",
 )
 register(

@@ -7,8 +7,8 @@ import os
 import torch
 from torch import Tensor
 
-from fastinsight.config import InsightConfig
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"

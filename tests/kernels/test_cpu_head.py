@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastinsight.errors import InputError
-from fastinsight.reference import insight_head_cpu, insight_head_reference, tokens_as_grid
+from fastinsight.ops.reference import insight_head_cpu, insight_head_reference, tokens_as_grid
 
 from .helpers import copy_as, make_model, max_err
 from .tolerances import FP32_ATOL

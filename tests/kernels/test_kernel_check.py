@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 def run_check(*args: str) -> subprocess.CompletedProcess:
     # The interpreter cannot compile: the check runs in a process without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastinsight.kernels.check", *args]
+    cmd = [sys.executable, "-m", "fastinsight.cli", "kernels", "check", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
 
 
@@ -49,11 +49,11 @@ def test_check_every_variant() -> None:
 
 
 def test_check_rejects_bad_arch_and_interpreter() -> None:
-    from fastinsight.kernels.check import main
+    from fastinsight.kernels.check import check_command
 
-    assert main(["--arch", "volta"]) == 2
+    assert check_command("volta") == 2
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from fastinsight.kernels.check import main; raise SystemExit(main(['--arch', 'sm_90']))"
+    code = "from fastinsight.kernels.check import check_command; raise SystemExit(check_command('sm_90'))"
     assert (
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 2
     )

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastinsight.otsu import otsu_threshold as otsu_reference
-from fastinsight.reference import insight_head_reference, tokens_as_grid
+from fastinsight.ops.otsu import otsu_threshold as otsu_reference
+from fastinsight.ops.reference import insight_head_reference, tokens_as_grid
 
 from .helpers import INTERPRET, copy_as, make_model, max_err
 from .tolerances import FP32_ATOL, TF32_ATOL, lowp_bound

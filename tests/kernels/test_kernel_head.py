@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastinsight.errors import BackendError, InputError
-from fastinsight.reference import insight_head_reference, tokens_as_grid
+from fastinsight.ops.reference import insight_head_reference, tokens_as_grid
 
 from .helpers import DEVICE, INTERPRET, copy_as, make_model, max_err
 from .tolerances import FP32_ATOL, TF32_ATOL, lowp_bound

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastinsight.otsu import otsu_threshold as otsu_reference
+from fastinsight.ops.otsu import otsu_threshold as otsu_reference
 
 from .helpers import DEVICE
 

@@ -1,4 +1,4 @@
-"""The pooling kernels against ``fastinsight.pooling``: masks, limits, split independence."""
+"""The pooling kernels against ``fastinsight.ops.pooling``: masks, limits, split independence."""
 
 from __future__ import annotations
 
