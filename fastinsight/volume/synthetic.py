@@ -89,6 +89,7 @@ def write_cohort(
     *,
     shape: tuple[int, int, int] = (64, 64, 16),
     seed: int = 0,
+    lesion_radius: tuple[float, float] = (0.09, 0.14),
 ) -> list[tuple[str, int]]:
     """``n_volumes`` NIfTI volumes (half with 1-2 lesions) + masks + ``labels.csv``.
 
@@ -106,7 +107,10 @@ def write_cohort(
         positive = i % 2 == 1
         rng = np.random.default_rng([seed, i])
         ct = make_chest_ct(
-            shape, lesions=int(rng.integers(1, 3)) if positive else 0, seed=int(rng.integers(1 << 31))
+            shape,
+            lesions=int(rng.integers(1, 3)) if positive else 0,
+            seed=int(rng.integers(1 << 31)),
+            lesion_radius=lesion_radius,
         )
         vid = f"ct{i:03d}"
         write_nifti(ct.hu, ct.affine, root / "volumes" / f"{vid}.nii.gz", dtype=np.int16)
