@@ -33,3 +33,12 @@ def small_model_file(folder: Path, slice_context: str = "2d", slices: str = "all
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_model_file(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors on a shared CPU: one torch thread is much faster than contended several."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -61,7 +61,7 @@ def _bags(n: int = 8) -> list[Bag]:
 def test_train_volume_model_learns(ctx: str) -> None:
     cfg = InsightConfig(in_dim=8, reduce_dim=8, widths=(8, 8, 8), grid_size=(4, 4), norm="channel")
     model, hist = train_volume_model(
-        _bags(), cfg, TrainConfig(epochs=25, lr=1e-2, patience=25, val_fraction=0.25, device="cpu"),
+        _bags(), cfg, TrainConfig(epochs=25, lr=3e-3, patience=25, val_fraction=0.25, device="cpu"),
         slice_context=ctx,
     )
     assert isinstance(model, CrossSliceInsight) == (ctx == "3d") and len(hist) == 25
