@@ -26,9 +26,24 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_slide import device_name, git_rev  # noqa: E402
 
 FIELDS = [
-    "timestamp", "git_rev", "device", "torch", "fastinsight", "encoder", "tile_px", "grid",
-    "volume_shape", "slices", "slice_context", "batch_size", "repeats", "encode_s", "insight_s",
-    "total_s", "slices_per_s", "s_per_volume",
+    "timestamp",
+    "git_rev",
+    "device",
+    "torch",
+    "fastinsight",
+    "encoder",
+    "tile_px",
+    "grid",
+    "volume_shape",
+    "slices",
+    "slice_context",
+    "batch_size",
+    "repeats",
+    "encode_s",
+    "insight_s",
+    "total_s",
+    "slices_per_s",
+    "s_per_volume",
 ]
 
 
@@ -51,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastinsight.volume.preprocess import PreprocessOptions
     from fastinsight.volume.synthetic import make_chest_ct
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--smoke", action="store_true", help="tiny CPU sizes (vit-tiny, 56 px, 64x64x8)")
     p.add_argument("--csv", default=str(REPO / "bench" / "results" / "volume.csv"))
     p.add_argument("--device", default=None)
@@ -88,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         ins = float(np.median([tm["insight"] for _, tm in times]))
         row = {
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_rev": git_rev(), "device": device_name(dev), "torch": torch.__version__,
-            "fastinsight": __version__, "encoder": enc_name, "tile_px": tile,
-            "grid": f"{grid[0]}x{grid[1]}", "volume_shape": "x".join(map(str, shape)),
-            "slices": shape[2], "slice_context": ctx, "batch_size": batch, "repeats": repeats,
-            "encode_s": round(enc, 4), "insight_s": round(ins, 4), "total_s": round(total, 4),
+            "git_rev": git_rev(),
+            "device": device_name(dev),
+            "torch": torch.__version__,
+            "fastinsight": __version__,
+            "encoder": enc_name,
+            "tile_px": tile,
+            "grid": f"{grid[0]}x{grid[1]}",
+            "volume_shape": "x".join(map(str, shape)),
+            "slices": shape[2],
+            "slice_context": ctx,
+            "batch_size": batch,
+            "repeats": repeats,
+            "encode_s": round(enc, 4),
+            "insight_s": round(ins, 4),
+            "total_s": round(total, 4),
             "slices_per_s": round(shape[2] / max(enc, 1e-9), 2),
             "s_per_volume": round(total, 4),
         }

@@ -20,8 +20,14 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.checkpoint import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, load_model, sniff_format
-from fastinsight.checkpoint import load_state_strict
+from fastinsight.checkpoint import (
+    CONFIG_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    load_model,
+    load_state_strict,
+    sniff_format,
+)
 from fastinsight.config import InsightConfig
 from fastinsight.errors import CheckpointError
 from fastinsight.model import InsightModel
@@ -46,7 +52,10 @@ class VolumeModelInfo:
 
     def preprocess(self, **changes: Any) -> PreprocessOptions:
         base = PreprocessOptions(
-            tile_size=self.tile_size, window=self.window, slices=self.slices, lung_mask=self.lung_mask
+            tile_size=self.tile_size,
+            window=self.window,
+            slices=self.slices,
+            lung_mask=self.lung_mask,
         )
         return dataclasses.replace(base, **changes) if changes else base
 
@@ -63,7 +72,9 @@ class VolumeModelInfo:
             raise CheckpointError(f"bad {VOLUME_KEY} metadata in the model file: {exc}") from exc
 
 
-def save_volume_model(model: InsightModel, info: VolumeModelInfo, path: str | os.PathLike[str]) -> None:
+def save_volume_model(
+    model: InsightModel, info: VolumeModelInfo, path: str | os.PathLike[str]
+) -> None:
     """Write the head and its CT recipe as safetensors (atomically)."""
     from safetensors.torch import save_file
 
@@ -88,8 +99,8 @@ def load_volume_model(
     fmt = sniff_format(p)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if fmt != "safetensors":
-        model = load_model(p, backend=backend, device=dev)
-        return model, VolumeModelInfo(tile_size=model.config.grid_size[0] * 14)
+        official = load_model(p, backend=backend, device=dev)
+        return official, VolumeModelInfo(tile_size=official.config.grid_size[0] * 14)
     from safetensors import safe_open
 
     try:
@@ -107,9 +118,7 @@ def load_volume_model(
     if VOLUME_KEY in meta:
         info = VolumeModelInfo.from_json(meta[VOLUME_KEY])
     else:  # a slide model: usable on CT only with an explicit encoder; keep its tile geometry
-        info = VolumeModelInfo(
-            encoder=config.encoder, tile_size=config.tile_size_px, slices="all"
-        )
+        info = VolumeModelInfo(encoder=config.encoder, tile_size=config.tile_size_px, slices="all")
     model: InsightModel
     if info.slice_context == "3d":
         model = CrossSliceInsight(config)

@@ -33,12 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the model's setting)",
     )
     p.add_argument(
-        "--slices", choices=("all", "middle32"), default=None, help="slice selection (default: the model's)"
+        "--slices",
+        choices=("all", "middle32"),
+        default=None,
+        help="slice selection (default: the model's)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="slices per encoder batch")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--overlay", default=None, help="PNG montage of the most salient slices")
-    p.add_argument("--report", default=None, help="JSON report (score, threshold, geometry, timings)")
+    p.add_argument(
+        "--report", default=None, help="JSON report (score, threshold, geometry, timings)"
+    )
 
 
 def _read_mask(path: str, volume: Any) -> np.ndarray:

@@ -156,8 +156,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=int, default=8, help="volumes kept out of training")
     p.add_argument("--epochs", type=int, default=15, help="training epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of cohort, encoder and training")
-    p.add_argument("--slice-context", choices=("2d", "3d"), default="2d",
-                   help="2d: official per-slice context; 3d: 3x3x3 cross-slice context")
+    p.add_argument(
+        "--slice-context",
+        choices=("2d", "3d"),
+        default="2d",
+        help="2d: official per-slice context; 3d: 3x3x3 cross-slice context",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 

@@ -123,7 +123,7 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
     if not p.is_file():
         raise InputError(f"volume file {str(p)!r} does not exist")
     try:
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises many kinds for damaged files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -75,7 +75,7 @@ class CrossSliceInsight(InsightModel):
         ``cell_mask`` is ignored (as for the per-tile model): every slice's cells are context.
         """
         grid = self._check_tokens(tokens)
-        grid = grid.to(self.reduce_dimension_block[0].weight.dtype)
+        grid = grid.to(next(self.parameters()).dtype)
         z = self.reduce_dimension_block(grid)
         return self.backbone_block(z), self._context(z)
 

@@ -162,9 +162,7 @@ class VolumeResult:
             "thresholds": {
                 n: float(t) for n, t in zip(self.class_names, self.thresholds, strict=True)
             },
-            "maximum": {
-                n: self.max_location(i) for i, n in enumerate(self.class_names)
-            },
+            "maximum": {n: self.max_location(i) for i, n in enumerate(self.class_names)},
             "slices_scored": self.slice_indices,
             "zero_slices_padded": self.padded,
             "geometry": self.volume.geometry(),

@@ -76,8 +76,11 @@ def fit_cross_slice(
 
     ``loss = BCE(pool(H * (H > t)), y) + lambda/2 mean(D^2)``; best state by validation loss.
     """
-    dev = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if config.device == "auto" else config.device))
+    dev = torch.device(
+        "cuda"
+        if config.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if config.device == "auto" else config.device)
+    )
     torch.manual_seed(config.seed)
     model = CrossSliceInsight(model_config).to(dev)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -89,13 +92,24 @@ def fit_cross_slice(
         for idx in np.random.default_rng([config.seed, epoch]).permutation(len(bags)).tolist():
             b = bags[idx]
             scores, sd = slide_forward(
-                model, b.tokens, b.mask, chunk_size=max(1, b.tokens.shape[0]),
-                grad_checkpoint="never", train_threshold=config.train_threshold, device=dev,
+                model,
+                b.tokens,
+                b.mask,
+                chunk_size=max(1, b.tokens.shape[0]),
+                grad_checkpoint="never",
+                train_threshold=config.train_threshold,
+                device=dev,
             )
-            loss = bce_loss(
-                scores, b.labels, floor=config.prob_floor, ceiling=config.prob_ceiling,
-                label_smoothing=config.label_smoothing,
-            ) + 0.5 * config.sd_lambda * sd
+            loss = (
+                bce_loss(
+                    scores,
+                    b.labels,
+                    floor=config.prob_floor,
+                    ceiling=config.prob_ceiling,
+                    label_smoothing=config.label_smoothing,
+                )
+                + 0.5 * config.sd_lambda * sd
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -107,12 +121,16 @@ def fit_cross_slice(
                 for b in val_bags
             ]
         val_loss = float(np.mean(vl)) if vl else total / max(1, len(bags))
-        history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(bags)), "val_loss": val_loss})
+        history.append(
+            {"epoch": epoch + 1, "train_loss": total / max(1, len(bags)), "val_loss": val_loss}
+        )
         if val_loss < best_loss or not vl:
             best_loss = val_loss
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if log:
-            log(f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']:.4f}, val loss {val_loss:.4f}")
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
+            )
     if best is not None:
         model.load_state_dict(best)
     return model.eval(), history

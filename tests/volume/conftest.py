@@ -18,8 +18,15 @@ ENCODER_OPTIONS = {"patch_size_px": 14, "seed": 0}
 def small_model_file(folder: Path, slice_context: str = "2d", slices: str = "all") -> Path:
     torch.manual_seed(0)
     cfg = InsightConfig(
-        in_dim=64, reduce_dim=16, widths=(16, 8, 8), grid_size=(4, 4), norm="channel",
-        encoder="vit-tiny", tile_size_px=TILE, patch_size_px=14, class_names=("lesion",),
+        in_dim=64,
+        reduce_dim=16,
+        widths=(16, 8, 8),
+        grid_size=(4, 4),
+        norm="channel",
+        encoder="vit-tiny",
+        tile_size_px=TILE,
+        patch_size_px=14,
+        class_names=("lesion",),
     )
     model = build_volume_model(cfg, slice_context, backend="reference")
     info = VolumeModelInfo(

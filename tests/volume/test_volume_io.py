@@ -16,7 +16,12 @@ from fastinsight.volume.synthetic import default_affine, make_chest_ct
 
 @pytest.fixture
 def ct():
-    return make_chest_ct((20, 14, 6), lesions=1, seed=3, affine=default_affine((0.7, 0.9, 3.0), (-40.5, 12.25, 101.0)))
+    return make_chest_ct(
+        (20, 14, 6),
+        lesions=1,
+        seed=3,
+        affine=default_affine((0.7, 0.9, 3.0), (-40.5, 12.25, 101.0)),
+    )
 
 
 def test_nifti_round_trip_keeps_hu_and_affine(tmp_path: Path, ct) -> None:

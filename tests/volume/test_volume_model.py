@@ -32,7 +32,11 @@ def test_from_2d_is_exactly_the_2d_model(norm: str) -> None:
 def _context_reference(m: CrossSliceInsight, z: torch.Tensor) -> torch.Tensor:
     """The 3-D context chain written out: replicate-pad (D, h, w), conv3d, GELU, per-slice LN."""
     convs = [mod for mod in m.context_block if isinstance(mod, torch.nn.Conv3d)]
-    norms = [mod for mod in m.context_block if hasattr(mod, "weight") and not isinstance(mod, torch.nn.Conv3d)]
+    norms = [
+        mod
+        for mod in m.context_block
+        if hasattr(mod, "weight") and not isinstance(mod, torch.nn.Conv3d)
+    ]
     x = z.permute(1, 0, 2, 3)[None]
     for i, conv in enumerate(convs):
         x = F.conv3d(F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate"), conv.weight, conv.bias)
@@ -75,7 +79,9 @@ def test_cross_slice_trains() -> None:
 def test_checkpoint_round_trip(tmp_path: Path, ctx: str) -> None:
     torch.manual_seed(3)
     m = build_volume_model(_cfg(), ctx, backend="reference").eval()
-    info = VolumeModelInfo(encoder="vit-tiny", encoder_options={"patch_size_px": 14}, tile_size=70, slices="all")
+    info = VolumeModelInfo(
+        encoder="vit-tiny", encoder_options={"patch_size_px": 14}, tile_size=70, slices="all"
+    )
     save_volume_model(m, info, tmp_path / "m.safetensors")
     back, info2 = load_volume_model(tmp_path / "m.safetensors", device="cpu", backend="reference")
     assert type(back) is type(m) and info2.slice_context == ctx

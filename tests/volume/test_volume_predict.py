@@ -31,7 +31,9 @@ def _world_lookup(src: nib.Nifti1Image, dst: nib.Nifti1Image) -> np.ndarray:
     return np.asarray(dst.dataobj)[idx[0], idx[1], idx[2]].reshape(src.shape[:3])
 
 
-def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(tmp_path: Path, model_file: Path) -> None:
+def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(
+    tmp_path: Path, model_file: Path
+) -> None:
     ct = make_chest_ct((30, 26, 7), lesions=2, seed=5, affine=AFFINE)
     # NIfTI with the slice axis reversed (another voxel order, same world); DICOM shuffled.
     flip = AFFINE.copy()
@@ -39,8 +41,22 @@ def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(tmp_path: Path, mo
     flip[:3, 3] = AFFINE[:3, 3] + 6 * AFFINE[:3, 2]
     write_nifti(ct.hu[:, :, ::-1], flip, tmp_path / "scan.nii.gz", dtype=np.int16)
     write_dicom_series(tmp_path / "dcm", ct.hu, AFFINE, shuffle_seed=3)
-    for src, out in ((tmp_path / "scan.nii.gz", "h_nii.nii.gz"), (tmp_path / "dcm", "h_dcm.nii.gz")):
-        rc = main(["predict-volume", str(src), "--model", str(model_file), "--out", str(tmp_path / out), "--device", "cpu"])
+    for src, out in (
+        (tmp_path / "scan.nii.gz", "h_nii.nii.gz"),
+        (tmp_path / "dcm", "h_dcm.nii.gz"),
+    ):
+        rc = main(
+            [
+                "predict-volume",
+                str(src),
+                "--model",
+                str(model_file),
+                "--out",
+                str(tmp_path / out),
+                "--device",
+                "cpu",
+            ]
+        )
         assert rc == 0
     a = nib.load(str(tmp_path / "h_nii.nii.gz"))
     b = nib.load(str(tmp_path / "h_dcm.nii.gz"))
@@ -55,9 +71,22 @@ def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(tmp_path: Path, mo
 def test_report_and_overlay(tmp_path: Path, model_file: Path) -> None:
     ct = make_chest_ct((24, 24, 6), lesions=1, seed=6, affine=AFFINE)
     write_nifti(ct.hu, AFFINE, tmp_path / "s.nii", dtype=np.int16)
-    args = ["predict-volume", str(tmp_path / "s.nii"), "--model", str(model_file), "--out",
-            str(tmp_path / "h.nii"), "--report", str(tmp_path / "r.json"), "--overlay", str(tmp_path / "o.png"),
-            "--device", "cpu", "--lung-mask", "auto"]
+    args = [
+        "predict-volume",
+        str(tmp_path / "s.nii"),
+        "--model",
+        str(model_file),
+        "--out",
+        str(tmp_path / "h.nii"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--overlay",
+        str(tmp_path / "o.png"),
+        "--device",
+        "cpu",
+        "--lung-mask",
+        "auto",
+    ]
     assert main(args) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     hm = np.asarray(nib.load(str(tmp_path / "h.nii")).dataobj)
@@ -76,8 +105,23 @@ def test_middle32_scores_only_the_middle(tmp_path: Path) -> None:
     model = small_model_file(tmp_path, slices="middle32")
     ct = make_chest_ct((16, 16, 40), seed=1)
     write_nifti(ct.hu, default_affine(), tmp_path / "s.nii", dtype=np.int16)
-    assert main(["predict-volume", str(tmp_path / "s.nii"), "--model", str(model), "--out",
-                 str(tmp_path / "h.nii"), "--report", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-volume",
+                str(tmp_path / "s.nii"),
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "h.nii"),
+                "--report",
+                str(tmp_path / "r.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["slices_scored"] == list(range(4, 36)) and rep["zero_slices_padded"] == 0
     hm = np.asarray(nib.load(str(tmp_path / "h.nii")).dataobj)
@@ -120,7 +164,9 @@ def test_bad_input_one_line_nonzero_nothing_written(
             "nan": np.where(ct.hu > 0, np.nan, ct.hu).astype(np.float32),
         }[make]
         img = nib.Nifti1Image(data, None)
-        img.header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]) if make == "singular" else np.eye(4), code=1)
+        img.header.set_sform(
+            np.diag([1.0, 1.0, 0.0, 1.0]) if make == "singular" else np.eye(4), code=1
+        )
         nib.save(img, str(src))
     else:
         src = tmp_path / "dcm"
@@ -129,8 +175,20 @@ def test_bad_input_one_line_nonzero_nothing_written(
             write_dicom_series(src, ct.hu, AFFINE, prefix="b")
     out = tmp_path / "out" / "h.nii.gz"
     out.parent.mkdir()
-    rc = main(["predict-volume", str(src), "--model", str(model_file), "--out", str(out),
-               "--report", str(out.parent / "r.json"), "--device", "cpu"])
+    rc = main(
+        [
+            "predict-volume",
+            str(src),
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--report",
+            str(out.parent / "r.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 4
     assert err.count("\n") == 0 and err.startswith("fastinsight: error:") and match in err
@@ -142,9 +200,20 @@ def test_bad_input_subprocess_exit_code(tmp_path: Path, model_file: Path) -> Non
     write_dicom_series(tmp_path / "dcm", ct.hu, AFFINE, prefix="a")
     write_dicom_series(tmp_path / "dcm", ct.hu, AFFINE, prefix="b")
     proc = subprocess.run(
-        [sys.executable, "-m", "fastinsight.cli", "predict-volume", str(tmp_path / "dcm"),
-         "--model", str(model_file), "--out", str(tmp_path / "h.nii.gz")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fastinsight.cli",
+            "predict-volume",
+            str(tmp_path / "dcm"),
+            "--model",
+            str(model_file),
+            "--out",
+            str(tmp_path / "h.nii.gz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 4, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--series" in proc.stderr
@@ -157,8 +226,23 @@ def test_ct_small_end_to_end(tmp_path: Path, model_file: Path) -> None:
     path = get_testdata_file("CT_small.dcm")
     if path is None:
         pytest.skip("pydicom's CT_small.dcm test file is not installed")
-    assert main(["predict-volume", str(path), "--model", str(model_file), "--out",
-                 str(tmp_path / "h.nii.gz"), "--report", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-volume",
+                str(path),
+                "--model",
+                str(model_file),
+                "--out",
+                str(tmp_path / "h.nii.gz"),
+                "--report",
+                str(tmp_path / "r.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     img = nib.load(str(tmp_path / "h.nii.gz"))
     assert img.shape == (128, 128, 1)
     rep = json.loads((tmp_path / "r.json").read_text())

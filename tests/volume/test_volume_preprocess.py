@@ -46,7 +46,9 @@ def official_middle32(d: int) -> tuple[list[int], int]:
 def test_slices_match_official(size: int) -> None:
     ct = make_chest_ct((30, 22, 5), lesions=1, seed=2)
     mask = ct.lung_mask.astype(np.int8)
-    mask[mask == 1] = np.where(np.arange(30)[:, None, None] < 15, 1, 2)[np.nonzero(mask == 1)[0], 0, 0]
+    mask[mask == 1] = np.where(np.arange(30)[:, None, None] < 15, 1, 2)[
+        np.nonzero(mask == 1)[0], 0, 0
+    ]
     opts = PreprocessOptions(tile_size=size)
     hu, used = prepare_hu(ct.hu.astype(np.float32), opts, mask)
     ours = slice_images(hu, range(5), opts)

@@ -14,11 +14,11 @@ from fastinsight.errors import InputError
 from fastinsight.train import Bag, TrainConfig
 from fastinsight.volume.model import CrossSliceInsight
 from fastinsight.volume.train import (
+    VolumeEval,
     read_volume_labels,
     summarise,
     train_volume_model,
     volume_dice,
-    VolumeEval,
 )
 
 
@@ -61,7 +61,9 @@ def _bags(n: int = 8) -> list[Bag]:
 def test_train_volume_model_learns(ctx: str) -> None:
     cfg = InsightConfig(in_dim=8, reduce_dim=8, widths=(8, 8, 8), grid_size=(4, 4), norm="channel")
     model, hist = train_volume_model(
-        _bags(), cfg, TrainConfig(epochs=25, lr=3e-3, patience=25, val_fraction=0.25, device="cpu"),
+        _bags(),
+        cfg,
+        TrainConfig(epochs=25, lr=3e-3, patience=25, val_fraction=0.25, device="cpu"),
         slice_context=ctx,
     )
     assert isinstance(model, CrossSliceInsight) == (ctx == "3d") and len(hist) == 25
@@ -90,8 +92,22 @@ def test_ct_demo_reaches_targets(tmp_path: Path) -> None:
     from fastinsight.cli import main
 
     vid = report["volumes"][1]["volume_id"]
-    assert main(["predict-volume", str(tmp_path / "cohort" / "volumes" / f"{vid}.nii.gz"),
-                 "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "h.nii.gz"),
-                 "--report", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-volume",
+                str(tmp_path / "cohort" / "volumes" / f"{vid}.nii.gz"),
+                "--model",
+                str(tmp_path / "model.safetensors"),
+                "--out",
+                str(tmp_path / "h.nii.gz"),
+                "--report",
+                str(tmp_path / "r.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["scores"]["lesion"] == pytest.approx(report["volumes"][1]["score"], abs=1e-5)
