@@ -39,7 +39,9 @@ def render_montage(
         )
     # Small volumes give tiny panels: scale up to >= 192 px for legibility.
     scale = max(1, int(np.ceil(192 / max(p.height for p in panels))))
-    panels = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in panels]
+    panels = [
+        p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in panels
+    ]
     gap = 4
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     canvas = Image.new("RGB", (width, max(p.height for p in panels)), (255, 255, 255))

@@ -199,3 +199,116 @@ def summarise(evals: Sequence[VolumeEval]) -> dict[str, Any]:
         "dice_sd": float(np.std(dices)) if dices else None,
         "volumes": [e.__dict__ for e in evals],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# `fastinsight train-volume`
+# --------------------------------------------------------------------------------------------
+def train_from_folder(
+    volumes: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    encoder: str = "vit-tiny",
+    encoder_weights: str | None = None,
+    encoder_options: dict[str, Any] | None = None,
+    tile_size: int = 518,
+    slices: str = "all",
+    lung_mask: str = "none",
+    slice_context: str = "2d",
+    train_config: TrainConfig | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InsightModel:
+    """Encode every labelled volume of ``volumes`` and train; writes a volume model to ``out``."""
+    from fastinsight.atomic import check_writable
+    from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
+    from fastinsight.volume.io import read_volume
+    from fastinsight.volume.predict import build_volume_encoder, encode_volume
+
+    check_writable(out)
+    labels = read_volume_labels(labels_csv)
+    paths = {vid: find_volume(volumes, vid) for vid in labels}
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    enc = build_volume_encoder(
+        encoder, tile_size, weights=encoder_weights, device=dev, options=encoder_options
+    )
+    info = VolumeModelInfo(
+        encoder=encoder,
+        encoder_options=dict(encoder_options or {}),
+        tile_size=tile_size,
+        slices=slices,
+        lung_mask=lung_mask,
+        slice_context=slice_context,
+    )
+    pre = info.preprocess()
+    bags = []
+    for vid, path in paths.items():
+        tokens, _, _ = encode_volume(read_volume(path).data, enc, pre)
+        bags.append(Bag(tokens.cpu(), None, torch.tensor([float(labels[vid])]), vid))
+        if log:
+            log(f"encoded {vid}: {tuple(tokens.shape)}")
+    h, w = enc.grid_size
+    mcfg = InsightConfig(
+        in_dim=enc.embed_dim,
+        grid_size=(h, w),
+        norm="channel",
+        encoder=encoder,
+        tile_size_px=tile_size,
+        patch_size_px=enc.patch_size_px,
+        class_names=("lesion",),
+    )
+    cfg = train_config or TrainConfig(device=dev)
+    model, _ = train_volume_model(bags, mcfg, cfg, slice_context=slice_context, log=log)
+    save_volume_model(model, info, out)
+    return model
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("volumes", help="folder of <id>.nii.gz / <id>.nii / <id>/ (DICOM) volumes")
+    p.add_argument("--labels", required=True, help="CSV 'volume_id,label' (0/1)")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--encoder", default="vit-tiny", help="slice encoder (registry name)")
+    p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
+    p.add_argument("--patch-size", type=int, default=None, help="encoder patch size (tiny ViT)")
+    p.add_argument("--tile-size", type=int, default=518, help="slice size in px (official 518)")
+    p.add_argument("--slices", choices=("all", "middle32"), default="all")
+    p.add_argument("--lung-mask", choices=("none", "auto"), default="none")
+    p.add_argument("--slice-context", choices=("2d", "3d"), default="2d")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def run(args: Any) -> int:
+    import sys
+
+    opts = {} if args.patch_size is None else {"patch_size_px": args.patch_size}
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        patience=args.epochs,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=dev,
+    )
+    train_from_folder(
+        args.volumes,
+        args.labels,
+        args.out,
+        encoder=args.encoder,
+        encoder_weights=args.encoder_weights,
+        encoder_options=opts,
+        tile_size=args.tile_size,
+        slices=args.slices,
+        lung_mask=args.lung_mask,
+        slice_context=args.slice_context,
+        train_config=cfg,
+        device=dev,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"model written to {args.out}", file=sys.stderr)
+    return 0

@@ -137,3 +137,19 @@ def test_ct_small_real_dicom_hu() -> None:
     np.testing.assert_allclose(vol.affine[:3, 3], ipp * [-1, -1, 1], atol=1e-6)
     assert vol.spacing[:2] == pytest.approx([float(v) for v in ds.PixelSpacing[::-1]])
     assert -1024 <= vol.data.min() and vol.data.max() > 500  # bone in a real CT
+
+
+def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
+    from fastinsight.volume.cli import is_volume_input
+
+    write_dicom_series(tmp_path / "d", ct.hu, ct.affine, prefix="a")
+    write_dicom_series(tmp_path / "d", ct.hu[:, :, :2], ct.affine, prefix="b")
+    one = sorted((tmp_path / "d").glob("b*.dcm"))[0]
+    vol = read_volume(one)  # only that file's slice, though the folder mixes series
+    assert vol.shape == (20, 14, 1) and vol.facts["path"] == str(one)
+    write_nifti(ct.hu, ct.affine, tmp_path / "v.nii.gz")
+    assert is_volume_input(tmp_path / "v.nii.gz") and is_volume_input(tmp_path / "d")
+    assert is_volume_input(one)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "slide.svs").write_bytes(b"II*\0")
+    assert not is_volume_input(tmp_path / "e" / "slide.svs") and not is_volume_input(tmp_path / "e")

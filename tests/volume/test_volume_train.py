@@ -111,3 +111,51 @@ def test_ct_demo_reaches_targets(tmp_path: Path) -> None:
     )
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["scores"]["lesion"] == pytest.approx(report["volumes"][1]["score"], abs=1e-5)
+
+
+def test_train_volume_command(tmp_path: Path) -> None:
+    from fastinsight.cli import main
+    from fastinsight.volume.checkpoint import load_volume_model
+    from fastinsight.volume.synthetic import write_cohort
+
+    write_cohort(tmp_path / "c", 4, shape=(24, 24, 4))
+    out = tmp_path / "m.safetensors"
+    rc = main(
+        [
+            "train-volume",
+            str(tmp_path / "c" / "volumes"),
+            "--labels",
+            str(tmp_path / "c" / "labels.csv"),
+            "--out",
+            str(out),
+            "--tile-size",
+            "56",
+            "--patch-size",
+            "14",
+            "--epochs",
+            "2",
+            "--slice-context",
+            "3d",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    model, info = load_volume_model(out, device="cpu")
+    assert isinstance(model, CrossSliceInsight) and info.tile_size == 56
+    assert info.encoder_options == {"patch_size_px": 14} and model.config.grid_size == (4, 4)
+    # A labelled volume that is missing is named.
+    (tmp_path / "c" / "labels.csv").write_text("volume_id,label\nnope,1\n")
+    assert (
+        main(
+            [
+                "train-volume",
+                str(tmp_path / "c" / "volumes"),
+                "--labels",
+                str(tmp_path / "c" / "labels.csv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 4
+    )
