@@ -247,3 +247,24 @@ def test_ct_small_end_to_end(tmp_path: Path, model_file: Path) -> None:
     assert img.shape == (128, 128, 1)
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["source"]["format"] == "dicom" and rep["source"]["modality"] == "CT"
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(tmp_path: Path, model_file: Path) -> None:
+    """bf16-autocast encoder + CUDA head give the CPU heatmap's hot cells and score."""
+    from fastinsight.volume.checkpoint import load_volume_model
+    from fastinsight.volume.io import Volume
+    from fastinsight.volume.predict import VolumeOptions, build_volume_encoder, predict_volume
+
+    ct = make_chest_ct((40, 40, 6), lesions=2, seed=9, affine=AFFINE)
+    vol = Volume(ct.hu.astype(np.float32), AFFINE, {})
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model, info = load_volume_model(model_file, device=dev)
+        enc = build_volume_encoder(
+            info.encoder, info.tile_size, device=dev, options=info.encoder_options
+        )
+        out[dev] = predict_volume(vol, model, enc, VolumeOptions(info.preprocess()))
+    assert out["cuda"].scores[0] == pytest.approx(out["cpu"].scores[0], abs=2e-2)
+    a, b = out["cpu"].heatmap(), out["cuda"].heatmap()
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
