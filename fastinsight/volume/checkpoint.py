@@ -126,3 +126,20 @@ def load_volume_model(
         model = InsightModel(config, backend=backend)
     load_state_strict(model, state, str(p))
     return model.to(dev).eval(), info
+
+
+def is_volume_model(path: str | os.PathLike[str]) -> bool:
+    """True for a safetensors model written by ``save_volume_model`` (the CT recipe inside).
+
+    For dispatch from a generic ``predict``: reads only the header.
+    """
+    p = Path(path).expanduser()
+    try:
+        if sniff_format(p) != "safetensors":
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as fh:
+            return VOLUME_KEY in (fh.metadata() or {})
+    except Exception:  # unreadable: let the real loader give the clear error
+        return False

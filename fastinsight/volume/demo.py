@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -148,31 +147,3 @@ def run_ct_demo(
         f"({report['seconds']['total']:.0f} s on {dev})"
     )
     return report
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", help="folder for the cohort, the model and every output")
-    p.add_argument("--volumes", type=int, default=24, help="cohort size (half with lesions)")
-    p.add_argument("--held-out", type=int, default=8, help="volumes kept out of training")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed of cohort, encoder and training")
-    p.add_argument(
-        "--slice-context",
-        choices=("2d", "3d"),
-        default="2d",
-        help="2d: official per-slice context; 3d: 3x3x3 cross-slice context",
-    )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-
-
-def run(args: argparse.Namespace) -> int:
-    run_ct_demo(
-        args.out_dir,
-        volumes=args.volumes,
-        held_out=args.held_out,
-        epochs=args.epochs,
-        seed=args.seed,
-        slice_context=args.slice_context,
-        device=args.device,
-    )
-    return 0

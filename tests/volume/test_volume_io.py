@@ -140,7 +140,7 @@ def test_ct_small_real_dicom_hu() -> None:
 
 
 def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
-    from fastinsight.volume.cli import is_volume_input
+    from fastinsight.volume.run import is_volume_input
 
     write_dicom_series(tmp_path / "d", ct.hu, ct.affine, prefix="a")
     write_dicom_series(tmp_path / "d", ct.hu[:, :, :2], ct.affine, prefix="b")

@@ -88,3 +88,14 @@ def test_checkpoint_round_trip(tmp_path: Path, ctx: str) -> None:
     assert info2.tile_size == 70 and info2.encoder_options == {"patch_size_px": 14}
     x = torch.randn(3, 16, 5, 5)
     torch.testing.assert_close(back(x), m(x))
+
+
+def test_is_volume_model(tmp_path: Path) -> None:
+    from fastinsight.volume.checkpoint import is_volume_model
+
+    m = build_volume_model(_cfg(), "2d", backend="reference")
+    save_volume_model(m, VolumeModelInfo(), tmp_path / "v.safetensors")
+    m.save(str(tmp_path / "slide.safetensors"))
+    assert is_volume_model(tmp_path / "v.safetensors")
+    assert not is_volume_model(tmp_path / "slide.safetensors")
+    assert not is_volume_model(tmp_path / "missing.safetensors")

@@ -1,4 +1,4 @@
-"""``fastinsight predict-volume SCAN --model M --out heatmap.nii.gz``: one CT volume end to end.
+"""One CT volume end to end, as ``fastinsight predict`` / ``predict-volume`` run it.
 
 SCAN is a NIfTI file or a DICOM series folder. The heatmap NIfTI has the scan's shape and affine
 (overlay it in 3D Slicer / ITK-SNAP as is). Every output path is checked before any work; outputs
@@ -7,8 +7,6 @@ are written atomically, so a failed run writes nothing.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,33 +15,6 @@ import numpy as np
 
 from fastinsight.atomic import check_writable
 from fastinsight.errors import InputError
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="CT volume: .nii / .nii.gz file, or a DICOM series folder")
-    p.add_argument("--model", required=True, help="volume model (.safetensors) or official .pth")
-    p.add_argument("--out", required=True, help="heatmap NIfTI to write (.nii or .nii.gz)")
-    p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
-    p.add_argument("--encoder", default=None, help="encoder name (default: the model's)")
-    p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
-    p.add_argument(
-        "--lung-mask",
-        default=None,
-        help="'auto' (built-in HU-threshold mask), 'none', or a mask NIfTI on the scan's grid "
-        "(default: the model's setting)",
-    )
-    p.add_argument(
-        "--slices",
-        choices=("all", "middle32"),
-        default=None,
-        help="slice selection (default: the model's)",
-    )
-    p.add_argument("--batch-size", type=int, default=16, help="slices per encoder batch")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--overlay", default=None, help="PNG montage of the most salient slices")
-    p.add_argument(
-        "--report", default=None, help="JSON report (score, threshold, geometry, timings)"
-    )
 
 
 def _read_mask(path: str, volume: Any) -> np.ndarray:
@@ -129,25 +100,6 @@ def predict_file(
             f"RAS {first['world_ras_mm']} mm; heatmap -> {out}"
         )
     return rep
-
-
-def run(args: argparse.Namespace) -> int:
-    predict_file(
-        args.input,
-        args.model,
-        args.out,
-        series=args.series,
-        encoder_name=args.encoder,
-        encoder_weights=args.encoder_weights,
-        lung_mask=args.lung_mask,
-        slices=args.slices,
-        batch_size=args.batch_size,
-        device=args.device,
-        overlay=args.overlay,
-        report=args.report,
-        log=lambda m: print(m, file=sys.stderr),
-    )
-    return 0
 
 
 def is_volume_input(path: str | Path) -> bool:
