@@ -59,7 +59,7 @@ def append_row(path: Path, row: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from fastinsight import __version__
-    from fastinsight.config import InsightConfig
+    from fastinsight.models.config import InsightConfig
     from fastinsight.volume.io import Volume
     from fastinsight.volume.model import build_volume_model
     from fastinsight.volume.predict import VolumeOptions, build_volume_encoder, predict_volume

@@ -1,6 +1,6 @@
 """Volume models on disk: fastinsight's safetensors checkpoint plus the CT recipe it was trained on.
 
-The file is the one ``fastinsight.checkpoint.save_model`` writes (config JSON under
+The file is the one ``fastinsight.models.checkpoints.save_model`` writes (config JSON under
 ``fastinsight.config``) with one more metadata key, ``fastinsight.volume``: the slice context
 (2d / 3d), the encoder (name and options) and the preprocessing (tile size, HU window, slice
 selection, lung mask). A 2-D volume model is an ordinary INSIGHT checkpoint as well
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.checkpoint import (
+from fastinsight.errors import CheckpointError
+from fastinsight.models.checkpoints import (
     CONFIG_KEY,
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -28,9 +29,8 @@ from fastinsight.checkpoint import (
     load_state_strict,
     sniff_format,
 )
-from fastinsight.config import InsightConfig
-from fastinsight.errors import CheckpointError
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
 from fastinsight.volume.model import CrossSliceInsight, slice_context_of
 from fastinsight.volume.preprocess import PreprocessOptions
 

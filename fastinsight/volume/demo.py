@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.config import InsightConfig
 from fastinsight.errors import InputError, OutputError
+from fastinsight.models.config import InsightConfig
 
 DEMO_TILE = 96
 # The random-init ViT needs zero-centred input to give content-dominated tokens (in [0, 1] its

@@ -2,7 +2,7 @@
 
 The official CT reading (spec section 1; radiographs-and-ct.md 3.2) treats each slice like a WSI
 tile: 2-D context per slice with replication at its border, SmoothMax over every slice's cells.
-That is :class:`fastinsight.model.InsightModel` as it stands, fed ``[D, C, h, w]``.
+That is :class:`fastinsight.models.insight.InsightModel` as it stands, fed ``[D, C, h, w]``.
 
 :class:`CrossSliceInsight` extends the context branch to the neighbouring slices: each 3x3
 convolution becomes 3x3x3 over ``(slice, row, column)``, with replication padding at the first
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastinsight.config import InsightConfig
-from fastinsight.model import InsightModel
-from fastinsight.reference import gate
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
+from fastinsight.ops.reference import gate
 
 SLICE_CONTEXTS = ("2d", "3d")
 

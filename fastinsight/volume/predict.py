@@ -29,7 +29,7 @@ from torch import Tensor
 from fastinsight.atomic import atomic_path
 from fastinsight.encoders.base import Encoder
 from fastinsight.errors import InputError
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 from fastinsight.volume.io import Volume, write_nifti
 from fastinsight.volume.model import slice_context_of
 from fastinsight.volume.preprocess import (

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastinsight.config import InsightConfig
 from fastinsight.errors import InputError
 from fastinsight.evaluate import dice, roc_auc
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
 from fastinsight.train import Bag, TrainConfig, bce_loss, slide_forward, stratified_split
 from fastinsight.volume.model import CrossSliceInsight, build_volume_model
 

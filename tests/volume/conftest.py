@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
 from fastinsight.volume.model import build_volume_model
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastinsight.config import InsightConfig
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
 from fastinsight.volume.checkpoint import VolumeModelInfo, load_volume_model, save_volume_model
 from fastinsight.volume.model import CrossSliceInsight, build_volume_model
 

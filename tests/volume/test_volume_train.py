@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastinsight.config import InsightConfig
 from fastinsight.errors import InputError
+from fastinsight.models.config import InsightConfig
 from fastinsight.train import Bag, TrainConfig
 from fastinsight.volume.model import CrossSliceInsight
 from fastinsight.volume.train import (

@@ -1,6 +1,6 @@
-"""The CT commands' flags (``predict-volume``, ``train-volume``, the CT demo) and how they map onto
-``fastinsight.volume``. The only module of the package that touches argparse; it moves under
-``fastinsight/cli/`` with the command-line package.
+"""The CT commands' flags (``predict-volume``, ``train-volume``, ``demo --modality ct``) and how
+they map onto ``fastinsight.volume``. ``fastinsight predict`` hands CT inputs / volume models to
+:func:`run_predict` as well (see ``fastinsight.cli.predict``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,59 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report", default=None, help="JSON report (score, threshold, geometry, timings)"
     )
+
+
+def add_ct_arguments(p: argparse.ArgumentParser) -> None:
+    """The CT-only flags ``fastinsight predict`` takes besides its slide flags."""
+    ct = p.add_argument_group("CT volumes (input: a NIfTI file or a DICOM series folder)")
+    ct.add_argument(
+        "--series", default=None, help="SeriesInstanceUID when the folder holds several"
+    )
+    ct.add_argument(
+        "--lung-mask",
+        default=None,
+        help="'auto' (built-in HU-threshold mask), 'none', or a mask NIfTI on the scan's grid",
+    )
+    ct.add_argument("--slices", choices=("all", "middle32"), default=None, help="slice selection")
+
+
+def wants_ct(input_path: str | None, model_path: str | None) -> bool:
+    """True when ``fastinsight predict`` should run the CT pipeline: a NIfTI / DICOM input, or a
+    volume model (its metadata carries the CT recipe)."""
+    from fastinsight.volume.checkpoint import is_volume_model
+    from fastinsight.volume.run import is_volume_input
+
+    if input_path and is_volume_input(input_path):
+        return True
+    return bool(model_path) and is_volume_model(model_path)
+
+
+def run_predict_from_slide_args(args: argparse.Namespace, model_path: str) -> int:
+    """``fastinsight predict SCAN --model M --out heatmap.nii.gz``: the CT pipeline."""
+    from fastinsight.errors import InputError
+
+    unused = [
+        flag
+        for flag, value in (
+            ("--features", getattr(args, "features", None)),
+            ("--geojson", getattr(args, "geojson", None)),
+            ("--scores", getattr(args, "scores", None)),
+            ("--mpp", getattr(args, "mpp", None)),
+        )
+        if value
+    ]
+    if unused:
+        raise InputError(
+            f"{', '.join(unused)} apply to slides, not to CT volumes; drop them (CT writes "
+            "--out heatmap.nii.gz, --report, --overlay)"
+        )
+    if not args.slide or not args.out:
+        raise InputError(
+            "CT: give the scan and the heatmap to write: fastinsight predict scan.nii.gz "
+            "--model M --out heatmap.nii.gz"
+        )
+    args.input, args.model = args.slide, model_path
+    return run_predict(args)
 
 
 def run_predict(args: argparse.Namespace) -> int:
