@@ -60,7 +60,7 @@ def wants_ct(input_path: str | None, model_path: str | None) -> bool:
 
     if input_path and is_volume_input(input_path):
         return True
-    return bool(model_path) and is_volume_model(model_path)
+    return model_path is not None and is_volume_model(model_path)
 
 
 def run_predict_from_slide_args(args: argparse.Namespace, model_path: str) -> int:
