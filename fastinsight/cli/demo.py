@@ -7,6 +7,12 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="folder for the cohort, the model and every output")
+    p.add_argument(
+        "--modality",
+        choices=("wsi", "ct"),
+        default="wsi",
+        help="wsi: synthetic slides (default); ct: synthetic chest CT volumes (fastinsight.volume)",
+    )
     p.add_argument("--slides", type=int, default=32, help="cohort size (half with lesions)")
     p.add_argument("--held-out", type=int, default=8, help="slides kept out of training")
     p.add_argument("--size", type=int, default=1120, help="slide side in px at 0.5 um/px")
@@ -17,6 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.modality == "ct":
+        from fastinsight.volume.demo import run_ct_demo
+
+        # --slides / --held-out count volumes here; --size does not apply (48 x 48 x 12 voxels).
+        run_ct_demo(
+            args.out_dir,
+            volumes=args.slides if args.slides != 32 else 24,
+            held_out=args.held_out,
+            epochs=args.epochs if args.epochs != 12 else 15,
+            seed=args.seed,
+            device=args.device,
+        )
+        return 0
     from fastinsight.demo import run_demo
 
     run_demo(

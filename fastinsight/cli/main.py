@@ -72,6 +72,16 @@ def register(name: str, module: str, help_text: str, group: str | None = None) -
 register("train", "fastinsight.cli.train", "train INSIGHT on precomputed features and slide labels")
 register("evaluate", "fastinsight.cli.evaluate", "slide AUC and heatmap Dice against ground truth")
 register(
+    "predict-volume",
+    "fastinsight.cli.volume:predict",
+    "CT volume (NIfTI or DICOM series) -> heatmap NIfTI on the scan's grid, report, overlay",
+)
+register(
+    "train-volume",
+    "fastinsight.cli.volume:train",
+    "train INSIGHT on CT volumes (NIfTI / DICOM) and volume labels",
+)
+register(
     "predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray"
 )
 register(

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
 from fastinsight.errors import InputError
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slide", nargs="?", help="whole-slide image (svs, ndpi, tiff, ome.tif, ...)")
+    p.add_argument(
+        "slide",
+        nargs="?",
+        help="whole-slide image (svs, ndpi, tiff, ome.tif, ...), or a CT volume (.nii, .nii.gz, "
+        "DICOM series folder) -> heatmap NIfTI",
+    )
     p.add_argument(
         "--out", "-o", help="heatmap TIFF to write (pyramidal, opens in QuPath/OpenSlide)"
     )
@@ -62,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--report", help="JSON report: scores, thresholds, model, encoder, geometry, timings"
     )
     p.add_argument("--scores", help="npz sidecar with the raw float heatmap cells and mask")
+    add_ct_arguments(p)
     p.add_argument(
         "--profile",
         action="store_true",
@@ -147,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.class_ is not None and args.all_classes:
         raise InputError("--class and --all-classes exclude each other: pick one class or all")
+    if wants_ct(args.slide, args.model or os.environ.get(MODEL_ENV)):
+        # A NIfTI file / DICOM folder, or a volume model: the CT pipeline (fastinsight.volume).
+        return run_predict_from_slide_args(args, resolve_model_path(args.model))
     if not args.slide and not args.features:
         raise InputError(
             "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"

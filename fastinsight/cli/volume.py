@@ -1,0 +1,193 @@
+"""The CT commands' flags (``predict-volume``, ``train-volume``, ``demo --modality ct``) and how
+they map onto ``fastinsight.volume``. ``fastinsight predict`` hands CT inputs / volume models to
+:func:`run_predict` as well (see ``fastinsight.cli.predict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastinsight.volume.run import predict_file
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="CT volume: .nii / .nii.gz file, or a DICOM series folder")
+    p.add_argument("--model", required=True, help="volume model (.safetensors) or official .pth")
+    p.add_argument("--out", required=True, help="heatmap NIfTI to write (.nii or .nii.gz)")
+    p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
+    p.add_argument("--encoder", default=None, help="encoder name (default: the model's)")
+    p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
+    p.add_argument(
+        "--lung-mask",
+        default=None,
+        help="'auto' (built-in HU-threshold mask), 'none', or a mask NIfTI on the scan's grid "
+        "(default: the model's setting)",
+    )
+    p.add_argument(
+        "--slices",
+        choices=("all", "middle32"),
+        default=None,
+        help="slice selection (default: the model's)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="slices per encoder batch")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--overlay", default=None, help="PNG montage of the most salient slices")
+    p.add_argument(
+        "--report", default=None, help="JSON report (score, threshold, geometry, timings)"
+    )
+
+
+def add_ct_arguments(p: argparse.ArgumentParser) -> None:
+    """The CT-only flags ``fastinsight predict`` takes besides its slide flags."""
+    ct = p.add_argument_group("CT volumes (input: a NIfTI file or a DICOM series folder)")
+    ct.add_argument(
+        "--series", default=None, help="SeriesInstanceUID when the folder holds several"
+    )
+    ct.add_argument(
+        "--lung-mask",
+        default=None,
+        help="'auto' (built-in HU-threshold mask), 'none', or a mask NIfTI on the scan's grid",
+    )
+    ct.add_argument("--slices", choices=("all", "middle32"), default=None, help="slice selection")
+
+
+def wants_ct(input_path: str | None, model_path: str | None) -> bool:
+    """True when ``fastinsight predict`` should run the CT pipeline: a NIfTI / DICOM input, or a
+    volume model (its metadata carries the CT recipe)."""
+    from fastinsight.volume.checkpoint import is_volume_model
+    from fastinsight.volume.run import is_volume_input
+
+    if input_path and is_volume_input(input_path):
+        return True
+    return model_path is not None and is_volume_model(model_path)
+
+
+def run_predict_from_slide_args(args: argparse.Namespace, model_path: str) -> int:
+    """``fastinsight predict SCAN --model M --out heatmap.nii.gz``: the CT pipeline."""
+    from fastinsight.errors import InputError
+
+    unused = [
+        flag
+        for flag, value in (
+            ("--features", getattr(args, "features", None)),
+            ("--geojson", getattr(args, "geojson", None)),
+            ("--scores", getattr(args, "scores", None)),
+            ("--mpp", getattr(args, "mpp", None)),
+        )
+        if value
+    ]
+    if unused:
+        raise InputError(
+            f"{', '.join(unused)} apply to slides, not to CT volumes; drop them (CT writes "
+            "--out heatmap.nii.gz, --report, --overlay)"
+        )
+    if not args.slide or not args.out:
+        raise InputError(
+            "CT: give the scan and the heatmap to write: fastinsight predict scan.nii.gz "
+            "--model M --out heatmap.nii.gz"
+        )
+    args.input, args.model = args.slide, model_path
+    return run_predict(args)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    predict_file(
+        args.input,
+        args.model,
+        args.out,
+        series=args.series,
+        encoder_name=args.encoder,
+        encoder_weights=args.encoder_weights,
+        lung_mask=args.lung_mask,
+        slices=args.slices,
+        batch_size=args.batch_size,
+        device=args.device,
+        overlay=args.overlay,
+        report=args.report,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("volumes", help="folder of <id>.nii.gz / <id>.nii / <id>/ (DICOM) volumes")
+    p.add_argument("--labels", required=True, help="CSV 'volume_id,label' (0/1)")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--encoder", default="vit-tiny", help="slice encoder (registry name)")
+    p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
+    p.add_argument("--patch-size", type=int, default=None, help="encoder patch size (tiny ViT)")
+    p.add_argument("--tile-size", type=int, default=518, help="slice size in px (official 518)")
+    p.add_argument("--slices", choices=("all", "middle32"), default="all")
+    p.add_argument("--lung-mask", choices=("none", "auto"), default="none")
+    p.add_argument("--slice-context", choices=("2d", "3d"), default="2d")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinsight.train import TrainConfig
+    from fastinsight.volume.train import train_from_folder
+
+    opts = {} if args.patch_size is None else {"patch_size_px": args.patch_size}
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        patience=args.epochs,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=dev,
+    )
+    train_from_folder(
+        args.volumes,
+        args.labels,
+        args.out,
+        encoder=args.encoder,
+        encoder_weights=args.encoder_weights,
+        encoder_options=opts,
+        tile_size=args.tile_size,
+        slices=args.slices,
+        lung_mask=args.lung_mask,
+        slice_context=args.slice_context,
+        train_config=cfg,
+        device=dev,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"model written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder for the cohort, the model and every output")
+    p.add_argument("--volumes", type=int, default=24, help="cohort size (half with lesions)")
+    p.add_argument("--held-out", type=int, default=8, help="volumes kept out of training")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of cohort, encoder and training")
+    p.add_argument(
+        "--slice-context",
+        choices=("2d", "3d"),
+        default="2d",
+        help="2d: official per-slice context; 3d: 3x3x3 cross-slice context",
+    )
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from fastinsight.volume.demo import run_ct_demo
+
+    run_ct_demo(
+        args.out_dir,
+        volumes=args.volumes,
+        held_out=args.held_out,
+        epochs=args.epochs,
+        seed=args.seed,
+        slice_context=args.slice_context,
+        device=args.device,
+    )
+    return 0

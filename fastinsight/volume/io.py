@@ -1,0 +1,396 @@
+"""CT volumes in: NIfTI (nibabel) and DICOM series (pydicom), with their geometry carried exactly.
+
+One in-memory form, :class:`Volume`: Hounsfield units as float32 ``[X, Y, Z]`` in NIfTI voxel
+order and the 4x4 voxel-to-world affine in RAS+ millimetres (nibabel's convention), so a heatmap
+written with the same shape and affine overlays the scan in 3D Slicer / ITK-SNAP unregistered.
+
+DICOM (LPS+ patient coordinates) is mapped as dcm2niix and nibabel map it: voxel axis 0 runs
+along the image columns (the row direction cosine ``r``), axis 1 along the rows (the column
+cosine ``c``), axis 2 along the slice normal ``n = r x c`` with slices sorted by ``IPP . n``::
+
+    world_LPS(i, j, k) = IPP_0 + i * dc * r + j * dr * c + k * step       (dr, dc = PixelSpacing)
+    affine_RAS         = diag(-1, -1, 1, 1) @ affine_LPS
+
+``step`` is the mean offset between consecutive slice positions; a series whose offsets leave the
+normal (gantry tilt) or vary in length is refused rather than silently resampled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastinsight.errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Relative tolerance on slice spacing and on the offset's angle to the normal. Scanners write
+# positions to ~1e-3 mm; 1 % catches real tilt/gaps while accepting rounding.
+SPACING_RTOL = 0.01
+TILT_TOL = 0.01
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT scan in Hounsfield units with its voxel-to-world geometry.
+
+    Shapes: data float32 ``[X, Y, Z]`` (NIfTI voxel order); affine float64 ``[4, 4]`` mapping
+    voxel indices ``(i, j, k, 1)`` to RAS+ millimetres. ``facts`` holds what the source said
+    (format, path, series UID, modality, how many files were read, notes).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 3:
+            raise InputError(f"a volume is 3-D [X, Y, Z]; found shape {list(self.data.shape)}")
+        if self.affine.shape != (4, 4):
+            raise InputError(f"the affine must be 4 x 4, found {list(self.affine.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three voxel axes (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter axis codes (nibabel's ``aff2axcodes``), e.g. ``"RAS"`` or ``"LPS"``."""
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def geometry(self) -> dict[str, Any]:
+        """Shape, spacing, orientation and affine, JSON-ready (for reports)."""
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": [round(s, 6) for s in self.spacing],
+            "orientation": self.orientation,
+            "affine": [[float(v) for v in row] for row in self.affine],
+        }
+
+
+# ------------------------------------------------------------------------------- checks
+def check_volume(data: np.ndarray, affine: np.ndarray, where: str) -> None:
+    """Refuse what no later step can use: a non-3-D array, a singular affine, NaN/inf voxels."""
+    if data.ndim != 3:
+        hint = (
+            "a 2-D image is not a volume; pass the whole series/scan"
+            if data.ndim == 2
+            else "pass one 3-D scan (split 4-D series into 3-D volumes first)"
+        )
+        raise InputError(f"{where}: expected a 3-D volume, found shape {list(data.shape)}; {hint}")
+    if min(data.shape) < 1:
+        raise InputError(f"{where}: the volume is empty (shape {list(data.shape)})")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(
+            f"{where}: the voxel-to-world affine is singular or not finite "
+            f"({np.round(affine[:3, :3], 4).tolist()}); fix the header (sform/qform) so voxels "
+            "have a size and a direction"
+        )
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(
+            f"{where}: {bad} voxel(s) are NaN or infinite; a CT in Hounsfield units has none — "
+            "fill them (e.g. with -1024 HU) before predicting"
+        )
+
+
+# ------------------------------------------------------------------------------- NIfTI
+def is_nifti(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: str | os.PathLike[str]) -> Volume:
+    """A NIfTI-1/2 file (``.nii`` / ``.nii.gz``) as a :class:`Volume` (scl_slope/inter applied).
+
+    A trailing singleton 4th axis (``[X, Y, Z, 1]``) is dropped; any other 4-D file is refused.
+    """
+    import nibabel as nib
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"volume file {str(p)!r} does not exist")
+    try:
+        img: Any = nib.load(str(p))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:  # nibabel raises many kinds for damaged files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {str(p)!r} as NIfTI ({msg})") from exc
+    notes = []
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        notes.append("dropped a singleton 4th axis")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_volume(data, affine, str(p))
+    facts = {"format": "nifti", "path": str(p), "notes": notes}
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, facts)
+
+
+# ------------------------------------------------------------------------------- DICOM
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    ds: Any  # pydicom Dataset without pixels
+
+
+def _float_list(ds: Any, key: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(key)
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.array([])
+    if arr.size != n:
+        raise InputError(
+            f"DICOM file {str(path)!r} lacks a usable {key} (found {value!r}); it cannot be placed "
+            "in space — is it a CT image?"
+        )
+    return arr
+
+
+def _scan_folder(folder: Path) -> dict[str, list[_Slice]]:
+    """Every readable DICOM image in ``folder`` (recursively), grouped by SeriesInstanceUID."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    series: dict[str, list[_Slice]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue  # not DICOM (README, DICOMDIR's siblings): skipped
+        if "PixelData" not in ds and "Rows" not in ds:
+            continue  # DICOMDIR, structured reports, ...
+        uid = str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
+        series.setdefault(uid, []).append(_Slice(path, ds))
+    return series
+
+
+def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Series in a folder: UID -> number of files, modality, description."""
+    out = {}
+    for uid, slices in _scan_folder(Path(folder)).items():
+        ds = slices[0].ds
+        out[uid] = {
+            "files": len(slices),
+            "modality": str(ds.get("Modality", "")),
+            "description": str(ds.get("SeriesDescription", "")),
+        }
+    return out
+
+
+def read_dicom_series(
+    folder: str | os.PathLike[str],
+    series_uid: str | None = None,
+    *,
+    allow_modalities: tuple[str, ...] = ("CT",),
+) -> Volume:
+    """A DICOM series (files in any order) as a :class:`Volume` in Hounsfield units.
+
+    ``folder`` holds one series, or several and ``series_uid`` picks one (a folder mixing series
+    without it is refused, listing them). Refused too: a non-CT modality, slices of different
+    size or orientation, gantry tilt, uneven slice spacing, duplicate positions.
+    HU = stored value * RescaleSlope + RescaleIntercept, per file.
+    """
+    import pydicom
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise InputError(f"DICOM folder {str(root)!r} does not exist or is not a folder")
+    groups = _scan_folder(root)
+    if not groups:
+        raise InputError(f"no DICOM image files found in {str(root)!r}")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise InputError(
+                f"series {series_uid!r} is not in {str(root)!r}; it holds "
+                + ", ".join(f"{u} ({len(s)} files)" for u, s in groups.items())
+            )
+        slices = groups[series_uid]
+    elif len(groups) > 1:
+        listing = "; ".join(
+            f"{u} ({len(s)} files, {s[0].ds.get('Modality', '?')}"
+            f"{', ' + str(s[0].ds.get('SeriesDescription')) if s[0].ds.get('SeriesDescription') else ''})"
+            for u, s in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        )
+        raise InputError(
+            f"{str(root)!r} mixes {len(groups)} DICOM series: {listing}; pick one with "
+            "--series UID (series_uid=...)"
+        )
+    else:
+        series_uid, slices = next(iter(groups.items()))
+    first = slices[0].ds
+    modality = str(first.get("Modality", ""))
+    if modality not in allow_modalities:
+        raise InputError(
+            f"series {series_uid} has Modality {modality or '<missing>'!r}; this pipeline reads "
+            f"{'/'.join(allow_modalities)} in Hounsfield units — pass a CT series"
+        )
+    # Geometry of every slice: one orientation, one size, one pixel spacing.
+    iop = _float_list(first, "ImageOrientationPatient", 6, slices[0].path)
+    spacing = _float_list(first, "PixelSpacing", 2, slices[0].path)
+    rows, cols = int(first.Rows), int(first.Columns)
+    for s in slices[1:]:
+        if not np.allclose(_float_list(s.ds, "ImageOrientationPatient", 6, s.path), iop, atol=1e-4):
+            raise InputError(
+                f"series {series_uid}: {s.path.name} has another ImageOrientationPatient than "
+                f"{slices[0].path.name}; a volume needs one orientation"
+            )
+        if (int(s.ds.Rows), int(s.ds.Columns)) != (rows, cols):
+            raise InputError(
+                f"series {series_uid}: {s.path.name} is {s.ds.Rows} x {s.ds.Columns} px, "
+                f"{slices[0].path.name} {rows} x {cols}; a volume needs one slice size"
+            )
+        if not np.allclose(_float_list(s.ds, "PixelSpacing", 2, s.path), spacing, rtol=1e-4):
+            raise InputError(
+                f"series {series_uid}: {s.path.name} has another PixelSpacing; refusing to mix"
+            )
+    r, c = iop[:3], iop[3:]
+    normal = np.cross(r, c)
+    if not math.isclose(float(np.linalg.norm(normal)), 1.0, abs_tol=1e-3):
+        raise InputError(
+            f"series {series_uid}: ImageOrientationPatient {iop.tolist()} is not two orthonormal "
+            "direction cosines"
+        )
+    positions = np.stack([_float_list(s.ds, "ImagePositionPatient", 3, s.path) for s in slices])
+    order = np.argsort(positions @ normal, kind="stable")
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    dist = positions @ normal
+    if len(slices) > 1:
+        gaps = np.diff(dist)
+        if np.any(gaps < 1e-3):
+            dup = slices[int(np.argmin(gaps)) + 1].path.name
+            raise InputError(
+                f"series {series_uid}: two slices share one position (e.g. {dup}); the folder "
+                "holds duplicates or several acquisitions — keep one"
+            )
+        offsets = np.diff(positions, axis=0)
+        along = offsets @ normal
+        off_normal = np.linalg.norm(offsets - along[:, None] * normal, axis=1)
+        if np.any(off_normal > TILT_TOL * np.abs(along) + 1e-3):
+            angle = math.degrees(math.atan2(float(off_normal.max()), float(along.mean())))
+            raise InputError(
+                f"series {series_uid}: slice positions step off the slice normal by {angle:.2f} "
+                "deg (gantry tilt); resample it to an orthogonal grid first (e.g. dcm2niix)"
+            )
+        if gaps.max() - gaps.min() > SPACING_RTOL * gaps.mean() + 1e-3:
+            raise InputError(
+                f"series {series_uid}: slice spacing varies from {gaps.min():.4g} to "
+                f"{gaps.max():.4g} mm (missing slices or variable spacing); resample to even "
+                "spacing first"
+            )
+        step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    else:
+        thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+        step = normal * float(thick)
+    # Pixels and HU: read each file once more, with pixels.
+    data = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    for k, s in enumerate(slices):
+        ds = pydicom.dcmread(str(s.path))
+        try:
+            px = ds.pixel_array
+        except Exception as exc:
+            raise InputError(f"cannot decode the pixels of {str(s.path)!r}: {exc}") from exc
+        if px.ndim != 2:
+            raise InputError(
+                f"{str(s.path)!r} holds {px.shape} pixels; only single-frame CT images are read"
+            )
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        hu = px.astype(np.float64) * slope + intercept
+        data[:, :, k] = hu.T  # voxel axis 0 = columns (along r), axis 1 = rows (along c)
+    lps = np.eye(4)
+    lps[:3, 0] = r * spacing[1]
+    lps[:3, 1] = c * spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    affine = LPS_TO_RAS @ lps
+    check_volume(data, affine, f"series {series_uid}")
+    facts = {
+        "format": "dicom",
+        "path": str(root),
+        "series_uid": series_uid,
+        "series_in_folder": len(groups),
+        "files": len(slices),
+        "modality": modality,
+        "description": str(first.get("SeriesDescription", "")),
+        "notes": [],
+    }
+    return Volume(data, affine, facts)
+
+
+def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+    """A NIfTI file or a DICOM folder (or one DICOM file: its series in that folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return read_dicom_series(p, series_uid)
+    if is_nifti(p):
+        if series_uid is not None:
+            raise InputError("--series applies to DICOM folders, not to a NIfTI file")
+        return read_nifti(p)
+    if not p.exists():
+        raise InputError(f"input {str(p)!r} does not exist")
+    if p.suffix.lower() == ".dcm" or _looks_dicom(p):
+        return _read_single_dicom(p, series_uid)
+    raise InputError(
+        f"{str(p)!r} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder/file; pass a "
+        "CT volume"
+    )
+
+
+def _looks_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _read_single_dicom(p: Path, series_uid: str | None) -> Volume:
+    """One DICOM file: read as a 1-slice series of its own (the folder may hold other series)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fastinsight-dcm-") as tmp:
+        # A link (or copy) in an empty folder so only this file's series is seen.
+        target = Path(tmp) / p.name
+        try:
+            os.symlink(p.resolve(), target)
+        except OSError:
+            shutil.copy2(p, target)
+        vol = read_dicom_series(tmp, series_uid)
+    facts = dict(vol.facts)
+    facts["path"] = str(p)
+    return Volume(vol.data, vol.affine, facts)
+
+
+def write_nifti(
+    data: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str], *, dtype: Any = np.float32
+) -> None:
+    """Write ``data`` with ``affine`` (sform and qform, code 1 = scanner) atomically."""
+    import nibabel as nib
+
+    from fastinsight.atomic import atomic_path
+
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    name = str(path)
+    # The temp file must keep the suffix nibabel uses to decide on gzip.
+    with atomic_path(path) as tmp:
+        real = tmp.with_name(tmp.name + (".nii.gz" if name.endswith(".gz") else ".nii"))
+        nib.save(img, str(real))
+        os.replace(real, tmp)

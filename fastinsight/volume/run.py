@@ -1,0 +1,117 @@
+"""One CT volume end to end, as ``fastinsight predict`` / ``predict-volume`` run it.
+
+SCAN is a NIfTI file or a DICOM series folder. The heatmap NIfTI has the scan's shape and affine
+(overlay it in 3D Slicer / ITK-SNAP as is). Every output path is checked before any work; outputs
+are written atomically, so a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastinsight.atomic import check_writable
+from fastinsight.errors import InputError
+
+
+def _read_mask(path: str, volume: Any) -> np.ndarray:
+    from fastinsight.volume.io import read_nifti
+
+    mask = read_nifti(path)
+    if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
+        raise InputError(
+            f"lung mask {path!r} ({list(mask.shape)}) is not on the scan's voxel grid "
+            f"({list(volume.shape)}, same affine); pass the mask made for this scan"
+        )
+    return mask.data != 0
+
+
+def predict_file(
+    input_path: str,
+    model_path: str,
+    out: str,
+    *,
+    series: str | None = None,
+    encoder_name: str | None = None,
+    encoder_weights: str | None = None,
+    lung_mask: str | None = None,
+    slices: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    overlay: str | None = None,
+    report: str | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """The command as a function; returns the report dict."""
+    import torch
+
+    from fastinsight.volume.checkpoint import load_volume_model
+    from fastinsight.volume.io import is_nifti, read_volume
+    from fastinsight.volume.predict import VolumeOptions, build_volume_encoder, predict_volume
+
+    outs = [out, overlay, report]
+    if not str(out).lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"--out must end in .nii or .nii.gz (a NIfTI heatmap), got {out!r}")
+    for o in outs:
+        if o is not None:
+            check_writable(o)
+    t0 = time.perf_counter()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    volume = read_volume(input_path, series)
+    model, info = load_volume_model(model_path, device=dev)
+    mask = None
+    changes: dict[str, Any] = {}
+    if slices is not None:
+        changes["slices"] = slices
+    if lung_mask in ("auto", "none"):
+        changes["lung_mask"] = lung_mask
+    elif lung_mask is not None:
+        if not is_nifti(lung_mask):
+            raise InputError(f"--lung-mask takes 'auto', 'none' or a NIfTI file, got {lung_mask!r}")
+        mask = _read_mask(lung_mask, volume)
+    pre = info.preprocess(**changes)
+    encoder = build_volume_encoder(
+        encoder_name or info.encoder,
+        info.tile_size,
+        weights=encoder_weights,
+        device=dev,
+        options=info.encoder_options if encoder_name in (None, info.encoder) else None,
+    )
+    t_read = time.perf_counter() - t0
+    result = predict_volume(
+        volume, model, encoder, VolumeOptions(pre, batch_size=batch_size), mask=mask
+    )
+    result.timings["read_and_load"] = t_read
+    result.info["model"] = str(model_path)
+    result.write_heatmap(out)
+    if overlay:
+        result.write_overlay(overlay)
+    if report:
+        result.write_report(report)
+    rep = result.report()
+    if log:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in rep["scores"].items())
+        first = next(iter(rep["maximum"].values()))
+        log(
+            f"{input_path}: {scores}; maximum {first['value']:.3f} on slice {first['slice']} at "
+            f"RAS {first['world_ras_mm']} mm; heatmap -> {out}"
+        )
+    return rep
+
+
+def is_volume_input(path: str | Path) -> bool:
+    """True for inputs this pipeline reads: a NIfTI file, a DICOM folder or file.
+
+    For dispatch from a generic ``predict`` command.
+    """
+    from fastinsight.volume.io import _looks_dicom, is_nifti
+
+    p = Path(path)
+    if is_nifti(p):
+        return True
+    if p.is_dir():
+        return any(_looks_dicom(f) for f in list(p.rglob("*"))[:50] if f.is_file())
+    return p.suffix.lower() == ".dcm" or (p.is_file() and _looks_dicom(p))

@@ -1,0 +1,155 @@
+"""Reading CT volumes: NIfTI and DICOM series give the same HU and geometry; bad input refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from ct_testutil import write_dicom_series
+
+from fastinsight.errors import InputError
+from fastinsight.volume.io import read_dicom_series, read_nifti, read_volume, write_nifti
+from fastinsight.volume.synthetic import default_affine, make_chest_ct
+
+
+@pytest.fixture
+def ct():
+    return make_chest_ct(
+        (20, 14, 6),
+        lesions=1,
+        seed=3,
+        affine=default_affine((0.7, 0.9, 3.0), (-40.5, 12.25, 101.0)),
+    )
+
+
+def test_nifti_round_trip_keeps_hu_and_affine(tmp_path: Path, ct) -> None:
+    write_nifti(ct.hu, ct.affine, tmp_path / "a.nii.gz", dtype=np.int16)
+    vol = read_nifti(tmp_path / "a.nii.gz")
+    assert vol.data.dtype == np.float32 and vol.shape == (20, 14, 6)
+    np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
+    np.testing.assert_allclose(vol.affine, ct.affine)
+    assert vol.spacing == pytest.approx((0.7, 0.9, 3.0))
+    assert vol.orientation == "RAS"
+
+
+def test_nifti_scaling_is_applied(tmp_path: Path) -> None:
+    img = nib.Nifti1Image(np.full((4, 4, 3), 10, np.int16), np.eye(4))
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, str(tmp_path / "s.nii"))
+    assert float(read_nifti(tmp_path / "s.nii").data[0, 0, 0]) == -1004.0
+
+
+def test_dicom_series_shuffled_equals_nifti(tmp_path: Path, ct) -> None:
+    uid = write_dicom_series(tmp_path / "dcm", ct.hu, ct.affine, shuffle_seed=7)
+    vol = read_volume(tmp_path / "dcm")
+    np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
+    np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+    assert vol.facts["series_uid"] == uid and vol.facts["files"] == 6
+    assert vol.orientation == "RAS"
+
+
+def test_dicom_rescale_slope_intercept(tmp_path: Path, ct) -> None:
+    hu = (ct.hu // 2) * 2  # representable with slope 2
+    write_dicom_series(tmp_path / "d", hu, ct.affine, slope=2.0, intercept=-2048.0)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "d").data, hu.astype(np.float32))
+
+
+def test_dicom_reversed_normal_same_world(tmp_path: Path, ct) -> None:
+    # Slices stored with the z axis pointing down: the reader sorts along the normal, so the
+    # voxel order flips but every voxel keeps its world position.
+    flip = ct.affine.copy()
+    flip[:3, 2] *= -1
+    flip[:3, 3] = ct.affine[:3, 3] + (ct.hu.shape[2] - 1) * ct.affine[:3, 2]
+    write_dicom_series(tmp_path / "d", ct.hu[:, :, ::-1], flip)
+    vol = read_volume(tmp_path / "d")
+    np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
+    np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+
+
+def test_mixed_series_refused_then_picked(tmp_path: Path, ct) -> None:
+    a = write_dicom_series(tmp_path / "d", ct.hu, ct.affine, prefix="a")
+    b = write_dicom_series(tmp_path / "d", ct.hu[:, :, :3], ct.affine, prefix="b")
+    with pytest.raises(InputError, match="mixes 2 DICOM series") as err:
+        read_volume(tmp_path / "d")
+    assert a in str(err.value) and b in str(err.value) and "--series" in str(err.value)
+    assert read_volume(tmp_path / "d", series_uid=b).shape == (20, 14, 3)
+    with pytest.raises(InputError, match="not in"):
+        read_volume(tmp_path / "d", series_uid="1.2.3")
+
+
+def test_gantry_tilt_refused(tmp_path: Path, ct) -> None:
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.affine
+    pos = np.stack([lps[:3, 3] + k * np.array([0.0, 0.5, 3.0]) for k in range(6)])
+    write_dicom_series(tmp_path / "d", ct.hu, ct.affine, positions=pos)
+    with pytest.raises(InputError, match="gantry tilt"):
+        read_volume(tmp_path / "d")
+
+
+def test_uneven_spacing_refused(tmp_path: Path, ct) -> None:
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.affine
+    z = [0, 3, 6, 12, 15, 18]
+    pos = np.stack([lps[:3, 3] + np.array([0.0, 0.0, float(d)]) for d in z])
+    write_dicom_series(tmp_path / "d", ct.hu, ct.affine, positions=pos)
+    with pytest.raises(InputError, match="spacing varies"):
+        read_volume(tmp_path / "d")
+
+
+def test_non_ct_refused(tmp_path: Path, ct) -> None:
+    write_dicom_series(tmp_path / "d", ct.hu, ct.affine, modality="MR")
+    with pytest.raises(InputError, match="Modality 'MR'"):
+        read_volume(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    "data,affine,match",
+    [
+        (np.zeros((8, 8), np.float32), np.eye(4), "2-D image"),
+        (np.zeros((8, 8, 4, 2), np.float32), np.eye(4), "3-D volume"),
+        (np.zeros((8, 8, 4), np.float32), np.diag([1.0, 0.0, 1.0, 1.0]), "singular"),
+        (np.full((8, 8, 4), np.nan, np.float32), np.eye(4), "NaN"),
+    ],
+)
+def test_bad_nifti_refused(tmp_path: Path, data, affine, match) -> None:
+    img = nib.Nifti1Image(data, None)
+    img.header.set_sform(affine, code=1)  # a singular sform is written as it is
+    nib.save(img, str(tmp_path / "bad.nii"))
+    with pytest.raises(InputError, match=match):
+        read_volume(tmp_path / "bad.nii")
+
+
+def test_ct_small_real_dicom_hu() -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    if path is None:
+        pytest.skip("pydicom's CT_small.dcm test file is not installed")
+    ds = pydicom.dcmread(path)
+    assert float(ds.RescaleIntercept) == -1024.0
+    vol = read_volume(path)
+    assert vol.shape == (128, 128, 1)
+    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) - 1024.0
+    np.testing.assert_array_equal(vol.data[:, :, 0], expected.T.astype(np.float32))
+    # Voxel (0, 0, 0) is the first pixel, at ImagePositionPatient (LPS -> RAS flips x and y).
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    np.testing.assert_allclose(vol.affine[:3, 3], ipp * [-1, -1, 1], atol=1e-6)
+    assert vol.spacing[:2] == pytest.approx([float(v) for v in ds.PixelSpacing[::-1]])
+    assert -1024 <= vol.data.min() and vol.data.max() > 500  # bone in a real CT
+
+
+def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
+    from fastinsight.volume.run import is_volume_input
+
+    write_dicom_series(tmp_path / "d", ct.hu, ct.affine, prefix="a")
+    write_dicom_series(tmp_path / "d", ct.hu[:, :, :2], ct.affine, prefix="b")
+    one = sorted((tmp_path / "d").glob("b*.dcm"))[0]
+    vol = read_volume(one)  # only that file's slice, though the folder mixes series
+    assert vol.shape == (20, 14, 1) and vol.facts["path"] == str(one)
+    write_nifti(ct.hu, ct.affine, tmp_path / "v.nii.gz")
+    assert is_volume_input(tmp_path / "v.nii.gz") and is_volume_input(tmp_path / "d")
+    assert is_volume_input(one)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "slide.svs").write_bytes(b"II*\0")
+    assert not is_volume_input(tmp_path / "e" / "slide.svs") and not is_volume_input(tmp_path / "e")
