@@ -182,8 +182,10 @@ class Encoder(nn.Module):
                 f"expected uint8 or float RGB tiles, found dtype {images.dtype}; pass uint8 tiles"
             )
         device = self.device if self.device.type != "meta" else images.device
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        src = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        # Always a fresh float32 buffer: the in-place ops below never touch the caller's tensor
+        # (nor an expanded view, e.g. a grey CT slice broadcast to 3 channels).
+        x = torch.empty(src.shape, dtype=torch.float32, device=device).copy_(src)
         mean, std = self._norm_tensors(device)
         if scale != 1.0:
             x.div_(scale)

@@ -95,6 +95,41 @@ def _tile_for(tile_size_px: int | None, default: int) -> int:
     return default if tile_size_px is None else int(tile_size_px)
 
 
+def build_from_spec(
+    spec: ModelSpec,
+    weights: PathLike | None = None,
+    *,
+    tile_size_px: int | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    depth: int | None = None,
+    **kw: Any,
+) -> TimmEncoder:
+    """Build a pretrained entry from its model-card constructor (``random_init`` not checked).
+
+    ``depth`` builds a depth-reduced copy with the same widths and options (tests of the
+    ViT-g/ViT-H entries, which are too big to instantiate in CI).
+    """
+    kwargs = spec.resolved_kwargs()
+    if depth is not None:
+        kwargs["depth"] = int(depth)
+    kw.setdefault("mean", spec.mean)
+    kw.setdefault("std", spec.std)
+    return TimmEncoder(
+        spec.timm_name,
+        kwargs,
+        tile_size_px=_tile_for(tile_size_px, spec.tile_size_px),
+        name=spec.name,
+        weights=weights,
+        device=device,
+        dtype=dtype,
+        arch=_arch(spec),
+        weights_hint=spec.weights_hint,
+        snapshot_archs=spec.snapshot_archs,
+        **kw,
+    )
+
+
 def _spec_builder(spec: ModelSpec) -> Callable[..., Encoder]:
     """The builder of one pretrained entry: its model-card timm constructor, weights from a file."""
 
@@ -108,22 +143,9 @@ def _spec_builder(spec: ModelSpec) -> Callable[..., Encoder]:
     ) -> Encoder:
         if weights is None and not random_init and (device is None or device.type != "meta"):
             raise _missing_weights(spec.name, spec.weights_hint, random_ok=True)
-        kw.setdefault("mean", spec.mean)
-        kw.setdefault("std", spec.std)
-        enc = TimmEncoder(
-            spec.timm_name,
-            spec.resolved_kwargs(),
-            tile_size_px=_tile_for(tile_size_px, spec.tile_size_px),
-            name=spec.name,
-            weights=weights,
-            device=device,
-            dtype=dtype,
-            arch=_arch(spec),
-            weights_hint=spec.weights_hint,
-            snapshot_archs=spec.snapshot_archs,
-            **kw,
+        return build_from_spec(
+            spec, weights, tile_size_px=tile_size_px, device=device, dtype=dtype, **kw
         )
-        return enc
 
     return build
 

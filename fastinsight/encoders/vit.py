@@ -464,13 +464,15 @@ class ViTEncoder(TimmEncoder):
         )
 
 
-def compile_encoder(encoder: nn.Module, *, mode: str | None = None) -> nn.Module:
+def compile_encoder(
+    encoder: nn.Module, *, mode: str | None = None, backend: str = "inductor"
+) -> nn.Module:
     """``torch.compile`` the encoder in place with a static batch (``dynamic=False``).
 
     A different batch size (a slide's last, short batch) compiles once more; pad batches to one
     size to avoid that. Returns the encoder.
     """
-    encoder.compile(dynamic=False, mode=mode)
+    encoder.compile(dynamic=False, mode=mode, backend=backend)
     return encoder
 
 
