@@ -4,9 +4,11 @@ Token layout (every encoder, see :data:`TOKEN_LAYOUT`): ``encode`` and ``forward
 ``[B, C, h, w]`` with ``(h, w) = grid_size = (tile_size_px // patch_size_px,) * 2``. Cell
 ``(i, j)`` holds the token of the tile pixels ``rows i*p .. (i+1)*p - 1`` and
 ``cols j*p .. (j+1)*p - 1`` (``p = patch_size_px``), i.e. the row-major patch order of a ViT
-(token ``n = i * w + j``) laid out as an image. A ViT's class token is dropped (the official
-INSIGHT setup: UNI's 196 patch tokens reshaped to 14 x 14, spec section 1). The grid is
-contiguous and is what the INSIGHT head takes as ``x``.
+(token ``n = i * w + j``) laid out as an image. A ViT's class token and register tokens are
+dropped (the official INSIGHT setup: UNI's 196 patch tokens reshaped to 14 x 14, spec section 1;
+DINOv2-reg4's 1369 tokens after the class and 4 register tokens as 37 x 37 for CT). The grid is
+contiguous and is what the INSIGHT head takes as ``x``; ``encode_tokens`` gives the same tokens
+channels-last as ``[B, h*w, C]``.
 
 Weights are loaded from local files only; random-initialised variants are seeded so that the same
 name and seed always give the same encoder (``identity()`` records the seed).
@@ -41,7 +43,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 TOKEN_LAYOUT = (
     "[B, C, h, w] channels-first; cell (i, j) = tile px rows i*p..(i+1)*p-1, cols j*p..(j+1)*p-1; "
-    "ViT patch tokens in row-major order (n = i*w + j), class token dropped"
+    "ViT patch tokens in row-major order (n = i*w + j), class token dropped (and register tokens)"
 )
 
 # Tolerance on float input in [0, 1]: resampled tiles overshoot a little (bicubic ringing).

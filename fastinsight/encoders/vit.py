@@ -465,14 +465,20 @@ class ViTEncoder(TimmEncoder):
 
 
 def compile_encoder(
-    encoder: nn.Module, *, mode: str | None = None, backend: str = "inductor"
+    encoder: nn.Module, *, mode: str | None = None, backend: Any = "inductor"
 ) -> nn.Module:
     """``torch.compile`` the encoder in place with a static batch (``dynamic=False``).
 
-    A different batch size (a slide's last, short batch) compiles once more; pad batches to one
-    size to avoid that. Returns the encoder.
+    For a timm ViT the token path ``forward_tokens`` is compiled (``encode_tokens`` and
+    ``encode`` both go through it); other encoders compile their ``forward``. A different batch
+    size (a slide's last, short batch) compiles once more; pad batches to one size to avoid that.
+    Returns the encoder.
     """
-    encoder.compile(dynamic=False, mode=mode, backend=backend)
+    if getattr(encoder, "is_vit", False):
+        fn = encoder.forward_tokens
+        encoder.forward_tokens = torch.compile(fn, dynamic=False, mode=mode, backend=backend)
+    else:
+        encoder.compile(dynamic=False, mode=mode, backend=backend)
     return encoder
 
 

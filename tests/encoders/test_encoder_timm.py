@@ -369,11 +369,21 @@ def test_fused_attention_is_on_in_every_block() -> None:
     assert all(b.attn.fused_attn for b in enc.blocks)
 
 
-def test_compiled_encoder_gives_the_same_tokens() -> None:
-    enc = build_encoder("dinov2-tiny", tile_size_px=28)
-    tiles = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8)
-    want = enc.encode(tiles)
-    compile_encoder(enc, backend="eager")  # inductor needs a compiler; the wiring is the same
+@pytest.mark.parametrize("name", ["dinov2-tiny", "resnet-tiny"])
+def test_compiled_encoder_gives_the_same_tokens(name: str) -> None:
+    enc = build_encoder(name, tile_size_px=28 if name == "dinov2-tiny" else 32)
+    t = enc.tile_size_px
+    tiles = torch.randint(0, 256, (2, t, t, 3), dtype=torch.uint8)
+    want, want_tokens = enc.encode(tiles), enc.encode_tokens(tiles)
+    graphs = []
+
+    def backend(gm, example_inputs):  # records that the compiled path runs; executes eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    compile_encoder(enc, backend=backend)  # inductor needs a C compiler; the wiring is the same
+    torch.testing.assert_close(enc.encode_tokens(tiles), want_tokens)
+    assert graphs, "encode_tokens did not go through torch.compile"
     torch.testing.assert_close(enc.encode(tiles), want)
 
 
