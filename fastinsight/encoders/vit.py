@@ -283,7 +283,27 @@ class TimmEncoder(StateDictEncoder):
                     module.fused_attn = True
         self.register_state_dict_post_hook(_strip_trunk)
         self.register_load_state_dict_pre_hook(_add_trunk)
+        # Buffers outside the state_dict (e.g. rotary-embedding tables of EVA-style models) are
+        # computed by timm at construction: no weight file holds them, so build such a model on
+        # the CPU and put them back after the parameters are allocated or loaded.
+        persistent = set(trunk.state_dict())
+        computed = [n for n, _ in trunk.named_buffers() if n not in persistent]
+        saved: dict[str, Tensor] = {}
+        if computed:
+            import timm
+
+            kwargs_cpu = {k: v for k, v in kwargs.items() if k != "pretrained"}
+            cpu_trunk = timm.create_model(timm_name, pretrained=False, **kwargs_cpu)
+            saved = {n: b for n, b in cpu_trunk.named_buffers() if n in set(computed)}
+        self._put_buffers(saved, torch.device("cpu"))  # before: nothing stays on meta
         self._materialize(weights=weights, seed=seed, device=device, dtype=dtype)
+        self._put_buffers(saved, self.device)  # after: to_empty() of a random init wiped them
+
+    def _put_buffers(self, buffers: dict[str, Tensor], device: torch.device) -> None:
+        for full, buf in buffers.items():
+            owner_name, _, leaf = full.rpartition(".")
+            owner = self.trunk.get_submodule(owner_name) if owner_name else self.trunk
+            owner._buffers[leaf] = buf.to(device=device)
 
     @staticmethod
     def _probe_cnn(
@@ -362,9 +382,6 @@ class TimmEncoder(StateDictEncoder):
         for p in trunk.parameters():
             if id(p) not in covered:
                 init.trunc_normal_(p, std=0.02, generator=generator)
-        for name, buf in trunk.named_buffers():
-            if buf.is_floating_point() and not name.endswith(("running_mean", "running_var")):
-                buf.zero_()
 
     # ------------------------------------------------------------------------ weight files
     def _snapshot_archs(self) -> tuple[str, ...]:

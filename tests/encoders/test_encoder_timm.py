@@ -409,3 +409,18 @@ def test_saved_weights_load_into_timm_directly(tmp_path: Path) -> None:
     with torch.no_grad():
         want = ref.forward_features(normalised(tiles, enc.mean, enc.std))[:, 5:]
     assert (enc.encode_tokens(tiles) - want).abs().max().item() <= TOL
+
+
+def test_timm_name_with_computed_buffers_parity(tmp_path: Path) -> None:
+    """EVA-02 keeps rotary tables in buffers outside the state_dict: they are rebuilt, not lost."""
+    kwargs = {"depth": 1}
+    ref = timm_model("eva02_tiny_patch14_224", kwargs, seed=3)
+    path = tmp_path / "eva.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    enc = build_encoder("timm:eva02_tiny_patch14_224", path, tile_size_px=224, timm_kwargs=kwargs)
+    tiles = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        want = ref.forward_features(normalised(tiles, enc.mean, enc.std))[:, enc.num_prefix :]
+    got = enc.encode_tokens(tiles)
+    assert got.shape == (1, 256, 192)
+    assert (got - want).abs().max().item() <= TOL
