@@ -56,7 +56,7 @@ def _add_trunk(
         state[prefix + _TRUNK + key[len(prefix) :]] = state.pop(key)
 
 
-def create_timm_model(timm_name: str, timm_kwargs: dict[str, Any]) -> nn.Module:
+def create_timm_model(timm_name: str, timm_kwargs: dict[str, Any]) -> Any:
     """``timm.create_model(timm_name, pretrained=False, **timm_kwargs)`` on the meta device.
 
     Never downloads: ``pretrained`` is always False (weights come from local files afterwards), and
@@ -221,6 +221,8 @@ class TimmEncoder(StateDictEncoder):
     ``encode_tokens``: -> ``[B, (T/p)^2, C]``.
     """
 
+    trunk: Any  # the timm model (typed loosely: timm's modules are dynamic)
+
     def __init__(
         self,
         timm_name: str,
@@ -280,7 +282,7 @@ class TimmEncoder(StateDictEncoder):
             # Fused scaled-dot-product attention in every block (flash / memory-efficient on CUDA).
             for module in trunk.modules():
                 if hasattr(module, "fused_attn"):
-                    module.fused_attn = True
+                    module.fused_attn = True  # type: ignore[assignment]
         self.register_state_dict_post_hook(_strip_trunk)
         self.register_load_state_dict_pre_hook(_add_trunk)
         # Buffers outside the state_dict (e.g. rotary-embedding tables of EVA-style models) are
@@ -306,9 +308,7 @@ class TimmEncoder(StateDictEncoder):
             owner._buffers[leaf] = buf.to(device=device)
 
     @staticmethod
-    def _probe_cnn(
-        trunk: nn.Module, tile: int, timm_name: str, patch: int | None
-    ) -> tuple[int, int]:
+    def _probe_cnn(trunk: Any, tile: int, timm_name: str, patch: int | None) -> tuple[int, int]:
         """Channels and cell size of a CNN's ``forward_features`` map, from a meta forward."""
         with torch.no_grad():
             out = trunk.forward_features(torch.empty(1, 3, tile, tile, device="meta"))
@@ -492,8 +492,9 @@ def compile_encoder(
     Returns the encoder.
     """
     if getattr(encoder, "is_vit", False):
-        fn = encoder.forward_tokens
-        encoder.forward_tokens = torch.compile(fn, dynamic=False, mode=mode, backend=backend)
+        fn: Any = encoder.forward_tokens
+        compiled = torch.compile(fn, dynamic=False, mode=mode, backend=backend)
+        object.__setattr__(encoder, "forward_tokens", compiled)
     else:
         encoder.compile(dynamic=False, mode=mode, backend=backend)
     return encoder
