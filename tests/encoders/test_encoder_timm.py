@@ -424,3 +424,15 @@ def test_timm_name_with_computed_buffers_parity(tmp_path: Path) -> None:
     got = enc.encode_tokens(tiles)
     assert got.shape == (1, 256, 192)
     assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", ["vit-tiny", "resnet-tiny"])
+def test_encode_tokens_is_the_grid_channels_last(name: str) -> None:
+    """encode_tokens [B, h*w, C] holds the cells of encode [B, C, h, w] in row-major order."""
+    enc = build_encoder(name, tile_size_px=64)
+    tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    grid = enc.encode(tiles)
+    tokens = enc.encode_tokens(tiles)
+    assert tokens.shape == (2, 16, grid.shape[1]) and tokens.is_contiguous()
+    for i, j in ((0, 0), (1, 3), (3, 2)):
+        torch.testing.assert_close(tokens[:, i * 4 + j], grid[:, :, i, j], rtol=0, atol=TOL)
