@@ -1,6 +1,7 @@
 """``fastinsight encoders list`` and ``fastinsight encoders check NAME --weights PATH``.
 
-Only argument parsing and printing; the work is in :mod:`fastinsight.encoders.check`.
+Only argument parsing and printing (argparse lives under fastinsight/cli/); the work is in
+:mod:`fastinsight.encoders.check`.
 """
 
 from __future__ import annotations
