@@ -91,6 +91,18 @@ register(
     group="kernels",
 )
 register(
+    "list",
+    "fastinsight.cli.encoders:list",
+    "the patch encoders: architecture, tile, grid, weights to fetch",
+    group="encoders",
+)
+register(
+    "check",
+    "fastinsight.cli.encoders:check",
+    "load an encoder's weight file, run one tile, print grid, dims and sha256",
+    group="encoders",
+)
+register(
     "onnx", "fastinsight.cli.export:onnx", "export the head (or an encoder) to ONNX", group="export"
 )
 register(
@@ -109,6 +121,7 @@ register(
 GROUP_HELP = {
     "kernels": "Triton kernel tools",
     "export": "ONNX, TensorRT and Triton Inference Server export",
+    "encoders": "patch encoders: list them, check a weight file",
 }
 
 

@@ -4,9 +4,11 @@ Token layout (every encoder, see :data:`TOKEN_LAYOUT`): ``encode`` and ``forward
 ``[B, C, h, w]`` with ``(h, w) = grid_size = (tile_size_px // patch_size_px,) * 2``. Cell
 ``(i, j)`` holds the token of the tile pixels ``rows i*p .. (i+1)*p - 1`` and
 ``cols j*p .. (j+1)*p - 1`` (``p = patch_size_px``), i.e. the row-major patch order of a ViT
-(token ``n = i * w + j``) laid out as an image. A ViT's class token is dropped (the official
-INSIGHT setup: UNI's 196 patch tokens reshaped to 14 x 14, spec section 1). The grid is
-contiguous and is what the INSIGHT head takes as ``x``.
+(token ``n = i * w + j``) laid out as an image. A ViT's class token and register tokens are
+dropped (the official INSIGHT setup: UNI's 196 patch tokens reshaped to 14 x 14, spec section 1;
+DINOv2-reg4's 1369 tokens after the class and 4 register tokens as 37 x 37 for CT). The grid is
+contiguous and is what the INSIGHT head takes as ``x``; ``encode_tokens`` gives the same tokens
+channels-last as ``[B, h*w, C]``.
 
 Weights are loaded from local files only; random-initialised variants are seeded so that the same
 name and seed always give the same encoder (``identity()`` records the seed).
@@ -29,6 +31,7 @@ from fastinsight.encoders.weights import (
     PathLike,
     check_state_dict,
     read_state_dict,
+    resolve_weights_path,
 )
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.fileformat import file_sha256
@@ -40,7 +43,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 TOKEN_LAYOUT = (
     "[B, C, h, w] channels-first; cell (i, j) = tile px rows i*p..(i+1)*p-1, cols j*p..(j+1)*p-1; "
-    "ViT patch tokens in row-major order (n = i*w + j), class token dropped"
+    "ViT patch tokens in row-major order (n = i*w + j), class token dropped (and register tokens)"
 )
 
 # Tolerance on float input in [0, 1]: resampled tiles overshoot a little (bicubic ringing).
@@ -181,8 +184,10 @@ class Encoder(nn.Module):
                 f"expected uint8 or float RGB tiles, found dtype {images.dtype}; pass uint8 tiles"
             )
         device = self.device if self.device.type != "meta" else images.device
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        src = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        # Always a fresh float32 buffer: the in-place ops below never touch the caller's tensor
+        # (nor an expanded view, e.g. a grey CT slice broadcast to 3 channels).
+        x = torch.empty(src.shape, dtype=torch.float32, device=device).copy_(src)
         mean, std = self._norm_tensors(device)
         if scale != 1.0:
             x.div_(scale)
@@ -216,23 +221,44 @@ class Encoder(nn.Module):
         """
         raise NotImplementedError
 
-    def encode(self, images: Tensor | np.ndarray, *, autocast: bool | None = None) -> Tensor:
-        """RGB tiles to the token grid: ``forward(normalize(images))`` without autograd.
-
-        On CUDA, runs under bf16 autocast when ``autocast`` (default: the encoder's ``autocast``
-        attribute) is true; the grid then comes back in the dtype the last layer produced (float32
-        after a ViT's final LayerNorm, bf16 for the ResNet). Elsewhere the input is cast to the
-        encoder's dtype.
-
-        Shapes: images ``[B, tile, tile, 3]`` uint8 (or float in [0, 1]) -> ``[B, C, h, w]``.
-        """
+    def _run(self, fn: Any, images: Tensor | np.ndarray, autocast: bool | None) -> Tensor:
         use_amp = self.autocast if autocast is None else autocast
         with torch.no_grad():
             x = self.normalize(images)
-            if use_amp and x.device.type == "cuda":
+            low_precision = self.dtype in (torch.bfloat16, torch.float16)
+            if use_amp and x.device.type == "cuda" and not low_precision:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return self(x)
-            return self(x.to(self.dtype))
+                    return fn(x)
+            # bf16 weights: the input and the whole residual stream are bf16, no autocast needed.
+            return fn(x.to(self.dtype))
+
+    def encode(self, images: Tensor | np.ndarray, *, autocast: bool | None = None) -> Tensor:
+        """RGB tiles to the token grid: ``forward(normalize(images))`` without autograd.
+
+        With float32 weights on CUDA, runs under bf16 autocast when ``autocast`` (default: the
+        encoder's ``autocast`` attribute) is true; the grid then comes back in the dtype the last
+        layer produced (float32 after a ViT's final LayerNorm, bf16 for the ResNet). With bf16
+        weights (the default of registry encoders built on CUDA) the input is cast to bf16 and the
+        grid is bf16. Elsewhere the input is cast to the encoder's dtype.
+
+        Shapes: images ``[B, tile, tile, 3]`` uint8 (or float in [0, 1]) -> ``[B, C, h, w]``.
+        """
+        return self._run(self, images, autocast)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Normalised tiles to patch tokens in row-major order.
+
+        Shapes: x ``[B, 3, tile, tile]`` -> ``[B, h*w, C]``.
+        """
+        return self(x).flatten(2).transpose(1, 2)
+
+    def encode_tokens(self, images: Tensor | np.ndarray, *, autocast: bool | None = None) -> Tensor:
+        """RGB tiles to contiguous patch tokens ``[B, h*w, C]`` (channels last), what the INSIGHT
+        head takes as ``[N, h*w, C]``; for a ViT no transpose is made (the fast path on CUDA).
+
+        Shapes: images ``[B, tile, tile, 3]`` -> ``[B, h*w, C]``.
+        """
+        return self._run(self.forward_tokens, images, autocast).contiguous()
 
     # ------------------------------------------------------------------------------ reporting
     def extra_identity(self) -> dict[str, Any]:
@@ -288,6 +314,14 @@ class StateDictEncoder(Encoder):
     def _fill_optional(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return state
 
+    def _adapt_state(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Convert a file's own layout (e.g. DINOv2's torch-hub keys) to this encoder's; notes."""
+        return state, []
+
+    def _snapshot_archs(self) -> tuple[str, ...]:
+        """timm architecture names a hub snapshot's ``config.json`` may declare for this encoder."""
+        return ()
+
     def _materialize(
         self,
         *,
@@ -318,8 +352,12 @@ class StateDictEncoder(Encoder):
 
         Raises CheckpointError for a missing, truncated or foreign file.
         """
-        state, notes = read_state_dict(path, what=self.weights_hint)
-        source = repr(str(path))
+        file = resolve_weights_path(path, what=self.weights_hint, expect=self._snapshot_archs())
+        state, notes = read_state_dict(file, what=self.weights_hint)
+        state, adapt_notes = self._adapt_state(state)
+        notes = notes + adapt_notes
+        source = repr(str(file))
+        path = file
         expected = self.state_dict(keep_vars=True)
         kept, check_notes = check_state_dict(
             expected,

@@ -8,6 +8,13 @@ their first bytes rather than their names:
   ``torch.load(weights_only=True)`` so that no arbitrary object is ever unpickled;
 - a ``.safetensors`` file.
 
+A weight path may also be a Hugging Face hub snapshot folder (``config.json`` next to
+``model.safetensors`` or ``pytorch_model.bin``, as ``huggingface-cli download`` or
+``snapshot_download`` leave it; a cache folder ``models--ORG--NAME`` with one snapshot works too):
+the weight file is taken from it and ``config.json``'s ``architecture`` is checked against the
+encoder (:func:`resolve_weights_path`). DINOv2's own torch-hub checkpoints
+(``dinov2_vitl14_reg4_pretrain.pth``) are converted to timm's layout by :func:`convert_dinov2_hub`.
+
 Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and key prefixes (``module.``
 from ``nn.DataParallel``, ``model.``, ``backbone.``, ``encoder.``, ``trunk.``) are removed when
 every key carries them.
@@ -15,7 +22,9 @@ every key carries them.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -181,3 +190,94 @@ def check_state_dict(
             f"{ignored[-1]!r})"
         )
     return kept, notes
+
+
+#: Weight files looked for in a hub snapshot folder, in this order.
+SNAPSHOT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_weights_path(path: PathLike, *, what: str, expect: tuple[str, ...] = ()) -> Path:
+    """The weight file of ``path``: the file itself, or the one inside a hub snapshot folder.
+
+    For a folder, ``config.json`` (when present and written by timm's hub integration) must name
+    one of the ``expect`` architectures (if any are given), so that a UNI folder passed as UNI2-h
+    fails with the folder named rather than on a tensor shape.
+    Raises CheckpointError for a folder without weights or of another architecture.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return p
+    snaps = p / "snapshots"
+    if snaps.is_dir():  # a hub cache folder models--ORG--NAME
+        found = sorted(d for d in snaps.iterdir() if d.is_dir())
+        if len(found) == 1:
+            p = found[0]
+        else:
+            raise CheckpointError(
+                f"hub cache folder {str(path)!r} holds {len(found)} snapshots; pass one of them "
+                f"(snapshots/<revision>) with --encoder-weights PATH"
+            )
+    weights = next((p / f for f in SNAPSHOT_FILES if (p / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(
+            f"{str(p)!r} is a directory that holds none of {', '.join(SNAPSHOT_FILES)}; pass a hub snapshot "
+            f"folder or the weight file itself ({what}) with --encoder-weights PATH"
+        )
+    cfg_path = p / "config.json"
+    if expect and cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot read {str(cfg_path)!r} ({_first_line(exc)}); fetch the snapshot again"
+            ) from exc
+        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+        if isinstance(arch, str) and arch not in expect:
+            raise CheckpointError(
+                f"{str(p)!r} is a {arch!r} snapshot (config.json), expected {' or '.join(expect)}; "
+                f"it is another model: pass {what}"
+            )
+    return weights
+
+
+_DINOV2_MLP = re.compile(r"^(blocks\.\d+\.mlp\.)(w12|w3)(\.(?:weight|bias))$")
+
+
+def convert_dinov2_hub(
+    state: dict[str, Tensor], *, reg_tokens: int
+) -> tuple[dict[str, Tensor], list[str]]:
+    """facebookresearch/dinov2 torch-hub keys -> timm ``VisionTransformer`` keys.
+
+    DINOv2 adds ``pos_embed[:, 0]`` to the class token, then inserts the register tokens after it
+    with no position; its ``pos_embed`` is ``[1, 1 + g*g, D]``. timm's register models are
+    ``no_embed_class`` (position only on patch tokens), so for a file with ``register_tokens``:
+    ``cls_token' = cls_token + pos_embed[:, :1]``, ``pos_embed' = pos_embed[:, 1:]``,
+    ``reg_token = register_tokens``. Without registers the layout already matches. ``mask_token``
+    (training only) is dropped; SwiGLU's ``mlp.w12``/``mlp.w3`` become ``mlp.fc1``/``mlp.fc2``.
+    Returns the converted state and a note.
+    """
+    out = dict(state)
+    out.pop("mask_token", None)
+    if "register_tokens" in out:
+        regs = out.pop("register_tokens")
+        if reg_tokens != regs.shape[1]:
+            raise CheckpointError(
+                f"the DINOv2 file has {regs.shape[1]} register tokens, the encoder {reg_tokens}; "
+                "pass the matching checkpoint (e.g. dinov2_vitl14_reg4_pretrain.pth for 4)"
+            )
+        pos = out["pos_embed"]
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+        out["reg_token"] = regs
+    elif reg_tokens:
+        raise CheckpointError(
+            f"the DINOv2 file has no register tokens but the encoder expects {reg_tokens}; pass "
+            "the '_reg4_' checkpoint (dinov2_vitl14_reg4_pretrain.pth)"
+        )
+    renamed = {}
+    for key, value in out.items():
+        m = _DINOV2_MLP.match(key)
+        if m:
+            key = m.group(1) + ("fc1" if m.group(2) == "w12" else "fc2") + m.group(3)
+        renamed[key] = value
+    return renamed, ["converted DINOv2 torch-hub keys to timm's layout"]

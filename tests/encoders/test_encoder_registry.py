@@ -11,15 +11,23 @@ import torch
 from fastinsight.encoders import Encoder, build_encoder, describe_encoders, list_encoders
 from fastinsight.errors import BackendError, CheckpointError, InputError
 
-TINY = ("vit-tiny", "resnet-tiny")
+TINY = ("vit-tiny", "resnet-tiny", "dinov2-tiny")
 
 
 def test_list_encoders() -> None:
     assert list_encoders() == [
         "uni",
+        "uni2-h",
+        "virchow2",
+        "h-optimus-0",
+        "h-optimus-1",
+        "prov-gigapath",
+        "dinov2-vitl14-reg4",
         "vit-tiny",
+        "dinov2-tiny",
         "resnet50-trunc",
         "resnet-tiny",
+        "timm:<name>",
         "torchscript:<path>",
     ]
     assert set(describe_encoders()) == set(list_encoders())
@@ -27,9 +35,9 @@ def test_list_encoders() -> None:
 
 def test_unknown_name_lists_the_names() -> None:
     with pytest.raises(InputError) as err:
-        build_encoder("uni2-h")
+        build_encoder("uni3")
     msg = str(err.value)
-    assert "unknown encoder 'uni2-h'" in msg
+    assert "unknown encoder 'uni3'" in msg
     for name in list_encoders():
         assert name in msg
 
@@ -74,11 +82,12 @@ def test_random_init_and_weights_conflict(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", TINY)
 def test_random_init_is_deterministic_given_the_seed(name: str) -> None:
-    tiles = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    a = build_encoder(name, tile_size_px=32)
+    t = 28 if name == "dinov2-tiny" else 32
+    tiles = torch.randint(0, 256, (2, t, t, 3), dtype=torch.uint8)
+    a = build_encoder(name, tile_size_px=t)
     torch.manual_seed(1234)  # the global RNG plays no part
-    b = build_encoder(name, tile_size_px=32, seed=0)
-    c = build_encoder(name, tile_size_px=32, seed=1)
+    b = build_encoder(name, tile_size_px=t, seed=0)
+    c = build_encoder(name, tile_size_px=t, seed=1)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert torch.equal(a.encode(tiles), b.encode(tiles))
@@ -99,7 +108,7 @@ def test_vit_tiny_seed0_values_are_pinned() -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_building_does_not_touch_the_global_rng(name: str) -> None:
     state = torch.random.get_rng_state()
-    build_encoder(name, tile_size_px=32)
+    build_encoder(name, tile_size_px=28 if name == "dinov2-tiny" else 32)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
@@ -126,7 +135,7 @@ def test_uni_random_init_is_a_full_vit_large_and_runs() -> None:
 
 def test_encoders_are_built_in_eval_mode() -> None:
     for name in TINY:
-        enc = build_encoder(name, tile_size_px=32)
+        enc = build_encoder(name, tile_size_px=28 if name == "dinov2-tiny" else 32)
         assert isinstance(enc, Encoder) and not enc.training
 
 
@@ -145,9 +154,11 @@ def test_unknown_device() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", TINY)
 def test_bf16_autocast_on_cuda(name: str) -> None:
-    tiles = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8).pin_memory()
-    cpu = build_encoder(name, tile_size_px=64)
-    gpu = build_encoder(name, tile_size_px=64, device="cuda")
+    t = 70 if name == "dinov2-tiny" else 64
+    tiles = torch.randint(0, 256, (4, t, t, 3), dtype=torch.uint8).pin_memory()
+    cpu = build_encoder(name, tile_size_px=t)
+    # float32 weights under bf16 autocast (the path for encoders moved to CUDA with .to()).
+    gpu = build_encoder(name, tile_size_px=t, device="cuda", dtype=torch.float32)
     want = cpu.encode(tiles)
     fp32 = gpu.encode(tiles, autocast=False).float().cpu()
     bf16 = gpu.encode(tiles).float().cpu()
@@ -155,3 +166,23 @@ def test_bf16_autocast_on_cuda(name: str) -> None:
     # bf16 has an 8-bit mantissa: its error is about 2^-8 of the values' scale.
     scale = want.abs().amax().item()
     assert (bf16 - want).abs().amax().item() < 0.05 * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", TINY)
+def test_bf16_weights_by_default_on_cuda(name: str) -> None:
+    """On CUDA the weights are bf16 (a bf16 residual stream), and so are the tokens."""
+    t = 70 if name == "dinov2-tiny" else 64
+    tiles = torch.randint(0, 256, (4, t, t, 3), dtype=torch.uint8)
+    cpu = build_encoder(name, tile_size_px=t)
+    gpu = build_encoder(name, tile_size_px=t, device="cuda")
+    assert gpu.dtype == torch.bfloat16
+    want = cpu.encode(tiles)
+    got = gpu.encode(tiles)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    tokens = gpu.encode_tokens(tiles)
+    assert tokens.dtype == torch.bfloat16 and tokens.is_contiguous()
+    assert tokens.shape == (4, want.shape[2] * want.shape[3], want.shape[1])
+    scale = want.abs().amax().item()
+    assert (got.float().cpu() - want).abs().amax().item() < 0.08 * scale
