@@ -6,8 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import torch
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from fastinsight.models.config import InsightConfig
+from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
+from fastinsight.volume.model import build_volume_model
 
 
 def write_dicom_series(
@@ -73,3 +78,30 @@ def write_dicom_series(
 
 def read_back(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(str(path))
+
+
+# A small volume model: random head, vit-tiny slice encoder at 56 px -> 4 x 4 grid.
+TILE = 56
+ENCODER_OPTIONS = {"patch_size_px": 14, "seed": 0}
+
+
+def small_model_file(folder: Path, slice_context: str = "2d", slices: str = "all") -> Path:
+    torch.manual_seed(0)
+    cfg = InsightConfig(
+        in_dim=64,
+        reduce_dim=16,
+        widths=(16, 8, 8),
+        grid_size=(4, 4),
+        norm="channel",
+        encoder="vit-tiny",
+        tile_size_px=TILE,
+        patch_size_px=14,
+        class_names=("lesion",),
+    )
+    model = build_volume_model(cfg, slice_context, backend="reference")
+    info = VolumeModelInfo(
+        encoder="vit-tiny", encoder_options=ENCODER_OPTIONS, tile_size=TILE, slices=slices
+    )
+    path = folder / f"model_{slice_context}_{slices}.safetensors"
+    save_volume_model(model, info, path)
+    return path

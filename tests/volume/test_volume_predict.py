@@ -10,8 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TILE, small_model_file
-from ct_testutil import write_dicom_series
+from ct_testutil import TILE, small_model_file, write_dicom_series
 
 from fastinsight.cli import main
 from fastinsight.volume.io import write_nifti
