@@ -22,8 +22,9 @@ No model code lives here. A pipeline::
 from __future__ import annotations
 
 from fastinsight.slide.colormap import COLORMAPS, apply_colormap, colorize
+from fastinsight.slide.direct import DirectTiffReader, decode_jpeg_batch
 from fastinsight.slide.geojson import heatmap_features, heatmap_geojson, write_geojson
-from fastinsight.slide.grid import Tile, TileGrid, best_level, stitch_cells, tiles_cell_mask
+from fastinsight.slide.grid import Tile, TileGrid, stitch_cells, tiles_cell_mask
 from fastinsight.slide.heatmap_tiff import (
     HeatmapGeometry,
     ScoresSidecar,
@@ -33,6 +34,7 @@ from fastinsight.slide.heatmap_tiff import (
     write_heatmap_tiff,
     write_scores_sidecar,
 )
+from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_overlay
 from fastinsight.slide.readers import (
     ArrayReader,
@@ -56,7 +58,9 @@ from fastinsight.slide.tissue import (
 __all__ = [
     "COLORMAPS",
     "TISSUE_MODES",
+    "LEVEL_TOLERANCE",
     "ArrayReader",
+    "DirectTiffReader",
     "HeatmapGeometry",
     "OpenSlideReader",
     "ScoresSidecar",
@@ -73,6 +77,7 @@ __all__ = [
     "cell_tissue_fraction",
     "cell_tissue_mask",
     "colorize",
+    "decode_jpeg_batch",
     "decode_scores",
     "detect_tissue",
     "encode_scores",
