@@ -39,9 +39,11 @@ from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_over
 from fastinsight.slide.readers import (
     ArrayReader,
     OpenSlideReader,
+    Overview,
     SlideReader,
     TiffFileReader,
     open_slide,
+    read_overview,
     read_resampled,
 )
 from fastinsight.slide.tiler import TileBatch, Tiler
@@ -83,7 +85,9 @@ __all__ = [
     "encode_scores",
     "heatmap_features",
     "heatmap_geojson",
+    "Overview",
     "open_slide",
+    "read_overview",
     "read_resampled",
     "read_scores_sidecar",
     "render_overlay",

@@ -31,6 +31,7 @@ import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -224,10 +225,13 @@ class SlideReader(abc.ABC):
         """Backend read; arguments already validated."""
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """The whole slide, downsampled (area average) so its longer side is ``max_size``.
+        """The whole slide, downsampled so its longer side is ``max_size``.
 
         Never upsamples. The output size is ``round(width / s) x round(height / s)`` with
-        ``s = max(width, height) / max_size``. Shapes: -> ``uint8 [h, w, 3]`` RGB.
+        ``s = max(width, height) / max_size``. Built by :func:`read_overview`: an area average
+        of the best level, or strided tile sampling when that level is too large to decode
+        whole (a giant single-level image), so time and memory stay bounded.
+        Shapes: -> ``uint8 [h, w, 3]`` RGB.
         """
         if max_size < 1:
             raise InputError(f"thumbnail max_size must be >= 1; got {max_size}")
@@ -235,7 +239,12 @@ class SlideReader(abc.ABC):
         scale = max(1.0, max(w0, h0) / float(max_size))
         out_w = max(1, round(w0 / scale))
         out_h = max(1, round(h0 / scale))
-        return read_resampled(self, 0.0, 0.0, float(w0), float(h0), out_w, out_h, resample="box")
+        return read_overview(self, out_w, out_h).image
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        """``(height, width)`` of the blocks the file stores ``level`` in (the unit of
+        decoding); 256 x 256 when the backend does not say."""
+        return (256, 256)
 
     # ----------------------------------------------------------------------------- handles
     @abc.abstractmethod
@@ -324,6 +333,13 @@ class OpenSlideReader(SlideReader):
     @property
     def level_downsamples(self) -> tuple[float, ...]:
         return self._osr_downsamples
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        th = _parse_float(self._properties.get(f"openslide.level[{level}].tile-height"))
+        tw = _parse_float(self._properties.get(f"openslide.level[{level}].tile-width"))
+        if th and tw and th > 0 and tw > 0:
+            return (int(th), int(tw))
+        return (256, 256)
 
     def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
         import openslide
@@ -434,6 +450,9 @@ class TiffFileReader(SlideReader):
                         sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
                     ]
         return out
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        return _segment_shape(self._pages[level])
 
     def _segment(self, level: int, index: int, seg_h: int, seg_w: int) -> np.ndarray:
         """One decoded tile/strip as ``uint8 [h, w, 3]`` RGB, through the LRU cache."""
@@ -941,6 +960,88 @@ def _read_resampled_block(
     box = (lvl_x - win_x0, lvl_y - win_y0, lvl_x - win_x0 + lvl_w, lvl_y - win_y0 + lvl_h)
     img = Image.fromarray(window).resize((out_w, out_h), _PIL_FILTERS[resample], box=box)
     return np.asarray(img)
+
+
+# A thumbnail or tissue image reads its whole source level when that level has at most this
+# many pixels (about 0.5-1 s of JPEG decoding on one core); beyond it, strided tile sampling.
+OVERVIEW_MAX_SOURCE_PX = 2**26
+
+
+@dataclass(frozen=True, eq=False)
+class Overview:
+    """A low-resolution image of the whole slide and how it was made.
+
+    ``level``: the pyramid level it was built from (the best level, :mod:`.levels`).
+    ``sampling``: ``"area"`` (area average of every pixel of that level) or ``"strided"``
+    (strided tile sampling, see :func:`read_overview`). ``tiles_read``: source blocks read by
+    the strided path (0 for ``"area"``). Shapes: ``image`` uint8 ``[h, w, 3]``.
+    """
+
+    image: np.ndarray
+    level: int
+    sampling: str
+    tiles_read: int = 0
+
+
+def read_overview(
+    reader: SlideReader,
+    out_w: int,
+    out_h: int,
+    *,
+    max_source_px: int = OVERVIEW_MAX_SOURCE_PX,
+) -> Overview:
+    """The whole slide as ``out_w x out_h`` pixels, in bounded time and memory.
+
+    The source is the best level for the output scale (:func:`~.levels.best_level`). When that
+    level has at most ``max_source_px`` pixels, every pixel is area-averaged (box filter),
+    block by block. Otherwise (a giant image without a pyramid: a 200k x 200k single-level
+    TIFF would mean decoding 120 GB) the image is built by *strided tile sampling*: with
+    ``T`` the file's tile and ``n`` its tile count, one tile in every ``s x s``
+    (``s = ceil(sqrt(n / (max_source_px / T^2)))``) is read, and every output pixel takes the
+    source pixel at its centre moved into the sampled tile of its ``s x s`` group (same offset
+    inside the tile). So at most about ``max_source_px`` pixels are decoded, one tile at a
+    time, whatever the slide's size.
+
+    Shapes: -> ``Overview.image`` uint8 ``[out_h, out_w, 3]``.
+    """
+    if out_w < 1 or out_h < 1:
+        raise InputError(f"output size must be at least 1x1; got {out_w}x{out_h}")
+    w0, h0 = reader.dimensions
+    level = reader.best_level_for_downsample(min(w0 / out_w, h0 / out_h))
+    lw, lh = reader.level_dimensions[level]
+    th, tw = reader.native_tile_size(level)
+    n_rows, n_cols = -(-lh // th), -(-lw // tw)
+    budget_tiles = max(1, max_source_px // (th * tw))
+    stride = max(1, math.ceil(math.sqrt(n_rows * n_cols / budget_tiles)))
+    if lw * lh <= max_source_px or stride == 1:
+        image = read_resampled(
+            reader, 0.0, 0.0, float(w0), float(h0), out_w, out_h, level=level, resample="box"
+        )
+        return Overview(image, level, "area", 0)
+    ds = reader.level_downsamples[level]
+    # Output pixel centres in pixels of ``level``.
+    ys = np.minimum(((np.arange(out_h) + 0.5) * (h0 / out_h) / ds).astype(np.int64), lh - 1)
+    xs = np.minimum(((np.arange(out_w) + 0.5) * (w0 / out_w) / ds).astype(np.int64), lw - 1)
+
+    def snap(pos: np.ndarray, t: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        # Tile of each sample -> the sampled tile of its stride group -> same offset there.
+        chosen = np.minimum((pos // t) // stride * stride + stride // 2, n - 1)
+        return chosen, np.minimum(chosen * t + pos % t, size - 1)
+
+    tile_r, src_y = snap(ys, th, n_rows, lh)
+    tile_c, src_x = snap(xs, tw, n_cols, lw)
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    tiles_read = 0
+    col_groups = [(c, np.nonzero(tile_c == c)[0]) for c in np.unique(tile_c)]
+    for r in np.unique(tile_r):
+        rows = np.nonzero(tile_r == r)[0]
+        for c, cols in col_groups:
+            block = reader.read_region(
+                int(round(c * tw * ds)), int(round(r * th * ds)), level, tw, th
+            )
+            tiles_read += 1
+            out[np.ix_(rows, cols)] = block[np.ix_(src_y[rows] - r * th, src_x[cols] - c * tw)]
+    return Overview(out, level, "strided", tiles_read)
 
 
 # ====================================================================================== opening
