@@ -36,6 +36,7 @@ from fastinsight.slide.heatmap_tiff import (
 )
 from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_overlay
+from fastinsight.slide.prefetch import DeviceBatch, DevicePrefetcher
 from fastinsight.slide.readers import (
     ArrayReader,
     OpenSlideReader,
@@ -62,6 +63,8 @@ __all__ = [
     "TISSUE_MODES",
     "LEVEL_TOLERANCE",
     "ArrayReader",
+    "DeviceBatch",
+    "DevicePrefetcher",
     "DirectTiffReader",
     "HeatmapGeometry",
     "OpenSlideReader",
