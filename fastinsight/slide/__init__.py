@@ -24,6 +24,7 @@ from __future__ import annotations
 from fastinsight.slide.colormap import COLORMAPS, apply_colormap, colorize
 from fastinsight.slide.direct import DirectTiffReader, decode_jpeg_batch
 from fastinsight.slide.geojson import heatmap_features, heatmap_geojson, write_geojson
+from fastinsight.slide.gpu_tiler import DeviceJpegTiler
 from fastinsight.slide.grid import Tile, TileGrid, stitch_cells, tiles_cell_mask
 from fastinsight.slide.heatmap_tiff import (
     HeatmapGeometry,
@@ -64,6 +65,7 @@ __all__ = [
     "LEVEL_TOLERANCE",
     "ArrayReader",
     "DeviceBatch",
+    "DeviceJpegTiler",
     "DevicePrefetcher",
     "DirectTiffReader",
     "HeatmapGeometry",
