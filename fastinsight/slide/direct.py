@@ -70,6 +70,17 @@ def _decode_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: submitting to it would
+    # hang. The child makes its own pool on first use.
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def jpeg_colorspace(page: Any) -> tuple[int | None, int | None]:
     """``(colorspace, outcolorspace)`` for ``imagecodecs.jpeg8_decode`` of a TIFF JPEG page.
 

@@ -163,3 +163,25 @@ def test_gpu_batch_decode_matches_cpu() -> None:
             assert g.device.type == "cuda"
             # nvJPEG and libjpeg-turbo use different IDCT / upsampling: allow a few levels.
             assert int((g.cpu().int() - c.int()).abs().max()) <= 4
+
+
+def test_decode_pool_is_recreated_in_a_forked_child(cmu: Path) -> None:
+    import multiprocessing as mp
+
+    from fastinsight.slide import direct
+
+    with open_slide(cmu, backend="direct") as reader:
+        reader.read_region(0, 0, 0, 1200, 1200)  # >= 4 tiles: the shared pool exists now
+        assert direct._POOL is not None
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        ok = pool.apply_async(_read_big_region, (str(cmu),)).get(timeout=60)
+    assert ok
+
+
+def _read_big_region(path: str) -> bool:
+    from fastinsight.slide import direct
+
+    assert direct._POOL is None  # forgotten at fork
+    with open_slide(path, backend="direct") as reader:
+        return reader.read_region(0, 0, 0, 1200, 1200).shape == (1200, 1200, 3)
