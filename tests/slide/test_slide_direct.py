@@ -132,6 +132,7 @@ def test_gpu_decode_path_on_cpu_gives_the_cpu_pixels(name: str) -> None:
             assert int(np.abs(got.astype(np.int16) - ref).max()) <= 1
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29's codec notice
 def test_aperio_rgb_jpeg_needs_the_adobe_marker() -> None:
     """Without the APP14 marker a decoder treats Aperio's RGB components as YCbCr: the colours
     go wrong. This is what the marker in jpeg_stream prevents."""
