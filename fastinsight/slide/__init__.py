@@ -38,6 +38,7 @@ from fastinsight.slide.heatmap_tiff import (
 from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_overlay
 from fastinsight.slide.prefetch import DeviceBatch, DevicePrefetcher
+from fastinsight.slide.provenance import reading_provenance
 from fastinsight.slide.readers import (
     ArrayReader,
     OpenSlideReader,
@@ -93,6 +94,7 @@ __all__ = [
     "Overview",
     "open_slide",
     "read_overview",
+    "reading_provenance",
     "read_resampled",
     "read_scores_sidecar",
     "render_overlay",

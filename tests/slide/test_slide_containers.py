@@ -93,3 +93,19 @@ def test_same_heatmap_and_score_with_a_tiny_random_encoder(containers: dict[str,
     with open_slide(containers["ome"]) as reader:
         tissue = detect_tissue(reader, "brightfield")
         assert len(tissue_tiles(ref.grid, tissue, 0.1)) == ref.n_tiles
+
+
+def test_reading_provenance_names_reader_and_levels(containers: dict[str, Path]) -> None:
+    from fastinsight.slide import reading_provenance
+
+    reports = []
+    for path in containers.values():
+        with open_slide(path) as reader:
+            tissue = detect_tissue(reader, "brightfield")
+            grid = TileGrid.for_slide(reader, target_mpp=1.0, tile_px=224)
+            reports.append(reading_provenance(reader, grid, tissue))
+    assert reports[0]["reader"] == "direct"
+    assert reports[0]["tissue"]["level"] == 2 and reports[0]["tissue"]["sampling"] == "area"
+    assert reports[0]["tiles"]["level"] == 2  # 1.0 um/px = 4 x 0.25: level 2 exactly
+    assert reports[0]["tiles"]["level_dimensions"] == [450, 300]
+    assert all(r == reports[0] for r in reports)  # the container does not change the answer
