@@ -1,9 +1,12 @@
-"""Whole-slide image readers: one interface over OpenSlide and tifffile.
+"""Whole-slide image readers: one interface over OpenSlide, tifffile and direct tile reading.
 
-``open_slide(path)`` returns a :class:`SlideReader`. With ``backend="auto"`` it tries OpenSlide
-(vendor formats: Aperio svs, Hamamatsu ndpi, MIRAX mrxs, Leica scn, Ventana bif, tiled generic
-TIFF, ...) and falls back to tifffile for what OpenSlide refuses (OME-TIFF, other tiled or
-pyramidal TIFFs; JPEG 2000 through imagecodecs).
+``open_slide(path)`` returns a :class:`SlideReader`. Backends: ``"direct"``
+(:class:`~fastinsight.slide.direct.DirectTiffReader`: tiled TIFF family -- SVS, generic TIFF,
+OME-TIFF -- read by ``pread`` and decoded in parallel threads), ``"tifffile"`` (the same files
+through tifffile's seek-and-read path), ``"openslide"`` (vendor formats: Hamamatsu ndpi, MIRAX
+mrxs, Leica scn, Ventana bif, ...). ``"auto"`` takes, for a TIFF, the direct reader unless
+OpenSlide sees more levels or an mpp the TIFF view lacks (see :func:`open_slide`), and otherwise
+OpenSlide, then tifffile.
 
 Coordinates follow openslide-python: ``read_region(l0_x, l0_y, level, lvl_w, lvl_h)`` takes the
 top-left corner in level-0 pixels and the size in pixels of ``level``. Pixels outside the slide
