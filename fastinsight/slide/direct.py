@@ -49,6 +49,7 @@ from fastinsight.slide.readers import (
     _slide_name,
     _TileCache,
     _to_rgb,
+    register_backend,
 )
 
 # TIFF Compression values whose segments are (abbreviated) JPEG streams.
@@ -331,6 +332,9 @@ class DirectTiffReader(TiffFileReader):
         if not self._closed:
             self._closed = True
             self._shared.release()
+
+
+register_backend("direct", DirectTiffReader)
 
 
 def decode_jpeg_batch(streams: list[bytes], device: Any = "cpu") -> list[Any]:

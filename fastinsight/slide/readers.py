@@ -1076,8 +1076,6 @@ def open_slide(
 
     Raises SlideError with one line naming the file, what went wrong, and what to do.
     """
-    from fastinsight.slide.direct import DirectTiffReader
-
     path = Path(path).expanduser()
     _check_mpp_value(mpp)
     if backend not in BACKENDS:
@@ -1089,14 +1087,18 @@ def open_slide(
 
     kinds: dict[str, type[SlideReader]] = {
         "openslide": OpenSlideReader,
-        "direct": DirectTiffReader,
         "tifffile": TiffFileReader,
+        **_EXTRA_BACKENDS,
     }
+    if backend not in kinds and backend != "auto":
+        raise InputError(f"backend {backend!r} is not available in this installation")
     order = (
         [backend]
         if backend != "auto"
         else (["direct", "openslide", "tifffile"] if _is_tiff(path) else ["openslide", "tifffile"])
     )
+    order = [k for k in order if k in kinds]
+
     attempts: list[str] = []
     opened: list[SlideReader] = []
     for kind in order:
@@ -1132,6 +1134,16 @@ def open_slide(
         "OpenSlide or tifffile reads (svs, ndpi, mrxs, scn, bif, tiled TIFF, OME-TIFF); "
         "if it is one, the copy may be truncated or corrupt"
     )
+
+
+# Backends defined in other modules register here (``fastinsight.slide.direct`` adds
+# "direct" when the package is imported), so this module imports none of them: no import cycle.
+_EXTRA_BACKENDS: dict[str, type[SlideReader]] = {}
+
+
+def register_backend(name: str, reader_cls: type[SlideReader]) -> None:
+    """Make ``reader_cls`` available to :func:`open_slide` as ``backend=name``."""
+    _EXTRA_BACKENDS[name] = reader_cls
 
 
 def _choose_reader(opened: list[SlideReader]) -> SlideReader:

@@ -69,7 +69,7 @@ def test_same_heatmap_and_score_with_a_tiny_random_encoder(containers: dict[str,
     torch = pytest.importorskip("torch")
     from fastinsight import InsightConfig, InsightModel
     from fastinsight.encoders import build_encoder
-    from fastinsight.pipeline import PredictOptions, predict_slide
+    from fastinsight.predict.slide import PredictOptions, predict_slide
 
     torch.manual_seed(0)
     model = InsightModel(
