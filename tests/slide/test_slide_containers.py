@@ -81,6 +81,8 @@ def test_same_heatmap_and_score_with_a_tiny_random_encoder(containers: dict[str,
     results = {k: predict_slide(p, model, encoder, opts) for k, p in containers.items()}
     ref = results["svs"]
     assert ref.n_tiles > 4
+    assert ref.slide_info["reading"]["reader"] == "direct"
+    assert all(r.slide_info["reading"] == ref.slide_info["reading"] for r in results.values())
     for kind in CONTAINERS[1:]:
         got = results[kind]
         assert got.n_tiles == ref.n_tiles
