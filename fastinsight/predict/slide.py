@@ -34,6 +34,7 @@ from fastinsight.slide import (
     cell_tissue_mask,
     detect_tissue,
     open_slide,
+    reading_provenance,
     stitch_cells,
     tissue_tiles,
     write_geojson,
@@ -56,7 +57,7 @@ class PredictOptions:
     min_tissue_fraction: float = 0.1
     min_cell_fraction: float = 0.5
     mpp: float | None = None
-    reader_backend: Literal["auto", "openslide", "tifffile"] = "auto"
+    reader_backend: Literal["auto", "direct", "openslide", "tifffile"] = "auto"
     encoder_weights: str | None = None
     progress: bool = True
     profile: bool = False
@@ -340,6 +341,8 @@ def open_tiling(
         "level_downsamples": list(reader.level_downsamples),
         "tissue_mode": tissue.mode,
         "tissue_fraction": round(float(tissue.tissue_fraction), 4),
+        # which reader and which level served tissue detection and the tiles
+        "reading": reading_provenance(reader, grid, tissue),
     }
     return SlideTiling(reader, grid, tiles, mask, thumbnail, info)
 

@@ -22,8 +22,10 @@ No model code lives here. A pipeline::
 from __future__ import annotations
 
 from fastinsight.slide.colormap import COLORMAPS, apply_colormap, colorize
+from fastinsight.slide.direct import DirectTiffReader, decode_jpeg_batch
 from fastinsight.slide.geojson import heatmap_features, heatmap_geojson, write_geojson
-from fastinsight.slide.grid import Tile, TileGrid, best_level, stitch_cells, tiles_cell_mask
+from fastinsight.slide.gpu_tiler import DeviceJpegTiler
+from fastinsight.slide.grid import Tile, TileGrid, stitch_cells, tiles_cell_mask
 from fastinsight.slide.heatmap_tiff import (
     HeatmapGeometry,
     ScoresSidecar,
@@ -33,13 +35,18 @@ from fastinsight.slide.heatmap_tiff import (
     write_heatmap_tiff,
     write_scores_sidecar,
 )
+from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 from fastinsight.slide.overlay import cell_scale_for, render_overlay, write_overlay
+from fastinsight.slide.prefetch import DeviceBatch, DevicePrefetcher
+from fastinsight.slide.provenance import reading_provenance
 from fastinsight.slide.readers import (
     ArrayReader,
     OpenSlideReader,
+    Overview,
     SlideReader,
     TiffFileReader,
     open_slide,
+    read_overview,
     read_resampled,
 )
 from fastinsight.slide.tiler import TileBatch, Tiler
@@ -56,7 +63,12 @@ from fastinsight.slide.tissue import (
 __all__ = [
     "COLORMAPS",
     "TISSUE_MODES",
+    "LEVEL_TOLERANCE",
     "ArrayReader",
+    "DeviceBatch",
+    "DeviceJpegTiler",
+    "DevicePrefetcher",
+    "DirectTiffReader",
     "HeatmapGeometry",
     "OpenSlideReader",
     "ScoresSidecar",
@@ -73,12 +85,16 @@ __all__ = [
     "cell_tissue_fraction",
     "cell_tissue_mask",
     "colorize",
+    "decode_jpeg_batch",
     "decode_scores",
     "detect_tissue",
     "encode_scores",
     "heatmap_features",
     "heatmap_geojson",
+    "Overview",
     "open_slide",
+    "read_overview",
+    "reading_provenance",
     "read_resampled",
     "read_scores_sidecar",
     "render_overlay",

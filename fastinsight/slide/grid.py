@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastinsight.errors import InputError
+from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 
 if TYPE_CHECKING:
     from fastinsight.slide.readers import SlideReader
@@ -106,7 +107,7 @@ class TileGrid:
         tile_px: int = 224,
         cells_per_side: int = 14,
         *,
-        level_tolerance: float = 0.01,
+        level_tolerance: float = LEVEL_TOLERANCE,
     ) -> TileGrid:
         """The grid of ``reader`` (uses its mpp, so a slide without one raises SlideError)."""
         slide_mpp = reader.mpp
@@ -242,21 +243,6 @@ class TileGrid:
         if missing:
             raise InputError(f"grid record lacks {missing}; expected the keys of TileGrid")
         return cls(**{k: conv(data[k]) for k, conv in fields.items() if k in data})
-
-
-def best_level(
-    level_downsamples: Sequence[float], downsample: float, tolerance: float = 0.01
-) -> int:
-    """The coarsest level whose downsample is at most ``downsample * (1 + tolerance)``.
-
-    Reading from it and resampling never upsamples by more than ``tolerance`` (1 %): a level at
-    2.0005 serves a requested 2.0, a level at 4 never serves 3.9.
-    """
-    best = 0
-    for level, ds in enumerate(level_downsamples):
-        if ds <= downsample * (1.0 + tolerance) and ds >= level_downsamples[best]:
-            best = level
-    return best
 
 
 def stitch_cells(

@@ -19,6 +19,18 @@ from fastinsight.errors import InputError, OutputError
 TIFF_TILE = 256
 
 
+def tiff_text(text: str) -> bytes:
+    """``text`` as the bytes of a TIFF ASCII field: UTF-8, without NUL characters.
+
+    tifffile refuses a non-ASCII ``str`` ("TIFF strings must be 7-bit ASCII"), yet slide,
+    model and class names are often not ASCII (``Präparat_µ.svs``, CJK names). UTF-8 bytes
+    keep every 7-bit ASCII text unchanged, and OpenSlide (``tiff.ImageDescription``), tifffile
+    and QuPath read them back as the original text. A NUL would end the field early in C
+    readers, so it is dropped.
+    """
+    return str(text).replace("\x00", "").encode("utf-8")
+
+
 def pyramid_levels(level0: np.ndarray, min_level_size: int = 1024) -> list[np.ndarray]:
     """Level 0 then every-other-pixel reductions until the longer side is <= ``min_level_size``.
 
@@ -56,6 +68,7 @@ def write_pyramid_tiff(
     if not (np.isfinite(mpp) and mpp > 0):
         raise InputError(f"mpp must be a positive number; got {mpp!r}")
     photometric = "rgb" if level0.ndim == 3 else "minisblack"
+    desc_bytes = tiff_text(description)
     levels = levels or pyramid_levels(level0, min_level_size)
     with atomic_path(path) as tmp:
         try:
@@ -71,7 +84,7 @@ def write_pyramid_tiff(
                         resolution=(px_per_cm, px_per_cm),
                         resolutionunit="CENTIMETER",
                         subfiletype=1 if k else 0,
-                        description=description if k == 0 else None,
+                        description=desc_bytes if k == 0 else None,
                         software="fastinsight",
                         metadata=None,
                     )

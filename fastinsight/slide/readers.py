@@ -1,9 +1,12 @@
-"""Whole-slide image readers: one interface over OpenSlide and tifffile.
+"""Whole-slide image readers: one interface over OpenSlide, tifffile and direct tile reading.
 
-``open_slide(path)`` returns a :class:`SlideReader`. With ``backend="auto"`` it tries OpenSlide
-(vendor formats: Aperio svs, Hamamatsu ndpi, MIRAX mrxs, Leica scn, Ventana bif, tiled generic
-TIFF, ...) and falls back to tifffile for what OpenSlide refuses (OME-TIFF, other tiled or
-pyramidal TIFFs; JPEG 2000 through imagecodecs).
+``open_slide(path)`` returns a :class:`SlideReader`. Backends: ``"direct"``
+(:class:`~fastinsight.slide.direct.DirectTiffReader`: tiled TIFF family -- SVS, generic TIFF,
+OME-TIFF -- read by ``pread`` and decoded in parallel threads), ``"tifffile"`` (the same files
+through tifffile's seek-and-read path), ``"openslide"`` (vendor formats: Hamamatsu ndpi, MIRAX
+mrxs, Leica scn, Ventana bif, ...). ``"auto"`` takes, for a TIFF, the direct reader unless
+OpenSlide sees more levels or an mpp the TIFF view lacks (see :func:`open_slide`), and otherwise
+OpenSlide, then tifffile.
 
 Coordinates follow openslide-python: ``read_region(l0_x, l0_y, level, lvl_w, lvl_h)`` takes the
 top-left corner in level-0 pixels and the size in pixels of ``level``. Pixels outside the slide
@@ -31,6 +34,7 @@ import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -39,9 +43,10 @@ import numpy as np
 from PIL import Image
 
 from fastinsight.errors import InputError, SlideError
-from fastinsight.slide.grid import best_level
+from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 
-Backend = Literal["auto", "openslide", "tifffile"]
+Backend = Literal["auto", "openslide", "tifffile", "direct"]
+BACKENDS: tuple[str, ...] = ("auto", "direct", "openslide", "tifffile")
 Resample = Literal["lanczos", "bicubic", "bilinear", "box", "nearest"]
 
 _PIL_FILTERS: dict[str, Image.Resampling] = {
@@ -189,7 +194,9 @@ class SlideReader(abc.ABC):
         return (mpp_x + mpp_y) / 2.0
 
     # ------------------------------------------------------------------------------ levels
-    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.01) -> int:
+    def best_level_for_downsample(
+        self, downsample: float, tolerance: float = LEVEL_TOLERANCE
+    ) -> int:
         """The coarsest level whose downsample is at most ``downsample * (1 + tolerance)``.
 
         The tolerance lets a level at 2.0005 serve a requested 2.0 (a 0.03 % upsample) instead
@@ -221,10 +228,13 @@ class SlideReader(abc.ABC):
         """Backend read; arguments already validated."""
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """The whole slide, downsampled (area average) so its longer side is ``max_size``.
+        """The whole slide, downsampled so its longer side is ``max_size``.
 
         Never upsamples. The output size is ``round(width / s) x round(height / s)`` with
-        ``s = max(width, height) / max_size``. Shapes: -> ``uint8 [h, w, 3]`` RGB.
+        ``s = max(width, height) / max_size``. Built by :func:`read_overview`: an area average
+        of the best level, or strided tile sampling when that level is too large to decode
+        whole (a giant single-level image), so time and memory stay bounded.
+        Shapes: -> ``uint8 [h, w, 3]`` RGB.
         """
         if max_size < 1:
             raise InputError(f"thumbnail max_size must be >= 1; got {max_size}")
@@ -232,7 +242,12 @@ class SlideReader(abc.ABC):
         scale = max(1.0, max(w0, h0) / float(max_size))
         out_w = max(1, round(w0 / scale))
         out_h = max(1, round(h0 / scale))
-        return read_resampled(self, 0.0, 0.0, float(w0), float(h0), out_w, out_h, resample="box")
+        return read_overview(self, out_w, out_h).image
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        """``(height, width)`` of the blocks the file stores ``level`` in (the unit of
+        decoding); 256 x 256 when the backend does not say."""
+        return (256, 256)
 
     # ----------------------------------------------------------------------------- handles
     @abc.abstractmethod
@@ -321,6 +336,13 @@ class OpenSlideReader(SlideReader):
     @property
     def level_downsamples(self) -> tuple[float, ...]:
         return self._osr_downsamples
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        th = _parse_float(self._properties.get(f"openslide.level[{level}].tile-height"))
+        tw = _parse_float(self._properties.get(f"openslide.level[{level}].tile-width"))
+        if th and tw and th > 0 and tw > 0:
+            return (int(th), int(tw))
+        return (256, 256)
 
     def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
         import openslide
@@ -431,6 +453,9 @@ class TiffFileReader(SlideReader):
                         sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
                     ]
         return out
+
+    def native_tile_size(self, level: int) -> tuple[int, int]:
+        return _segment_shape(self._pages[level])
 
     def _segment(self, level: int, index: int, seg_h: int, seg_w: int) -> np.ndarray:
         """One decoded tile/strip as ``uint8 [h, w, 3]`` RGB, through the LRU cache."""
@@ -940,6 +965,88 @@ def _read_resampled_block(
     return np.asarray(img)
 
 
+# A thumbnail or tissue image reads its whole source level when that level has at most this
+# many pixels (about 0.5-1 s of JPEG decoding on one core); beyond it, strided tile sampling.
+OVERVIEW_MAX_SOURCE_PX = 2**26
+
+
+@dataclass(frozen=True, eq=False)
+class Overview:
+    """A low-resolution image of the whole slide and how it was made.
+
+    ``level``: the pyramid level it was built from (the best level, :mod:`.levels`).
+    ``sampling``: ``"area"`` (area average of every pixel of that level) or ``"strided"``
+    (strided tile sampling, see :func:`read_overview`). ``tiles_read``: source blocks read by
+    the strided path (0 for ``"area"``). Shapes: ``image`` uint8 ``[h, w, 3]``.
+    """
+
+    image: np.ndarray
+    level: int
+    sampling: str
+    tiles_read: int = 0
+
+
+def read_overview(
+    reader: SlideReader,
+    out_w: int,
+    out_h: int,
+    *,
+    max_source_px: int = OVERVIEW_MAX_SOURCE_PX,
+) -> Overview:
+    """The whole slide as ``out_w x out_h`` pixels, in bounded time and memory.
+
+    The source is the best level for the output scale (:func:`~.levels.best_level`). When that
+    level has at most ``max_source_px`` pixels, every pixel is area-averaged (box filter),
+    block by block. Otherwise (a giant image without a pyramid: a 200k x 200k single-level
+    TIFF would mean decoding 120 GB) the image is built by *strided tile sampling*: with
+    ``T`` the file's tile and ``n`` its tile count, one tile in every ``s x s``
+    (``s = ceil(sqrt(n / (max_source_px / T^2)))``) is read, and every output pixel takes the
+    source pixel at its centre moved into the sampled tile of its ``s x s`` group (same offset
+    inside the tile). So at most about ``max_source_px`` pixels are decoded, one tile at a
+    time, whatever the slide's size.
+
+    Shapes: -> ``Overview.image`` uint8 ``[out_h, out_w, 3]``.
+    """
+    if out_w < 1 or out_h < 1:
+        raise InputError(f"output size must be at least 1x1; got {out_w}x{out_h}")
+    w0, h0 = reader.dimensions
+    level = reader.best_level_for_downsample(min(w0 / out_w, h0 / out_h))
+    lw, lh = reader.level_dimensions[level]
+    th, tw = reader.native_tile_size(level)
+    n_rows, n_cols = -(-lh // th), -(-lw // tw)
+    budget_tiles = max(1, max_source_px // (th * tw))
+    stride = max(1, math.ceil(math.sqrt(n_rows * n_cols / budget_tiles)))
+    if lw * lh <= max_source_px or stride == 1:
+        image = read_resampled(
+            reader, 0.0, 0.0, float(w0), float(h0), out_w, out_h, level=level, resample="box"
+        )
+        return Overview(image, level, "area", 0)
+    ds = reader.level_downsamples[level]
+    # Output pixel centres in pixels of ``level``.
+    ys = np.minimum(((np.arange(out_h) + 0.5) * (h0 / out_h) / ds).astype(np.int64), lh - 1)
+    xs = np.minimum(((np.arange(out_w) + 0.5) * (w0 / out_w) / ds).astype(np.int64), lw - 1)
+
+    def snap(pos: np.ndarray, t: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        # Tile of each sample -> the sampled tile of its stride group -> same offset there.
+        chosen = np.minimum((pos // t) // stride * stride + stride // 2, n - 1)
+        return chosen, np.minimum(chosen * t + pos % t, size - 1)
+
+    tile_r, src_y = snap(ys, th, n_rows, lh)
+    tile_c, src_x = snap(xs, tw, n_cols, lw)
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    tiles_read = 0
+    col_groups = [(c, np.nonzero(tile_c == c)[0]) for c in np.unique(tile_c)]
+    for r in np.unique(tile_r):
+        rows = np.nonzero(tile_r == r)[0]
+        for c, cols in col_groups:
+            block = reader.read_region(
+                int(round(c * tw * ds)), int(round(r * th * ds)), level, tw, th
+            )
+            tiles_read += 1
+            out[np.ix_(rows, cols)] = block[np.ix_(src_y[rows] - r * th, src_x[cols] - c * tw)]
+    return Overview(out, level, "strided", tiles_read)
+
+
 # ====================================================================================== opening
 
 
@@ -952,41 +1059,72 @@ def open_slide(
 ) -> SlideReader:
     """Open a whole-slide image.
 
-    ``backend="auto"`` tries OpenSlide first and falls back to tifffile; ``"openslide"`` or
-    ``"tifffile"`` force one. ``mpp`` overrides the file's pixel size (the ``--mpp`` flag).
-    With ``validate`` (the default) a truncated or undecodable file fails here.
+    Backends (``--reader``):
+
+    - ``"direct"``: tiled TIFF family (SVS, generic TIFF, OME-TIFF) read by ``pread`` and
+      decoded in parallel threads (:class:`~fastinsight.slide.direct.DirectTiffReader`);
+    - ``"tifffile"``: the same files through tifffile's seek-and-read path (one lock per handle);
+    - ``"openslide"``: every OpenSlide format (NDPI, MIRAX, SCN, BIF, ...);
+    - ``"auto"`` (default): the backend that sees the pyramid and the mpp. For a TIFF file it
+      opens both views and takes the direct reader unless OpenSlide sees more levels (NDPI:
+      OpenSlide 7, tifffile 4) or an mpp the direct view lacks; an OME-TIFF whose pyramid is in
+      SubIFDs (one level and no mpp for OpenSlide) therefore goes to the direct reader with the
+      mpp from the OME-XML. Anything else goes to OpenSlide, then tifffile.
+
+    ``mpp`` overrides the file's pixel size (the ``--mpp`` flag). With ``validate`` (the
+    default) a truncated or undecodable file fails here.
 
     Raises SlideError with one line naming the file, what went wrong, and what to do.
     """
     path = Path(path).expanduser()
     _check_mpp_value(mpp)
-    if backend not in ("auto", "openslide", "tifffile"):
-        raise InputError(f"backend must be 'auto', 'openslide' or 'tifffile'; got {backend!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
     if not path.exists():
         raise SlideError(f"slide file {_slide_name(path)} does not exist; check the path")
     if path.is_dir():
         raise SlideError(f"slide path {_slide_name(path)} is a folder; pass the slide file itself")
 
-    attempts: list[str] = []
-    kinds: tuple[tuple[str, type[SlideReader]], ...] = (
-        ("openslide", OpenSlideReader),
-        ("tifffile", TiffFileReader),
+    kinds: dict[str, type[SlideReader]] = {
+        "openslide": OpenSlideReader,
+        "tifffile": TiffFileReader,
+        **_EXTRA_BACKENDS,
+    }
+    if backend not in kinds and backend != "auto":
+        raise InputError(f"backend {backend!r} is not available in this installation")
+    order = (
+        [backend]
+        if backend != "auto"
+        else (["direct", "openslide", "tifffile"] if _is_tiff(path) else ["openslide", "tifffile"])
     )
-    for kind, reader_cls in kinds:
-        if backend not in ("auto", kind):
-            continue
+    order = [k for k in order if k in kinds]
+
+    attempts: list[str] = []
+    opened: list[SlideReader] = []
+    for kind in order:
+        if kind == "tifffile" and opened:
+            break  # the direct reader already gives tifffile's view of this file
         try:
-            reader = reader_cls(path, mpp=mpp)
+            reader = kinds[kind](path, mpp=mpp)
         except SlideError as exc:
             attempts.append(str(exc))
             continue
         try:
             if validate:
                 _validate(reader)
-            return reader
         except SlideError as exc:
             reader.close()
             attempts.append(str(exc))
+            continue
+        opened.append(reader)
+        if backend != "auto" or kind == "openslide" or len(opened) == 2:
+            break
+    if opened:
+        chosen = _choose_reader(opened)
+        for other in opened:
+            if other is not chosen:
+                other.close()
+        return chosen
     truncated = [a for a in attempts if "truncated" in a]
     if truncated:
         raise SlideError(truncated[0])
@@ -996,6 +1134,41 @@ def open_slide(
         "OpenSlide or tifffile reads (svs, ndpi, mrxs, scn, bif, tiled TIFF, OME-TIFF); "
         "if it is one, the copy may be truncated or corrupt"
     )
+
+
+# Backends defined in other modules register here (``fastinsight.slide.direct`` adds
+# "direct" when the package is imported), so this module imports none of them: no import cycle.
+_EXTRA_BACKENDS: dict[str, type[SlideReader]] = {}
+
+
+def register_backend(name: str, reader_cls: type[SlideReader]) -> None:
+    """Make ``reader_cls`` available to :func:`open_slide` as ``backend=name``."""
+    _EXTRA_BACKENDS[name] = reader_cls
+
+
+def _choose_reader(opened: list[SlideReader]) -> SlideReader:
+    """Of a direct (tifffile-view) reader and an OpenSlide one on the same file, the one that
+    sees the pyramid and the mpp: OpenSlide only when it sees more levels, or an mpp the direct
+    view lacks; otherwise the direct reader (faster, and the same pixels)."""
+    if len(opened) == 1:
+        return opened[0]
+    direct, other = opened[0], opened[1]
+    if other.level_count > direct.level_count:
+        return other
+    if other.file_mpp is not None and direct.file_mpp is None:
+        return other
+    return direct
+
+
+def _is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _validate(reader: SlideReader) -> None:
@@ -1022,7 +1195,7 @@ def _check_tiff_if_tiff(path: Path) -> None:
     """For TIFF-based vendor files opened by OpenSlide: no tile may lie past the end of file."""
     with open(path, "rb") as fh:
         magic = fh.read(4)
-    if magic not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if magic not in _TIFF_MAGIC:
         return
     tif = _open_tifffile(path)
     try:

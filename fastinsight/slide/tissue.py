@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from fastinsight.errors import InputError, SlideError
 from fastinsight.slide.grid import Tile, TileGrid
-from fastinsight.slide.readers import SlideReader
+from fastinsight.slide.readers import SlideReader, read_overview
 
 TissueMode = Literal["brightfield", "fluorescence", "all"]
 TISSUE_MODES: tuple[str, ...] = ("brightfield", "fluorescence", "all")
@@ -60,6 +60,20 @@ class TissueMask:
     slide_height: int
     mode: str
     threshold: float = float("nan")
+    mask_mpp: float | None = None
+    level: int | None = None
+    reader: str = ""
+    sampling: str = ""
+
+    def provenance(self) -> dict[str, object]:
+        """Which reader and level served tissue detection, at what mpp and how (for reports)."""
+        return {
+            "reader": self.reader,
+            "level": self.level,
+            "mask_mpp": self.mask_mpp,
+            "sampling": self.sampling,
+            "mask_shape": list(self.shape),
+        }
 
     def __post_init__(self) -> None:
         if self.mask.ndim != 2 or self.mask.dtype != bool or 0 in self.mask.shape:
@@ -235,9 +249,12 @@ def detect_tissue(
 ) -> TissueMask:
     """Detect tissue on a low-resolution image of the slide.
 
-    The image has ``mask_mpp`` um per pixel (8 um: one heatmap cell at 0.5 um/px x 16 px),
-    with its longer side capped at ``max_size`` (2048 when the slide has no mpp). Pass
-    ``thumbnail`` (RGB of the whole slide, any size) to skip reading one.
+    The image has exactly ``mask_mpp`` um per pixel (8 um: one heatmap cell at 0.5 um/px x 16
+    px; coarser only if its longer side would pass ``max_size``), built by area averaging the
+    best level (:func:`~fastinsight.slide.readers.read_overview`; strided tile sampling on a
+    giant single-level image). So the same pixels give the same mask whatever the container
+    (SVS, generic TIFF, OME-TIFF) and its levels. A slide without mpp gets a 2048 px image.
+    Pass ``thumbnail`` (RGB of the whole slide, any size) to skip reading one.
 
     Raises SlideError when no tissue is found, with a hint to the other modes.
     """
@@ -245,18 +262,34 @@ def detect_tissue(
         raise InputError(f"tissue mode must be one of {list(TISSUE_MODES)}; got {mode!r}")
     width, height = reader.dimensions
     slide_mpp = reader.mpp if reader.has_mpp else None
+    level: int | None = None
+    sampling = "given"
+    eff_mpp: float | None = None
     if thumbnail is None:
         if slide_mpp is not None:
-            size = min(max_size, max(1, math.ceil(max(width, height) * slide_mpp / mask_mpp)))
+            # A fixed physical pixel (mask_mpp, coarser only when max_size caps it), so the
+            # image -- and the mask -- depend on the slide's pixels and mpp, not on which
+            # levels its container happens to hold.
+            eff_mpp = max(mask_mpp, max(width, height) * slide_mpp / max_size)
+            out_w = max(1, round(width * slide_mpp / eff_mpp))
+            out_h = max(1, round(height * slide_mpp / eff_mpp))
         else:
-            size = min(max_size, 2048)
-        thumbnail = reader.thumbnail(size)
+            scale = max(1.0, max(width, height) / float(min(max_size, 2048)))
+            out_w, out_h = max(1, round(width / scale)), max(1, round(height / scale))
+        overview = read_overview(reader, out_w, out_h)
+        thumbnail, level, sampling = overview.image, overview.level, overview.sampling
+    info = {
+        "mask_mpp": eff_mpp,
+        "level": level,
+        "reader": getattr(reader, "backend", ""),
+        "sampling": sampling,
+    }
     thumb = np.asarray(thumbnail)
     if thumb.ndim != 3 or thumb.shape[-1] != 3 or thumb.dtype != np.uint8:
         raise InputError(f"thumbnail must be uint8 [h, w, 3] RGB; got {thumb.dtype} {thumb.shape}")
     h, w = thumb.shape[:2]
     if mode == "all":
-        return TissueMask(np.ones((h, w), dtype=bool), width, height, "all")
+        return TissueMask(np.ones((h, w), dtype=bool), width, height, "all", **info)  # type: ignore[arg-type]
 
     px_um = (slide_mpp or _ASSUMED_MPP) * max(width / w, height / h)
     px_area_um2 = px_um * px_um
@@ -271,7 +304,7 @@ def detect_tissue(
     )
     if not mask.any():
         raise SlideError(_no_tissue_message(reader, mode))
-    return TissueMask(mask, width, height, mode, threshold)
+    return TissueMask(mask, width, height, mode, threshold, **info)  # type: ignore[arg-type]
 
 
 def _no_tissue_message(reader: SlideReader | None, mode: str) -> str:

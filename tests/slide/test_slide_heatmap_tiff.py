@@ -236,3 +236,30 @@ def test_sidecar_bad_input(tmp_path: Path) -> None:
     junk.write_text("not a zip")
     with pytest.raises(InputError, match="not a fastinsight scores sidecar"):
         read_scores_sidecar(junk)
+
+
+@pytest.mark.parametrize("encoding", ["score", "rgb"])
+def test_non_ascii_names_reach_the_tiff_as_utf8(tmp_path: Path, encoding: str) -> None:
+    # tifffile refuses a non-ASCII str ("TIFF strings must be 7-bit ASCII"): the writer must
+    # encode slide, model and class names for the format, and viewers must read them back.
+    grid = TileGrid(slide_width=3000, slide_height=2000, slide_mpp=0.5)
+    cells = np.linspace(0, 1, math.prod(grid.cell_shape)).reshape(grid.cell_shape)
+    path = tmp_path / "heat.tif"
+    write_heatmap_tiff(
+        path,
+        cells,
+        grid,
+        encoding=encoding,  # type: ignore[arg-type]
+        slide="Präparat_µ.svs",
+        model="modèle-病理",
+        class_name="腫瘍",
+        extra_description={"note": "Zürich\x00"},
+    )
+    with tifffile.TiffFile(path) as tif:
+        desc = tif.pages[0].description
+    with openslide.OpenSlide(str(path)) as osr:
+        via_openslide = osr.properties["tiff.ImageDescription"]
+    for text in (desc, via_openslide):
+        assert "slide: Präparat_µ.svs" in text
+        assert "model: modèle-病理" in text and "class: 腫瘍" in text
+        assert "note: Zürich" in text and "\x00" not in text

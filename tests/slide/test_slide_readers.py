@@ -12,6 +12,7 @@ from slide_testutil import ALL_SLIDES, CMU, NDPI, OME, TCGA, slide_path, synthet
 from fastinsight.errors import InputError, SlideError
 from fastinsight.slide import (
     ArrayReader,
+    DirectTiffReader,
     OpenSlideReader,
     TiffFileReader,
     open_slide,
@@ -20,10 +21,10 @@ from fastinsight.slide import (
 
 # name: (auto backend, level-0 size, level count with that backend, mpp or None)
 EXPECTED = {
-    CMU: (OpenSlideReader, (2220, 2967), 1, 0.499),
-    TCGA: (OpenSlideReader, (4443, 3567), 2, None),
+    CMU: (DirectTiffReader, (2220, 2967), 1, 0.499),
+    TCGA: (DirectTiffReader, (4443, 3567), 2, None),
     NDPI: (OpenSlideReader, (3968, 4864), 7, 0.2282),
-    OME: (TiffFileReader, (1101, 1101), 1, 0.2271),
+    OME: (DirectTiffReader, (1101, 1101), 1, 0.2271),
 }
 
 
