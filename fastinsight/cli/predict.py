@@ -93,6 +93,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-workers", type=int, default=2, help="tile reading/decoding threads")
     p.add_argument(
+        "--reader",
+        default="auto",
+        choices=("auto", "direct", "openslide", "tifffile"),
+        help="slide reader: auto picks the one that sees the pyramid and the mpp; direct reads "
+        "TIFF tiles straight from the file; openslide for the formats only it reads",
+    )
+    p.add_argument(
         "--tissue",
         default="brightfield",
         choices=("brightfield", "fluorescence", "all"),
@@ -143,6 +150,7 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
         "min_tissue_fraction": args.min_tissue,
         "min_cell_fraction": args.min_cell_tissue,
         "mpp": args.mpp,
+        "reader_backend": args.reader,
         "encoder_weights": args.encoder_weights,
         "progress": not args.quiet,
     }

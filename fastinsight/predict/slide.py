@@ -26,6 +26,7 @@ from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path, check_writable
 from fastinsight.errors import BackendError, InputError
 from fastinsight.models.insight import InsightModel
+from fastinsight.ops.reference import tokens_as_grid
 from fastinsight.slide import (
     Tile,
     TileGrid,
@@ -355,22 +356,47 @@ def stream_tokens(
     timer: StageTimer,
     desc: str,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(first tile index, tokens [B, C, h, w])`` batch by batch, reading ahead in threads."""
+    """Yield ``(first tile index, tokens [B, h*w, C])`` batch by batch, reading ahead in threads.
+
+    The tokens are the encoder's own (bf16 on CUDA, channels last): the INSIGHT head takes
+    ``[N, h*w, C]`` as it is, so no fp32 NCHW copy of the token grid is ever made (issue #11).
+    On CUDA the host-to-device copies run on a side stream, ``depth`` batches ahead of the
+    encoder (:class:`~fastinsight.slide.prefetch.DevicePrefetcher`), so the encoder does not
+    wait for the copy; ``read`` is then the time the consumer waited for tiles and
+    ``transfer`` the time spent staging them into pinned memory.
+    """
     bar = _progress(len(tiling.tiles), opts.progress, desc)
     done = 0
     tiler = Tiler(tiling.reader, tiling.grid, tiling.tiles, num_workers=opts.num_workers)
     try:
-        for batch in tiler.batches(opts.batch_size, pin_memory=device.type == "cuda"):
-            timer.seconds["read"] += batch.wait_seconds
-            with timer.stage("transfer"):
-                images = _images_to_tensor(batch.images, device)
+        for images, n_tiles in _device_batches(tiler, device, opts, timer):
             with timer.stage("encoder"):
-                tokens = encoder.encode(images)
+                tokens = encoder.encode_tokens(images)
             yield done, tokens
-            done += len(batch)
-            bar.update(len(batch))
+            done += n_tiles
+            bar.update(n_tiles)
     finally:
         bar.close()
+
+
+def _device_batches(
+    tiler: Tiler, device: torch.device, opts: PredictOptions, timer: StageTimer
+) -> Iterator[tuple[Tensor, int]]:
+    """Tile batches as uint8 ``[B, H, W, 3]`` tensors on ``device``, timing read and transfer."""
+    if device.type == "cuda":
+        from fastinsight.slide.prefetch import DevicePrefetcher
+
+        source = tiler.batches(opts.batch_size, pin_memory=False)
+        for batch in DevicePrefetcher(source, device, depth=2):
+            timer.seconds["read"] += batch.read_wait_s
+            timer.seconds["transfer"] += batch.stage_s
+            yield batch.images, int(batch.images.shape[0])
+        return
+    for host in tiler.batches(opts.batch_size, pin_memory=False):
+        timer.seconds["read"] += host.wait_seconds
+        with timer.stage("transfer"):
+            images = _images_to_tensor(host.images, device)
+        yield images, len(host)
 
 
 def _setup(model: InsightModel, encoder: Any, opts: PredictOptions) -> tuple[torch.device, Any]:
@@ -419,7 +445,8 @@ def predict_slide(
             buf = torch.empty((n, cfg.num_classes, c, c), dtype=torch.float32, device=device)
         for first, tokens in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name):
             if slide_context:
-                buf[first : first + tokens.shape[0]] = tokens.float()
+                grid = tokens_as_grid(tokens, (c, c))
+                buf[first : first + tokens.shape[0]] = grid.float()
                 continue
             with timer.stage("head"):
                 buf[first : first + tokens.shape[0]] = model(tokens).float()
@@ -479,8 +506,9 @@ def encode_slide(
     timer = StageTimer(device, sync=False)
     tiling = open_tiling(slide, encoder, target_mpp, opts, timer)
     try:
+        grid_size = tuple(encoder.grid_size)
         parts = [
-            t.float().cpu()
+            tokens_as_grid(t, grid_size).float().cpu()
             for _, t in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name)
         ]
     finally:

@@ -49,3 +49,31 @@ def test_streamed_equals_whole_grid(slides_dir) -> None:
     expected = stitch_cells(heat, tiles, grid).numpy()
     np.testing.assert_allclose(streamed.cells, expected, rtol=0, atol=1e-6, equal_nan=True)
     assert streamed.n_tiles == len(tiles)
+
+
+def test_head_gets_the_encoders_tokens_as_they_are(slides_dir, monkeypatch) -> None:
+    """The pipeline hands the head ``[B, h*w, C]`` channels-last tokens straight from the
+    encoder: no NCHW copy of the token grid is made between them (issue #11)."""
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    encoder = build_encoder("vit-tiny")
+    model = InsightModel(InsightConfig(in_dim=64, encoder="vit-tiny"), backend="reference")
+    seen: list[tuple[tuple[int, ...], int]] = []
+    forward = model.forward
+
+    def spy(tokens, cell_mask=None):
+        seen.append((tuple(tokens.shape), tokens.data_ptr()))
+        return forward(tokens, cell_mask)
+
+    produced: list[int] = []
+    encode_tokens = encoder.encode_tokens
+
+    def spy_encoder(images, **kw):
+        out = encode_tokens(images, **kw)
+        produced.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(encoder, "encode_tokens", spy_encoder)
+    predict_slide(slide, model, encoder, PredictOptions(batch_size=16, progress=False))
+    assert seen and all(shape[1:] == (14 * 14, 64) for shape, _ in seen)
+    assert [ptr for _, ptr in seen] == produced  # the very tensors the encoder returned
