@@ -72,6 +72,11 @@ def register(name: str, module: str, help_text: str, group: str | None = None) -
 register("train", "fastinsight.cli.train", "train INSIGHT on precomputed features and slide labels")
 register("evaluate", "fastinsight.cli.evaluate", "slide AUC and heatmap Dice against ground truth")
 register(
+    "predict-radiograph",
+    "fastinsight.radiograph.cli",
+    "chest radiograph(s) -> PYLON/Yao heatmap TIFF, overlay, report; many -> scores CSV",
+)
+register(
     "predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray"
 )
 register(

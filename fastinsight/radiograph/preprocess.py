@@ -27,14 +27,14 @@ def cubic_resize_u8(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarra
     out_h, out_w = (size, size) if isinstance(size, int) else size
     if image.shape == (out_h, out_w):
         return image.copy()
-    t = torch.from_numpy(np.ascontiguousarray(image)).float()[None, None]
+    t = torch.tensor(image, dtype=torch.float32)[None, None]
     r = F.interpolate(t, size=(out_h, out_w), mode="bicubic", align_corners=False)
     return r[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def normalise(image_u8: np.ndarray, mean: float, std: float) -> Tensor:
     """``(u8 / 255 - mean) / std``. Shapes: ``[H, W]`` uint8 -> ``[1, 1, H, W]`` float32."""
-    t = torch.from_numpy(np.ascontiguousarray(image_u8)).float().div_(255.0)
+    t = torch.tensor(image_u8, dtype=torch.float32).div_(255.0)
     return ((t - mean) / std)[None, None]
 
 
