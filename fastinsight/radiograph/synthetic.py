@@ -3,7 +3,7 @@
 Each picture (uint8, bright = dense, as a displayed PA film): a bright body outline, two dark
 lung fields (ellipses) either side of a bright mediastinum, curved ribs across the lungs, a
 diaphragm dome, smooth low-frequency variation and pixel noise. A positive picture has one to
-two round nodules (bright Gaussian discs of radius 5-10 px at 256 px) inside a lung; its box is
+two round nodules (bright Gaussian discs of radius 7-12 px at 256 px) inside a lung; its box is
 the disc's bounding square. The structure (ribs crossing the lungs, a bright mediastinum) gives
 the model bright distractors, so the nodule has to be found, not just "the brightest thing".
 """
@@ -58,12 +58,12 @@ def synthetic_cxr(rng: np.random.Generator, size: int = 256, nodule: bool | None
         for _ in range(int(rng.integers(1, 3))):
             for _try in range(20):
                 i = int(rng.integers(0, len(lung_y)))
-                r = float(rng.uniform(5, 10)) * s / 256
+                r = float(rng.uniform(7, 12)) * s / 256
                 cy, cx = float(lung_y[i]), float(lung_x[i])
                 if r < cx < s - r and r < cy < s - r:
                     break
             d2 = (np.arange(size)[:, None] - cy) ** 2 + (np.arange(size)[None, :] - cx) ** 2
-            img += 0.42 * np.exp(-d2 / (2 * (r / 1.6) ** 2)).astype(np.float32)
+            img += 0.6 * np.exp(-d2 / (2 * (r / 1.6) ** 2)).astype(np.float32)
             boxes.append((cx - r, cy - r, 2 * r, 2 * r))
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     u8 = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
