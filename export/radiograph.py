@@ -73,7 +73,9 @@ def export_radiograph_onnx(
     try:
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise BackendError("ONNX export needs onnx and onnxscript; pip install 'fastinsight[export]'") from exc
+        raise BackendError(
+            "ONNX export needs onnx and onnxscript; pip install 'fastinsight[export]'"
+        ) from exc
     model = model.to("cpu").eval()
     s = int(model.config.image_size)
     example = (torch.zeros(2, model.config.in_channels, s, s),)
@@ -108,7 +110,9 @@ def verify_radiograph_onnx(
     from fastinsight.export.verify import ort_session
 
     s = int(model.config.image_size)
-    x = torch.randn(batch, model.config.in_channels, s, s, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(
+        batch, model.config.in_channels, s, s, generator=torch.Generator().manual_seed(seed)
+    )
     ref = model.to("cpu").eval().predict(x)
     got = ort_session(path).run(list(OUTPUTS), {INPUT: x.numpy()})
     return {
@@ -117,4 +121,10 @@ def verify_radiograph_onnx(
     }
 
 
-__all__ = ["INPUT", "OUTPUTS", "export_radiograph_onnx", "radiograph_metadata", "verify_radiograph_onnx"]
+__all__ = [
+    "INPUT",
+    "OUTPUTS",
+    "export_radiograph_onnx",
+    "radiograph_metadata",
+    "verify_radiograph_onnx",
+]

@@ -190,7 +190,11 @@ class MultiResModel(nn.Module):
         self.skips = nn.ModuleList()
         self.fuse = nn.ModuleList()
         c = widths[5]
-        for skip_c, out_c in ((widths[4], widths[4]), (widths[3], widths[3]), (widths[2], widths[2])):
+        for skip_c, out_c in (
+            (widths[4], widths[4]),
+            (widths[3], widths[3]),
+            (widths[2], widths[2]),
+        ):
             dense = DenseBlock(skip_c, cfg.dense_layers, cfg.growth)
             self.skips.append(dense)
             self.fuse.append(
@@ -223,7 +227,9 @@ class MultiResModel(nn.Module):
             y = stage(y)
             feats.append(y)
         y = feats[-1]
-        for skip, fuse, f in zip(self.skips, self.fuse, (feats[3], feats[2], feats[1])):
+        for skip, fuse, f in zip(
+            self.skips, self.fuse, (feats[3], feats[2], feats[1]), strict=False
+        ):
             if self.config.upsample == "nearest":
                 y = F.interpolate(y, scale_factor=2.0, mode="nearest")
             else:

@@ -108,9 +108,7 @@ class PylonConfig:
         if not self.std > 0:
             problems.append(f"std must be > 0, got {self.std}")
         if self.class_names and len(self.class_names) != self.num_classes:
-            problems.append(
-                f"{len(self.class_names)} class_names for {self.num_classes} classes"
-            )
+            problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
         if problems:
             raise CheckpointError("invalid PYLON config: " + "; ".join(problems))
 
@@ -288,9 +286,7 @@ class PylonCore(nn.Module):
     def __init__(self, config: PylonConfig) -> None:
         super().__init__()
         self.encoder = ResNetEncoder(config.in_channels, config.stem_width, config.layers)
-        self.decoder = PylonDecoder(
-            self.encoder.out_channels, config.dec_channels, config.up_type
-        )
+        self.decoder = PylonDecoder(self.encoder.out_channels, config.dec_channels, config.up_type)
         self.segmentation_head = nn.Sequential(
             nn.Conv2d(config.dec_channels, config.num_classes, 1, bias=True)
         )
@@ -379,9 +375,7 @@ def _block_counts(keys: list[str]) -> tuple[int, int, int, int]:
     return tuple(counts)  # type: ignore[return-value]
 
 
-def config_from_state_dict(
-    state: dict[str, Tensor], source: str = "state_dict"
-) -> PylonConfig:
+def config_from_state_dict(state: dict[str, Tensor], source: str = "state_dict") -> PylonConfig:
     """Read variant, K and widths off an official PYLON state_dict's keys and shapes."""
     head = state.get("net.segmentation_head.0.weight")
     stem = state.get("net.encoder.conv1.weight")
@@ -517,8 +511,9 @@ def save_pylon(model: PylonModel, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     state = {
-        k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
-        .contiguous()
+        k: (
+            v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        ).contiguous()
         for k, v in model.state_dict().items()
     }
     meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION, FAMILY_KEY: FAMILY}

@@ -20,8 +20,12 @@ from fastinsight.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="PNG/JPEG/DICOM file(s), a folder, a glob or a CSV")
-    parser.add_argument("--model", required=True, help="PYLON .pth/.pkl or fastinsight .safetensors")
+    parser.add_argument(
+        "inputs", nargs="+", help="PNG/JPEG/DICOM file(s), a folder, a glob or a CSV"
+    )
+    parser.add_argument(
+        "--model", required=True, help="PYLON .pth/.pkl or fastinsight .safetensors"
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -49,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     check_writable(Path(args.out))
     model = load_radiograph_model(args.model, device=args.device)
-    return run_with_model(args, paths, model, model_facts(model, args.model, file_sha256(args.model)))
+    return run_with_model(
+        args, paths, model, model_facts(model, args.model, file_sha256(args.model))
+    )
 
 
 def model_facts(model: Any, path: str, sha256: str) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def run_with_model(
                 "width": item.radiograph.width,
                 "height": item.radiograph.height,
             }
-            row.update({n: f"{float(s):.6f}" for n, s in zip(names, item.scores)})
+            row.update({n: f"{float(s):.6f}" for n, s in zip(names, item.scores, strict=False)})
             rows.append(row)
         write_scores_csv(out, rows, names)
         print(f"wrote {out} ({len(rows)} images)")
@@ -111,7 +117,9 @@ def run_with_model(
         raise InputError(f"--out {str(out)!r}: expected a .tif heatmap (or a .csv for many images)")
     result = next(iter(predict(paths, model, options)))
     if args.class_name is not None and args.class_name not in names:
-        raise InputError(f"--class {args.class_name!r} is not one of the model's classes {list(names)}")
+        raise InputError(
+            f"--class {args.class_name!r} is not one of the model's classes {list(names)}"
+        )
     top = int(result.scores.argmax())
     chosen = names.index(args.class_name) if args.class_name is not None else top
     written = []

@@ -36,7 +36,7 @@ def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
     labels = io.StringIO()
     lw = csv.writer(labels, lineterminator="\n")
     lw.writerow(["Image Index", "Finding Labels"])
-    for name, case in zip(names, cases):
+    for name, case in zip(names, cases, strict=False):
         for x, y, bw, bh in case.boxes:
             w.writerow([name, "Nodule", f"{x:.3f}", f"{y:.3f}", f"{bw:.3f}", f"{bh:.3f}"])
         lw.writerow([name, "Nodule" if case.label else "No Finding"])
@@ -90,7 +90,10 @@ def run_radiograph_demo(
     t0 = time.perf_counter()
     try:
         cfg = PylonConfig(
-            num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=8,
+            num_classes=1,
+            stem_width=4,
+            layers=(1, 1, 1, 1),
+            dec_channels=8,
             class_names=DEMO_CLASSES,
         )
         train, val, test = (
@@ -102,15 +105,19 @@ def run_radiograph_demo(
             return x, torch.tensor([[float(c.label)] for c in cases])
 
         names = [f"{i:08d}_000.png" for i in range(len(test))]
-        for name, case in zip(names, test):
+        for name, case in zip(names, test, strict=False):
             Image.fromarray(case.image).save(out / "images" / name)
         _write_csvs(out, names, test)
-        say(f"radiograph demo: {n_train} training / {n_val} validation / {n_test} held-out "
-            f"synthetic pictures in {out}")
+        say(
+            f"radiograph demo: {n_train} training / {n_val} validation / {n_test} held-out "
+            f"synthetic pictures in {out}"
+        )
         torch.manual_seed(seed)
         model = PylonModel(cfg)
         fit = train_radiograph_model(
-            model, tensors(train), tensors(val),
+            model,
+            tensors(train),
+            tensors(val),
             RadiographTrainConfig(epochs=epochs, batch_size=8, lr=3e-3, patience=3, seed=seed),
             log=say,
         )
@@ -120,8 +127,10 @@ def run_radiograph_demo(
         labels = read_data_entry(out / "Data_Entry_2017.csv")
         paths = [out / "images" / n for n in names]
         results = list(predict_radiographs(paths, model, PredictOptions(batch_size=16)))
-        maps = {(n, "Nodule"): r.heatmap(0) for n, r in zip(names, results) if n in boxes}
-        scores = {n: {"Nodule": float(r.scores[0])} for n, r in zip(names, results)}
+        maps = {
+            (n, "Nodule"): r.heatmap(0) for n, r in zip(names, results, strict=False) if n in boxes
+        }
+        scores = {n: {"Nodule": float(r.scores[0])} for n, r in zip(names, results, strict=False)}
         loc = evaluate_localisation(lambda i, c: maps.get((i, c)), boxes, DEMO_CLASSES)
         auroc = evaluate_auroc(scores, labels, DEMO_CLASSES)["Nodule"]
         point = loc.as_dict()["point_accuracy"]["micro"]
@@ -138,8 +147,10 @@ def run_radiograph_demo(
             "parameters": model.parameter_count(),
         }
         write_json(out / "metrics.json", metrics)
-        say(f"held-out AUROC {auroc:.3f}, point localisation accuracy {point:.3f} "
-            f"({metrics['seconds']} s); model: {out / 'model.safetensors'}")
+        say(
+            f"held-out AUROC {auroc:.3f}, point localisation accuracy {point:.3f} "
+            f"({metrics['seconds']} s); model: {out / 'model.safetensors'}"
+        )
         return metrics
     finally:
         torch.set_num_threads(old_threads)

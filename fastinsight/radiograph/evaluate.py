@@ -76,7 +76,9 @@ def read_bbox_list(path: str | os.PathLike[str]) -> dict[str, list[Box]]:
             try:
                 x, y, w, h = (float(v) for v in row[2:6])
             except ValueError:
-                raise InputError(f"{str(path)!r} line {n}: box {row[2:6]} is not four numbers") from None
+                raise InputError(
+                    f"{str(path)!r} line {n}: box {row[2:6]} is not four numbers"
+                ) from None
             out[row[0].strip()].append(Box(row[1].strip(), x, y, w, h))
     return dict(out)
 
@@ -177,8 +179,12 @@ def evaluate_localisation(
             for t in iou:
                 iou[t][cls] += best_iou >= t
                 iobb[t][cls] += best_iobb >= t
-    return LocalisationResult(dict(pairs), dict(point), {t: dict(v) for t, v in iou.items()},
-                              {t: dict(v) for t, v in iobb.items()})
+    return LocalisationResult(
+        dict(pairs),
+        dict(point),
+        {t: dict(v) for t, v in iou.items()},
+        {t: dict(v) for t, v in iobb.items()},
+    )
 
 
 def evaluate_auroc(
@@ -220,8 +226,10 @@ def evaluate_radiographs(
     maps: dict[tuple[str, str], np.ndarray] = {}
     scores: dict[str, dict[str, float]] = {}
     opts = PredictOptions(batch_size=batch_size)
-    for name, r in zip(present, predict_radiographs([folder / n for n in present], model, opts)):
-        scores[name] = dict(zip(classes, (float(s) for s in r.scores)))  # type: ignore[union-attr]
+    for name, r in zip(
+        present, predict_radiographs([folder / n for n in present], model, opts), strict=False
+    ):
+        scores[name] = dict(zip(classes, (float(s) for s in r.scores), strict=False))  # type: ignore[union-attr]
         for b in boxes.get(name, ()):
             if b.label in classes and (name, b.label) not in maps:
                 maps[(name, b.label)] = r.heatmap(classes.index(b.label))  # type: ignore[union-attr]

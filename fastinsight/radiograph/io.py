@@ -29,7 +29,12 @@ import numpy as np
 from fastinsight.errors import InputError
 
 # Modalities whose pixels are cross-sections or functional maps, not projection radiographs.
-NOT_RADIOGRAPH = {"CT": "CT slice", "MR": "MR slice", "PT": "PET slice", "NM": "nuclear-medicine image"}
+NOT_RADIOGRAPH = {
+    "CT": "CT slice",
+    "MR": "MR slice",
+    "PT": "PET slice",
+    "NM": "nuclear-medicine image",
+}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # Decoder packages pydicom can use, named in the error when none decodes a file.
 DECODER_HINT = (

@@ -132,7 +132,7 @@ class RadiographResult:
             "height": self.radiograph.height,
             "pixel_spacing_mm": self.radiograph.pixel_spacing_mm,
             "input": self.radiograph.facts,
-            "scores": {n: float(s) for n, s in zip(self.class_names, self.scores)},
+            "scores": {n: float(s) for n, s in zip(self.class_names, self.scores, strict=False)},
             "argmax_points": pts,
             **self.facts,
         }
@@ -221,7 +221,9 @@ def heatmap_description(result: RadiographResult, k: int, model_name: str) -> st
     return "\n".join(" ".join(line.split()) for line in lines)
 
 
-def write_heatmap(path: str | os.PathLike[str], result: RadiographResult, k: int, model_name: str) -> None:
+def write_heatmap(
+    path: str | os.PathLike[str], result: RadiographResult, k: int, model_name: str
+) -> None:
     """Class ``k``'s heatmap as a tiled uint8 TIFF the size of the input image (atomically).
 
     Codes as the slide heatmaps: ``1 + round(254 p)``; the pixel size is set when the image
@@ -235,7 +237,10 @@ def write_heatmap(path: str | os.PathLike[str], result: RadiographResult, k: int
     kwargs: dict[str, Any] = {}
     spacing = result.radiograph.pixel_spacing_mm
     if spacing is not None:
-        kwargs = {"resolution": (10.0 / spacing[1], 10.0 / spacing[0]), "resolutionunit": "CENTIMETER"}
+        kwargs = {
+            "resolution": (10.0 / spacing[1], 10.0 / spacing[0]),
+            "resolutionunit": "CENTIMETER",
+        }
     with atomic_path(path) as tmp:
         tifffile.imwrite(
             tmp,

@@ -38,9 +38,7 @@ def normalise(image_u8: np.ndarray, mean: float, std: float) -> Tensor:
     return ((t - mean) / std)[None, None]
 
 
-def model_inputs(
-    images: Sequence[np.ndarray], size: int, mean: float, std: float
-) -> Tensor:
+def model_inputs(images: Sequence[np.ndarray], size: int, mean: float, std: float) -> Tensor:
     """Resize and normalise a batch. Shapes: B x uint8 ``[H_i, W_i]`` -> ``[B, 1, S, S]``."""
     return torch.cat([normalise(cubic_resize_u8(im, size), mean, std) for im in images])
 

@@ -22,7 +22,9 @@ class SyntheticCXR:
     boxes: tuple[tuple[float, float, float, float], ...]  # (x, y, w, h) in pixels
 
 
-def synthetic_cxr(rng: np.random.Generator, size: int = 256, nodule: bool | None = None) -> SyntheticCXR:
+def synthetic_cxr(
+    rng: np.random.Generator, size: int = 256, nodule: bool | None = None
+) -> SyntheticCXR:
     """One picture; ``nodule=None`` draws the label with probability 1/2."""
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / s
@@ -34,7 +36,9 @@ def synthetic_cxr(rng: np.random.Generator, size: int = 256, nodule: bool | None
     jitter = rng.normal(0, 0.015, 6)
     for side in (-1, 1):
         cx = 0.5 + side * (0.2 + jitter[0])
-        e = ((xx - cx) / (0.15 + jitter[1])) ** 2 + ((yy - 0.45 - jitter[2]) / (0.3 + jitter[3])) ** 2
+        e = ((xx - cx) / (0.15 + jitter[1])) ** 2 + (
+            (yy - 0.45 - jitter[2]) / (0.3 + jitter[3])
+        ) ** 2
         lungs |= e < 1.0
     img[lungs] = 0.28
     # Mediastinum and heart: bright, central, slightly left (image right).
@@ -50,7 +54,9 @@ def synthetic_cxr(rng: np.random.Generator, size: int = 256, nodule: bool | None
     # Diaphragm: below the lungs, bright.
     img[(yy > 0.78 + 0.03 * np.cos((xx - 0.5) * 6)) & body] = 0.7
     # Low-frequency exposure variation and noise.
-    img += 0.05 * np.sin(xx * rng.uniform(2, 5) + rng.uniform(0, 6)) * np.cos(yy * rng.uniform(2, 5))
+    img += (
+        0.05 * np.sin(xx * rng.uniform(2, 5) + rng.uniform(0, 6)) * np.cos(yy * rng.uniform(2, 5))
+    )
     label = int(rng.random() < 0.5) if nodule is None else int(nodule)
     boxes = []
     if label:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 _HERE = Path(__file__).parent
 
 
@@ -28,9 +27,7 @@ def key_list(up_type: str) -> list[tuple[str, list[int]]]:
     return rows
 
 
-def random_state_dict(
-    up_type: str, num_classes: int = 14, seed: int = 0
-) -> dict[str, Tensor]:
+def random_state_dict(up_type: str, num_classes: int = 14, seed: int = 0) -> dict[str, Tensor]:
     """Random weights for every official key, with non-trivial BatchNorm statistics."""
     g = torch.Generator().manual_seed(seed)
     state: dict[str, Tensor] = {}
@@ -58,8 +55,13 @@ def random_state_dict(
 
 def _bn(x: Tensor, s: dict[str, Tensor], p: str) -> Tensor:
     return F.batch_norm(
-        x, s[p + "running_mean"], s[p + "running_var"], s[p + "weight"], s[p + "bias"],
-        training=False, eps=1e-5,
+        x,
+        s[p + "running_mean"],
+        s[p + "running_var"],
+        s[p + "weight"],
+        s[p + "bias"],
+        training=False,
+        eps=1e-5,
     )
 
 
@@ -86,10 +88,14 @@ def reference_forward(s: dict[str, Tensor], x: Tensor) -> Tensor:
             p = f"{e}layer{layer}.{b}."
             stride = 2 if layer > 1 and b == 0 else 1
             z = F.relu(_bn(F.conv2d(y, s[p + "conv1.weight"]), s, p + "bn1."))
-            z = F.relu(_bn(F.conv2d(z, s[p + "conv2.weight"], stride=stride, padding=1), s, p + "bn2."))
+            z = F.relu(
+                _bn(F.conv2d(z, s[p + "conv2.weight"], stride=stride, padding=1), s, p + "bn2.")
+            )
             z = _bn(F.conv2d(z, s[p + "conv3.weight"]), s, p + "bn3.")
             if p + "downsample.0.weight" in s:
-                y = _bn(F.conv2d(y, s[p + "downsample.0.weight"], stride=stride), s, p + "downsample.1.")
+                y = _bn(
+                    F.conv2d(y, s[p + "downsample.0.weight"], stride=stride), s, p + "downsample.1."
+                )
             y = F.relu(z + y)
             b += 1
         feats.append(y)

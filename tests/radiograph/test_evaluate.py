@@ -65,8 +65,15 @@ def test_localisation_matches_brute_force() -> None:
         bs = []
         for _ in range(int(rng.integers(1, 4))):
             c = CLASSES[int(rng.integers(0, 3))]
-            bs.append(Box(c, float(rng.uniform(0, W - 5)), float(rng.uniform(0, H - 5)),
-                          float(rng.uniform(2, 12)), float(rng.uniform(2, 12))))
+            bs.append(
+                Box(
+                    c,
+                    float(rng.uniform(0, W - 5)),
+                    float(rng.uniform(0, H - 5)),
+                    float(rng.uniform(2, 12)),
+                    float(rng.uniform(2, 12)),
+                )
+            )
         boxes[name] = bs
         for c in CLASSES:
             hm = rng.random((H, W)) * 0.8
@@ -103,8 +110,9 @@ def test_nih_csv_layouts_and_auroc(tmp_path) -> None:
         "00014716_007.png,Mass,100,200,50,60\n"
     )
     boxes = read_bbox_list(tmp_path / "BBox_List_2017.csv")
-    assert boxes["00014716_007.png"][0] == Box("Nodule", 686.101694915254, 708.474576271186,
-                                               29.8305084745763, 30.5084745762712)
+    assert boxes["00014716_007.png"][0] == Box(
+        "Nodule", 686.101694915254, 708.474576271186, 29.8305084745763, 30.5084745762712
+    )
     assert len(boxes["00014716_007.png"]) == 2
     (tmp_path / "Data_Entry_2017.csv").write_text(
         "Image Index,Finding Labels,Follow-up #,Patient ID\n"

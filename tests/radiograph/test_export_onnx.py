@@ -26,8 +26,14 @@ def _bn_stats(model: torch.nn.Module) -> None:
 
 def test_pylon_onnx_parity_and_dynamic_batch(tmp_path) -> None:
     model = PylonModel(
-        PylonConfig(num_classes=2, stem_width=8, layers=(1, 1, 1, 1), dec_channels=8,
-                    up_type="2layer", class_names=("Nodule", "Mass"))
+        PylonConfig(
+            num_classes=2,
+            stem_width=8,
+            layers=(1, 1, 1, 1),
+            dec_channels=8,
+            up_type="2layer",
+            class_names=("Nodule", "Mass"),
+        )
     )
     _bn_stats(model)
     path = export_radiograph_onnx(model.eval(), tmp_path / "pylon.onnx")

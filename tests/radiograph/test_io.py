@@ -105,4 +105,6 @@ def test_cubic_resize_matches_keys_kernel_on_a_ramp() -> None:
     # A cubic kernel reproduces a linear ramp away from the clamped borders.
     x = (np.arange(128) + 0.5) / 2 - 0.5
     np.testing.assert_allclose(out[0, 4:-4], np.rint(4 * x[4:-4]), atol=1)
-    assert cubic_resize_u8(ramp, (8, 64)) is not ramp and np.array_equal(cubic_resize_u8(ramp, (8, 64)), ramp)
+    assert cubic_resize_u8(ramp, (8, 64)) is not ramp and np.array_equal(
+        cubic_resize_u8(ramp, (8, 64)), ramp
+    )

@@ -32,7 +32,9 @@ def test_pooling_is_lse_lba_of_the_probability_map() -> None:
         want = lse_lba(p[b].reshape(3, -1), None, 10.0 + torch.exp(model.beta))
         torch.testing.assert_close(out.scores[b], want)
     flat = p.flatten(2)
-    assert bool((out.scores >= flat.mean(-1) - 1e-6).all() and (out.scores <= flat.amax(-1) + 1e-6).all())
+    assert bool(
+        (out.scores >= flat.mean(-1) - 1e-6).all() and (out.scores <= flat.amax(-1) + 1e-6).all()
+    )
 
 
 def test_logit_map_option_and_sharpness_limits() -> None:
@@ -40,11 +42,15 @@ def test_logit_map_option_and_sharpness_limits() -> None:
     with torch.no_grad():
         model.beta.fill_(-30.0)  # r -> 0: the mean of the logits
     out = model.predict(torch.randn(1, 1, 128, 128))
-    torch.testing.assert_close(out.scores, torch.sigmoid(out.logits.mean(dim=(-2, -1))), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.scores, torch.sigmoid(out.logits.mean(dim=(-2, -1))), atol=1e-5, rtol=0
+    )
     sharp = _small(r0=1e4)
     sharp.load_state_dict(model.state_dict())
     out = sharp.predict(torch.zeros(1, 1, 128, 128) + 0.3)
-    torch.testing.assert_close(out.scores, torch.sigmoid(out.logits).amax(dim=(-2, -1)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        out.scores, torch.sigmoid(out.logits).amax(dim=(-2, -1)), atol=1e-3, rtol=0
+    )
 
 
 def test_beta_learns_and_sides_checked() -> None:

@@ -74,8 +74,20 @@ def test_upsample_map_argmax_is_at_a_grid_node() -> None:
 def test_cli_single_image_writes_heatmap_overlay_report(tmp_path, model_path, capsys) -> None:
     img = write_png(tmp_path / "cxr.png", picture(300, 280))
     out = tmp_path / "heatmap.tif"
-    rc = main(["predict-radiograph", str(img), "--model", str(model_path), "--out", str(out),
-               "--device", "cpu", "--class", "Mass"])
+    rc = main(
+        [
+            "predict-radiograph",
+            str(img),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--class",
+            "Mass",
+        ]
+    )
     assert rc == 0
     codes = tifffile.imread(out)
     assert codes.shape == (300, 280) and codes.dtype == np.uint8
@@ -88,11 +100,25 @@ def test_cli_single_image_writes_heatmap_overlay_report(tmp_path, model_path, ca
     pt = report["argmax_points"]["Mass"]
     assert (pt["x"], pt["y"]) == r.argmax_point(1)[:2]
     assert report["model"]["family"] == "pylon" and report["width"] == 280
-    rc = main(["predict-radiograph", str(img), "--model", str(model_path), "--out",
-               str(tmp_path / "all.tif"), "--device", "cpu", "--all-classes", "--no-overlay"])
+    rc = main(
+        [
+            "predict-radiograph",
+            str(img),
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path / "all.tif"),
+            "--device",
+            "cpu",
+            "--all-classes",
+            "--no-overlay",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in tmp_path.glob("all.*.tif")) == [
-        "all.Effusion.tif", "all.Mass.tif", "all.Nodule.tif"
+        "all.Effusion.tif",
+        "all.Mass.tif",
+        "all.Nodule.tif",
     ]
 
 
@@ -102,15 +128,43 @@ def test_cli_folder_and_csv_list_give_one_scores_csv(tmp_path, model_path) -> No
     for i in range(3):
         write_png(folder / f"img{i}.png", picture(260, 256, seed=i))
     out = tmp_path / "scores.csv"
-    assert main(["predict-radiograph", str(folder), "--model", str(model_path), "--out",
-                 str(out), "--device", "cpu", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict-radiograph",
+                str(folder),
+                "--model",
+                str(model_path),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["img0.png", "img1.png", "img2.png"]
     listing = tmp_path / "list.csv"
     listing.write_text("path\nimgs/img2.png\nimgs/img0.png\n")
     out2 = tmp_path / "scores2.csv"
-    assert main(["predict-radiograph", str(listing), "--model", str(model_path), "--out",
-                 str(out2), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-radiograph",
+                str(listing),
+                "--model",
+                str(model_path),
+                "--out",
+                str(out2),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows2 = list(csv.DictReader(out2.open()))
     assert rows2[0]["Nodule"] == rows[2]["Nodule"] and rows2[1]["Mass"] == rows[0]["Mass"]
 
@@ -118,14 +172,36 @@ def test_cli_folder_and_csv_list_give_one_scores_csv(tmp_path, model_path) -> No
 def test_cli_bad_input_one_line_error_and_no_output(tmp_path, model_path, capsys) -> None:
     ct = write_dicom(tmp_path / "ct.dcm", picture(64, 64), modality="CT")
     out = tmp_path / "h.tif"
-    rc = main(["predict-radiograph", str(ct), "--model", str(model_path), "--out", str(out),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "predict-radiograph",
+            str(ct),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 4 and "CT slice" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "h.json").exists()
     good = write_png(tmp_path / "ok.png", picture(64, 64))
-    rc = main(["predict-radiograph", str(good), str(ct), "--model", str(model_path), "--out",
-               str(tmp_path / "s.csv"), "--device", "cpu", "--skip-bad"])
+    rc = main(
+        [
+            "predict-radiograph",
+            str(good),
+            str(ct),
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path / "s.csv"),
+            "--device",
+            "cpu",
+            "--skip-bad",
+        ]
+    )
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     assert rc == 0 and rows[0]["error"] == "" and "CT slice" in rows[1]["error"]
 
@@ -136,8 +212,21 @@ def test_real_chest_radiograph_end_to_end(tmp_path, model_path) -> None:
     if path is None:
         pytest.skip("pydicom-data (RG1_UNCI.dcm) is not installed")
     out = tmp_path / "rg1.tif"
-    assert main(["predict-radiograph", path, "--model", str(model_path), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-radiograph",
+                path,
+                "--model",
+                str(model_path),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(out).shape == (1955, 1841)
     report = json.loads((tmp_path / "rg1.json").read_text())
     assert report["input"]["modality"] == "CR" and report["pixel_spacing_mm"] is None

@@ -33,7 +33,9 @@ def test_official_layout_loads_and_matches_reference(tmp_path, up_type, side, ba
         ref = reference_forward(state, x)
     assert r.logits.shape == (batch, 14, side // 4, side // 4)
     _close(r.logits, ref)
-    torch.testing.assert_close(r.scores, torch.sigmoid(ref.amax(dim=(-2, -1))), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        r.scores, torch.sigmoid(ref.amax(dim=(-2, -1))), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_num_classes_from_head_and_safetensors_round_trip(tmp_path) -> None:
@@ -89,7 +91,9 @@ def test_partial_and_mismatched_files_are_refused(tmp_path) -> None:
 
 
 def test_sides_that_are_not_multiples_of_256_are_refused() -> None:
-    model = PylonModel(PylonConfig(num_classes=1, stem_width=8, layers=(1, 1, 1, 1), dec_channels=8))
+    model = PylonModel(
+        PylonConfig(num_classes=1, stem_width=8, layers=(1, 1, 1, 1), dec_channels=8)
+    )
     with pytest.raises(InputError, match="multiples of 256"):
         model.predict(torch.zeros(1, 1, 320, 320))
     with pytest.raises(InputError, match="multiples of 256"):

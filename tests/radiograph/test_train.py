@@ -34,12 +34,18 @@ def test_losses_are_the_papers() -> None:
     want = F.binary_cross_entropy_with_logits(logits.amax(dim=(-2, -1)), y)
     torch.testing.assert_close(image_loss(pylon, logits, y), want)
     yao = MultiResModel(MultiResConfig(num_classes=2, width=4, growth=4, r0=10.0))
-    p = torch.stack([lse_lba(torch.sigmoid(logits[b]).reshape(2, -1), None, yao.sharpness) for b in range(3)])
+    p = torch.stack(
+        [lse_lba(torch.sigmoid(logits[b]).reshape(2, -1), None, yao.sharpness) for b in range(3)]
+    )
     want = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), y)
     torch.testing.assert_close(image_loss(yao, logits, y), want)
     yao_logit = MultiResModel(MultiResConfig(num_classes=2, width=4, growth=4, map_is_prob=False))
-    q = torch.stack([lse_lba(logits[b].reshape(2, -1), None, yao_logit.sharpness) for b in range(3)])
-    torch.testing.assert_close(image_loss(yao_logit, logits, y), F.binary_cross_entropy_with_logits(q, y))
+    q = torch.stack(
+        [lse_lba(logits[b].reshape(2, -1), None, yao_logit.sharpness) for b in range(3)]
+    )
+    torch.testing.assert_close(
+        image_loss(yao_logit, logits, y), F.binary_cross_entropy_with_logits(q, y)
+    )
 
 
 def test_resume_gives_the_same_weights_as_one_run(tmp_path) -> None:
