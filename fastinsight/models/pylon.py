@@ -196,16 +196,19 @@ class ResNetEncoder(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = stem_width
-        for i, blocks in enumerate(layers):
-            planes = stem_width * 2**i
-            stage = []
-            for b in range(blocks):
-                stride = 2 if (i > 0 and b == 0) else 1
-                stage.append(Bottleneck(inplanes, planes, stride))
-                inplanes = planes * Bottleneck.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self._inplanes = stem_width
+        self.layer1 = self._stage(stem_width, layers[0], 1)
+        self.layer2 = self._stage(stem_width * 2, layers[1], 2)
+        self.layer3 = self._stage(stem_width * 4, layers[2], 2)
+        self.layer4 = self._stage(stem_width * 8, layers[3], 2)
         self.out_channels = tuple(stem_width * 2**i * Bottleneck.expansion for i in range(4))
+
+    def _stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        stage = []
+        for b in range(blocks):
+            stage.append(Bottleneck(self._inplanes, planes, stride if b == 0 else 1))
+            self._inplanes = planes * Bottleneck.expansion
+        return nn.Sequential(*stage)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -80,6 +80,7 @@ def run_with_model(
     """The command after the model is loaded (``fastinsight predict`` dispatches here too)."""
     from fastinsight.radiograph.predict import (
         PredictOptions,
+        RadiographResult,
         predict_radiographs,
         write_heatmap,
         write_json,
@@ -116,6 +117,8 @@ def run_with_model(
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"--out {str(out)!r}: expected a .tif heatmap (or a .csv for many images)")
     result = next(iter(predict(paths, model, options)))
+    if not isinstance(result, RadiographResult):  # on_error="raise" never yields a failure
+        raise result[1]
     if args.class_name is not None and args.class_name not in names:
         raise InputError(
             f"--class {args.class_name!r} is not one of the model's classes {list(names)}"

@@ -80,6 +80,7 @@ def run_radiograph_demo(
     )
     from fastinsight.radiograph.predict import (
         PredictOptions,
+        RadiographResult,
         load_radiograph_model,
         predict_radiographs,
         write_json,
@@ -134,7 +135,11 @@ def run_radiograph_demo(
         boxes = read_bbox_list(out / "BBox_List_2017.csv")
         labels = read_data_entry(out / "Data_Entry_2017.csv")
         paths = [out / "images" / n for n in names]
-        results = list(predict_radiographs(paths, model, PredictOptions(batch_size=16)))
+        results = [
+            r
+            for r in predict_radiographs(paths, model, PredictOptions(batch_size=16))
+            if isinstance(r, RadiographResult)
+        ]
         maps = {
             (n, "Nodule"): r.heatmap(0) for n, r in zip(names, results, strict=False) if n in boxes
         }

@@ -210,9 +210,7 @@ def _read_picture(p: Path) -> Radiograph:
         with Image.open(p) as im:
             im.load()
             mode, fmt = im.mode, im.format
-            if mode == "P":
-                im = im.convert("RGBA")
-            arr = np.asarray(im)
+            arr = np.asarray(im.convert("RGBA") if mode == "P" else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(
             f"{str(p)!r} is not an image fastinsight can read (PNG, JPEG, TIFF or DICOM): {exc}"

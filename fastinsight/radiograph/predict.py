@@ -58,6 +58,7 @@ def load_radiograph_model(
 
     p = Path(path).expanduser()
     fmt = sniff_format(p)
+    model: Any
     if fmt == "torch":
         state = pylon.read_torch_state_dict(p)
         if pylon.is_pylon_state_dict(state):
@@ -266,7 +267,7 @@ def write_radiograph_overlay(
     r = result.radiograph
     scale = min(1.0, max_side / max(r.width, r.height))
     w, h = max(1, round(r.width * scale)), max(1, round(r.height * scale))
-    grey = np.asarray(Image.fromarray(r.image).resize((w, h), Image.BILINEAR))
+    grey = np.asarray(Image.fromarray(r.image).resize((w, h), Image.Resampling.BILINEAR))
     hm = upsample_map(result.prob_maps[k], (h, w))
     title = f"{result.class_names[k]}: p = {float(result.scores[k]):.3f}"
     write_overlay(path, np.stack([grey] * 3, axis=-1), hm, alpha=0.45, title=title)
