@@ -243,3 +243,10 @@ __all__ = [
     "save_model",
     "sniff_format",
 ]
+
+
+# Radiograph families (PYLON, Yao et al. 2018) claim their files. Imported at the end: pylon.py
+# needs only names defined above, so the cycle is harmless.
+from fastinsight.models.pylon import register_radiograph_loaders  # noqa: E402
+
+register_radiograph_loaders()

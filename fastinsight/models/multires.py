@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
-from fastinsight.checkpoint import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.errors import CheckpointError
+from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.pylon import (
     FAMILY_KEY,
     NIH14_CLASSES,
@@ -52,7 +52,7 @@ from fastinsight.models.pylon import (
     load_state_checked,
     read_safetensors,
 )
-from fastinsight.pooling import lse_lba
+from fastinsight.ops.pooling import lse_lba
 
 FAMILY = "multires"
 Upsample = Literal["nearest", "bilinear"]

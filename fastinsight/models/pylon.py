@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
-from fastinsight.checkpoint import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, sniff_format
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 
 UpType = Literal["1layer", "2layer"]
 FAMILY_KEY = "fastinsight.family"
@@ -489,6 +489,8 @@ def load_pylon(
 
     The model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
     """
+    from fastinsight.models.checkpoints import sniff_format
+
     p = Path(path).expanduser()
     if sniff_format(p) == "torch":
         model = pylon_from_state_dict(read_torch_state_dict(p), str(p))
@@ -535,3 +537,46 @@ __all__ = [
     "pylon_from_state_dict",
     "save_pylon",
 ]
+
+
+# ============================================================== the checkpoint sniffer's entries
+
+
+def _accepts_pylon(ckpt: Any) -> bool:
+    if ckpt.format == "torch":
+        return is_pylon_state_dict(ckpt.state)
+    return ckpt.metadata.get(FAMILY_KEY) == FAMILY
+
+
+def _load_pylon_file(ckpt: Any, backend: str) -> PylonModel:
+    if ckpt.format == "torch":
+        return pylon_from_state_dict(ckpt.state, str(ckpt.path))
+    model = PylonModel(PylonConfig.from_json(ckpt.metadata.get(CONFIG_KEY, "")))
+    load_state_checked(model, ckpt.state, str(ckpt.path))
+    return model
+
+
+def _accepts_multires(ckpt: Any) -> bool:
+    if ckpt.format == "torch":
+        return (
+            "beta" in ckpt.state and "head.weight" in ckpt.state and "stem.0.weight" in ckpt.state
+        )
+    return ckpt.metadata.get(FAMILY_KEY) == "multires"
+
+
+def _load_multires_file(ckpt: Any, backend: str) -> nn.Module:
+    from fastinsight.models import multires
+
+    if ckpt.format == "torch":
+        return multires.multires_from_state_dict(ckpt.state, str(ckpt.path))
+    model = multires.MultiResModel(multires.MultiResConfig.from_json(ckpt.metadata[CONFIG_KEY]))
+    load_state_checked(model, ckpt.state, str(ckpt.path))
+    return model
+
+
+def register_radiograph_loaders() -> None:
+    """Let ``fastinsight.load_model(path)`` return PYLON and multires models (tried before INSIGHT)."""
+    from fastinsight.models.checkpoints import ModelLoader, register_loader
+
+    register_loader(ModelLoader("multires", _accepts_multires, _load_multires_file))
+    register_loader(ModelLoader("pylon", _accepts_pylon, _load_pylon_file))

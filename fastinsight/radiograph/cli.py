@@ -58,6 +58,42 @@ def run(args: argparse.Namespace) -> int:
     )
 
 
+def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, device: str) -> int:
+    """``fastinsight predict IMAGE --model pylon.pth --out heatmap.tif`` with a radiograph model.
+
+    ``fastinsight predict`` loads the model, sees ``model.modality == "radiograph"`` and hands
+    over here; its flags ``--out``, ``--class``, ``--all-classes``, ``--overlay``, ``--report``,
+    ``--device`` and ``--batch-size`` (images per batch, at most 32 here) mean the same.
+    """
+    from fastinsight.fileformat import file_sha256
+    from fastinsight.radiograph.predict import expand_inputs
+
+    if getattr(args, "features", None):
+        raise InputError("--features is for slides; a radiograph model takes image files")
+    if not args.slide:
+        raise InputError(
+            "give an image: fastinsight predict cxr.dcm --model pylon.pth --out hm.tif"
+        )
+    if not args.out:
+        raise InputError(
+            "pass --out heatmap.tif (one image) or --out scores.csv (a folder or glob)"
+        )
+    ns = argparse.Namespace(
+        out=args.out,
+        class_name=getattr(args, "class_", None),
+        all_classes=bool(getattr(args, "all_classes", False)),
+        overlay=getattr(args, "overlay", None),
+        report=getattr(args, "report", None),
+        no_overlay=False,
+        batch_size=max(1, min(int(getattr(args, "batch_size", 8) or 8), 32)),
+        device=device,
+        skip_bad=False,
+    )
+    paths = expand_inputs([args.slide])
+    facts = model_facts(model, str(model_path), file_sha256(model_path))
+    return run_with_model(ns, paths, model, facts)
+
+
 def model_facts(model: Any, path: str, sha256: str) -> dict[str, Any]:
     import json
 
@@ -150,4 +186,4 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-__all__ = ["add_arguments", "model_facts", "run", "run_with_model"]
+__all__ = ["add_arguments", "model_facts", "run", "run_from_predict", "run_with_model"]

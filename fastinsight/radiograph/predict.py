@@ -53,8 +53,8 @@ def load_radiograph_model(
     path: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> Any:
     """Load PYLON or the multi-resolution LSE-LBA network from any of their checkpoint formats."""
-    from fastinsight.checkpoint import CONFIG_KEY, sniff_format
     from fastinsight.models import pylon
+    from fastinsight.models.checkpoints import CONFIG_KEY, sniff_format
 
     p = Path(path).expanduser()
     fmt = sniff_format(p)

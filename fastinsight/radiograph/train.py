@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
-from fastinsight.pooling import lse_lba
+from fastinsight.ops.pooling import lse_lba
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.models.multires import MultiResConfig, MultiResModel, load_multires, save_multires
-from fastinsight.pooling import lse_lba
+from fastinsight.ops.pooling import lse_lba
 from fastinsight.radiograph.predict import load_radiograph_model
 
 

@@ -230,3 +230,32 @@ def test_real_chest_radiograph_end_to_end(tmp_path, model_path) -> None:
     assert tifffile.imread(out).shape == (1955, 1841)
     report = json.loads((tmp_path / "rg1.json").read_text())
     assert report["input"]["modality"] == "CR" and report["pixel_spacing_mm"] is None
+
+
+def test_fastinsight_load_model_and_predict_dispatch(tmp_path, model_path) -> None:
+    import fastinsight
+    from fastinsight.models.pylon import PylonModel
+    from tests.radiograph.pylon_reference import random_state_dict
+
+    assert isinstance(fastinsight.load_model(model_path, device="cpu"), PylonModel)
+    torch.save(random_state_dict("1layer", num_classes=2), tmp_path / "pylon.pth")
+    official = fastinsight.load_model(tmp_path / "pylon.pth", device="cpu")
+    assert isinstance(official, PylonModel) and official.config.up_type == "1layer"
+    img = write_png(tmp_path / "cxr.png", picture(300, 280))
+    out = tmp_path / "hm.tif"
+    rc = main(
+        [
+            "predict",
+            str(img),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--class",
+            "Mass",
+        ]
+    )
+    assert rc == 0 and tifffile.imread(out).shape == (300, 280)
+    assert json.loads((tmp_path / "hm.json").read_text())["heatmap_class"] == "Mass"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastinsight.errors import CheckpointError
 from fastinsight.models.multires import MultiResConfig, MultiResModel
 from fastinsight.models.pylon import PylonConfig, PylonModel
-from fastinsight.pooling import lse_lba
+from fastinsight.ops.pooling import lse_lba
 from fastinsight.radiograph.train import (
     RadiographTrainConfig,
     image_loss,
