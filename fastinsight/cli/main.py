@@ -73,7 +73,7 @@ register("train", "fastinsight.cli.train", "train INSIGHT on precomputed feature
 register("evaluate", "fastinsight.cli.evaluate", "slide AUC and heatmap Dice against ground truth")
 register(
     "predict-radiograph",
-    "fastinsight.radiograph.cli",
+    "fastinsight.cli.radiograph",
     "chest radiograph(s) -> PYLON/Yao heatmap TIFF, overlay, report; many -> scores CSV",
 )
 register(

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_for_predict(model_path, args.backend, args.quiet)
     if getattr(model, "modality", None) == "radiograph":
         # PYLON / multi-resolution models: the radiograph pipeline takes the run from here.
-        from fastinsight.radiograph.cli import run_from_predict
+        from fastinsight.cli.radiograph import run_from_predict
 
         return run_from_predict(args, model, model_path, str(device))
     if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):

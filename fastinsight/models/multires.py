@@ -267,6 +267,21 @@ def multires_from_state_dict(state: dict[str, Tensor], source: str) -> MultiResM
     )
 
 
+def accepts_multires_file(ckpt: Any) -> bool:
+    """Sniffer entry (duck-typed CheckpointFile of fastinsight.models.checkpoints)."""
+    if ckpt.format == "torch":
+        return is_multires_state_dict(ckpt.state)
+    return ckpt.metadata.get(FAMILY_KEY) == FAMILY
+
+
+def load_multires_file(ckpt: Any, backend: str = "auto") -> MultiResModel:
+    if ckpt.format == "torch":
+        return multires_from_state_dict(ckpt.state, str(ckpt.path))
+    model = MultiResModel(MultiResConfig.from_json(ckpt.metadata.get(CONFIG_KEY, "")))
+    load_state_checked(model, ckpt.state, str(ckpt.path))
+    return model
+
+
 def load_multires(
     path: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> MultiResModel:

@@ -482,6 +482,22 @@ def pylon_from_state_dict(state: dict[str, Tensor], source: str = "state_dict") 
     return model
 
 
+def _sniff(p: Path) -> str:
+    from fastinsight.fileformat import weights_format
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model file {str(p)!r}: {exc.strerror or exc}") from None
+    fmt = weights_format(head)
+    if fmt is None:
+        raise CheckpointError(
+            f"{str(p)!r} is neither a PyTorch state_dict (.pth/.pkl) nor a safetensors file"
+        )
+    return fmt
+
+
 def load_pylon(
     path: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> PylonModel:
@@ -489,10 +505,8 @@ def load_pylon(
 
     The model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
     """
-    from fastinsight.models.checkpoints import sniff_format
-
     p = Path(path).expanduser()
-    if sniff_format(p) == "torch":
+    if _sniff(p) == "torch":
         model = pylon_from_state_dict(read_torch_state_dict(p), str(p))
     else:
         meta, state = read_safetensors(p)
@@ -540,43 +554,20 @@ __all__ = [
 
 
 # ============================================================== the checkpoint sniffer's entries
+# fastinsight.models.checkpoints lists these in its loader table (duck-typed CheckpointFile:
+# ``format``, ``state``, ``metadata``, ``path``), so this module never imports it back.
 
 
-def _accepts_pylon(ckpt: Any) -> bool:
+def accepts_pylon_file(ckpt: Any) -> bool:
     if ckpt.format == "torch":
         return is_pylon_state_dict(ckpt.state)
     return ckpt.metadata.get(FAMILY_KEY) == FAMILY
 
 
-def _load_pylon_file(ckpt: Any, backend: str) -> PylonModel:
+def load_pylon_file(ckpt: Any, backend: str = "auto") -> PylonModel:
+    """Build and strictly load PYLON from an already-read checkpoint (``backend`` is unused)."""
     if ckpt.format == "torch":
         return pylon_from_state_dict(ckpt.state, str(ckpt.path))
     model = PylonModel(PylonConfig.from_json(ckpt.metadata.get(CONFIG_KEY, "")))
     load_state_checked(model, ckpt.state, str(ckpt.path))
     return model
-
-
-def _accepts_multires(ckpt: Any) -> bool:
-    if ckpt.format == "torch":
-        return (
-            "beta" in ckpt.state and "head.weight" in ckpt.state and "stem.0.weight" in ckpt.state
-        )
-    return ckpt.metadata.get(FAMILY_KEY) == "multires"
-
-
-def _load_multires_file(ckpt: Any, backend: str) -> nn.Module:
-    from fastinsight.models import multires
-
-    if ckpt.format == "torch":
-        return multires.multires_from_state_dict(ckpt.state, str(ckpt.path))
-    model = multires.MultiResModel(multires.MultiResConfig.from_json(ckpt.metadata[CONFIG_KEY]))
-    load_state_checked(model, ckpt.state, str(ckpt.path))
-    return model
-
-
-def register_radiograph_loaders() -> None:
-    """Let ``fastinsight.load_model(path)`` return PYLON and multires models (tried before INSIGHT)."""
-    from fastinsight.models.checkpoints import ModelLoader, register_loader
-
-    register_loader(ModelLoader("multires", _accepts_multires, _load_multires_file))
-    register_loader(ModelLoader("pylon", _accepts_pylon, _load_pylon_file))

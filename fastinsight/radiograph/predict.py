@@ -52,45 +52,16 @@ class RadiographModel(Protocol):
 def load_radiograph_model(
     path: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> Any:
-    """Load PYLON or the multi-resolution LSE-LBA network from any of their checkpoint formats."""
-    from fastinsight.models import pylon
-    from fastinsight.models.checkpoints import CONFIG_KEY, sniff_format
+    """Load PYLON or the multi-resolution network through the package's checkpoint sniffer."""
+    from fastinsight.models.checkpoints import load_model
 
-    p = Path(path).expanduser()
-    fmt = sniff_format(p)
-    model: Any
-    if fmt == "torch":
-        state = pylon.read_torch_state_dict(p)
-        if pylon.is_pylon_state_dict(state):
-            model = pylon.pylon_from_state_dict(state, str(p))
-        else:
-            from fastinsight.models import multires
-
-            if not multires.is_multires_state_dict(state):
-                first = next(iter(state), "<empty>")
-                raise CheckpointError(
-                    f"{str(p)!r} is neither a PYLON nor a multi-resolution LSE-LBA state_dict "
-                    f"(first key {first!r})"
-                )
-            model = multires.multires_from_state_dict(state, str(p))
-    else:
-        meta, state = pylon.read_safetensors(p)
-        family = meta.get(pylon.FAMILY_KEY)
-        if family == pylon.FAMILY:
-            model = pylon.PylonModel(pylon.PylonConfig.from_json(meta.get(CONFIG_KEY, "")))
-        elif family == "multires":
-            from fastinsight.models import multires
-
-            model = multires.MultiResModel(multires.MultiResConfig.from_json(meta[CONFIG_KEY]))
-        else:
-            raise CheckpointError(
-                f"{str(p)!r}: safetensors family {family!r} is not a radiograph model "
-                "(expected 'pylon' or 'multires')"
-            )
-        pylon.load_state_checked(model, state, str(p))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    model = load_model(path, device=device)
+    if getattr(model, "modality", None) != "radiograph":
+        raise CheckpointError(
+            f"{str(path)!r} holds a {type(model).__name__}, not a radiograph model; pass a "
+            "PYLON (.pth/.pkl/.safetensors) or multi-resolution (.safetensors) checkpoint"
+        )
+    return model
 
 
 @dataclass(frozen=True)
