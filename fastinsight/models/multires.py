@@ -24,7 +24,7 @@ docs/radiographs.md and the shared notes, section 2):
   trains with BCE on the pooled probability clamped to ``(eps, 1 - eps)``; ``False`` pools the
   logits and applies a sigmoid to the pooled value (BCE-with-logits).
 
-The pooling is :func:`fastinsight.pooling.lse_lba` (the package's stable implementation; nothing
+The pooling is :func:`fastinsight.ops.pooling.lse_lba` (the package's stable implementation; nothing
 is re-implemented here).
 """
 
