@@ -1,4 +1,4 @@
-"""The multi-resolution LSE-LBA network: geometry, pooling through fastinsight.ops.pooling, files."""
+"""The multi-resolution LSE-LBA network: geometry, pooling (fastinsight.ops.pooling), files."""
 
 from __future__ import annotations
 
