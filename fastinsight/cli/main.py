@@ -82,6 +82,11 @@ register(
     "train INSIGHT on CT volumes (NIfTI / DICOM) and volume labels",
 )
 register(
+    "predict-radiograph",
+    "fastinsight.cli.radiograph",
+    "chest radiograph(s) -> PYLON/Yao heatmap TIFF, overlay, report; many -> scores CSV",
+)
+register(
     "predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray"
 )
 register(

@@ -177,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model_path = resolve_model_path(args.model)
     model, info = load_for_predict(model_path, args.backend, args.quiet)
+    if getattr(model, "modality", None) == "radiograph":
+        # PYLON / multi-resolution models: the radiograph pipeline takes the run from here.
+        from fastinsight.cli.radiograph import run_from_predict
+
+        return run_from_predict(args, model, model_path, str(device))
     if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(
             f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import file_sha256, weights_format
+from fastinsight.models import multires, pylon
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-exported)
     CONFIG_KEY,
@@ -189,6 +190,9 @@ def _load_safetensors(ckpt: CheckpointFile, backend: str) -> InsightModel:
 # The sniffer's table, tried in order; the INSIGHT entries come last and accept every file of
 # their format, so a file nobody else claims gets INSIGHT's precise error ("missing key ...").
 LOADERS: list[ModelLoader] = [
+    # Radiograph families (PYLON, Yao et al. 2018) claim their own files first.
+    ModelLoader("pylon", pylon.accepts_pylon_file, pylon.load_pylon_file),
+    ModelLoader("multires", multires.accepts_multires_file, multires.load_multires_file),
     ModelLoader("insight-fastinsight", lambda f: f.format == "safetensors", _load_safetensors),
     ModelLoader("insight-official", lambda f: f.format == "torch", _load_official),
 ]

@@ -30,7 +30,7 @@ def load_for_predict(path: Path, backend: str, quiet: bool) -> tuple[Any, dict[s
     model = load_model(path, backend=backend, device="cpu")
     info = model_identity(path)
     info["name"] = path.name
-    if info["format"] == "torch" and not quiet:
+    if info["format"] == "torch" and not quiet and getattr(model, "modality", "") != "radiograph":
         cfg = model.config
         print(
             f"fastinsight: official INSIGHT checkpoint: assuming {cfg.encoder.upper()} tokens "

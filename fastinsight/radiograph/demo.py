@@ -1,0 +1,178 @@
+"""``fastinsight demo --modality radiograph OUT_DIR``: weak supervision end to end, no downloads.
+
+1. Synthetic chest-radiograph-like pictures (:mod:`fastinsight.radiograph.synthetic`) with planted
+   nodules; the held-out ones are written as PNGs with their boxes in NIH ``BBox_List_2017.csv``
+   layout and their labels in ``Data_Entry_2017.csv`` layout.
+2. A reduced-width PYLON (same topology: ResNet bottleneck encoder, PA, three UP modules, 1x1
+   head; stem width 4, one block per stage, 8 decoder channels) trained on **image labels only**
+   with PYLON's loss (BCE-with-logits on the max-pooled CAM).
+3. The model saved as ``OUT_DIR/model.safetensors``, reloaded from the file, run on the held-out
+   PNGs through the real pipeline; AUROC and point localisation accuracy (arg-max of the
+   upsampled map inside a nodule box) written to ``OUT_DIR/metrics.json``, an overlay of one
+   positive case to ``OUT_DIR/overlay.png``.
+
+Measured (2 loaded CPU cores, ~150 s): held-out AUROC 0.99-1.0, but point localisation accuracy
+only 0.0-0.05: the image labels are learnt, yet the arg-max of the CAM lands 20-40 px down and
+right of the nodule, growing with the distance from the top-left corner. That is the geometry of
+bilinear ``align_corners=True`` resizing in the decoder (an /32 feature centred at ``32 c`` px is
+placed at ``c (S - 1) / (n - 1)``, i.e. stretched by (S-1)/(S-32) about the origin), which the
+official code shares; the narrow model has not learnt to compensate through its /4 skip path in
+this budget. The issue's target of 0.8 is therefore not met by this demo yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastinsight.atomic import atomic_path
+
+DEMO_CLASSES = ("Nodule",)
+
+
+def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
+    boxes = io.StringIO()
+    w = csv.writer(boxes, lineterminator="\n")
+    w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
+    labels = io.StringIO()
+    lw = csv.writer(labels, lineterminator="\n")
+    lw.writerow(["Image Index", "Finding Labels"])
+    for name, case in zip(names, cases, strict=False):
+        for x, y, bw, bh in case.boxes:
+            w.writerow([name, "Nodule", f"{x:.3f}", f"{y:.3f}", f"{bw:.3f}", f"{bh:.3f}"])
+        lw.writerow([name, "Nodule" if case.label else "No Finding"])
+    with atomic_path(out / "BBox_List_2017.csv") as tmp:
+        tmp.write_text(boxes.getvalue())
+    with atomic_path(out / "Data_Entry_2017.csv") as tmp:
+        tmp.write_text(labels.getvalue())
+
+
+def run_radiograph_demo(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_train: int = 160,
+    n_val: int = 32,
+    n_test: int = 40,
+    epochs: int = 10,
+    seed: int = 0,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``metrics.json``) AUROC and localisation accuracy.
+
+    ``threads`` sets torch's CPU threads for the run (1 is fastest on a busy machine).
+    """
+    from PIL import Image
+
+    from fastinsight.models.pylon import PylonConfig, PylonModel, save_pylon
+    from fastinsight.radiograph.evaluate import (
+        evaluate_auroc,
+        evaluate_localisation,
+        read_bbox_list,
+        read_data_entry,
+    )
+    from fastinsight.radiograph.predict import (
+        PredictOptions,
+        RadiographResult,
+        load_radiograph_model,
+        predict_radiographs,
+        write_json,
+        write_radiograph_overlay,
+    )
+    from fastinsight.radiograph.preprocess import model_inputs
+    from fastinsight.radiograph.synthetic import synthetic_cohort
+    from fastinsight.radiograph.train import RadiographTrainConfig, train_radiograph_model
+
+    say = log or (lambda _s: None)
+    out = Path(out_dir).expanduser()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        cfg = PylonConfig(
+            num_classes=1,
+            stem_width=4,
+            layers=(1, 1, 1, 1),
+            dec_channels=8,
+            class_names=DEMO_CLASSES,
+        )
+        train, val, test = (
+            synthetic_cohort(n, seed + k) for k, n in ((1, n_train), (2, n_val), (3, n_test))
+        )
+
+        def tensors(cases: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = model_inputs([c.image for c in cases], cfg.image_size, cfg.mean, cfg.std)
+            return x, torch.tensor([[float(c.label)] for c in cases])
+
+        names = [f"{i:08d}_000.png" for i in range(len(test))]
+        for name, case in zip(names, test, strict=False):
+            Image.fromarray(case.image).save(out / "images" / name)
+        _write_csvs(out, names, test)
+        say(
+            f"radiograph demo: {n_train} training / {n_val} validation / {n_test} held-out "
+            f"synthetic pictures in {out}"
+        )
+        torch.manual_seed(seed)
+        model = PylonModel(cfg)
+        fit = train_radiograph_model(
+            model,
+            tensors(train),
+            tensors(val),
+            RadiographTrainConfig(epochs=epochs, batch_size=8, lr=3e-3, patience=3, seed=seed),
+            log=say,
+        )
+        save_pylon(model, out / "model.safetensors")
+        model = load_radiograph_model(out / "model.safetensors", device="cpu")
+        boxes = read_bbox_list(out / "BBox_List_2017.csv")
+        labels = read_data_entry(out / "Data_Entry_2017.csv")
+        paths = [out / "images" / n for n in names]
+        results = [
+            r
+            for r in predict_radiographs(paths, model, PredictOptions(batch_size=16))
+            if isinstance(r, RadiographResult)
+        ]
+        maps = {
+            (n, "Nodule"): r.heatmap(0) for n, r in zip(names, results, strict=False) if n in boxes
+        }
+        scores = {n: {"Nodule": float(r.scores[0])} for n, r in zip(names, results, strict=False)}
+        loc = evaluate_localisation(lambda i, c: maps.get((i, c)), boxes, DEMO_CLASSES)
+        auroc = evaluate_auroc(scores, labels, DEMO_CLASSES)["Nodule"]
+        point = loc.as_dict()["point_accuracy"]["micro"]
+        first_pos = next(i for i, c in enumerate(test) if c.label)
+        write_radiograph_overlay(out / "overlay.png", results[first_pos], 0)  # type: ignore[arg-type]
+        metrics = {
+            "auroc": auroc,
+            "point_localisation_accuracy": point,
+            "localisation": loc.as_dict(),
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "history": fit.history,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "parameters": model.parameter_count(),
+        }
+        write_json(out / "metrics.json", metrics)
+        say(
+            f"held-out AUROC {auroc:.3f}, point localisation accuracy {point:.3f} "
+            f"({metrics['seconds']} s); model: {out / 'model.safetensors'}"
+        )
+        return metrics
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def main_args(out_dir: str) -> int:
+    """Entry for ``fastinsight demo --modality radiograph OUT_DIR``."""
+    run_radiograph_demo(out_dir)
+    return 0
+
+
+__all__ = ["run_radiograph_demo"]
