@@ -142,71 +142,157 @@ def insight_head_reference(tokens: Tensor, weights: HeadWeights) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # The same head, laid out for CPUs (``InsightModel`` uses it for inference on the CPU)
 # ------------------------------------------------------------------------------------------------
-# Tiles per chunk: a chunk's activations stay in the CPU's caches between layers.
+# Tiles per chunk: a chunk's activations (~0.1 MB per tile and layer at 128 channels) stay in the
+# CPU's caches from one layer to the next.
 CPU_CHUNK = 64
 
 
-def _cl_hidden(y: Tensor, layer: ConvLayer, kind: str, eps: float, affine) -> Tensor:
-    """GELU + LayerNorm of a channels-last ``[n, c, h, w]`` map, staying channels-last.
+def _clamped_cells(h: int, w: int, k: int, p: int, out_h: int, out_w: int) -> Tensor:
+    """Source cell of every (output cell, tap) under replication padding.
 
-    The normalisation runs on the contiguous ``[n, h, w, c]`` view, with the ``[c, h, w]``
-    affine permuted to ``[h, w, c]`` once (tile norm) or the channel affine (channel norm).
+    Entry ``[(y * out_w + x) * k*k + dy * k + dx]`` is ``clamp(y + dy - p) * w + clamp(x + dx - p)``:
+    clamping a neighbour's coordinates into the grid IS replication padding.
+
+    Shapes: -> ``[out_h * out_w * k * k]`` int64.
     """
-    v = F.gelu(y).permute(0, 2, 3, 1)
-    if kind == "tile":
-        v = F.layer_norm(v, tuple(v.shape[1:]), affine[0], affine[1], eps)
+    ys = (torch.arange(out_h)[:, None] + torch.arange(k)[None] - p).clamp(0, h - 1)
+    xs = (torch.arange(out_w)[:, None] + torch.arange(k)[None] - p).clamp(0, w - 1)
+    return (ys[:, None, :, None] * w + xs[None, :, None, :]).reshape(-1)
+
+
+@dataclass(frozen=True)
+class _CpuLayer:
+    """One head layer prepared for channels-last rows ``[n, h*w, c]``.
+
+    ``conv_weight`` (fp32 with oneDNN): ``[cout, cin, k, k]`` channels-last, run by oneDNN on the
+    channels-last view of the rows (replicate-padded by the ``pad`` gather when k > 1).
+    Otherwise ``gemm_weight`` ``[k*k*cin, cout]`` (rows in (dy, dx, cin) order) multiplies the
+    im2col ``[n*hw, k*k*cin]`` gathered with ``taps``. ``norm_weight``/``norm_bias``: ``[h*w, c]``
+    (the tile norm's ``[c, h, w]`` affine in row order) or ``[c]`` (channel norm); None last.
+    """
+
+    bias: Tensor
+    kernel_size: int
+    grid: tuple[int, int]
+    conv_weight: Tensor | None
+    gemm_weight: Tensor | None
+    pad: Tensor | None
+    taps: Tensor | None
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+
+
+def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.dtype) -> _CpuLayer:
+    h, w = grid
+    k = layer.kernel_size
+    p = k // 2
+    weight = layer.weight.detach().to(dtype)
+    device = weight.device
+    conv_weight = gemm_weight = pad = taps = None
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        conv_weight = weight.contiguous(memory_format=torch.channels_last)
+        if k > 1:
+            pad = _clamped_cells(h, w, 1, p, h + 2 * p, w + 2 * p).to(device)
     else:
-        v = F.layer_norm(v, (v.shape[-1],), layer.norm_weight, layer.norm_bias, eps)
-    return v.permute(0, 3, 1, 2)
+        gemm_weight = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+        if k > 1:
+            taps = _clamped_cells(h, w, k, p, h, w).to(device)
+    nw = nb = None
+    if layer.norm_weight is not None:
+        nw, nb = layer.norm_weight.detach().to(dtype), layer.norm_bias.detach().to(dtype)
+        if kind == "tile":
+            nw = nw.permute(1, 2, 0).reshape(h * w, -1).contiguous()
+            nb = nb.permute(1, 2, 0).reshape(h * w, -1).contiguous()
+    bias = layer.bias.detach().to(dtype)
+    return _CpuLayer(bias, k, grid, conv_weight, gemm_weight, pad, taps, nw, nb)
+
+
+def _cpu_conv(x: Tensor, g: _CpuLayer) -> Tensor:
+    """A k x k convolution with replication padding on channels-last rows.
+
+    ``y[cell] = sum_{dy,dx} x[clamp(cell + (dy, dx) - k//2)] @ W[:, :, dy, dx]^T + b``.
+
+    Shapes: x ``[n, h*w, cin]`` contiguous -> ``[n, h*w, cout]``.
+    """
+    n, hw, cin = x.shape
+    h, w = g.grid
+    if g.conv_weight is not None:
+        p = g.kernel_size // 2
+        if g.pad is not None:
+            x = x.index_select(1, g.pad)  # the replicate-padded grid, still channels-last
+        # A channels-last [n, cin, h', w'] view of the rows (no copy): oneDNN's native layout,
+        # so it skips the NCHW <-> blocked reorders, and writes channels-last rows back.
+        grid = x.view(n, h + 2 * p, w + 2 * p, cin).permute(0, 3, 1, 2)
+        y = F.conv2d(grid, g.conv_weight, g.bias)
+        return y.permute(0, 2, 3, 1).reshape(n, hw, -1)
+    a = x if g.taps is None else x.index_select(1, g.taps)  # im2col [n, hw * k*k, cin]
+    return torch.addmm(g.bias, a.view(n * hw, -1), g.gemm_weight).view(n, hw, -1)
+
+
+def _cpu_hidden(y: Tensor, g: _CpuLayer, kind: str, eps: float) -> Tensor:
+    """GELU, then LayerNorm over each tile's ``[h*w, c]`` rows (= LayerNorm([c, h, w]) of the
+    official module, affine in row order) or over each cell's channels.
+
+    Shapes: ``[n, h*w, c]`` -> ``[n, h*w, c]``.
+    """
+    if g.norm_weight is None:
+        return y
+    shape = tuple(y.shape[1:]) if kind == "tile" else (y.shape[-1],)
+    return F.layer_norm(F.gelu(y), shape, g.norm_weight, g.norm_bias, eps)
 
 
 def insight_head_cpu(tokens: Tensor, weights: HeadWeights, chunk: int = CPU_CHUNK) -> Tensor:
     """``insight_head_reference`` laid out the way a CPU is fast at; same values (fp32 ~1e-6).
 
-    Every activation is channels-last (``torch.channels_last``: oneDNN's native layout, so its
-    convolutions skip the NCHW <-> blocked reorders that take about half of their time on NCHW
-    maps); the encoder's ``[N, h*w, C]`` tokens viewed as a grid are already channels-last
-    (``tokens_as_grid``), NCHW tokens are converted once per chunk. LayerNorm([c, h, w]) runs on
-    the contiguous ``[n, h, w, c]`` view with its affine permuted once; ``chunk`` tiles at a time
-    keep the activations in cache.
+    Every activation is a channels-last row matrix ``[n, h*w, c]`` from the reduce layer on;
+    convolutions run as oneDNN GEMM-style convolutions on channels-last views of it (fp32), or as
+    one ``addmm`` per layer over an im2col (other dtypes). The reduce layer reads NCHW tokens as
+    they lie: per tile ``z^T = W [128, C] @ x [C, h*w]`` (one batched sgemm, no copy of the
+    C-channel input; the 128-channel result is turned channels-last), and the encoder's
+    ``[N, h*w, C]`` tokens (channels-last grids) as one ``[N*h*w, C]`` GEMM. Replication padding
+    is a gather of clamped cell indices. ``chunk`` tiles at a time keep the activations in
+    cache; the GEMMs use ``torch.get_num_threads()`` threads.
 
     Shapes: tokens ``[N, C, h, w]`` (any strides) -> heatmap ``[N, K, h, w]`` in the tokens'
     dtype.
     """
-    n, _, h, w = tokens.shape
+    n, c_in, h, w = tokens.shape
+    hw = h * w
     dtype = weights.reduce.weight.dtype
     kind, eps = weights.norm, weights.eps
-    cl = torch.channels_last
-
-    def affine(layer: ConvLayer):
-        if kind != "tile" or layer.norm_weight is None:
-            return None
-        return (layer.norm_weight.permute(1, 2, 0), layer.norm_bias.permute(1, 2, 0))
-
-    def prepared(layer: ConvLayer):
-        return (layer.weight.contiguous(memory_format=cl), layer, affine(layer))
-
-    reduce = prepared(weights.reduce)
-    detect = [prepared(layer) for layer in weights.detect]
-    context = [prepared(layer) for layer in weights.context]
-
-    def conv(x: Tensor, spec, pad: bool) -> Tensor:
-        weight, layer, aff = spec
-        if pad and layer.kernel_size > 1:
-            p = layer.kernel_size // 2
-            x = F.pad(x, (p, p, p, p), mode="replicate")
-        y = F.conv2d(x, weight, layer.bias)
-        return y if layer.norm_weight is None else _cl_hidden(y, layer, kind, eps, aff)
+    if weights.reduce.kernel_size != 1:
+        raise InputError(
+            f"the reduce layer must be 1x1, got {weights.reduce.kernel_size}x"
+            f"{weights.reduce.kernel_size}; use insight_head_reference"
+        )
+    reduce = _cpu_layer(weights.reduce, kind, (h, w), dtype)
+    reduce_weight = weights.reduce.weight.detach().to(dtype).reshape(-1, c_in)  # [128, C]
+    detect = [_cpu_layer(layer, kind, (h, w), dtype) for layer in weights.detect]
+    context = [_cpu_layer(layer, kind, (h, w), dtype) for layer in weights.context]
 
     out = torch.empty((n, weights.num_classes, h, w), dtype=tokens.dtype, device=tokens.device)
+    out_rows = out.view(n, weights.num_classes, hw)
     for s in range(0, n, chunk):
-        x = tokens[s : s + chunk].to(dtype).contiguous(memory_format=cl)
-        z = conv(x, reduce, pad=False)
+        x = tokens[s : s + chunk].to(dtype)
+        m = x.shape[0]
+        rows = x.flatten(2).transpose(1, 2)  # [m, hw, C], a view
+        if rows.is_contiguous():
+            # Channels-last tokens: row-major rows, one [m*hw, C] x [C, 128] GEMM.
+            z = torch.addmm(reduce.bias, rows.reshape(m * hw, c_in), reduce_weight.t())
+            z = z.view(m, hw, -1)
+        else:
+            # NCHW tokens: z^T per tile straight from [C, hw], then channels-last (128 ch).
+            zt = torch.baddbmm(
+                reduce.bias[:, None], reduce_weight.expand(m, -1, -1), x.reshape(m, c_in, hw)
+            )
+            z = zt.transpose(1, 2).contiguous()
+        z = _cpu_hidden(z, reduce, kind, eps)
         d = z
-        for spec in detect:
-            d = conv(d, spec, pad=False)
-        c = z
-        for spec in context:
-            c = conv(c, spec, pad=True)
-        out[s : s + x.shape[0]] = torch.sigmoid(d) * torch.sigmoid(-c)
+        for g in detect:
+            d = _cpu_hidden(_cpu_conv(d, g), g, kind, eps)
+        cx = z
+        for g in context:
+            cx = _cpu_hidden(_cpu_conv(cx, g), g, kind, eps)
+        heat = torch.sigmoid(d).mul_(torch.sigmoid(cx.neg_()))  # [m, hw, K]
+        out_rows[s : s + m] = heat.transpose(1, 2)
     return out
