@@ -213,8 +213,8 @@ class InsightModel(nn.Module):
             and weight_dtype in (torch.float32, torch.float64)
             and all(layer.kernel_size == 3 for layer in weights.context)
         ):
-            # Inference on a CPU: the same function with channels-last (oneDNN-native) maps
-            # (channels-last oneDNN convolutions; equal to the reference within ~1e-6).
+            # Inference on a CPU: the same function as a channels-last GEMM chain (NCHW tokens
+            # read without a copy, replication pad as a gather; equal to the reference ~1e-6).
             return insight_head_cpu(grid, weights)
         return insight_head_reference(grid.to(weight_dtype), weights)
 
@@ -329,7 +329,8 @@ class InsightModel(nn.Module):
         from safetensors.torch import save_file
 
         state = {
-            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()
+            k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in self.state_dict().items()
         }
         meta = {CONFIG_KEY: self.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
         with atomic_path(path) as tmp:

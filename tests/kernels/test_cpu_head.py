@@ -1,9 +1,10 @@
-"""The CPU head (``insight_head_cpu``: channels-last convolutions) equals the reference.
+"""The CPU head (``insight_head_cpu``: channels-last GEMM chain) equals the reference.
 
 fp32 against the float64 reference within the parity tolerance, on every grid the models use
 (14 x 14 UNI, 16 x 16 patch-14 encoders at 224 px, 37 x 37 CT slices; odd and tiny grids),
-both norms, ragged chunks and channels-last input; ``InsightModel`` uses it for CPU inference,
-and NaN/inf tokens are still refused (found in the heatmap instead of a second pass).
+K = 1 and 3, both norms, ragged chunks, NCHW and channels-last input, and the float64 im2col
+path; ``InsightModel.predict`` uses it for CPU inference (masks included), and NaN/inf tokens are
+still refused (found in the heatmap instead of a second pass).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ GRIDS = [(14, 14), (16, 16), (37, 37), (5, 7), (1, 1)]
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("norm", ["tile", "channel"])
-def test_cpu_head_matches_float64(grid, norm) -> None:
+@pytest.mark.parametrize("k", [1, 3], ids=lambda k: f"K={k}")
+def test_cpu_head_matches_float64(grid, norm, k) -> None:
     n = 2 if grid == (37, 37) else 5
-    model = make_model(24, 3, grid, norm)
-    x = torch.randn(n, 24, *grid)
+    model = make_model(24 if grid != (37, 37) else 8, k, grid, norm)
+    x = torch.randn(n, model.config.in_dim, *grid)
     with torch.no_grad():
         ref64 = insight_head_reference(
             x.double(), copy_as(model, torch.float64, "cpu").head_weights()
@@ -64,3 +66,59 @@ def test_predict_refuses_non_finite_tokens(bad) -> None:
     with pytest.raises(InputError, match="NaN or inf"):
         model.predict(x)
     model.predict(x.nan_to_num(0.0, 0.0, 0.0))  # the same tokens, finite: fine
+
+
+@pytest.mark.parametrize("norm", ["tile", "channel"])
+def test_cpu_head_float64_im2col_path(norm) -> None:
+    """float64 weights take the addmm-over-im2col path (no oneDNN): equal to the reference."""
+    model = copy_as(make_model(16, 3, (14, 14), norm), torch.float64, "cpu")
+    x = torch.randn(3, 16, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        out = insight_head_cpu(x, model.head_weights(), chunk=2)
+        ref = insight_head_reference(x, model.head_weights())
+    assert out.dtype == torch.float64
+    assert max_err(out, ref) <= 1e-12
+
+
+def test_cpu_head_slices_of_a_bigger_batch() -> None:
+    """Token chunks that are strided views (a slice of channels-last or NCHW storage) are read
+    correctly by both reduce paths."""
+    model = make_model(20, 2, (14, 14), "tile")
+    base = torch.randn(7, 20, 14, 14)
+    with torch.no_grad():
+        want = insight_head_reference(base, model.head_weights())
+        for x in (base, base.contiguous(memory_format=torch.channels_last)):
+            assert max_err(insight_head_cpu(x[2:6], model.head_weights(), chunk=3), want[2:6]) <= (
+                FP32_ATOL
+            )
+
+
+def test_predict_runs_the_cpu_head_with_masks(monkeypatch) -> None:
+    """``predict`` on the CPU calls ``insight_head_cpu`` (every chunk) and its masked heatmap and
+    scores equal the float64 reference pipeline."""
+    import fastinsight.models.insight as insight_module
+
+    calls = []
+    real = insight_module.insight_head_cpu
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(insight_module, "insight_head_cpu", spy)
+    model = make_model(32, 3, (14, 14), "tile")
+    x = torch.randn(9, 32, 14, 14)
+    mask = torch.rand(9, 14, 14, generator=torch.Generator().manual_seed(3)) > 0.3
+    pred = model.predict(x, mask, chunk_size=4)
+    assert calls == [4, 4, 1]
+
+    model64 = copy_as(model, torch.float64, "cpu")
+    with torch.no_grad():
+        raw64 = insight_head_reference(x.double(), model64.head_weights())
+    heat64, t64, s64 = model64.threshold_and_pool(raw64, mask)
+    assert max_err(pred.raw_heatmap, raw64) <= FP32_ATOL
+    bin_width = float(raw64.max() - raw64.min()) / model.config.otsu_bins
+    assert max_err(pred.thresholds, t64) <= bin_width
+    assert max_err(pred.heatmap, heat64) <= FP32_ATOL
+    assert max_err(pred.scores, s64) <= FP32_ATOL
+    assert bool((pred.heatmap[~mask[:, None].expand_as(pred.heatmap)] == 0).all())
