@@ -9,7 +9,8 @@ Not part of the test suite (``testpaths = tests``); run it explicitly:
 ``torch.nn`` module in fp32 eval mode with the official module indices (so it loads the same
 ``state_dict``), scikit-image's Otsu on the host and SmoothMax(8): ``OfficialInsight`` below.
 "ours" is ``InsightModel.predict`` on the CPU (``fastinsight.ops.reference.insight_head_cpu``:
-channels-last oneDNN convolutions; the device Otsu and pooling). The script form times the two
+a channels-last GEMM chain, NCHW tokens read by one batched sgemm without a copy, replication
+pad as a gather; the tensor Otsu and pooling). The script form times the two
 interleaved (official, ours, official, ours, ...) so a machine shared with other work loads both
 alike, checks that heatmaps and scores agree to 1e-5, and appends one CSV row with the median
 tiles/s of each and the median of the per-pair ratios, with the CPU model and thread count.
