@@ -240,7 +240,7 @@ def _cpu_hidden(y: Tensor, g: _CpuLayer, kind: str, eps: float) -> Tensor:
     if g.norm_weight is None:
         return y
     act = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    torch._C._nn.gelu(y, out=act)  # exact erf GELU, as F.gelu, into row-major storage
+    torch.ops.aten.gelu.out(y, out=act)  # exact erf GELU (as F.gelu) into row-major storage
     shape = tuple(act.shape[1:]) if kind == "tile" else (act.shape[-1],)
     return F.layer_norm(act, shape, g.norm_weight, g.norm_bias, eps)
 
