@@ -10,6 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch must be set before
+# triton itself is first imported (its language functions are built for one mode at import), and
+# any test module may import triton indirectly (timm, torch.compile), so it is set here, in the
+# root conftest, which pytest imports first. With a GPU it is never set in the test process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = Path(
     os.environ.get("FASTINSIGHT_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides")
