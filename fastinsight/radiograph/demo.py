@@ -33,8 +33,10 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
+from fastinsight.errors import InputError
 
 DEMO_CLASSES = ("Nodule",)
+DEFAULTS: dict[str, int] = {"n_train": 160, "n_val": 32, "n_test": 40, "epochs": 10}
 
 
 def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
@@ -57,17 +59,20 @@ def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
 def run_radiograph_demo(
     out_dir: str | os.PathLike[str],
     *,
-    n_train: int = 160,
-    n_val: int = 32,
-    n_test: int = 40,
-    epochs: int = 10,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    epochs: int | None = None,
     seed: int = 0,
+    device: str | None = None,
     threads: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``metrics.json``) AUROC and localisation accuracy.
 
-    ``threads`` sets torch's CPU threads for the run (1 is fastest on a busy machine).
+    ``None`` counts take the demo's defaults (:data:`DEFAULTS`). ``device``: ``cuda`` or ``cpu``
+    (default: cuda when available). ``threads`` sets torch's CPU threads for the run (1 is
+    fastest on a busy machine).
     """
     from PIL import Image
 
@@ -90,6 +95,16 @@ def run_radiograph_demo(
     from fastinsight.radiograph.synthetic import synthetic_cohort
     from fastinsight.radiograph.train import RadiographTrainConfig, train_radiograph_model
 
+    n_train = DEFAULTS["n_train"] if n_train is None else n_train
+    n_val = DEFAULTS["n_val"] if n_val is None else n_val
+    n_test = DEFAULTS["n_test"] if n_test is None else n_test
+    epochs = DEFAULTS["epochs"] if epochs is None else epochs
+    if min(n_train, n_val, n_test) < 2 or epochs < 1:
+        raise InputError(
+            f"the radiograph demo needs >= 2 training, validation and held-out pictures and >= 1 "
+            f"epoch; got {n_train}, {n_val}, {n_test} and {epochs}"
+        )
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     say = log or (lambda _s: None)
     out = Path(out_dir).expanduser()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -127,11 +142,13 @@ def run_radiograph_demo(
             model,
             tensors(train),
             tensors(val),
-            RadiographTrainConfig(epochs=epochs, batch_size=8, lr=3e-3, patience=3, seed=seed),
+            RadiographTrainConfig(
+                epochs=epochs, batch_size=8, lr=3e-3, patience=3, seed=seed, device=dev
+            ),
             log=say,
         )
         save_pylon(model, out / "model.safetensors")
-        model = load_radiograph_model(out / "model.safetensors", device="cpu")
+        model = load_radiograph_model(out / "model.safetensors", device=dev)
         boxes = read_bbox_list(out / "BBox_List_2017.csv")
         labels = read_data_entry(out / "Data_Entry_2017.csv")
         paths = [out / "images" / n for n in names]
@@ -167,12 +184,6 @@ def run_radiograph_demo(
         return metrics
     finally:
         torch.set_num_threads(old_threads)
-
-
-def main_args(out_dir: str) -> int:
-    """Entry for ``fastinsight demo --modality radiograph OUT_DIR``."""
-    run_radiograph_demo(out_dir)
-    return 0
 
 
 __all__ = ["run_radiograph_demo"]

@@ -25,3 +25,28 @@ def test_radiograph_demo_localises_planted_nodules(tmp_path) -> None:
     model = load_pylon(tmp_path / "model.safetensors", device="cpu")
     assert model.config.names == ("Nodule",)
     assert (tmp_path / "overlay.png").is_file() and (tmp_path / "BBox_List_2017.csv").is_file()
+
+
+def test_demo_cli_modality_radiograph(tmp_path) -> None:
+    """``fastinsight demo --modality radiograph`` runs the demo (tiny counts) and leaves the model."""
+    from fastinsight.cli.main import main
+
+    out = tmp_path / "d"
+    rc = main(
+        ["demo", "--modality", "radiograph", str(out), "--slides", "8", "--held-out", "4",
+         "--epochs", "1", "--device", "cpu", "-q"]
+    )
+    assert rc == 0
+    model = load_pylon(out / "model.safetensors", device="cpu")
+    assert model.config.names == ("Nodule",)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["localisation"]["pairs"]["Nodule"] == 2
+    assert len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_demo_rejects_empty_counts(tmp_path) -> None:
+    from fastinsight.errors import InputError
+
+    with pytest.raises(InputError, match="needs >= 2"):
+        run_radiograph_demo(tmp_path / "d", n_train=1, log=None)
+    assert not (tmp_path / "d").exists()
