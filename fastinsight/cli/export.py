@@ -147,7 +147,10 @@ def _run_radiograph_onnx(args: argparse.Namespace, model: object) -> int:
     print(f"wrote {path} ({describe(path)})")
     if not args.no_verify:
         diffs = verify_radiograph_onnx(model, path)
-        print("onnxruntime vs PyTorch max |diff|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        print(
+            "onnxruntime vs PyTorch max |diff|: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        )
     return 0
 
 

@@ -205,7 +205,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels", help="NIH Data_Entry_2017.csv (Image Index, Finding Labels) for AUROC"
     )
-    parser.add_argument("--out", default="radiograph-evaluation", help="output prefix (.json, .csv)")
+    parser.add_argument(
+        "--out", default="radiograph-evaluation", help="output prefix (.json, .csv)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
 
@@ -220,7 +222,9 @@ def _read_table(reader: Any, path: str, what: str) -> Any:
     try:
         return reader(p)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{what} {path!r} is not a readable CSV ({exc}); pass the NIH file") from None
+        raise InputError(
+            f"{what} {path!r} is not a readable CSV ({exc}); pass the NIH file"
+        ) from None
 
 
 def evaluation_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -234,7 +238,9 @@ def evaluation_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         for cls, v in block["per_class"].items():
             rows.append({"metric": metric, "class": cls, "threshold": threshold, "value": v})
         for avg in ("micro", "macro"):
-            rows.append({"metric": metric, "class": avg, "threshold": threshold, "value": block[avg]})
+            rows.append(
+                {"metric": metric, "class": avg, "threshold": threshold, "value": block[avg]}
+            )
 
     rates("point_accuracy", loc["point_accuracy"], "")
     for kind in ("iou", "iobb"):

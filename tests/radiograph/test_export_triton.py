@@ -102,5 +102,7 @@ def test_export_onnx_routes_a_multires_checkpoint(tmp_path: Path) -> None:
     assert rc == 0
     meta = onnx_metadata(tmp_path / "mr.onnx")
     assert meta["fastinsight.family"] == "multires"
-    out = ort_session(tmp_path / "mr.onnx").run(None, {"image": np.zeros((2, 1, 128, 128), np.float32)})
+    out = ort_session(tmp_path / "mr.onnx").run(
+        None, {"image": np.zeros((2, 1, 128, 128), np.float32)}
+    )
     assert out[1].shape == (2, 3)

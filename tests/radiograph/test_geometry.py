@@ -48,7 +48,9 @@ def test_synthetic_boxes_frame_the_pasted_nodules() -> None:
 
 def test_pylon_pyramid_attention_path_is_placed_down_right() -> None:
     torch.manual_seed(0)
-    model = PylonModel(PylonConfig(num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=8))
+    model = PylonModel(
+        PylonConfig(num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=8)
+    )
     model.eval()
     for up in (model.net.decoder.up3, model.net.decoder.up2, model.net.decoder.up1):
         for m in up.modules():  # silence the skips: only the /32 path reaches the head
