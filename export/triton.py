@@ -472,6 +472,77 @@ def write_triton_repo(
     return TritonRepoResult(target, tuple(c.name for c in written))
 
 
+def radiograph_model_name(model: Any) -> str:
+    """Repository name of a radiograph model: ``radiograph_pylon`` / ``radiograph_multires``."""
+    return f"radiograph_{model.family}"
+
+
+def write_radiograph_triton_repo(
+    out_dir: str | os.PathLike[str],
+    model: Any,
+    max_batch_size: int = 64,
+    instances: int = 1,
+    *,
+    instance_kind: str = "gpu",
+    verify: bool = True,
+    overwrite: bool = False,
+    max_queue_delay_us: int = 2000,
+) -> TritonRepoResult:
+    """A repository with one radiograph model (PYLON or the multi-resolution network)::
+
+        repo/radiograph_<family>/1/model.onnx     onnxruntime  image [B, 1, S, S] FP32 ->
+        repo/radiograph_<family>/config.pbtxt                  logits [B, K, S/s, S/s], scores [B, K]
+
+    The graph is :func:`fastinsight.export.radiograph.export_radiograph_onnx` (the client applies
+    the eval transform: cubic resize to S, ``(u8 / 255 - mean) / std``, values in the ONNX
+    metadata). Images are independent, so unlike the INSIGHT head (whose first dim is a bag of
+    tiles) this is a batching model: ``max_batch_size`` images per request, dynamic batching, dims
+    without the batch (Triton's full shape of ``image`` is ``[-1, 1, S, S]``).
+    ``verify`` runs the graph in onnxruntime against PyTorch first. Atomic like
+    :func:`write_triton_repo`.
+    """
+    from .radiograph import export_radiograph_onnx, verify_radiograph_onnx
+
+    _pb()
+    if getattr(model, "modality", None) != "radiograph":
+        raise InputError(f"{type(model).__name__} is not a radiograph model (PYLON or multires)")
+    if max_batch_size < 1:
+        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if instances < 1:
+        raise InputError(f"instances must be >= 1, got {instances}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise InputError(
+            f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}"
+        )
+    name = radiograph_model_name(model)
+    target = Path(out_dir).expanduser().absolute()
+    with (
+        tempfile.TemporaryDirectory(prefix="fastinsight-triton-") as work_name,
+        _atomic_dir(target, overwrite) as root,
+    ):
+        graph = export_radiograph_onnx(model, _slot(Path(work_name), name))
+        if verify:
+            diffs = verify_radiograph_onnx(model, graph)
+            if max(diffs.values()) > 1e-3:
+                raise OutputError(
+                    f"the exported {name} graph differs from PyTorch in onnxruntime {diffs}; "
+                    "report this with the checkpoint"
+                )
+        cfg = onnx_model_config(
+            name,
+            graph,
+            max_batch_size=max_batch_size,
+            instances=instances,
+            instance_kind=INSTANCE_KINDS[instance_kind],
+            max_queue_delay_us=max_queue_delay_us,
+        )
+        _write_model(root, cfg, {"model.onnx": graph})
+        problems = check_repo(root)
+        if problems:
+            raise OutputError("the Triton repository failed its own checks: " + "; ".join(problems))
+    return TritonRepoResult(target, (name,))
+
+
 def _write_ensemble(root: Path, cfg: Any) -> None:
     # An ensemble has no model file, but Triton wants its version folder.
     (root / cfg.name / "1").mkdir(parents=True)

@@ -9,9 +9,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="folder for the cohort, the model and every output")
     p.add_argument(
         "--modality",
-        choices=("wsi", "ct"),
+        choices=("wsi", "ct", "radiograph"),
         default="wsi",
-        help="wsi: synthetic slides (default); ct: synthetic chest CT volumes (fastinsight.volume)",
+        help="wsi: synthetic slides (default); ct: synthetic chest CT volumes (fastinsight.volume); "
+        "radiograph: synthetic chest radiographs with planted nodules, PYLON trained on image "
+        "labels only (fastinsight.radiograph)",
     )
     p.add_argument("--slides", type=int, default=32, help="cohort size (half with lesions)")
     p.add_argument("--held-out", type=int, default=8, help="slides kept out of training")
@@ -34,6 +36,21 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs if args.epochs != 12 else 15,
             seed=args.seed,
             device=args.device,
+        )
+        return 0
+    if args.modality == "radiograph":
+        from fastinsight.radiograph.demo import run_radiograph_demo
+
+        # --slides counts training pictures and --held-out the evaluated ones (256 x 256 px);
+        # --size does not apply. The defaults are the demo's own when the flags are left alone.
+        run_radiograph_demo(
+            args.out_dir,
+            n_train=args.slides if args.slides != 32 else None,
+            n_test=args.held_out if args.held_out != 8 else None,
+            epochs=args.epochs if args.epochs != 12 else None,
+            seed=args.seed,
+            device=args.device,
+            log=None if args.quiet else print,
         )
         return 0
     from fastinsight.demo import run_demo

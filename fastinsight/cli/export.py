@@ -110,11 +110,47 @@ def run_onnx(args: argparse.Namespace) -> int:
     from fastinsight.export.verify import verify_head_onnx
 
     model = _load_model(args.model)
+    if getattr(model, "modality", None) == "radiograph":
+        return _run_radiograph_onnx(args, model)
     options = _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
     path = export_head_onnx(model, args.out, options)  # type: ignore[arg-type]
     print(f"wrote {path} ({describe(path)})")
     if not args.no_verify:
         print(verify_head_onnx(path, model, options=options).summary())  # type: ignore[arg-type]
+    return 0
+
+
+def _radiograph_refuses(args: argparse.Namespace, flags: dict[str, bool]) -> None:
+    given = [f for f, on in flags.items() if on]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} apply to INSIGHT heads; {args.model!r} is a radiograph model "
+            "(image -> logits, scores, FP32): drop them"
+        )
+
+
+def _run_radiograph_onnx(args: argparse.Namespace, model: object) -> int:
+    """PYLON / multires -> ``fastinsight.export.radiograph`` (FP32 image -> logits, scores)."""
+    from fastinsight.export.radiograph import export_radiograph_onnx, verify_radiograph_onnx
+    from fastinsight.export.verify import describe
+
+    _radiograph_refuses(
+        args,
+        {
+            "--head-only": args.head_only,
+            "--postprocess-only": args.postprocess_only,
+            "--with-mask": args.with_mask,
+            "--precision fp16": args.precision != "fp32",
+        },
+    )
+    path = export_radiograph_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {path} ({describe(path)})")
+    if not args.no_verify:
+        diffs = verify_radiograph_onnx(model, path)
+        print(
+            "onnxruntime vs PyTorch max |diff|: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        )
     return 0
 
 
@@ -220,6 +256,29 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
     model = _load_model(args.model)
+    if getattr(model, "modality", None) == "radiograph":
+        from fastinsight.export.triton import write_radiograph_triton_repo
+
+        _radiograph_refuses(
+            args,
+            {
+                "--encoder": bool(args.encoder),
+                "--plan": bool(args.plan),
+                "--with-mask": args.with_mask,
+                "--precision fp16": args.precision != "fp32",
+            },
+        )
+        result = write_radiograph_triton_repo(
+            args.out,
+            model,
+            max_batch_size=args.max_batch_size,
+            instances=args.instances,
+            instance_kind=args.instance_kind,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+        )
+        print(f"wrote {result.path}: {', '.join(result.models)}")
+        return 0
     encoder = None
     if args.encoder:
         from fastinsight.export.encoder import load_encoder

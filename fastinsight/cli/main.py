@@ -87,6 +87,11 @@ register(
     "chest radiograph(s) -> PYLON/Yao heatmap TIFF, overlay, report; many -> scores CSV",
 )
 register(
+    "evaluate-radiographs",
+    "fastinsight.cli.radiograph:evaluate",
+    "radiographs + NIH box/label CSVs -> point localisation, IoU/IoBB hit rates, AUROC",
+)
+register(
     "predict-cohort", "fastinsight.cli.cohort", "many slides over local or cluster GPUs with Ray"
 )
 register(

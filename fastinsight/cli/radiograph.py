@@ -8,6 +8,17 @@ writes ``heatmap.tif`` (the top-scoring class, or ``--class``; ``--all-classes``
 ``heatmap.<class>.tif`` for each), ``heatmap.overlay.png`` and ``heatmap.json`` (scores, arg-max
 points, model and input facts). Many images (several paths, a folder, a glob or a CSV with a
 ``path`` column) with ``--out scores.csv`` write one CSV of scores.
+
+``fastinsight evaluate-radiographs``: a folder of images with NIH ``BBox_List_2017.csv`` boxes
+(and optionally ``Data_Entry_2017.csv`` labels) -> point localisation accuracy, IoU / IoBB hit
+rates and per-class AUROC as ``OUT.json`` and ``OUT.csv``::
+
+    fastinsight evaluate-radiographs images/ --model pylon.pth \
+        --boxes BBox_List_2017.csv --labels Data_Entry_2017.csv --out nih-eval
+
+It is its own command rather than a mode of ``fastinsight evaluate``: that one scores saved slide
+predictions (``.npz``) against slide labels and masks without a model, whereas this one runs a
+model over images and scores boxes; sharing positional arguments would make either read wrong.
 """
 
 from __future__ import annotations
@@ -182,8 +193,121 @@ def run_with_model(
     return 0
 
 
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fastinsight evaluate-radiographs``."""
+    parser.add_argument("images", help="folder holding the images the CSVs name (Image Index)")
+    parser.add_argument(
+        "--model", required=True, help="PYLON .pth/.pkl or fastinsight .safetensors"
+    )
+    parser.add_argument(
+        "--boxes", required=True, help="NIH BBox_List_2017.csv: Image Index, Finding Label, x,y,w,h"
+    )
+    parser.add_argument(
+        "--labels", help="NIH Data_Entry_2017.csv (Image Index, Finding Labels) for AUROC"
+    )
+    parser.add_argument(
+        "--out", default="radiograph-evaluation", help="output prefix (.json, .csv)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
+
+
+def _read_table(reader: Any, path: str, what: str) -> Any:
+    """Read a CSV with ``reader``; a missing, unreadable or non-text file is one InputError."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} {path!r} does not exist or is not a file")
+    try:
+        return reader(p)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(
+            f"{what} {path!r} is not a readable CSV ({exc}); pass the NIH file"
+        ) from None
+
+
+def evaluation_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten the metrics to ``metric, class, threshold, value`` rows (class ``micro``/``macro``)."""
+    rows: list[dict[str, Any]] = []
+    loc = metrics["localisation"]
+    for cls, n in loc["pairs"].items():
+        rows.append({"metric": "pairs", "class": cls, "threshold": "", "value": n})
+
+    def rates(metric: str, block: dict[str, Any], threshold: str) -> None:
+        for cls, v in block["per_class"].items():
+            rows.append({"metric": metric, "class": cls, "threshold": threshold, "value": v})
+        for avg in ("micro", "macro"):
+            rows.append(
+                {"metric": metric, "class": avg, "threshold": threshold, "value": block[avg]}
+            )
+
+    rates("point_accuracy", loc["point_accuracy"], "")
+    for kind in ("iou", "iobb"):
+        for t, block in loc[kind].items():
+            rates(f"{kind}_hit_rate", block, t)
+    for cls, v in metrics.get("auroc", {}).items():
+        rows.append({"metric": "auroc", "class": cls, "threshold": "", "value": v})
+    return rows
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``fastinsight evaluate-radiographs``: writes ``OUT.json`` and ``OUT.csv`` atomically."""
+    import csv
+    import io
+
+    from fastinsight.atomic import atomic_path, check_writable
+    from fastinsight.fileformat import file_sha256
+    from fastinsight.radiograph.evaluate import (
+        evaluate_radiographs,
+        read_bbox_list,
+        read_data_entry,
+    )
+    from fastinsight.radiograph.predict import load_radiograph_model, write_json
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if not Path(args.images).is_dir():
+        raise InputError(f"{args.images!r} is not a folder; pass the folder holding the images")
+    out_json, out_csv = Path(f"{args.out}.json"), Path(f"{args.out}.csv")
+    check_writable(out_json)
+    check_writable(out_csv)
+    boxes = _read_table(read_bbox_list, args.boxes, "--boxes")
+    labels = _read_table(read_data_entry, args.labels, "--labels") if args.labels else None
+    if not boxes and labels is None:
+        raise InputError(f"--boxes {args.boxes!r} lists no box; nothing to evaluate")
+    model = load_radiograph_model(args.model, device=args.device)
+    metrics = evaluate_radiographs(args.images, model, boxes, labels, batch_size=args.batch_size)
+    metrics = {**metrics, **model_facts(model, args.model, file_sha256(args.model))}
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=["metric", "class", "threshold", "value"], lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(evaluation_rows(metrics))
+    # Both outputs are complete or absent: the CSV is staged first, then the JSON.
+    with atomic_path(out_csv) as tmp:
+        tmp.write_text(buf.getvalue())
+    write_json(out_json, metrics)
+    point = metrics["localisation"]["point_accuracy"]
+    line = f"{metrics['images']} images; point localisation accuracy micro {point['micro']:.3f}"
+    if "auroc" in metrics:
+        line += "; AUROC " + ", ".join(f"{c} {v:.3f}" for c, v in metrics["auroc"].items())
+    print(f"{line}; wrote {out_json}, {out_csv}")
+    return 0
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-__all__ = ["add_arguments", "model_facts", "run", "run_from_predict", "run_with_model"]
+__all__ = [
+    "add_arguments",
+    "add_evaluate_arguments",
+    "evaluation_rows",
+    "model_facts",
+    "run",
+    "run_evaluate",
+    "run_from_predict",
+    "run_with_model",
+]

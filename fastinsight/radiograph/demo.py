@@ -11,13 +11,19 @@
    upsampled map inside a nodule box) written to ``OUT_DIR/metrics.json``, an overlay of one
    positive case to ``OUT_DIR/overlay.png``.
 
-Measured (2 loaded CPU cores, ~150 s): held-out AUROC 0.99-1.0, but point localisation accuracy
-only 0.0-0.05: the image labels are learnt, yet the arg-max of the CAM lands 20-40 px down and
-right of the nodule, growing with the distance from the top-left corner. That is the geometry of
-bilinear ``align_corners=True`` resizing in the decoder (an /32 feature centred at ``32 c`` px is
-placed at ``c (S - 1) / (n - 1)``, i.e. stretched by (S-1)/(S-32) about the origin), which the
-official code shares; the narrow model has not learnt to compensate through its /4 skip path in
-this budget. The issue's target of 0.8 is therefore not met by this demo yet.
+Where the arg-max lands. With small nodules (radius 7-12 px at 256 px) the model learnt the
+image labels (AUROC 0.99-1.0) but its arg-max fell 20-40 px down and right of the nodules, growing
+with the distance from the top-left corner: point accuracy 0.0-0.05. Not a bookkeeping bug (the
+CAM -> image upsampling, the ``(x, y)`` order, the boxes and the pasted discs are checked in
+``tests/radiograph/test_geometry.py``): PYLON's decoder upsamples the /32 pyramid-attention feature
+with ``align_corners=True`` (as the official code does), so the feature that sees ``32 c`` px is
+placed at ``36 c`` px, up to ~28 px at 256 px; a narrow model that detects with that path inherits
+the shift. The demo's data are made to fit a /4 CAM: nodules of radius 12-18 px with contrast 0.9
+(a disc the /8 and /4 skip features can detect on their own), 16 epochs with patience 6; the
+model itself is PYLON unchanged.
+
+Measured (seed 0, 2 loaded CPU cores, ``threads=1``, ~2 min): held-out AUROC 1.0, point
+localisation accuracy 0.85 on the 20 positive pictures.
 """
 
 from __future__ import annotations
@@ -33,8 +39,14 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
+from fastinsight.errors import InputError
 
 DEMO_CLASSES = ("Nodule",)
+DEFAULTS: dict[str, int] = {"n_train": 160, "n_val": 32, "n_test": 40, "epochs": 16}
+# Nodule radius range (px at 256 px) and peak contrast of the planted discs: large and bright
+# enough for PYLON's /4 and /8 skip features (see the module docstring).
+NODULE_RADIUS = (12.0, 18.0)
+NODULE_CONTRAST = 0.9
 
 
 def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
@@ -57,17 +69,20 @@ def _write_csvs(out: Path, names: list[str], cases: list[Any]) -> None:
 def run_radiograph_demo(
     out_dir: str | os.PathLike[str],
     *,
-    n_train: int = 160,
-    n_val: int = 32,
-    n_test: int = 40,
-    epochs: int = 10,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    epochs: int | None = None,
     seed: int = 0,
+    device: str | None = None,
     threads: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``metrics.json``) AUROC and localisation accuracy.
 
-    ``threads`` sets torch's CPU threads for the run (1 is fastest on a busy machine).
+    ``None`` counts take the demo's defaults (:data:`DEFAULTS`). ``device``: ``cuda`` or ``cpu``
+    (default: cuda when available). ``threads`` sets torch's CPU threads for the run (1 is
+    fastest on a busy machine).
     """
     from PIL import Image
 
@@ -90,6 +105,16 @@ def run_radiograph_demo(
     from fastinsight.radiograph.synthetic import synthetic_cohort
     from fastinsight.radiograph.train import RadiographTrainConfig, train_radiograph_model
 
+    n_train = DEFAULTS["n_train"] if n_train is None else n_train
+    n_val = DEFAULTS["n_val"] if n_val is None else n_val
+    n_test = DEFAULTS["n_test"] if n_test is None else n_test
+    epochs = DEFAULTS["epochs"] if epochs is None else epochs
+    if min(n_train, n_val, n_test) < 2 or epochs < 1:
+        raise InputError(
+            f"the radiograph demo needs >= 2 training, validation and held-out pictures and >= 1 "
+            f"epoch; got {n_train}, {n_val}, {n_test} and {epochs}"
+        )
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     say = log or (lambda _s: None)
     out = Path(out_dir).expanduser()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -106,7 +131,8 @@ def run_radiograph_demo(
             class_names=DEMO_CLASSES,
         )
         train, val, test = (
-            synthetic_cohort(n, seed + k) for k, n in ((1, n_train), (2, n_val), (3, n_test))
+            synthetic_cohort(n, seed + k, radius=NODULE_RADIUS, contrast=NODULE_CONTRAST)
+            for k, n in ((1, n_train), (2, n_val), (3, n_test))
         )
 
         def tensors(cases: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +153,13 @@ def run_radiograph_demo(
             model,
             tensors(train),
             tensors(val),
-            RadiographTrainConfig(epochs=epochs, batch_size=8, lr=3e-3, patience=3, seed=seed),
+            RadiographTrainConfig(
+                epochs=epochs, batch_size=8, lr=3e-3, patience=6, seed=seed, device=dev
+            ),
             log=say,
         )
         save_pylon(model, out / "model.safetensors")
-        model = load_radiograph_model(out / "model.safetensors", device="cpu")
+        model = load_radiograph_model(out / "model.safetensors", device=dev)
         boxes = read_bbox_list(out / "BBox_List_2017.csv")
         labels = read_data_entry(out / "Data_Entry_2017.csv")
         paths = [out / "images" / n for n in names]
@@ -167,12 +195,6 @@ def run_radiograph_demo(
         return metrics
     finally:
         torch.set_num_threads(old_threads)
-
-
-def main_args(out_dir: str) -> int:
-    """Entry for ``fastinsight demo --modality radiograph OUT_DIR``."""
-    run_radiograph_demo(out_dir)
-    return 0
 
 
 __all__ = ["run_radiograph_demo"]

@@ -11,6 +11,7 @@ the model bright distractors, so the nodule has to be found, not just "the brigh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +24,18 @@ class SyntheticCXR:
 
 
 def synthetic_cxr(
-    rng: np.random.Generator, size: int = 256, nodule: bool | None = None
+    rng: np.random.Generator,
+    size: int = 256,
+    nodule: bool | None = None,
+    *,
+    radius: tuple[float, float] = (7.0, 12.0),
+    contrast: float = 0.6,
 ) -> SyntheticCXR:
-    """One picture; ``nodule=None`` draws the label with probability 1/2."""
+    """One picture; ``nodule=None`` draws the label with probability 1/2.
+
+    ``radius``: the nodules' radius range in px at 256 px (scaled with ``size``); ``contrast``:
+    the Gaussian disc's peak brightness added to the picture (grey levels / 255).
+    """
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / s
     img = np.full((size, size), 0.15, np.float32)
@@ -64,22 +74,25 @@ def synthetic_cxr(
         for _ in range(int(rng.integers(1, 3))):
             for _try in range(20):
                 i = int(rng.integers(0, len(lung_y)))
-                r = float(rng.uniform(7, 12)) * s / 256
+                r = float(rng.uniform(*radius)) * s / 256
                 cy, cx = float(lung_y[i]), float(lung_x[i])
                 if r < cx < s - r and r < cy < s - r:
                     break
             d2 = (np.arange(size)[:, None] - cy) ** 2 + (np.arange(size)[None, :] - cx) ** 2
-            img += 0.6 * np.exp(-d2 / (2 * (r / 1.6) ** 2)).astype(np.float32)
+            img += contrast * np.exp(-d2 / (2 * (r / 1.6) ** 2)).astype(np.float32)
             boxes.append((cx - r, cy - r, 2 * r, 2 * r))
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     u8 = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
     return SyntheticCXR(u8, label, tuple(boxes))
 
 
-def synthetic_cohort(n: int, seed: int, size: int = 256) -> list[SyntheticCXR]:
-    """``n`` pictures, labels balanced (alternating), reproducible from ``seed``."""
+def synthetic_cohort(n: int, seed: int, size: int = 256, **kwargs: Any) -> list[SyntheticCXR]:
+    """``n`` pictures, labels balanced (alternating), reproducible from ``seed``.
+
+    ``kwargs`` go to :func:`synthetic_cxr` (``radius``, ``contrast``).
+    """
     rng = np.random.default_rng(seed)
-    return [synthetic_cxr(rng, size, nodule=bool(i % 2)) for i in range(n)]
+    return [synthetic_cxr(rng, size, nodule=bool(i % 2), **kwargs) for i in range(n)]
 
 
 __all__ = ["SyntheticCXR", "synthetic_cohort", "synthetic_cxr"]

@@ -13,15 +13,51 @@ from fastinsight.radiograph.demo import run_radiograph_demo
 @pytest.mark.slow
 def test_radiograph_demo_localises_planted_nodules(tmp_path) -> None:
     metrics = run_radiograph_demo(tmp_path, threads=1, log=None)
+    # The issue's targets, on the 20 held-out pictures with planted nodules (image labels only).
     assert metrics["auroc"] >= 0.9
-    # The issue's target (>= 0.8) is NOT reached by the reduced PYLON in this budget: its arg-max
-    # lands ~20-40 px down-right of the nodules (see the demo module's docstring). The value is
-    # computed and reported; this checks it is a proper rate over the planted nodules.
+    assert metrics["point_localisation_accuracy"] >= 0.8
     loc = metrics["localisation"]
-    assert loc["pairs"]["Nodule"] == sum(1 for _ in range(40) if _ % 2)
-    assert 0.0 <= metrics["point_localisation_accuracy"] <= 1.0
+    assert loc["pairs"]["Nodule"] == 20
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["auroc"] == metrics["auroc"]
     model = load_pylon(tmp_path / "model.safetensors", device="cpu")
     assert model.config.names == ("Nodule",)
     assert (tmp_path / "overlay.png").is_file() and (tmp_path / "BBox_List_2017.csv").is_file()
+
+
+def test_demo_cli_modality_radiograph(tmp_path) -> None:
+    """``fastinsight demo --modality radiograph`` runs the demo (tiny counts) and leaves the model."""
+    from fastinsight.cli.main import main
+
+    out = tmp_path / "d"
+    rc = main(
+        [
+            "demo",
+            "--modality",
+            "radiograph",
+            str(out),
+            "--slides",
+            "8",
+            "--held-out",
+            "4",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    model = load_pylon(out / "model.safetensors", device="cpu")
+    assert model.config.names == ("Nodule",)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["localisation"]["pairs"]["Nodule"] == 2
+    assert len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_demo_rejects_empty_counts(tmp_path) -> None:
+    from fastinsight.errors import InputError
+
+    with pytest.raises(InputError, match="needs >= 2"):
+        run_radiograph_demo(tmp_path / "d", n_train=1, log=None)
+    assert not (tmp_path / "d").exists()
