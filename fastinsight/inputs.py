@@ -23,8 +23,9 @@ from fastinsight.errors import FastInsightError, InputError, SlideError
 # macro photograph); radiographs and CT reach ~1000 um/px. Outside this it is a typo or garbage.
 MPP_MIN = 0.01
 MPP_MAX = 1000.0
-# The largest whole-slide scans are ~250k px on a side; 10M px is garbage in a header.
-MAX_SLIDE_SIDE_PX = 10_000_000
+# A 75 x 25 mm glass slide at 0.25 um/px is 300k x 100k px; a side beyond 1M px is a damaged
+# header (or an attack), and the tile grid alone would take gigabytes.
+MAX_SLIDE_SIDE_PX = 1_000_000
 
 
 def _what_kind(mode: int) -> str:
@@ -115,8 +116,44 @@ def check_dimensions(width: int, height: int, what: str) -> tuple[int, int]:
     return w, h
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_allocation(nbytes: int, what: str, error: type[FastInsightError] = InputError) -> None:
+    """Refuse to allocate ``nbytes`` for ``what`` when it exceeds 80 % of physical memory.
+
+    A file can declare a dataset of terabytes in a few bytes of header; reading it would be a
+    MemoryError (a traceback) at best and the OOM killer at worst.
+    """
+    total = memory_bytes()
+    limit = int(total * 0.8) if total else 1 << 40
+    if nbytes > limit:
+        raise error(
+            f"{what} would need {nbytes / 2**30:.1f} GiB of memory, more than the "
+            f"{limit / 2**30:.1f} GiB limit (80 % of this machine's memory); the file's header is "
+            "damaged, or split the data"
+        )
+
+
+def check_coordinates(lo: int, hi: int, what: str) -> None:
+    """Level-0 coordinates within +-MAX_SLIDE_SIDE_PX; else ``InputError`` with the limit."""
+    if lo < -MAX_SLIDE_SIDE_PX or hi > MAX_SLIDE_SIDE_PX:
+        raise InputError(
+            f"{what}: coordinates span {lo}..{hi} level-0 px, beyond +-{MAX_SLIDE_SIDE_PX} px "
+            "(no slide is that large); the coordinates are damaged or in other units"
+        )
+
+
 __all__ = [
     "MAX_SLIDE_SIDE_PX",
+    "check_allocation",
+    "check_coordinates",
+    "memory_bytes",
     "MPP_MAX",
     "MPP_MIN",
     "check_dimensions",
