@@ -31,20 +31,37 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
+_active = 0  # depth of handle_sigterm blocks in the main thread
+
+
 @contextlib.contextmanager
 def handle_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM raises ``Terminated`` in the main thread.
 
     Outside the main thread (signals cannot be set there) this does nothing.
     """
+    global _active
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _active += 1
     try:
         yield
     finally:
+        _active -= 1
         signal.signal(signal.SIGTERM, previous)
+
+
+def rearm_sigterm() -> None:
+    """Put fastinsight's SIGTERM handler back after a library replaced it.
+
+    ``ray.init`` installs ``sys.exit(15)`` as the driver's SIGTERM handler: the process would
+    exit with 15 and no message. Call this right after such a library call; it does nothing
+    outside ``handle_sigterm`` or the main thread.
+    """
+    if _active and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def interrupt_exit_code(exc: BaseException) -> int:
@@ -52,4 +69,11 @@ def interrupt_exit_code(exc: BaseException) -> int:
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
-__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "handle_sigterm", "interrupt_exit_code"]
+__all__ = [
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
+    "Terminated",
+    "handle_sigterm",
+    "interrupt_exit_code",
+    "rearm_sigterm",
+]
