@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import InputError
-from fastinsight.reference import HeadWeights, gate, insight_logits_reference
+from fastinsight.ops.reference import HeadWeights, gate, insight_logits_reference
 
 # Bytes of one band's input grid plus its live activations (about four reduce_dim-channel maps
 # at a time), when no cell budget is given.
@@ -76,6 +76,7 @@ def banded_logits(
     weights: HeadWeights,
     cell_mask: Tensor | None = None,
     max_band_cells: int | None = None,
+    grid_tiles: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Detection and slide-context logits of every tile, one band of tile rows at a time.
 
@@ -83,7 +84,9 @@ def banded_logits(
     ``[N, h, w]`` bool (None: every cell of every tile is tissue) -> (D ``[N, K, h, w]``,
     Cx ``[N, K, h, w]``) float32, in the order of ``tokens``. ``max_band_cells`` bounds the
     cells of one band (default: ``band_cells_for(weights)``, about 256 MB); a band is at least
-    one tile row.
+    one tile row. ``grid_tiles`` is the ``(rows, cols)`` of the slide's whole tile grid when it
+    reaches past the last tile (a slide run's grid covers the slide; its edges are where the
+    replication padding acts); default: up to the last tile.
 
     Equals ``insight_logits_reference`` on the stitched grid (tiles placed at ``tile_rc``, zeros
     and mask False elsewhere), cut back into tiles.
@@ -102,6 +105,10 @@ def banded_logits(
     rows_sorted = rc[order, 0].contiguous()
     n_rows = int(rows_sorted[-1]) + 1
     n_cols = int(rc[:, 1].max()) + 1
+    if grid_tiles is not None:
+        if grid_tiles[0] < n_rows or grid_tiles[1] < n_cols:
+            raise InputError(f"tiles reach ({n_rows}, {n_cols}), past the grid {grid_tiles}")
+        n_rows, n_cols = int(grid_tiles[0]), int(grid_tiles[1])
     out_d = torch.empty((n, k, h, w), dtype=torch.float32, device=device)
     out_c = torch.empty((n, k, h, w), dtype=torch.float32, device=device)
 
@@ -166,13 +173,14 @@ def banded_raw_heatmap(
     weights: HeadWeights,
     cell_mask: Tensor | None = None,
     max_band_cells: int | None = None,
+    grid_tiles: tuple[int, int] | None = None,
 ) -> Tensor:
     """Raw slide-context heatmap ``sigmoid(D) * (1 - sigmoid(Cx))`` of every tile, banded.
 
     Shapes: tokens ``[N, C, h, w]``, tile_rc ``[N, 2]``, cell_mask ``[N, h, w]`` ->
     ``[N, K, h, w]`` float32.
     """
-    return gate(*banded_logits(tokens, tile_rc, weights, cell_mask, max_band_cells))
+    return gate(*banded_logits(tokens, tile_rc, weights, cell_mask, max_band_cells, grid_tiles))
 
 
 __all__ = ["DEFAULT_BAND_BYTES", "band_cells_for", "banded_logits", "banded_raw_heatmap", "context_halo"]

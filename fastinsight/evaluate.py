@@ -279,7 +279,10 @@ class Labels:
 
 def read_labels(path: str | os.PathLike[str]) -> Labels:
     """Parse a labels CSV (``slide_id,<class>,...``; values 0/1; optional ``split`` column)."""
+    from fastinsight.inputs import allow_long_csv_fields
+
     p = Path(path).expanduser()
+    allow_long_csv_fields()
     try:
         with open(p, newline="", encoding="utf-8-sig") as fh:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]

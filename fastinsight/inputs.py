@@ -88,16 +88,23 @@ def check_input_path(
     return p
 
 
-def check_mpp(value: float, what: str = "--mpp") -> float:
-    """A microns-per-pixel value as a float in [MPP_MIN, MPP_MAX]; else ``SlideError``."""
+def check_mpp(value: float, what: str = "--mpp", field: str | None = None) -> float:
+    """A microns-per-pixel value as a float in [MPP_MIN, MPP_MAX]; else ``SlideError``.
+
+    ``field`` names the options field the value came from, so the CLI can show its flag.
+    """
+    fields = (field,) if field else ()
     try:
         mpp = float(value)
     except (TypeError, ValueError):
-        raise SlideError(f"{what} must be a number of microns per pixel, got {value!r}") from None
+        raise SlideError(
+            f"{what} must be a number of microns per pixel, got {value!r}", fields=fields
+        ) from None
     if not math.isfinite(mpp) or not MPP_MIN <= mpp <= MPP_MAX:
         raise SlideError(
             f"{what} must be a finite number of microns per pixel in [{MPP_MIN}, {MPP_MAX}] "
-            f"(0.25 at 40x, 0.5 at 20x), got {value!r}"
+            f"(0.25 at 40x, 0.5 at 20x), got {value!r}",
+            fields=fields,
         )
     return mpp
 
@@ -149,7 +156,22 @@ def check_coordinates(lo: int, hi: int, what: str) -> None:
         )
 
 
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def allow_long_csv_fields() -> None:
+    """Let the csv module read fields of any length (its default stops at 131072 characters
+    with ``_csv.Error: field larger than field limit``; a manifest's notes or a long path list
+    can be longer). Process-wide, as the csv module's setting is."""
+    import csv
+
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
 __all__ = [
+    "CSV_FIELD_LIMIT",
+    "allow_long_csv_fields",
     "MAX_SLIDE_SIDE_PX",
     "check_allocation",
     "check_coordinates",

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastinsight.config import InsightConfig
-from fastinsight.model import InsightModel
+from fastinsight.models.config import InsightConfig
+from fastinsight.models.insight import InsightModel
 from tests.features.h5_layouts import grid_coords, write_trident
 
 # The command line's own entry point, whatever module layout holds it.
@@ -29,6 +29,17 @@ def run_cli(*args: str | os.PathLike[str], timeout: float = 300, **kw) -> subpro
         timeout=timeout,
         **kw,
     )
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> subprocess.CompletedProcess:
+    """``fastinsight ARGS`` in this process (no interpreter start-up): the same ``main`` as the
+    command, its exit code and its captured output, shaped like ``run_cli``'s result."""
+    from fastinsight.cli import main
+
+    argv = [str(a) for a in args]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int) -> str:

@@ -12,10 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from fastinsight.config import InsightConfig
+from fastinsight.models.config import InsightConfig
 from fastinsight.context_bands import banded_logits, banded_raw_heatmap, context_halo
 from fastinsight.features import unstitch
-from fastinsight.model import InsightModel
+from fastinsight.models.insight import InsightModel
 
 
 def _model(in_dim: int = 12, k: int = 2) -> InsightModel:
@@ -113,8 +113,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, torch
     torch.set_num_threads(1)
-    from fastinsight.config import InsightConfig
-    from fastinsight.model import InsightModel
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
     from fastinsight.context_bands import banded_raw_heatmap
 
     cfg = InsightConfig(in_dim=16, reduce_dim=32, widths=(16, 16, 16), norm="channel",

@@ -236,7 +236,6 @@ def test_cli_report_through_a_symlink_and_refused_fifo(
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-@pytest.mark.xfail(reason="needs atomic_outputs in predict's write_outputs (phase 2)", strict=True)
 def test_cli_full_disk_keeps_previous_outputs(
     tmp_path: Path, tiny_model: Path, tiny_features: Path
 ) -> None:
