@@ -63,6 +63,7 @@ from fastinsight.errors import (
 )
 from fastinsight.fileformat import file_sha256
 from fastinsight.predict.slide import STAGES, PredictOptions
+from fastinsight.text import dumps_json
 
 EXIT_SLIDES_FAILED = 8
 """Exit code of ``predict-cohort`` when at least one slide failed (the rest were processed)."""
@@ -671,7 +672,7 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
             "outcome": outcome.as_json(),
         }
         with atomic_path(partial / MARKER_NAME) as tmp:
-            tmp.write_text(json.dumps(marker, indent=2) + "\n")
+            tmp.write_text(dumps_json(marker, "complete.json", indent=2) + "\n", encoding="utf-8")
         _install(partial, slide_dir(job.out_dir, slide.slide_id))
         return outcome
     except FastInsightError as exc:

@@ -63,7 +63,9 @@ def _check(tokens: Tensor, tile_rc: Tensor, cell_mask: Tensor | None, weights: H
             f"cell_mask must be [N, h, w] = {(n, *tokens.shape[2:])}, got {tuple(cell_mask.shape)}"
         )
     if weights.norm != "channel":
-        raise InputError("the slide-context head needs norm='channel' (a per-tile norm has no grid)")
+        raise InputError(
+            "the slide-context head needs norm='channel' (a per-tile norm has no grid)"
+        )
     if tokens.shape[1] != weights.in_dim:
         raise InputError(
             f"token grids have {tokens.shape[1]} channels but the model expects {weights.in_dim}"
@@ -150,19 +152,14 @@ def banded_logits(
         y1 = min(grid_r * h, (b - r0) * h + halo)
         x0 = max(0, (int(rc[core, 1].min()) - c0) * w - halo)
         x1 = min(grid_c * w, (int(rc[core, 1].max()) + 1 - c0) * w + halo)
-        d, cx = insight_logits_reference(
-            grid[:, :, y0:y1, x0:x1], weights, mask[:, y0:y1, x0:x1]
-        )
+        d, cx = insight_logits_reference(grid[:, :, y0:y1, x0:x1], weights, mask[:, y0:y1, x0:x1])
         del grid
 
-        def cut(x: Tensor) -> Tensor:
+        for out, x in ((out_d, d), (out_c, cx)):
             full = x.new_zeros((1, k, grid_r * h, grid_c * w))  # small: K channels
             full[:, :, y0:y1, x0:x1] = x
             t = full[0].reshape(k, grid_r, h, grid_c, w).permute(1, 3, 0, 2, 4)
-            return t[rc[core, 0] - r0, rc[core, 1] - c0].float()
-
-        out_d[core] = cut(d)
-        out_c[core] = cut(cx)
+            out[core] = t[rc[core, 0] - r0, rc[core, 1] - c0].float()
         a = b
     return out_d, out_c
 
@@ -183,4 +180,10 @@ def banded_raw_heatmap(
     return gate(*banded_logits(tokens, tile_rc, weights, cell_mask, max_band_cells, grid_tiles))
 
 
-__all__ = ["DEFAULT_BAND_BYTES", "band_cells_for", "banded_logits", "banded_raw_heatmap", "context_halo"]
+__all__ = [
+    "DEFAULT_BAND_BYTES",
+    "band_cells_for",
+    "banded_logits",
+    "banded_raw_heatmap",
+    "context_halo",
+]

@@ -37,6 +37,7 @@ import numpy as np
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError
+from fastinsight.text import dumps_json
 
 GT_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".geojson", ".json")
 RESAMPLE: tuple[str, ...] = ("nearest", "area")
@@ -754,7 +755,10 @@ class EvalResult:
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(
+                dumps_json(self.as_dict(), "evaluation", nan_as_null=True, indent=2) + "\n",
+                encoding="utf-8",
+            )
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per slide: labels, scores and Dice per class."""

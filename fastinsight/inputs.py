@@ -71,7 +71,9 @@ def check_input_path(
                 f"{what} {str(p)!r} is a symbolic link loop; fix the link or pass the file itself"
             ) from None
         if exc.errno == errno.ENAMETOOLONG:
-            raise error(f"{what} path is too long for the file system: {str(p)[:80]!r}...") from None
+            raise error(
+                f"{what} path is too long for the file system: {str(p)[:80]!r}..."
+            ) from None
         raise error(f"cannot read {what} {str(p)!r}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(st.st_mode):
         if allow_dir:

@@ -44,12 +44,13 @@ def display_path(path: str | os.PathLike[str] | None) -> str | None:
     return None if path is None else clean_text(os.fspath(path))
 
 
-def clean_json(value: Any, where: str = "report") -> Any:
+def clean_json(value: Any, where: str = "report", nan_as_null: bool = False) -> Any:
     """A JSON-ready copy of ``value``: strings cleaned, NaN/inf refused with the key named.
 
     Paths become text; tuples become lists; numpy scalars and arrays become Python values.
     Raises ``InputError`` naming the first non-finite number (a NaN must never reach a report
-    as the invalid JSON token ``NaN``).
+    as the invalid JSON token ``NaN``). With ``nan_as_null`` (metrics, where NaN means
+    "undefined", e.g. an AUC over one class) a non-finite number is written as ``null``.
     """
     if isinstance(value, str):
         return clean_text(value)
@@ -59,24 +60,28 @@ def clean_json(value: Any, where: str = "report") -> Any:
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
+            if nan_as_null:
+                return None
             raise InputError(
                 f"{where} holds {value!r}: the run produced a non-finite number; nothing was "
                 "written (check the model's weights and the input features)"
             )
         return value
     if isinstance(value, dict):
-        return {clean_text(str(k)): clean_json(v, f"{where}.{k}") for k, v in value.items()}
+        return {
+            clean_text(str(k)): clean_json(v, f"{where}.{k}", nan_as_null) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
-        return [clean_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [clean_json(v, f"{where}[{i}]", nan_as_null) for i, v in enumerate(value)]
     tolist = getattr(value, "tolist", None)
     if callable(tolist):  # numpy scalars / arrays, torch tensors
-        return clean_json(tolist(), where)
+        return clean_json(tolist(), where, nan_as_null)
     return clean_text(str(value))
 
 
-def dumps_json(value: Any, where: str = "report", **kw: Any) -> str:
+def dumps_json(value: Any, where: str = "report", nan_as_null: bool = False, **kw: Any) -> str:
     """``json.dumps`` of ``clean_json(value)``: always valid, strict JSON (``allow_nan=False``)."""
-    return json.dumps(clean_json(value, where), allow_nan=False, **kw)
+    return json.dumps(clean_json(value, where, nan_as_null), allow_nan=False, **kw)
 
 
 __all__ = ["ascii_text", "clean_json", "clean_text", "display_path", "dumps_json"]

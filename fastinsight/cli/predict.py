@@ -10,8 +10,8 @@ from typing import Any
 
 from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
 from fastinsight.errors import InputError, SlideError
-from fastinsight.text import clean_text
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
+from fastinsight.text import clean_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

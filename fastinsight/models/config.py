@@ -122,9 +122,7 @@ class InsightConfig:
         except (json.JSONDecodeError, TypeError) as exc:
             raise CheckpointError(f"model config is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
-            raise CheckpointError(
-                f"model config must be a JSON object, got {type(raw).__name__}"
-            )
+            raise CheckpointError(f"model config must be a JSON object, got {type(raw).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:

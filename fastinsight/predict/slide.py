@@ -23,12 +23,11 @@ from torch import Tensor
 
 from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path, check_writable
-from fastinsight.errors import BackendError, InputError
 from fastinsight.context_bands import banded_raw_heatmap
+from fastinsight.errors import BackendError, InputError
 from fastinsight.inputs import check_dimensions, check_mpp
 from fastinsight.models.insight import InsightModel, non_finite_scores_error
 from fastinsight.ops.reference import tokens_as_grid
-from fastinsight.text import dumps_json
 from fastinsight.slide import (
     Tile,
     TileGrid,
@@ -45,6 +44,7 @@ from fastinsight.slide import (
     write_overlay,
     write_scores_sidecar,
 )
+from fastinsight.text import dumps_json
 
 STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
 

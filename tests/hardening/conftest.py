@@ -20,7 +20,9 @@ from tests.features.h5_layouts import grid_coords, write_trident
 _ENTRY = "import sys; from fastinsight.cli import main; sys.exit(main())"
 
 
-def run_cli(*args: str | os.PathLike[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str | os.PathLike[str], timeout: float = 300, **kw
+) -> subprocess.CompletedProcess:
     """``fastinsight ARGS`` in a fresh interpreter; returns the finished process (text output)."""
     return subprocess.run(
         [sys.executable, "-c", _ENTRY, *map(str, args)],
@@ -31,7 +33,9 @@ def run_cli(*args: str | os.PathLike[str], timeout: float = 300, **kw) -> subpro
     )
 
 
-def run_main(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> subprocess.CompletedProcess:
+def run_main(
+    capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]
+) -> subprocess.CompletedProcess:
     """``fastinsight ARGS`` in this process (no interpreter start-up): the same ``main`` as the
     command, its exit code and its captured output, shaped like ``run_cli``'s result."""
     from fastinsight.cli import main

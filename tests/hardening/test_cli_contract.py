@@ -117,8 +117,12 @@ def test_every_error_class_has_its_documented_exit_code() -> None:
     documented = _documented_codes()
     for cls in _error_classes():
         # A subclass that keeps its parent's code is documented with the parent.
-        name = next(c.__name__ for c in cls.__mro__ if c.__name__ in documented or c is FastInsightError)
-        assert name in documented, f"{cls.__name__} (exit {cls.exit_code}) is not in docs/exit-codes.md"
+        name = next(
+            c.__name__ for c in cls.__mro__ if c.__name__ in documented or c is FastInsightError
+        )
+        assert name in documented, (
+            f"{cls.__name__} (exit {cls.exit_code}) is not in docs/exit-codes.md"
+        )
         assert cls.exit_code == documented[name], (
             f"{cls.__name__}.exit_code = {cls.exit_code}, docs/exit-codes.md says {documented[name]}"
         )

@@ -19,11 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
+from fastinsight.errors import CheckpointError, InputError, SlideError
 from fastinsight.models.checkpoints import CONFIG_KEY, FORMAT_KEY
-from fastinsight.errors import CheckpointError, InputError, OutputError, SlideError
 from fastinsight.models.insight import InsightModel
 from tests.features.h5_layouts import grid_coords, write_trident
 from tests.hardening.conftest import assert_one_error_line, run_cli, run_main, tiny_config
@@ -94,7 +93,9 @@ def test_non_finite_weights_are_refused_at_load(tmp_path: Path, tiny_features, b
         state["context_block.1.weight"].view(-1)[3] = bad
 
     path = _model_with(tmp_path, "poisoned.safetensors", poison)
-    proc = run_main(capsys, "predict", "--features", tiny_features, "-m", path, "--report", tmp_path / "r.json")
+    proc = run_main(
+        capsys, "predict", "--features", tiny_features, "-m", path, "--report", tmp_path / "r.json"
+    )
     line = assert_one_error_line(proc, CheckpointError.exit_code)
     assert "context_block.1.weight" in line and ("NaN" in line or "inf" in line)
     assert not (tmp_path / "r.json").exists()
@@ -128,12 +129,16 @@ def test_absurd_mpp_is_refused_before_work(
     assert _listing(tmp_path) == []
 
 
-def test_h5_declaring_terabytes_is_refused_before_reading(tmp_path: Path, tiny_model, capsys) -> None:
+def test_h5_declaring_terabytes_is_refused_before_reading(
+    tmp_path: Path, tiny_model, capsys
+) -> None:
     path = tmp_path / "huge.h5"
     with h5py.File(path, "w") as f:  # a few KB on disk, 4 TB declared
         f.create_dataset("features", shape=(10**9, 1024), dtype="f4", chunks=(1, 1024))
         f.create_dataset("coords", shape=(10**9, 2), dtype="i8", chunks=(1, 2))
-    proc = run_main(capsys, "predict", "--features", path, "-m", tiny_model, "--report", tmp_path / "r.json")
+    proc = run_main(
+        capsys, "predict", "--features", path, "-m", tiny_model, "--report", tmp_path / "r.json"
+    )
     line = assert_one_error_line(proc, InputError.exit_code)
     assert "GiB" in line and "limit" in line
 
@@ -141,7 +146,9 @@ def test_h5_declaring_terabytes_is_refused_before_reading(tmp_path: Path, tiny_m
 def test_coordinates_near_2_63_are_refused(tmp_path: Path, tiny_model, capsys) -> None:
     coords = np.array([[0, 0], [2**62, 512], [512, 2**63 - 1]], dtype=np.int64)
     path = write_trident(tmp_path / "far.h5", np.ones((3, 8), np.float32), coords)
-    proc = run_main(capsys, "predict", "--features", path, "-m", tiny_model, "--report", tmp_path / "r.json")
+    proc = run_main(
+        capsys, "predict", "--features", path, "-m", tiny_model, "--report", tmp_path / "r.json"
+    )
     line = assert_one_error_line(proc, InputError.exit_code)
     assert "1000000" in line
 
@@ -151,11 +158,29 @@ def test_fifo_model_and_features_do_not_hang(tmp_path: Path, tiny_model, tiny_fe
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     start = time.monotonic()
-    proc = run_cli("predict", "--features", tiny_features, "-m", fifo, "--report", tmp_path / "r.json", timeout=120)
+    proc = run_cli(
+        "predict",
+        "--features",
+        tiny_features,
+        "-m",
+        fifo,
+        "--report",
+        tmp_path / "r.json",
+        timeout=120,
+    )
     assert "named pipe" in assert_one_error_line(proc, CheckpointError.exit_code)
     fifo_h5 = tmp_path / "features.h5"
     os.mkfifo(fifo_h5)
-    proc = run_cli("predict", "--features", fifo_h5, "-m", tiny_model, "--report", tmp_path / "r.json", timeout=120)
+    proc = run_cli(
+        "predict",
+        "--features",
+        fifo_h5,
+        "-m",
+        tiny_model,
+        "--report",
+        tmp_path / "r.json",
+        timeout=120,
+    )
     assert "named pipe" in assert_one_error_line(proc, InputError.exit_code)
     assert time.monotonic() - start < 240
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastinsight.models.checkpoints import CONFIG_KEY, FORMAT_KEY, load_model
 from fastinsight.cli import main
-from fastinsight.models.config import InsightConfig, class_name_problem
 from fastinsight.errors import CheckpointError
+from fastinsight.models.checkpoints import CONFIG_KEY, FORMAT_KEY, load_model
+from fastinsight.models.config import InsightConfig, class_name_problem
 from fastinsight.models.insight import InsightModel
 from tests.hardening.conftest import assert_one_error_line, run_cli, tiny_config
 

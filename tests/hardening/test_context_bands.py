@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from fastinsight.models.config import InsightConfig
 from fastinsight.context_bands import banded_logits, banded_raw_heatmap, context_halo
 from fastinsight.features import unstitch
+from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 
 

@@ -36,7 +36,9 @@ def test_symlink_output_is_written_through(tmp_path: Path) -> None:
         tmp.write_text("new")
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert real.read_text() == "new"
-    assert _listing(tmp_path) == ["data", "report.json"] and _listing(real.parent) == ["report.json"]
+    assert _listing(tmp_path) == ["data", "report.json"] and _listing(real.parent) == [
+        "report.json"
+    ]
 
 
 def test_relative_and_dangling_symlinks(tmp_path: Path) -> None:
@@ -93,7 +95,9 @@ def test_out_of_space_wrapped_by_a_library_is_an_output_error(tmp_path: Path) ->
     target = tmp_path / "model.safetensors"
     with pytest.raises(OutputError, match="No space left"):
         with atomic_path(target):
-            raise RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")
+            raise RuntimeError(
+                "Error while serializing: IoError(No space left on device (os error 28))"
+            )
     assert _listing(tmp_path) == []
 
 
