@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -282,7 +283,7 @@ def write_outputs(result: Any, args: argparse.Namespace) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag values and combinations that would fail after the work, refused before it."""
-    from fastinsight.inputs import check_input_path, check_mpp
+    from fastinsight.inputs import MAX_SLIDE_SIDE_PX, check_input_path, check_mpp
 
     if args.mpp is not None:
         check_mpp(args.mpp)
@@ -295,3 +296,9 @@ def check_flags(args: argparse.Namespace) -> None:
             )
         if args.patches_h5:
             check_input_path(args.patches_h5, "patches file", InputError)
+        size = args.patch_size_l0
+        if size is not None and not (math.isfinite(size) and 1 <= size <= MAX_SLIDE_SIDE_PX):
+            raise InputError(
+                f"--patch-size-l0 must be a level-0 tile side in 1..{MAX_SLIDE_SIDE_PX} px, "
+                f"got {size}"
+            )

@@ -349,12 +349,18 @@ def non_finite_scores_error(
     """
     on_tissue = raw if mask is None else raw.movedim(1, -1)[mask.to(raw.device, torch.bool)]
     if on_tissue.numel() and not bool(torch.isfinite(on_tissue).all()):
-        size = ""
         if tokens is not None and tokens.numel():
-            size = f" (largest |token| {float(tokens.detach().abs().max()):.3g})"
+            where = (
+                f"the INSIGHT head overflowed: finite inputs (largest |token| "
+                f"{float(tokens.detach().abs().max()):.3g}) gave NaN/inf in the heatmap"
+            )
+        else:
+            where = (
+                "the encoder or the INSIGHT head overflowed: the heatmap holds NaN/inf on tissue "
+                "(float16 overflows above 65504)"
+            )
         return InputError(
-            f"the INSIGHT head overflowed: finite inputs gave NaN/inf in the heatmap{size} in "
-            f"{str(raw.dtype).replace('torch.', '')}; the features or the model's weights are "
-            "far out of range: check the feature extraction (normalisation, units)"
+            f"{where}; the features or the model's weights are far out of range: check the "
+            "feature extraction (normalisation, units) and the model"
         )
     return InputError("the tissue mask is empty: no cell of the slide is tissue")

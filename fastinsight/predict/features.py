@@ -7,6 +7,7 @@ up with the slide exactly as a slide run's does.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from fastinsight.errors import InputError, SlideError
-from fastinsight.features import SlideFeatures, read_features
+from fastinsight.features import SlideFeatures, _as_number, read_features
+from fastinsight.inputs import check_dimensions, check_mpp
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import PredictOptions, SlideResult, resolve_device
 from fastinsight.slide import TileGrid, open_slide, stitch_cells
@@ -84,7 +86,10 @@ def _slide_geometry(
                 },
             )
     l0_mag = feats.attrs.get("coords.level0_magnification")
-    slide_mpp = mpp or (10.0 / float(l0_mag) if l0_mag not in (None, "None") else None)
+    # A hostile or damaged attribute ("x20", 0, NaN) must not become a traceback or a division
+    # by zero: anything but a positive finite number counts as "not recorded".
+    mag = _as_number(l0_mag)
+    slide_mpp = mpp or (10.0 / mag if mag is not None and math.isfinite(mag) and mag > 0 else None)
     mpp_source = "given" if mpp else "file attributes"
     patch = feats.patch_size_l0
     if slide_mpp is None and patch:
@@ -106,6 +111,9 @@ def _slide_geometry(
         step = feats.step_l0 or feats.patch_size_l0 or 0
         far = feats.l0_xy.max(dim=0).values + (feats.patch_size_l0 or step)
         size = (int(far[0]), int(far[1]))
+    # From the file's attributes: checked before a grid is laid over them.
+    size = check_dimensions(size[0], size[1], f"{feats.source} (level-0 size)")
+    check_mpp(slide_mpp, f"the level-0 mpp of {feats.source} ({mpp_source})")
     info = {"path": None, "mpp": slide_mpp, "mpp_source": mpp_source, "dimensions": list(size)}
     return size, float(slide_mpp), None, info
 

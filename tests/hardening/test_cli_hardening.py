@@ -153,6 +153,37 @@ def test_coordinates_near_2_63_are_refused(tmp_path: Path, tiny_model, capsys) -
     assert "1000000" in line
 
 
+@pytest.mark.parametrize("size", ["nan", "-512", "0", "1e12"])
+def test_absurd_patch_size_l0(tmp_path: Path, tiny_model, tiny_features, size, capsys) -> None:
+    proc = run_main(
+        capsys, "predict", "--features", tiny_features, "-m", tiny_model,
+        "--patch-size-l0", size, "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert "--patch-size-l0" in assert_one_error_line(proc, InputError.exit_code)
+
+
+def test_absurd_recorded_slide_size_and_magnification(tmp_path: Path, tiny_model, capsys) -> None:
+    rc = np.array([(0, 0), (0, 1)])
+    huge = write_trident(
+        tmp_path / "huge_size.h5", np.ones((2, 8), np.float32), grid_coords(rc, 512),
+        level0_size=(3_000_000_000, 2048),
+    )  # fmt: skip
+    proc = run_main(
+        capsys, "predict", "--features", huge, "-m", tiny_model, "--report", tmp_path / "r.json"
+    )
+    assert "1000000" in assert_one_error_line(proc, SlideError.exit_code)
+    zero_mag = write_trident(
+        tmp_path / "zero_mag.h5", np.ones((2, 8), np.float32), grid_coords(rc, 512),
+        level0_magnification=0, level0_size=(2048, 2048),
+    )  # fmt: skip
+    proc = run_main(
+        capsys, "predict", "--features", zero_mag, "-m", tiny_model, "--report", tmp_path / "r.json"
+    )
+    assert proc.returncode == 0, proc.stderr  # mpp derived from the model's geometry, and said so
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["slide"]["mpp_source"].startswith("derived")
+
+
 # -- class 5: special files and signals ----------------------------------------------------------
 def test_fifo_model_and_features_do_not_hang(tmp_path: Path, tiny_model, tiny_features) -> None:
     fifo = tmp_path / "model.safetensors"
