@@ -276,3 +276,52 @@ def test_overlay_without_a_slide_is_refused_before_work(
     assert "--overlay" in line and "--slide" in line
     assert proc.stdout == ""  # no prediction ran (it prints the scores)
     assert _listing(tmp_path) == []
+
+
+_RAY_SESSION = textwrap.dedent(
+    """
+    import os, sys, time
+    from fastinsight.cohort import CohortOptions, _ray_session
+    from fastinsight.signals import Terminated, handle_sigterm
+
+    try:
+        with handle_sigterm():
+            with _ray_session(CohortOptions(num_cpus=1), quiet=True) as session:
+                print("READY", session.temp_dir, flush=True)
+                time.sleep(120)
+    except Terminated as exc:
+        sys.exit(exc.exit_code)
+    """
+)
+
+
+def test_sigterm_stops_the_local_ray_instance(tmp_path: Path) -> None:
+    """predict-cohort's Ray session: SIGTERM (which ray.init would turn into exit(15)) shuts Ray
+    down with a message, removes its session folder and leaves no Ray process behind."""
+    pytest.importorskip("ray")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RAY_SESSION],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: find Ray's processes by it
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "READY", proc.stderr.read() if proc.stderr else ""
+        temp_dir = Path(line[1])
+        assert temp_dir.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "shutting Ray down" in err
+    assert not temp_dir.exists()
+    time.sleep(2)  # Ray's raylet and workers exit on shutdown; give them a moment
+    # Ray's own daemons may leave the process group, but they all name the session folder.
+    for how in (["-g", str(proc.pid)], ["-f", str(temp_dir)]):
+        left = subprocess.run(["pgrep", *how], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"Ray processes left ({how}): {left.stdout}"
