@@ -14,7 +14,7 @@ import torch
 
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
-from tests.features.h5_layouts import grid_coords, write_trident
+from tests.support.h5_layouts import grid_coords, write_trident
 
 # The command line's own entry point, whatever module layout holds it.
 _ENTRY = "import sys; from fastinsight.cli import main; sys.exit(main())"

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from fastinsight.errors import CheckpointError, InputError, SlideError
 from fastinsight.models.checkpoints import CONFIG_KEY, FORMAT_KEY
 from fastinsight.models.insight import InsightModel
-from tests.features.h5_layouts import grid_coords, write_trident
 from tests.hardening.conftest import assert_one_error_line, run_cli, run_main, tiny_config
+from tests.support.h5_layouts import grid_coords, write_trident
 
 
 def _listing(folder: Path) -> list[str]:
