@@ -37,7 +37,7 @@ import numpy as np
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError
-from fastinsight.text import dumps_json
+from fastinsight.text import clean_text, dumps_json
 
 GT_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".geojson", ".json")
 RESAMPLE: tuple[str, ...] = ("nearest", "area")
@@ -776,7 +776,7 @@ class EvalResult:
             w = csv.writer(fh)
             w.writerow(header)
             for s in self.slides:
-                row: list[Any] = [s.slide_id]
+                row: list[Any] = [clean_text(s.slide_id)]  # undecodable file-name bytes
                 for k in range(len(names)):
                     d = s.dice[k]
                     row += [
