@@ -63,6 +63,7 @@ from fastinsight.errors import (
 )
 from fastinsight.fileformat import file_sha256
 from fastinsight.predict.slide import STAGES, PredictOptions
+from fastinsight.text import dumps_json
 
 EXIT_SLIDES_FAILED = 8
 """Exit code of ``predict-cohort`` when at least one slide failed (the rest were processed)."""
@@ -165,6 +166,9 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortSlide]:
         raise InputError(
             f"manifest {str(manifest)!r} is not UTF-8 text; save it as a UTF-8 CSV"
         ) from None
+    from fastinsight.inputs import allow_long_csv_fields
+
+    allow_long_csv_fields()
     reader = csv.DictReader(io.StringIO(text))
     header = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
     path_col = next((header[c] for c in _MANIFEST_PATH_COLUMNS if c in header), None)
@@ -431,7 +435,10 @@ def summary_header(class_names: Sequence[str]) -> list[str]:
 
 def write_summary(path: Path, outcomes: Sequence[SlideOutcome], class_names: Sequence[str]) -> None:
     """Rewrite ``summary.csv`` atomically: a reader never sees half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    from fastinsight.text import clean_text
+
+    # UTF-8 whatever the locale; file names that are not UTF-8 are written as \xNN.
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(summary_header(class_names))
         for o in outcomes:
@@ -439,23 +446,26 @@ def write_summary(path: Path, outcomes: Sequence[SlideOutcome], class_names: Seq
             done = o.status in ("ok", "skipped")
             w.writerow(
                 [
-                    o.slide_id,
+                    clean_text(o.slide_id),
                     o.status,
                     *scores,
-                    _one_line(o.error),
+                    clean_text(_one_line(o.error)),
                     o.n_tiles if done else "",
                     _fmt(o.timings.get("total", float("nan"))) if done else "",
                     _fmt(o.tiles_per_s) if done else "",
                     *(_fmt(o.timings[s]) if done and s in o.timings else "" for s in STAGES),
                     o.node,
-                    o.slide_path,
+                    clean_text(str(o.slide_path)),
                 ]
             )
 
 
 def read_summary(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """The rows of a ``summary.csv`` as dicts (for tests and notebooks)."""
-    with open(path, newline="") as fh:
+    from fastinsight.inputs import allow_long_csv_fields
+
+    allow_long_csv_fields()  # error messages of failed slides can be long
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -662,7 +672,7 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
             "outcome": outcome.as_json(),
         }
         with atomic_path(partial / MARKER_NAME) as tmp:
-            tmp.write_text(json.dumps(marker, indent=2) + "\n")
+            tmp.write_text(dumps_json(marker, "complete.json", indent=2) + "\n", encoding="utf-8")
         _install(partial, slide_dir(job.out_dir, slide.slide_id))
         return outcome
     except FastInsightError as exc:
@@ -798,9 +808,21 @@ def _ray_session(options: CohortOptions, quiet: bool) -> Iterator[_RaySession]:
         raise BackendError(
             f"cannot start or reach {where} ({_one_line(str(exc))}); {hint}"
         ) from exc
+    # ray.init makes SIGTERM exit(15) at once; put fastinsight's handler back so SIGTERM unwinds
+    # through the finally below (Ray shut down, temp folder removed) and exits 143.
+    from fastinsight.signals import rearm_sigterm
+
+    rearm_sigterm()
     session = _RaySession(ray, temp_dir)
     try:
         yield session
+    except KeyboardInterrupt:
+        print(
+            "fastinsight: stopping: shutting Ray down (finished slides are kept; rerun the same "
+            "command to resume)",
+            file=sys.stderr,
+        )
+        raise
     finally:
         ray.shutdown()
         if session.keep_logs and temp_dir:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError, OutputError
 from fastinsight.models.config import InsightConfig
+from fastinsight.text import dumps_json
 
 
 def demo_model_config(in_dim: int) -> InsightConfig:
@@ -155,7 +155,7 @@ def run_demo(
         "model": str(model_path),
     }
     with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.write_text(dumps_json(report, "demo report", nan_as_null=True, indent=2) + "\n")
     log("")
     log(f"{'slide':<16} {'label':>5} {'score':>7} {'dice':>6}")
     for r in rows:

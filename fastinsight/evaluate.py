@@ -37,6 +37,7 @@ import numpy as np
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError
+from fastinsight.text import clean_text, dumps_json
 
 GT_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".geojson", ".json")
 RESAMPLE: tuple[str, ...] = ("nearest", "area")
@@ -279,7 +280,10 @@ class Labels:
 
 def read_labels(path: str | os.PathLike[str]) -> Labels:
     """Parse a labels CSV (``slide_id,<class>,...``; values 0/1; optional ``split`` column)."""
+    from fastinsight.inputs import allow_long_csv_fields
+
     p = Path(path).expanduser()
+    allow_long_csv_fields()
     try:
         with open(p, newline="", encoding="utf-8-sig") as fh:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
@@ -751,7 +755,10 @@ class EvalResult:
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(
+                dumps_json(self.as_dict(), "evaluation", nan_as_null=True, indent=2) + "\n",
+                encoding="utf-8",
+            )
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per slide: labels, scores and Dice per class."""
@@ -769,7 +776,7 @@ class EvalResult:
             w = csv.writer(fh)
             w.writerow(header)
             for s in self.slides:
-                row: list[Any] = [s.slide_id]
+                row: list[Any] = [clean_text(s.slide_id)]  # undecodable file-name bytes
                 for k in range(len(names)):
                     d = s.dice[k]
                     row += [

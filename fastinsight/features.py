@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import InputError
+from fastinsight.inputs import check_coordinates
 
 LAYOUTS: tuple[str, ...] = ("insight", "clam", "trident")
 H5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".he5")
@@ -416,10 +417,10 @@ class FeatureFileInfo:
 def _open_h5(path: Path) -> Any:
     import h5py
 
-    if not path.exists():
-        raise InputError(f"feature file {str(path)!r} does not exist; check the path")
-    if path.is_dir():
-        raise InputError(f"{str(path)!r} is a folder, not a feature file; pass an .h5 file")
+    from fastinsight.inputs import check_input_path
+
+    # stat before opening: a FIFO would block, a loop or a folder gets its own clear words.
+    check_input_path(path, "feature file", InputError)
     try:
         is_h5 = h5py.is_hdf5(str(path))
     except OSError:
@@ -495,6 +496,21 @@ def _read_patches_geometry(patches_h5: Path) -> tuple[FileGeometry, np.ndarray]:
     return geometry, xy
 
 
+def _check_declared_sizes(feats_ds: Any, coords_ds: Any, path: Path) -> None:
+    """Shapes from the header, checked before a byte is read: a few KB of h5 can declare TBs."""
+    from fastinsight.inputs import check_allocation
+
+    n = int(feats_ds.shape[0]) if feats_ds.ndim else 0
+    if coords_ds.ndim >= 1 and int(coords_ds.shape[0]) != n:
+        raise InputError(
+            f"{str(path)!r}: 'features' has {n} tiles but 'coords' has {int(coords_ds.shape[0])}; "
+            "the file is truncated or mixed up: re-run the feature extraction"
+        )
+    nbytes = int(np.prod(feats_ds.shape, dtype=object)) * 4  # read as float32
+    nbytes += int(np.prod(coords_ds.shape, dtype=object)) * 8
+    check_allocation(nbytes, f"{str(path)!r} (features {tuple(feats_ds.shape)})")
+
+
 def _coords_array(raw: np.ndarray, n: int, path: Path) -> np.ndarray:
     if raw.size == 0 and n == 0:
         return np.zeros((0, 2), dtype=np.int64)
@@ -509,7 +525,12 @@ def _coords_array(raw: np.ndarray, n: int, path: Path) -> np.ndarray:
             "is truncated or mixed up: re-run the feature extraction"
         )
     if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.int64)
+        if raw.size and raw.dtype == np.uint64 and int(raw.max()) > np.iinfo(np.int64).max:
+            raise InputError(f"{str(path)!r}: 'coords' hold values beyond 2^63; damaged file")
+        xy = raw.astype(np.int64)
+        if xy.size:
+            check_coordinates(int(xy.min()), int(xy.max()), str(path))
+        return xy
     if np.issubdtype(raw.dtype, np.floating):
         finite = np.isfinite(raw).all(axis=1)
         integral = finite & (np.round(raw) == raw).all(axis=1)
@@ -519,6 +540,8 @@ def _coords_array(raw: np.ndarray, n: int, path: Path) -> np.ndarray:
                 f"{str(path)!r}: coords of tile {i} are {raw[i].tolist()}; expected integer "
                 "level-0 px (slideflow stores centres and MONAI (y, x): convert them first)"
             )
+        if raw.size:
+            check_coordinates(int(raw.min()), int(raw.max()), str(path))
         return raw.astype(np.int64)
     raise InputError(f"{str(path)!r}: 'coords' has dtype {raw.dtype}; expected integers")
 
@@ -557,6 +580,7 @@ def read_features(
             )
         feat_attrs = _attrs(feats_ds)
         coord_attrs = _attrs(coords_ds)
+        _check_declared_sizes(feats_ds, coords_ds, p)
         feats = np.asarray(feats_ds[()], dtype=np.float32)
         raw_coords = np.asarray(coords_ds[()])
     n = int(feats.shape[0])

@@ -62,6 +62,7 @@ from fastinsight.features import (
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.ops.reference import gate
+from fastinsight.text import dumps_json
 
 STATE_FORMAT = "fastinsight.train/1"
 # Fields of TrainConfig a resumed run may change.
@@ -450,7 +451,9 @@ def write_metrics(
     """Per-epoch metrics as CSV and JSON (atomically)."""
     rows = [h.as_row(class_names) for h in history]
     with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(
+            dumps_json(rows, "metrics", nan_as_null=True, indent=2) + "\n", encoding="utf-8"
+        )
     header = list(rows[0]) if rows else ["epoch"]
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=header)

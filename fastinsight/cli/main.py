@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 2-7 a ``FastInsightError`` (bad input or environment; see ``fastinsight.errors``), with a
 one-line message and no traceback; 8 ``predict-cohort`` finished but some slides failed (see
-its summary.csv); 130 interrupted.
+its summary.csv); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). docs/exit-codes.md has
+the table.
 """
 
 from __future__ import annotations
@@ -171,21 +172,34 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fastinsight.signals import Terminated, handle_sigterm, interrupt_exit_code
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(argv)
-        args = parser.parse_args(argv)
-        run: Runner | None = getattr(args, "_run", None)
-        if run is None:
-            parser.parse_args([*argv, "--help"])
-            return 2
-        return int(run(args) or 0)
+        # SIGTERM unwinds like Ctrl-C: temp files removed, Ray stopped, exit 143.
+        with handle_sigterm():
+            parser = build_parser(argv)
+            args = parser.parse_args(argv)
+            run: Runner | None = getattr(args, "_run", None)
+            if run is None:
+                parser.parse_args([*argv, "--help"])
+                return 2
+            return int(run(args) or 0)
     except FastInsightError as exc:
-        print(f"fastinsight: error: {error_message(exc)}", file=sys.stderr)
+        print(f"fastinsight: error: {_one_line(error_message(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("fastinsight: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"fastinsight: {what}; temporary files were removed", file=sys.stderr)
+        return interrupt_exit_code(exc)
+
+
+def _one_line(message: str) -> str:
+    """The README promises one error line: fold any newline a message (or a library) carried,
+    and write undecodable bytes of file names as ``\\xNN``."""
+    from fastinsight.text import clean_text
+
+    return " ".join(clean_text(message).split("\n"))
 
 
 if __name__ == "__main__":

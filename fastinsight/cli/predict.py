@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
-from fastinsight.errors import InputError
+from fastinsight.errors import InputError, SlideError
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
+from fastinsight.text import clean_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +161,7 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastinsight.inputs import check_input_path
     from fastinsight.predict.slide import class_heatmap_path, prepare_outputs, resolve_device
 
     if args.class_ is not None and args.all_classes:
@@ -174,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "nothing to write: pass --out heatmap.tif (and/or --overlay, --geojson, --report, --scores)"
         )
+    check_flags(args)
     device = resolve_device(args.device)
     model_path = resolve_model_path(args.model)
     model, info = load_for_predict(model_path, args.backend, args.quiet)
@@ -182,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         from fastinsight.cli.radiograph import run_from_predict
 
         return run_from_predict(args, model, model_path, str(device))
+    slide = args.slide_opt or args.slide
+    if slide:
+        # Whole-slide formats are files (mrxs: its index file); a FIFO is never opened.
+        check_input_path(slide, "slide", SlideError)
     if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(
             f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "
@@ -241,34 +249,56 @@ def run(args: argparse.Namespace) -> int:
         f"{n}={s:.4f}" for n, s in zip(result.class_names, result.scores, strict=True)
     )
     print(
-        f"{result.slide_id}: {summary} (threshold {result.thresholds[k]:.4f}; "
+        f"{clean_text(result.slide_id)}: {clean_text(summary)} (threshold {result.thresholds[k]:.4f}; "
         f"{result.n_tiles} tiles in {result.timings['total']:.1f} s, {result.tiles_per_second:.1f} tiles/s end to end)"
     )
     return 0
 
 
 def write_outputs(result: Any, args: argparse.Namespace) -> None:
-    """Write what was asked for; if any write fails, remove the ones already written."""
+    """Write what was asked for, all or nothing.
+
+    Every output goes to a temporary file; they are renamed into place together when the last
+    one is complete (``atomic_outputs``). If any write fails (a full disk, Ctrl-C, SIGTERM) the
+    temporary files are removed and every previous output is kept as it was.
+    """
+    from fastinsight.atomic import atomic_outputs
+
     start = time.perf_counter()
-    written: list[Path] = []
-    try:
+    with atomic_outputs():
         if args.out:
-            written += result.write_heatmap(
+            result.write_heatmap(
                 args.out, args.class_, encoding=args.encoding, all_classes=args.all_classes
             )
         if args.overlay:
             result.write_overlay(args.overlay, args.class_)
-            written.append(Path(args.overlay))
         if args.geojson:
             result.write_geojson(args.geojson, args.class_, per=args.geojson_per)
-            written.append(Path(args.geojson))
         if args.scores:
             result.write_sidecar(args.scores)
-            written.append(Path(args.scores))
         result.timings["write"] = time.perf_counter() - start
         if args.report:
             result.write_report(args.report)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values and combinations that would fail after the work, refused before it."""
+    from fastinsight.inputs import MAX_SLIDE_SIDE_PX, check_input_path, check_mpp
+
+    if args.mpp is not None:
+        check_mpp(args.mpp)
+    if args.features:
+        check_input_path(args.features, "feature file", InputError)
+        if args.overlay and not (args.slide_opt or args.slide):
+            raise InputError(
+                "--overlay draws the heatmap over the slide's thumbnail, and a --features run "
+                "without --slide has no slide; pass --slide SLIDE or drop --overlay"
+            )
+        if args.patches_h5:
+            check_input_path(args.patches_h5, "patches file", InputError)
+        size = args.patch_size_l0
+        if size is not None and not (math.isfinite(size) and 1 <= size <= MAX_SLIDE_SIDE_PX):
+            raise InputError(
+                f"--patch-size-l0 must be a level-0 tile side in 1..{MAX_SLIDE_SIDE_PX} px, "
+                f"got {size}"
+            )

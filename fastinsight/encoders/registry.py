@@ -396,7 +396,7 @@ def build_encoder(
         if tile_size_px is None:
             raise InputError(
                 f"encoder {raw!r} needs the tile size its module takes; pass --tile-size "
-                "(tile_size_px=...), and --patch-size if the output grid is not square"
+                "(tile_size_px=...), and patch_size_px=... if the output grid is not square"
             )
         _check_options(raw, kw, _TORCHSCRIPT_OPTIONS)
         return TorchScriptEncoder(path, tile_size_px=tile_size_px, device=dev, dtype=dtype, **kw)

@@ -83,7 +83,7 @@ class TorchScriptEncoder(Encoder):
         if tile_size_px % side:
             raise InputError(
                 f"{str(p)!r}: a {side} x {side} token grid does not divide {tile_size_px} px tiles "
-                "evenly; pass patch_size_px (--patch-size) and a matching tile size"
+                "evenly; pass patch_size_px (a build_encoder option) and a matching tile size"
             )
         super().__init__(
             name=name or f"torchscript:{p.name}",
@@ -113,7 +113,7 @@ class TorchScriptEncoder(Encoder):
         if tile < 1 or (patch is not None and (patch < 1 or tile % patch)):
             raise InputError(
                 f"tile size {tile} px is not a positive multiple of patch size {patch} px; "
-                "pass matching --tile-size and --patch-size"
+                "pass matching tile_size_px and patch_size_px (build_encoder options)"
             )
         gen = torch.Generator(device="cpu").manual_seed(0)
         dummy = torch.randn(_DUMMY_BATCH, 3, tile, tile, generator=gen)
@@ -146,7 +146,7 @@ class TorchScriptEncoder(Encoder):
             if h != w or (want is not None and h != want):
                 raise CheckpointError(
                     f"{src} returns a {h} x {w} grid for {tile} px tiles, expected "
-                    f"{want or 'a square'} x {want or 'grid'}; check --tile-size/--patch-size"
+                    f"{want or 'a square'} x {want or 'grid'}; check tile_size_px / patch_size_px"
                 )
             return "grid", c, h
         _, n, c = shape
@@ -158,7 +158,7 @@ class TorchScriptEncoder(Encoder):
             raise CheckpointError(
                 f"{src} returns {n} tokens for {tile} px tiles, expected {want * want} (a "
                 f"{want} x {want} grid) or {1 + want * want} (with a class token); check "
-                "--tile-size/--patch-size"
+                "tile_size_px / patch_size_px"
             )
         side = _isqrt_exact(n)
         if side is not None:
@@ -168,7 +168,7 @@ class TorchScriptEncoder(Encoder):
             return "cls+tokens", c, side
         raise CheckpointError(
             f"{src} returns {n} tokens, neither a square grid nor a class token plus a square "
-            "grid; pass patch_size_px (--patch-size) or wrap the module"
+            "grid; pass patch_size_px (a build_encoder option) or wrap the module"
         )
 
     @property

@@ -35,6 +35,10 @@ from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-e
 
 def sniff_format(path: Path) -> str:
     """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or raise CheckpointError."""
+    from fastinsight.inputs import check_input_path
+
+    # stat first: a FIFO would block open() forever, a loop or a folder deserves its own words.
+    check_input_path(path, "model file", CheckpointError)
     try:
         with open(path, "rb") as fh:
             head = fh.read(16)
@@ -101,6 +105,25 @@ def load_state_strict(model: InsightModel, state: dict[str, Tensor], source: str
             )
         if not got.is_floating_point():
             raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected float")
+        finite = torch.isfinite(got)
+        if not bool(finite.all()):
+            bad = got[~finite]
+            kinds = ", ".join(
+                name
+                for name, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any()))
+                if bool(hit)
+            )
+            raise CheckpointError(
+                f"{source}: {key!r} holds {int(bad.numel())} non-finite values ({kinds}); the "
+                "file is damaged or the training diverged: use an earlier checkpoint"
+            )
+        # fp16/bf16 weights are stored in float32 below; values beyond float32 cannot occur,
+        # but a float64 file can hold finite values that overflow float32.
+        if got.dtype == torch.float64 and bool((got.abs() > torch.finfo(torch.float32).max).any()):
+            raise CheckpointError(
+                f"{source}: {key!r} holds values beyond float32's range (overflow to inf); the "
+                "file is damaged or the training diverged"
+            )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 

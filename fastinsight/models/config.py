@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,13 +59,9 @@ class InsightConfig:
     target_mpp: float = 0.5
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.in_dim < 1:
-            problems.append(f"in_dim must be >= 1, got {self.in_dim}")
-        if self.num_classes < 1:
-            problems.append(f"num_classes must be >= 1, got {self.num_classes}")
-        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
-            problems.append(f"grid_size must be two positive ints, got {self.grid_size}")
+        problems = _type_problems(self)
+        if problems:  # the value checks below assume the types are right
+            raise CheckpointError("invalid InsightConfig: " + "; ".join(problems))
         if self.norm not in NORMS:
             problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.context not in ("tile", "slide"):
@@ -74,18 +72,34 @@ class InsightConfig:
             )
         if self.threshold not in ("otsu", "none"):
             problems.append(f"threshold must be 'otsu' or 'none', got {self.threshold!r}")
+        if self.otsu_bins < 2:
+            problems.append(f"otsu_bins must be >= 2, got {self.otsu_bins}")
         if self.pooling not in POOLINGS:
             problems.append(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.pool_input not in ("heatmap", "logit"):
             problems.append(f"pool_input must be 'heatmap' or 'logit', got {self.pool_input!r}")
-        if self.smoothmax_a <= 0:
+        if not self.norm_eps > 0:
+            problems.append(f"norm_eps must be > 0 (it keeps the norm finite), got {self.norm_eps}")
+        if not self.smoothmax_a > 0:
             problems.append(f"smoothmax_a must be > 0, got {self.smoothmax_a}")
-        if self.lse_r0 < 0:
+        if not self.lse_r0 >= 0:
             problems.append(f"lse_r0 must be >= 0, got {self.lse_r0}")
+        if not MPP_RANGE[0] <= self.target_mpp <= MPP_RANGE[1]:
+            problems.append(
+                f"target_mpp must be in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] um/px, got {self.target_mpp}"
+            )
+        if self.patch_size_px > self.tile_size_px:
+            problems.append(
+                f"patch_size_px ({self.patch_size_px}) must not exceed tile_size_px "
+                f"({self.tile_size_px})"
+            )
+        if not self.encoder.strip():
+            problems.append("encoder must name an encoder, got an empty string")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(
                 f"class_names has {len(self.class_names)} names for {self.num_classes} classes"
             )
+        problems += class_name_problems(self.class_names)
         if problems:
             raise CheckpointError("invalid InsightConfig: " + "; ".join(problems))
 
@@ -102,10 +116,13 @@ class InsightConfig:
 
     @classmethod
     def from_json(cls, text: str) -> InsightConfig:
+        """Parse a config written by ``to_json``; every field is checked (types, ranges, NaN)."""
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, TypeError) as exc:
             raise CheckpointError(f"model config is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"model config must be a JSON object, got {type(raw).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
@@ -114,3 +131,112 @@ class InsightConfig:
             )
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+MPP_RANGE = (0.01, 1000.0)  # as fastinsight.inputs.MPP_MIN / MPP_MAX (config has no imports)
+_INT_FIELDS = ("in_dim", "num_classes", "reduce_dim", "otsu_bins", "tile_size_px", "patch_size_px")
+_FLOAT_FIELDS = ("norm_eps", "smoothmax_a", "lse_r0", "target_mpp")
+_STR_FIELDS = ("norm", "context", "threshold", "pooling", "pool_input", "encoder")
+# Sizes beyond these are garbage (a 2^31-channel conv would allocate petabytes before failing).
+MAX_DIM = 65_536
+MAX_CLASSES = 4096
+MAX_GRID = 1024
+MAX_TILE_PX = 65_536
+MAX_CLASS_NAME_BYTES = 100  # OUT_STEM.<class>.tif must fit NAME_MAX = 255 bytes
+# Windows device names: a file "CON.tif" cannot be created there (any extension, any case).
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
+)
+_FORBIDDEN_CHARS = set('/\\<>:"|?*')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int_problem(name: str, value: Any, limit: int) -> str | None:
+    if not _is_int(value):
+        return f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+    if not 1 <= value <= limit:
+        return f"{name} must be in 1..{limit}, got {value}"
+    return None
+
+
+def _type_problems(cfg: InsightConfig) -> list[str]:
+    """Field types and size limits; each problem names its field."""
+    problems: list[str] = []
+    limits = {"in_dim": MAX_DIM, "reduce_dim": MAX_DIM, "num_classes": MAX_CLASSES}
+    limits |= {"otsu_bins": 1 << 20, "tile_size_px": MAX_TILE_PX, "patch_size_px": MAX_TILE_PX}
+    for name in _INT_FIELDS:
+        problem = _positive_int_problem(name, getattr(cfg, name), limits[name])
+        if problem:
+            problems.append(problem)
+    for name in _FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        elif not math.isfinite(value):
+            problems.append(f"{name} must be finite, got {value!r}")
+    for name in _STR_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, str):
+            problems.append(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+    for name, size, limit in (("grid_size", 2, MAX_GRID), ("widths", 3, MAX_DIM)):
+        value = getattr(cfg, name)
+        what = "a pair" if size == 2 else "three"
+        if not isinstance(value, (tuple, list)) or len(value) != size:
+            problems.append(f"{name} must be {what} of positive integers, got {value!r}")
+            continue
+        for v in value:
+            problem = _positive_int_problem(f"{name} entry", v, limit)
+            if problem:
+                problems.append(f"{problem} (in {name}={list(value)!r})")
+                break
+    names = cfg.class_names
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        problems.append(f"class_names must be a list of strings, got {names!r}")
+    return problems
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class name, or None.
+
+    A class name becomes part of file names (``--all-classes`` writes ``OUT_STEM.<class>.tif``),
+    JSON keys, CSV headers and TIFF descriptions, so it must be usable as one path component on
+    Linux, macOS and Windows: not empty, no ``/ \\ < > : " | ? *``, no control characters,
+    not ``.``/``..``, no leading or trailing space or trailing dot, not a Windows device name
+    (CON, NUL, COM1, ...), at most 100 bytes as UTF-8. Letters of any script are fine.
+    """
+    if not name:
+        return "a class name is empty"
+    bad = sorted(
+        {c for c in name if c in _FORBIDDEN_CHARS or unicodedata.category(c) in ("Cc", "Zl", "Zp")}
+    )
+    if bad:
+        return f"class name {name!r} contains {bad!r}, which file names cannot hold"
+    if name in (".", ".."):
+        return f"class name {name!r} is a folder reference"
+    if name != name.strip() or name.endswith("."):
+        return f"class name {name!r} starts or ends with a space or ends with a dot"
+    if name.split(".")[0].lower() in _WINDOWS_RESERVED:
+        return f"class name {name!r} is a reserved device name on Windows"
+    if len(name.encode("utf-8")) > MAX_CLASS_NAME_BYTES:
+        return f"class name {name[:20]!r}... is longer than {MAX_CLASS_NAME_BYTES} bytes"
+    return None
+
+
+def class_name_problems(names: tuple[str, ...]) -> list[str]:
+    """Every bad name, and names that collide (also when case is ignored, as on macOS)."""
+    problems = [p for p in (class_name_problem(n) for n in names) if p]
+    folded = [unicodedata.normalize("NFC", n).casefold() for n in names]
+    if len(set(folded)) != len(folded):
+        problems.append(
+            f"class_names {list(names)!r} repeat a name (ignoring case): each class needs its own "
+            "file name"
+        )
+    if problems:
+        problems[-1] += "; rename the classes (e.g. letters, digits, '-' and '_')"
+    return problems

@@ -308,10 +308,10 @@ class InsightModel(nn.Module):
         if check_finite and not bool(torch.isfinite(raw).all()):
             raise InputError("token grids contain NaN or inf; check the feature extraction")
         heatmap, t, scores = self.threshold_and_pool(raw, mask)
-        # The one host synchronisation, after the slide is done: an empty mask on the device
-        # surfaces here as NaN scores.
+        # The one host synchronisation, after the slide is done: an empty mask on the device or
+        # an overflow in the head surfaces here as NaN scores.
         if not bool(torch.isfinite(scores).all()):
-            raise InputError("the tissue mask is empty: no cell of the slide is tissue")
+            raise non_finite_scores_error(raw, mask, tokens)
         return SlidePrediction(
             scores=scores,
             heatmap=heatmap,
@@ -335,3 +335,32 @@ class InsightModel(nn.Module):
         meta = {CONFIG_KEY: self.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
         with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=meta)
+
+
+def non_finite_scores_error(
+    raw: Tensor, mask: Tensor | None, tokens: Tensor | None = None
+) -> InputError:
+    """Why a slide's scores came out NaN or inf, as the error to raise.
+
+    Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` or None, tokens ``[N, C, h, w]`` or None.
+    A non-finite raw heatmap on tissue cells is an overflow (finite tokens or weights too large
+    for the compute dtype: fp16 overflows above 65504, fp32 above 3.4e38); otherwise the tissue
+    mask was empty.
+    """
+    on_tissue = raw if mask is None else raw.movedim(1, -1)[mask.to(raw.device, torch.bool)]
+    if on_tissue.numel() and not bool(torch.isfinite(on_tissue).all()):
+        if tokens is not None and tokens.numel():
+            where = (
+                f"the INSIGHT head overflowed: finite inputs (largest |token| "
+                f"{float(tokens.detach().abs().max()):.3g}) gave NaN/inf in the heatmap"
+            )
+        else:
+            where = (
+                "the encoder or the INSIGHT head overflowed: the heatmap holds NaN/inf on tissue "
+                "(float16 overflows above 65504)"
+            )
+        return InputError(
+            f"{where}; the features or the model's weights are far out of range: check the "
+            "feature extraction (normalisation, units) and the model"
+        )
+    return InputError("the tissue mask is empty: no cell of the slide is tissue")

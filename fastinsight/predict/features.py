@@ -7,6 +7,7 @@ up with the slide exactly as a slide run's does.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from fastinsight.errors import InputError, SlideError
-from fastinsight.features import SlideFeatures, read_features, unstitch
+from fastinsight.features import SlideFeatures, _as_number, read_features
+from fastinsight.inputs import check_dimensions, check_mpp
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import PredictOptions, SlideResult, resolve_device
 from fastinsight.slide import TileGrid, open_slide, stitch_cells
@@ -84,7 +86,10 @@ def _slide_geometry(
                 },
             )
     l0_mag = feats.attrs.get("coords.level0_magnification")
-    slide_mpp = mpp or (10.0 / float(l0_mag) if l0_mag not in (None, "None") else None)
+    # A hostile or damaged attribute ("x20", 0, NaN) must not become a traceback or a division
+    # by zero: anything but a positive finite number counts as "not recorded".
+    mag = _as_number(l0_mag)
+    slide_mpp = mpp or (10.0 / mag if mag is not None and math.isfinite(mag) and mag > 0 else None)
     mpp_source = "given" if mpp else "file attributes"
     patch = feats.patch_size_l0
     if slide_mpp is None and patch:
@@ -106,6 +111,9 @@ def _slide_geometry(
         step = feats.step_l0 or feats.patch_size_l0 or 0
         far = feats.l0_xy.max(dim=0).values + (feats.patch_size_l0 or step)
         size = (int(far[0]), int(far[1]))
+    # From the file's attributes: checked before a grid is laid over them.
+    size = check_dimensions(size[0], size[1], f"{feats.source} (level-0 size)")
+    check_mpp(slide_mpp, f"the level-0 mpp of {feats.source} ({mpp_source})")
     info = {"path": None, "mpp": slide_mpp, "mpp_source": mpp_source, "dimensions": list(size)}
     return size, float(slide_mpp), None, info
 
@@ -140,13 +148,10 @@ def predict_features(
     rc = grid_positions(feats, grid, snap)
     model = model.to(device).eval()
     if cfg.context == "slide":
-        st = feats.stitched(snap=snap)
-        pred = model.predict(st.grid.to(device), st.cell_mask.to(device))
-        heat = unstitch(pred.heatmap, st.tile_rc.to(device), feats.grid_size)
-        raw = unstitch(pred.raw_heatmap, st.tile_rc.to(device), feats.grid_size)
+        pred = predict_slide_context(model, feats, snap, device)
     else:
         pred = model.predict(feats.tokens.to(device), feats.tile_mask().to(device))
-        heat, raw = pred.heatmap, pred.raw_heatmap
+    heat, raw = pred.heatmap, pred.raw_heatmap
     tiles = [grid.tile(int(r), int(c)) for r, c in rc]
     cells = stitch_cells(heat.float().cpu(), tiles, grid).numpy()
     raw_cells = stitch_cells(raw.float().cpu(), tiles, grid).numpy()
@@ -174,4 +179,35 @@ def predict_features(
     )
 
 
-__all__ = ["predict_features", "feature_grid", "grid_positions"]
+def predict_slide_context(
+    model: InsightModel, feats: SlideFeatures, snap: bool, device: torch.device
+) -> Any:
+    """``model.predict`` of a slide-context model on the stitched tiles, in bands of tile rows.
+
+    Same result as predicting the stitched grid (``feats.stitched()``) and cutting it back into
+    tiles, without ever building the whole grid or its activations (``context_bands``).
+    Shapes: -> ``SlidePrediction`` with heatmap / raw_heatmap ``[N, K, h, w]``.
+    """
+    from fastinsight.context_bands import banded_raw_heatmap
+    from fastinsight.models.insight import SlidePrediction, non_finite_scores_error
+
+    tokens = feats.tokens.to(device)
+    if not bool(torch.isfinite(tokens).all()):
+        raise InputError(f"{feats.source}: features contain NaN or inf; re-extract them")
+    rc = feats.tile_rc(snap=snap).to(device)
+    mask = feats.tile_mask().to(device)
+    raw = banded_raw_heatmap(tokens, rc, model.head_weights(), mask)
+    heatmap, thresholds, scores = model.threshold_and_pool(raw, mask)
+    if not bool(torch.isfinite(scores).all()):
+        raise non_finite_scores_error(raw, mask, tokens)
+    return SlidePrediction(
+        scores=scores,
+        heatmap=heatmap,
+        raw_heatmap=raw,
+        thresholds=thresholds,
+        mask=mask,
+        class_names=model.config.names,
+    )
+
+
+__all__ = ["predict_slide_context", "predict_features", "feature_grid", "grid_positions"]

@@ -9,7 +9,6 @@ by the batch size, not by the slide.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -24,8 +23,10 @@ from torch import Tensor
 
 from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path, check_writable
+from fastinsight.context_bands import banded_raw_heatmap
 from fastinsight.errors import BackendError, InputError
-from fastinsight.models.insight import InsightModel
+from fastinsight.inputs import check_dimensions, check_mpp
+from fastinsight.models.insight import InsightModel, non_finite_scores_error
 from fastinsight.ops.reference import tokens_as_grid
 from fastinsight.slide import (
     Tile,
@@ -43,6 +44,7 @@ from fastinsight.slide import (
     write_overlay,
     write_scores_sidecar,
 )
+from fastinsight.text import dumps_json
 
 STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
 
@@ -79,11 +81,8 @@ class PredictOptions:
         ):
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
-        if self.mpp is not None and not self.mpp > 0:
-            raise InputError(
-                f"mpp must be a positive number of microns per pixel, got {self.mpp}",
-                fields=("mpp",),
-            )
+        if self.mpp is not None:
+            check_mpp(self.mpp, "mpp", field="mpp")
 
 
 class StageTimer:
@@ -276,8 +275,10 @@ class SlideResult:
         }
 
     def write_report(self, out: str | os.PathLike[str]) -> None:
+        """The report as strict JSON: valid Unicode, and never NaN (refused before writing)."""
+        text = dumps_json(self.report(), where="report", indent=2) + "\n"
         with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
+            tmp.write_text(text, encoding="utf-8")
 
 
 def _images_to_tensor(images: Any, device: torch.device) -> Tensor:
@@ -314,6 +315,9 @@ def open_tiling(
     with timer.stage("open"):
         reader = open_slide(slide, mpp=opts.mpp, backend=opts.reader_backend)
     try:
+        # Before the grid and the tissue mask are allocated from them.
+        check_dimensions(*reader.dimensions, what=str(slide))
+        check_mpp(reader.mpp, f"the mpp of {str(slide)!r} (pass --mpp to override it)")
         with timer.stage("tissue"):
             grid = TileGrid.for_slide(
                 reader,
@@ -452,23 +456,25 @@ def predict_slide(
                 buf[first : first + tokens.shape[0]] = model(tokens).float()
     finally:
         tiling.reader.close()
+    mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
     if slide_context:
         with timer.stage("head"):
-            mask_t = torch.from_numpy(tiling.cell_mask).to(device)[None]
-            grid_tokens = stitch_cells(buf, tiling.tiles, tiling.grid, fill=0.0)[None]
-            raw = model(grid_tokens, mask_t)
+            # The context runs across tiles in bands of tile rows (exact; memory bounded by the
+            # band, not the slide): the stitched grid of a whole slide would not fit.
+            rc = torch.tensor([(t.tile_row, t.tile_col) for t in tiling.tiles], dtype=torch.int64)
+            raw = banded_raw_heatmap(
+                buf, rc, model.head_weights(), mask_t, grid_tiles=tiling.grid.shape
+            )
     else:
         raw = buf
-        mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
     with timer.stage("threshold_pool"):
         heat, thresholds, scores = model.threshold_and_pool(raw, mask_t)
+        if not bool(torch.isfinite(scores).all()):
+            raise non_finite_scores_error(raw, mask_t)
         outside = ~mask_t[:, None]
         heat, raw = heat.masked_fill(outside, float("nan")), raw.masked_fill(outside, float("nan"))
-        if slide_context:
-            cells, raw_cells = heat[0], raw[0]
-        else:
-            cells = stitch_cells(heat, tiling.tiles, tiling.grid)
-            raw_cells = stitch_cells(raw, tiling.tiles, tiling.grid)
+        cells = stitch_cells(heat, tiling.tiles, tiling.grid)
+        raw_cells = stitch_cells(raw, tiling.tiles, tiling.grid)
     timer.seconds["total"] = time.perf_counter() - start
     return SlideResult(
         slide_id=Path(slide).stem,

@@ -1,0 +1,186 @@
+"""Input paths checked before they are opened: special files give one clear error, never a hang.
+
+``open()`` on a FIFO blocks until a writer appears, a directory named ``slide.svs`` gives
+``IsADirectoryError`` deep inside a reader, a symlink loop gives ``ELOOP`` from whichever library
+tried first. ``check_input_path`` looks at the file with ``stat`` (which never blocks) and raises
+the caller's error class with what was expected and what was found.
+
+Also the size limits of class 4 (README "Bad input"): ``check_mpp`` and ``check_dimensions``
+refuse absurd values before anything is allocated, with the limit in the message.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import stat
+from pathlib import Path
+
+from fastinsight.errors import FastInsightError, InputError, SlideError
+
+# Microscopy spans ~0.05 um/px (oil immersion at 100x, super-resolution) to ~100 um/px (a
+# macro photograph); radiographs and CT reach ~1000 um/px. Outside this it is a typo or garbage.
+MPP_MIN = 0.01
+MPP_MAX = 1000.0
+# A 75 x 25 mm glass slide at 0.25 um/px is 300k x 100k px; a side beyond 1M px is a damaged
+# header (or an attack), and the tile grid alone would take gigabytes.
+MAX_SLIDE_SIDE_PX = 1_000_000
+
+
+def _what_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_input_path(
+    path: str | os.PathLike[str],
+    what: str,
+    error: type[FastInsightError] = InputError,
+    *,
+    allow_dir: bool = False,
+) -> Path:
+    """Return ``path`` (``~`` expanded) if it names a readable regular file; else raise ``error``.
+
+    ``what`` names the input in the message ("slide", "model file", "feature file"). Never opens
+    the path, so a FIFO cannot block. ``allow_dir`` accepts a folder too (e.g. a slide format
+    stored as a folder, or a features folder).
+    """
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise error(
+                f"{what} {str(p)!r} is a symbolic link to {os.readlink(p)!r}, which does not "
+                "exist; fix the link or pass the file itself"
+            ) from None
+        raise error(f"{what} {str(p)!r} does not exist; check the path") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(
+                f"{what} {str(p)!r} is a symbolic link loop; fix the link or pass the file itself"
+            ) from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise error(
+                f"{what} path is too long for the file system: {str(p)[:80]!r}..."
+            ) from None
+        raise error(f"cannot read {what} {str(p)!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if allow_dir:
+            return p
+        raise error(f"{what} {str(p)!r} is a folder, not a file; pass the file itself")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(
+            f"{what} {str(p)!r} is {_what_kind(st.st_mode)}, not a regular file; fastinsight "
+            f"reads each {what} from a file on disk (a pipe or device would block or stream): "
+            "save it to a file first"
+        )
+    if not os.access(p, os.R_OK):
+        raise error(f"cannot read {what} {str(p)!r}: permission denied")
+    return p
+
+
+def check_mpp(value: float, what: str = "--mpp", field: str | None = None) -> float:
+    """A microns-per-pixel value as a float in [MPP_MIN, MPP_MAX]; else ``SlideError``.
+
+    ``field`` names the options field the value came from, so the CLI can show its flag.
+    """
+    fields = (field,) if field else ()
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        raise SlideError(
+            f"{what} must be a number of microns per pixel, got {value!r}", fields=fields
+        ) from None
+    if not math.isfinite(mpp) or not MPP_MIN <= mpp <= MPP_MAX:
+        raise SlideError(
+            f"{what} must be a finite number of microns per pixel in [{MPP_MIN}, {MPP_MAX}] "
+            f"(0.25 at 40x, 0.5 at 20x), got {value!r}",
+            fields=fields,
+        )
+    return mpp
+
+
+def check_dimensions(width: int, height: int, what: str) -> tuple[int, int]:
+    """Slide dimensions as positive ints of at most ``MAX_SLIDE_SIDE_PX``; else ``SlideError``."""
+    try:
+        w, h = int(width), int(height)
+    except (TypeError, ValueError, OverflowError):
+        raise SlideError(f"{what}: dimensions {width!r} x {height!r} are not integers") from None
+    if w < 1 or h < 1 or w > MAX_SLIDE_SIDE_PX or h > MAX_SLIDE_SIDE_PX:
+        raise SlideError(
+            f"{what}: level-0 dimensions {w} x {h} px are outside 1..{MAX_SLIDE_SIDE_PX} px per "
+            "side; the file's header is damaged or not a slide"
+        )
+    return w, h
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_allocation(nbytes: int, what: str, error: type[FastInsightError] = InputError) -> None:
+    """Refuse to allocate ``nbytes`` for ``what`` when it exceeds 80 % of physical memory.
+
+    A file can declare a dataset of terabytes in a few bytes of header; reading it would be a
+    MemoryError (a traceback) at best and the OOM killer at worst.
+    """
+    total = memory_bytes()
+    limit = int(total * 0.8) if total else 1 << 40
+    if nbytes > limit:
+        raise error(
+            f"{what} would need {nbytes / 2**30:.1f} GiB of memory, more than the "
+            f"{limit / 2**30:.1f} GiB limit (80 % of this machine's memory); the file's header is "
+            "damaged, or split the data"
+        )
+
+
+def check_coordinates(lo: int, hi: int, what: str) -> None:
+    """Level-0 coordinates within +-MAX_SLIDE_SIDE_PX; else ``InputError`` with the limit."""
+    if lo < -MAX_SLIDE_SIDE_PX or hi > MAX_SLIDE_SIDE_PX:
+        raise InputError(
+            f"{what}: coordinates span {lo}..{hi} level-0 px, beyond +-{MAX_SLIDE_SIDE_PX} px "
+            "(no slide is that large); the coordinates are damaged or in other units"
+        )
+
+
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def allow_long_csv_fields() -> None:
+    """Let the csv module read fields of any length (its default stops at 131072 characters
+    with ``_csv.Error: field larger than field limit``; a manifest's notes or a long path list
+    can be longer). Process-wide, as the csv module's setting is."""
+    import csv
+
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+__all__ = [
+    "CSV_FIELD_LIMIT",
+    "allow_long_csv_fields",
+    "MAX_SLIDE_SIDE_PX",
+    "check_allocation",
+    "check_coordinates",
+    "memory_bytes",
+    "MPP_MAX",
+    "MPP_MIN",
+    "check_dimensions",
+    "check_input_path",
+    "check_mpp",
+]
