@@ -102,6 +102,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "TIFF tiles straight from the file; openslide for the formats only it reads",
     )
     p.add_argument(
+        "--decode",
+        default="cpu",
+        choices=("cpu", "device"),
+        help="where JPEG tiles are decoded: cpu threads, or on the run's device (nvJPEG on a GPU; "
+        "the CPU then only reads bytes; JPEG-tiled TIFFs with the direct reader)",
+    )
+    p.add_argument(
         "--tissue",
         default="brightfield",
         choices=("brightfield", "fluorescence", "all"),
@@ -153,6 +160,7 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
         "min_cell_fraction": args.min_cell_tissue,
         "mpp": args.mpp,
         "reader_backend": args.reader,
+        "decode": args.decode,
         "encoder_weights": args.encoder_weights,
         "progress": not args.quiet,
     }

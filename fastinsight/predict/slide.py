@@ -61,6 +61,9 @@ class PredictOptions:
     min_cell_fraction: float = 0.5
     mpp: float | None = None
     reader_backend: Literal["auto", "direct", "openslide", "tifffile"] = "auto"
+    # "cpu": tiles decoded by the tiler's threads; "device": the CPU only reads the JPEG bytes
+    # and the batch is decoded on the run's device (nvJPEG on CUDA, torchvision's decoder on CPU).
+    decode: Literal["cpu", "device"] = "cpu"
     encoder_weights: str | None = None
     progress: bool = True
     profile: bool = False
@@ -83,6 +86,10 @@ class PredictOptions:
                 raise InputError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
         if self.mpp is not None:
             check_mpp(self.mpp, "mpp", field="mpp")
+        if self.decode not in ("cpu", "device"):
+            raise InputError(
+                f"decode is 'cpu' or 'device', got {self.decode!r}", fields=("decode",)
+            )
 
 
 class StageTimer:
@@ -371,9 +378,8 @@ def stream_tokens(
     """
     bar = _progress(len(tiling.tiles), opts.progress, desc)
     done = 0
-    tiler = Tiler(tiling.reader, tiling.grid, tiling.tiles, num_workers=opts.num_workers)
     try:
-        for images, n_tiles in _device_batches(tiler, device, opts, timer):
+        for images, n_tiles in _device_batches(tiling, device, opts, timer):
             with timer.stage("encoder"):
                 tokens = encoder.encode_tokens(images)
             yield done, tokens
@@ -384,9 +390,22 @@ def stream_tokens(
 
 
 def _device_batches(
-    tiler: Tiler, device: torch.device, opts: PredictOptions, timer: StageTimer
+    tiling: SlideTiling, device: torch.device, opts: PredictOptions, timer: StageTimer
 ) -> Iterator[tuple[Tensor, int]]:
     """Tile batches as uint8 ``[B, H, W, 3]`` tensors on ``device``, timing read and transfer."""
+    if opts.decode == "device":
+        # The CPU reads compressed bytes only; decode, assembly and resampling run on the device.
+        from fastinsight.slide.gpu_tiler import DeviceJpegTiler
+
+        jpeg = DeviceJpegTiler(
+            tiling.reader, tiling.grid, tiling.tiles, device=device, io_threads=opts.num_workers
+        )
+        for batch in jpeg.batches(opts.batch_size):
+            timer.seconds["read"] += batch.read_wait_s
+            timer.seconds["transfer"] += batch.stage_s
+            yield batch.images, int(batch.images.shape[0])
+        return
+    tiler = Tiler(tiling.reader, tiling.grid, tiling.tiles, num_workers=opts.num_workers)
     if device.type == "cuda":
         from fastinsight.slide.prefetch import DevicePrefetcher
 

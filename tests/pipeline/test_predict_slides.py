@@ -196,6 +196,41 @@ def test_reader_flag_picks_the_backend_and_the_answer_does_not_change(
     assert scores["direct"] == pytest.approx(scores["openslide"], abs=1e-4)
 
 
+def test_device_decode_gives_the_cpu_answer(slides_dir, tiny_model_path, tmp_path) -> None:
+    """``--decode device`` (the CPU reads JPEG bytes only; decode, assembly and resampling run on
+    the device: nvJPEG on CUDA, torchvision's decoder here) gives the CPU tiler's answer, up to
+    its bilinear-vs-Lanczos resampling; a slide it cannot serve is one clear error."""
+    import json
+
+    scores = {}
+    for decode in ("cpu", "device"):
+        report = tmp_path / f"{decode}.json"
+        rc = _predict(
+            slides_dir / "CMU-1-Small-Region.svs",
+            "--model",
+            tiny_model_path,
+            "--out",
+            tmp_path / f"{decode}.tif",
+            "--report",
+            report,
+            "--decode",
+            decode,
+        )
+        assert rc == 0
+        scores[decode] = json.loads(report.read_text())["scores"]["tumour"]
+    assert scores["device"] == pytest.approx(scores["cpu"], abs=2e-3)
+    code, line = _bad(
+        tmp_path,
+        slides_dir / "CMU-1-Small-Region.svs",
+        tiny_model_path,
+        "--decode",
+        "device",
+        "--reader",
+        "openslide",
+    )
+    assert code == 4 and "direct reader" in line
+
+
 # ----------------------------------------------------------------------------------- bad input
 def _bad(tmp_path: Path, slide: Path, model: Path, *extra: str) -> tuple[int, str]:
     out = tmp_path / "never.tif"
