@@ -129,6 +129,18 @@ class FileGeometry:
     source: str = ""
 
 
+def _clam_level0_size(level_dim: Any, ds_x: float, ds_y: float) -> tuple[int, int] | None:
+    """The slide's level-0 (width, height) from CLAM's ``level_dim``: the size of the patching
+    level (``level_dim[patch_level]``), times that level's downsample."""
+    dims = level_dim if isinstance(level_dim, (list, tuple, np.ndarray)) else None
+    if dims is None or len(dims) != 2:
+        return None
+    w, h = _as_number(dims[0]), _as_number(dims[1])
+    if not (w and h and w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+        return None
+    return int(round(w * ds_x)), int(round(h * ds_y))
+
+
 def geometry_from_attrs(attrs: Mapping[str, Any], source: str) -> FileGeometry:
     """Read TRIDENT-style or CLAM-style tile geometry off a ``coords`` dataset's attributes."""
     ps_l0 = _as_int(attrs.get("patch_size_level0"))
@@ -162,7 +174,13 @@ def geometry_from_attrs(attrs: Mapping[str, Any], source: str) -> FileGeometry:
             )
         # CLAM itself truncates the downsample to an int (WholeSlideImage.process_contour).
         ps = patch_size * max(1, int(ds_x))
-        return FileGeometry(patch_size_l0=ps, step_l0=ps, tile_size_px=patch_size, source=source)
+        return FileGeometry(
+            patch_size_l0=ps,
+            step_l0=ps,
+            tile_size_px=patch_size,
+            level0_size=_clam_level0_size(attrs.get("level_dim"), ds_x, ds_y),
+            source=source,
+        )
     return FileGeometry(tile_size_px=patch_size, source=source)
 
 

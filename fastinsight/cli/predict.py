@@ -37,7 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--snap-to-grid",
         action="store_true",
-        help="round feature tiles to the nearest grid tile (CLAM starts each contour off-grid)",
+        help="round feature tiles to the model's cells instead of placing them where the file put "
+        "them (CLAM starts a grid at each tissue contour)",
+    )
+    p.add_argument(
+        "--ignore-file-geometry",
+        action="store_true",
+        help="with --features: use --slide / --mpp even where they contradict the slide name, "
+        "size or magnification a TRIDENT file records",
     )
     p.add_argument(
         "--slide",
@@ -235,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             patches_h5=args.patches_h5,
             patch_size_l0=args.patch_size_l0,
             snap=args.snap_to_grid,
+            ignore_file_geometry=args.ignore_file_geometry,
             model_info=info,
         )
     else:

@@ -1,8 +1,9 @@
 """``fastinsight predict --features``: precomputed feature files to the same outputs as a slide run.
 
 The tiles of an h5 file (official INSIGHT token grids, or CLAM / TRIDENT per-tile vectors) are
-placed on a level-0 tile grid anchored at the slide's top-left corner, so the heatmap TIFF lines
-up with the slide exactly as a slide run's does.
+placed by ``fastinsight.slide.placement`` on the heatmap raster anchored at the slide's top-left
+corner, where the file put them (CLAM: each tissue contour's lattice), so the heatmap TIFF lines
+up with the slide as a slide run's does.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from fastinsight.features import SlideFeatures, _as_number, read_features
 from fastinsight.inputs import check_dimensions, check_mpp
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import PredictOptions, SlideResult, resolve_device
-from fastinsight.slide import TileGrid, open_slide, stitch_cells
+from fastinsight.slide import TileGrid, open_slide
+from fastinsight.slide.placement import MAX_SUBDIVISION, Placement, paste, place_tiles
 
 
-def feature_grid(feats: SlideFeatures, slide_size: tuple[int, int], slide_mpp: float) -> TileGrid:
-    """A TileGrid whose level-0 tile size is the feature tiles' pitch."""
+def feature_grid(
+    feats: SlideFeatures, slide_size: tuple[int, int], slide_mpp: float, subdivision: int = 1
+) -> TileGrid:
+    """A TileGrid whose level-0 tile size is the feature tiles' pitch, with
+    ``cells * subdivision`` raster cells per tile side (see ``fastinsight.slide.placement``)."""
     step = feats.step_l0 or feats.patch_size_l0
     if step is None:
         raise InputError(
             f"{feats.source}: the level-0 tile size is unknown; pass --patch-size-l0 or --patches-h5"
         )
-    cells = int(feats.tokens.shape[-1])
+    cells = int(feats.tokens.shape[-1]) * subdivision
     tile_px = feats.tile_size_px or 224
     tile_px = max(cells, tile_px - tile_px % cells)
     return TileGrid(
@@ -44,53 +49,158 @@ def feature_grid(feats: SlideFeatures, slide_size: tuple[int, int], slide_mpp: f
     )
 
 
-def grid_positions(feats: SlideFeatures, grid: TileGrid, snap: bool) -> np.ndarray:
-    """Tile (row, col) on ``grid`` of every feature tile. Shapes: -> int64 ``[N, 2]``."""
-    xy = feats.l0_xy.numpy().astype(np.float64)
-    size = grid.l0_tile_size
-    rc = np.rint(xy[:, ::-1] / size).astype(np.int64)
-    off = np.abs(rc[:, ::-1] * size - xy).max(axis=1)
-    if not snap and (off > 1.0).any():
-        i = int(np.argmax(off > 1.0))
+def feature_placement(feats: SlideFeatures, slide_size: tuple[int, int], snap: bool) -> Placement:
+    """Where the feature tiles sit on the slide raster: where the file put them (CLAM: each
+    tissue contour's own lattice), or rounded to the model's cells with ``snap``.
+
+    Tiles outside the slide and two tiles on one place are errors.
+    """
+    step = feats.step_l0 or feats.patch_size_l0
+    if step is None:
         raise InputError(
-            f"tile {i} at level-0 ({int(xy[i, 0])}, {int(xy[i, 1])}) is not on the {size:g} px grid "
-            "anchored at the slide's top-left corner; pass --snap-to-grid to round tiles to it"
+            f"{feats.source}: the level-0 tile size is unknown; pass --patch-size-l0 or --patches-h5"
         )
-    rows, cols = grid.shape
-    bad = (rc[:, 0] < 0) | (rc[:, 1] < 0) | (rc[:, 0] >= rows) | (rc[:, 1] >= cols)
+    xy = feats.l0_xy.numpy().astype(np.float64)
+    if feats.layout != "clam" and not snap:
+        # Official INSIGHT and TRIDENT tile one lattice from the slide's corner; only CLAM
+        # starts a lattice per tissue contour.
+        off = np.abs(xy - np.rint(xy / step) * step).max(axis=1) if len(xy) else xy[:, 0]
+        if (off > 1.0).any():
+            i = int(np.argmax(off > 1.0))
+            raise InputError(
+                f"tile {i} at level-0 ({int(xy[i, 0])}, {int(xy[i, 1])}) is not on the {step:g} "
+                "px grid anchored at the slide's top-left corner; pass --snap-to-grid to round "
+                "tiles to it"
+            )
+    placement = place_tiles(
+        xy,
+        float(step),
+        feats.grid_size[1],
+        max_subdivision=1 if snap else MAX_SUBDIVISION,
+    )
+    bad = placement.outside(slide_size)
     if bad.any():
         i = int(np.argmax(bad))
+        x, y = (int(v) for v in feats.l0_xy[i])
         raise InputError(
-            f"tile {i} at level-0 ({int(xy[i, 0])}, {int(xy[i, 1])}) lies outside the "
-            f"{grid.slide_width} x {grid.slide_height} px slide; is this the right --slide?"
+            f"tile {i} at level-0 ({x}, {y}) lies outside the {slide_size[0]} x {slide_size[1]} "
+            "px slide; is this the right --slide?"
         )
-    if len(np.unique(rc, axis=0)) != len(rc):
-        raise InputError("two feature tiles fall on the same grid tile; is the tile size right?")
-    return rc
+    _, counts = np.unique(placement.cell_rc, axis=0, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(
+            f"{feats.source}: two feature tiles fall on the same place at pitch {step} px; "
+            "duplicate coordinates, or the wrong tile size (--patch-size-l0)?"
+        )
+    return placement
+
+
+# A recorded magnification is a convention (40x = 0.25 um/px), not a measurement: scanners sold as
+# 40x range from about 0.22 to 0.27 um/px. A slide mpp further than this factor from it is
+# another slide or another scan.
+MPP_CONTRADICTION = 1.25
+
+
+def file_mpp(feats: SlideFeatures) -> float | None:
+    """The level-0 mpp a TRIDENT file records: ``10 / level0_magnification``, else the target
+    mpp times the tile size over the level-0 tile size; None for files that record neither."""
+    mag = _as_number(feats.attrs.get("coords.level0_magnification"))
+    if mag is not None and math.isfinite(mag) and mag > 0:
+        return 10.0 / mag
+    if feats.mpp and feats.tile_size_px and feats.patch_size_l0:
+        return feats.mpp * feats.tile_size_px / feats.patch_size_l0
+    return None
+
+
+def _file_slide_name(feats: SlideFeatures) -> str | None:
+    name = feats.attrs.get("coords.name") or feats.attrs.get("features.name")
+    return str(name) if name not in (None, "") else None
+
+
+def check_recorded_geometry(
+    feats: SlideFeatures,
+    slide: str | None,
+    size: tuple[int, int],
+    slide_mpp: float,
+    mpp_source: str,
+) -> None:
+    """Refuse a slide or mpp that contradicts what a TRIDENT file records of its slide: the name
+    (when ``slide`` is given), the level-0 size and the magnification.
+
+    ``mpp_source`` says where ``slide_mpp`` came from ("the slide", "--mpp"). The override is
+    ``ignore_file_geometry`` (``--ignore-file-geometry``).
+    """
+    if feats.layout != "trident":
+        return
+    fix = "pass the slide the features were cut from, or --ignore-file-geometry to use it anyway"
+    name = _file_slide_name(feats)
+    if slide is not None and name is not None and Path(slide).stem != name:
+        raise InputError(
+            f"{feats.source} records slide {name!r} but --slide is {Path(slide).name!r}; {fix}"
+        )
+    if slide is not None and feats.level0_size is not None and tuple(size) != feats.level0_size:
+        w, h = feats.level0_size
+        raise InputError(
+            f"{feats.source} records a {w} x {h} px slide but {Path(slide).name!r} is "
+            f"{size[0]} x {size[1]} px; {fix}"
+        )
+    recorded = file_mpp(feats)
+    if recorded is not None and not (
+        1 / MPP_CONTRADICTION <= slide_mpp / recorded <= MPP_CONTRADICTION
+    ):
+        mag = 10.0 / recorded
+        raise InputError(
+            f"{feats.source} records a {mag:g}x slide (about {recorded:.3g} um/px) but "
+            f"{mpp_source} says {slide_mpp:g} um/px; drop --mpp, check the slide, or pass "
+            "--ignore-file-geometry to use it anyway",
+            fields=("mpp",) if mpp_source == "--mpp" else (),
+        )
+
+
+def _open_for_features(
+    feats: SlideFeatures, slide: str, mpp: float | None
+) -> tuple[tuple[int, int], float, np.ndarray | None, dict[str, Any], str]:
+    """The slide's size, mpp, thumbnail and record; a slide without an mpp takes the one its
+    TRIDENT file records instead of asking for ``--mpp``."""
+    with open_slide(slide, mpp=mpp) as reader:
+        source = "--mpp" if mpp else "the slide"
+        try:
+            slide_mpp = reader.mpp
+        except SlideError:
+            slide_mpp = file_mpp(feats)
+            if slide_mpp is None:
+                raise
+            source = "the feature file's magnification"
+        info = {
+            "path": str(slide),
+            "vendor": reader.vendor,
+            "mpp": slide_mpp,
+            "mpp_source": source,
+            "dimensions": list(reader.dimensions),
+        }
+        return reader.dimensions, slide_mpp, reader.thumbnail(1024), info, source
 
 
 def _slide_geometry(
-    feats: SlideFeatures, slide: str | None, mpp: float | None, cfg: Any
+    feats: SlideFeatures,
+    slide: str | None,
+    mpp: float | None,
+    cfg: Any,
+    ignore_file_geometry: bool = False,
 ) -> tuple[tuple[int, int], float, np.ndarray | None, dict[str, Any]]:
+    """Level-0 size, mpp, thumbnail and record of the slide the features were cut from: from
+    ``slide``, else from the file (TRIDENT's recorded size and magnification; CLAM's patches
+    file's ``level_dim``), else from the tiles themselves."""
     if slide is not None:
-        with open_slide(slide, mpp=mpp) as reader:
-            return (
-                reader.dimensions,
-                reader.mpp,
-                reader.thumbnail(1024),
-                {
-                    "path": str(slide),
-                    "vendor": reader.vendor,
-                    "mpp": reader.mpp,
-                    "dimensions": list(reader.dimensions),
-                },
-            )
-    l0_mag = feats.attrs.get("coords.level0_magnification")
-    # A hostile or damaged attribute ("x20", 0, NaN) must not become a traceback or a division
-    # by zero: anything but a positive finite number counts as "not recorded".
-    mag = _as_number(l0_mag)
-    slide_mpp = mpp or (10.0 / mag if mag is not None and math.isfinite(mag) and mag > 0 else None)
+        size, slide_mpp, thumb, info, source = _open_for_features(feats, slide, mpp)
+        if not ignore_file_geometry:
+            check_recorded_geometry(feats, slide, size, slide_mpp, source)
+        return size, slide_mpp, thumb, info
+    recorded = file_mpp(feats)
+    slide_mpp = mpp or recorded
     mpp_source = "given" if mpp else "file attributes"
+    if mpp and not ignore_file_geometry:
+        check_recorded_geometry(feats, None, (0, 0), mpp, "--mpp")
     patch = feats.patch_size_l0
     if slide_mpp is None and patch:
         # The tiles were cut at the model's training geometry (e.g. 224 px at 0.5 um/px), so a
@@ -105,7 +215,7 @@ def _slide_geometry(
         raise SlideError(
             f"{feats.source}: the level-0 mpp is unknown; pass --slide SLIDE or --mpp (level 0)"
         )
-    if feats.level0_size is not None:
+    if feats.level0_size is not None:  # TRIDENT level0_width/height; CLAM level_dim
         size = feats.level0_size
     else:
         step = feats.step_l0 or feats.patch_size_l0 or 0
@@ -128,9 +238,16 @@ def predict_features(
     patches_h5: str | None = None,
     patch_size_l0: float | None = None,
     snap: bool = False,
+    ignore_file_geometry: bool = False,
     model_info: dict[str, Any] | None = None,
 ) -> SlideResult:
-    """Heatmap, thresholds and scores of one feature file, as a ``SlideResult``."""
+    """Heatmap, thresholds and scores of one feature file, as a ``SlideResult``.
+
+    Tiles are placed where the file put them (``fastinsight.slide.placement``); ``snap`` rounds
+    them to the model's cells instead. A ``slide`` or ``options.mpp`` that contradicts what a
+    TRIDENT file records (slide name, level-0 size, magnification) is refused unless
+    ``ignore_file_geometry``.
+    """
     opts = options or PredictOptions()
     start = time.perf_counter()
     device = resolve_device(opts.device)
@@ -143,18 +260,21 @@ def predict_features(
             f"{feats.source} holds {feats.in_dim}-dim features but the model expects {cfg.in_dim}; "
             "use features of the encoder the model was trained with"
         )
-    size, slide_mpp, thumbnail, slide_info = _slide_geometry(feats, slide, opts.mpp, cfg)
-    grid = feature_grid(feats, size, slide_mpp)
-    rc = grid_positions(feats, grid, snap)
+    size, slide_mpp, thumbnail, slide_info = _slide_geometry(
+        feats, slide, opts.mpp, cfg, ignore_file_geometry
+    )
+    placement = feature_placement(feats, size, snap)
+    grid = feature_grid(feats, size, slide_mpp, placement.subdivision)
     model = model.to(device).eval()
     if cfg.context == "slide":
-        pred = predict_slide_context(model, feats, snap, device)
+        # The context branch needs one regular grid: tiles of several CLAM contours are rounded
+        # onto one for the model's input only; the outputs are placed where the file put them.
+        pred = predict_slide_context(model, feats, snap or placement.num_lattices > 1, device)
     else:
         pred = model.predict(feats.tokens.to(device), feats.tile_mask().to(device))
     heat, raw = pred.heatmap, pred.raw_heatmap
-    tiles = [grid.tile(int(r), int(c)) for r, c in rc]
-    cells = stitch_cells(heat.float().cpu(), tiles, grid).numpy()
-    raw_cells = stitch_cells(raw.float().cpu(), tiles, grid).numpy()
+    cells = paste(heat.float(), placement, grid.cell_shape)
+    raw_cells = paste(raw.float(), placement, grid.cell_shape)
     mask = np.isfinite(cells).all(axis=0)
     return SlideResult(
         slide_id=feats.slide_id or Path(path).stem,
@@ -210,4 +330,12 @@ def predict_slide_context(
     )
 
 
-__all__ = ["predict_slide_context", "predict_features", "feature_grid", "grid_positions"]
+__all__ = [
+    "MPP_CONTRADICTION",
+    "check_recorded_geometry",
+    "feature_grid",
+    "feature_placement",
+    "file_mpp",
+    "predict_features",
+    "predict_slide_context",
+]

@@ -82,7 +82,8 @@ def test_vector_h5_matches_slide_run_with_slide_context(
         f["features"] = vectors
         f["coords"] = coords
         if layout == "trident":
-            f["features"].attrs.update({"encoder": "vit-tiny", "name": "synthetic"})
+            # TRIDENT records the slide it cut: its name, level-0 size and magnification
+            f["features"].attrs.update({"encoder": "vit-tiny", "name": slide.stem})
             f["coords"].attrs.update(
                 {
                     "patch_size": 224,
@@ -92,7 +93,7 @@ def test_vector_h5_matches_slide_run_with_slide_context(
                     "overlap": 0,
                     "level0_width": 1120,
                     "level0_height": 1120,
-                    "name": "synthetic",
+                    "name": slide.stem,
                     "savetodir": "None",
                 }
             )
