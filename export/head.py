@@ -1,8 +1,8 @@
 """ONNX export of the INSIGHT head: token grids in; raw heatmap, heatmap, thresholds, scores out.
 
 The graph (``InsightOnnxHead``) is the model's own forward (the reference head) followed by the
-dynamic threshold and the pooling of ``fastinsight.export.graph_ops`` (same results as
-``InsightModel.threshold_and_pool``; see that module for the operator choices made for
+dynamic threshold and the pooling of ``fastinsight.ops.threshold_pool`` with its export
+implementation (``fastinsight.ops.graph_ops``: same results as the reference; see that module for the operator choices made for
 TensorRT). It is exported with ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript),
 which keeps the tile count N symbolic; the TorchScript exporter (``dynamo=False``) cannot, because
 the per-tile ``LayerNorm([c, h, w])`` takes its normalised shape from the input.
@@ -26,7 +26,6 @@ With ``head_only`` the graph stops at ``raw_heatmap`` (per tile, so it can be ba
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -40,8 +39,8 @@ from torch import Tensor, nn
 
 from fastinsight.errors import BackendError, InputError
 from fastinsight.models.insight import InsightModel
-
-from . import graph_ops
+from fastinsight.ops import graph_ops
+from fastinsight.ops.threshold_pool import IMPL_EXPORT, ThresholdAndPool
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 20
@@ -132,36 +131,25 @@ class InsightOnnxHead(nn.Module):
     raw_heatmap, heatmap ``[N, K, h, w]``; thresholds, scores ``[K]`` float32.
     """
 
-    smoothmax_a: Tensor
-
     def __init__(self, model: InsightModel, options: HeadExportOptions) -> None:
         super().__init__()
-        # A private copy: the export casts it to the io precision, and the fused kernels are not
-        # exportable (the reference is the same function).
-        model = copy.deepcopy(model).cpu().eval()
-        model.backend = "reference"
-        self.model = model
+        # A private reference copy: the export casts it to the io precision, and the fused
+        # kernels are not exportable (the reference is the same function). Built anew, not
+        # switched: a model's backend is fixed at construction.
+        ref = InsightModel(model.config, backend="reference")
+        ref.load_state_dict(model.state_dict())
+        self.model = ref.cpu().eval()
         self.options = options
-        cfg = model.config
-        k = cfg.num_classes
-        self.accum = graph_ops.ACCUM_DTYPES[options.accum_dtype]
-        self.register_buffer(
-            "smoothmax_a", torch.full((k, 1), float(cfg.smoothmax_a)), persistent=False
+        cfg = ref.config
+        self.threshold_pool = ThresholdAndPool(
+            ref.pooling,
+            threshold=cfg.threshold,
+            otsu_bins=cfg.otsu_bins,
+            pool_input=cfg.pool_input,
+            impl=IMPL_EXPORT,
+            accum_dtype=graph_ops.ACCUM_DTYPES[options.accum_dtype],
+            histogram=options.histogram,
         )
-
-    def _pool(self, values: Tensor, keep: Tensor | None) -> Tensor:
-        cfg = self.model.config
-        x = graph_ops.logit(values) if cfg.pool_input == "logit" else values
-        if cfg.pooling == "smoothmax":
-            p = graph_ops.smoothmax(x, keep, self.smoothmax_a, self.accum)
-        elif cfg.pooling == "lse_lba":
-            r = self.model.pooling.sharpness.float().reshape(-1, 1)
-            p = graph_ops.lse_lba(x, keep, r, self.accum)
-        elif cfg.pooling == "max":
-            p = graph_ops.masked_max(x, keep)
-        else:
-            p = graph_ops.masked_mean(x, keep, self.accum)
-        return torch.sigmoid(p) if cfg.pool_input == "logit" else p
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
         cfg = self.model.config
@@ -176,18 +164,8 @@ class InsightOnnxHead(nn.Module):
         k = raw.shape[1]
         raw32 = raw.float()
         values = raw32.transpose(0, 1).reshape(k, -1)
-        keep = None
-        if mask is not None:
-            keep = mask.to(torch.float32).reshape(1, -1).expand(k, -1)
-        if cfg.threshold == "otsu":
-            t = graph_ops.otsu_threshold(
-                values, keep, cfg.otsu_bins, self.accum, self.options.histogram
-            )
-        else:
-            # Derived from the data (not a constant): a graph output must not be an initializer.
-            t = values[:, 0] * 0.0
-        kept = values * (values > t[:, None]).to(values.dtype)
-        scores = self._pool(kept, keep)
+        flat_mask = None if mask is None else mask.reshape(-1)
+        _, t, scores = self.threshold_pool(values, flat_mask)
         heatmap = raw32 * (raw32 > t[None, :, None, None]).to(raw32.dtype)
         if mask is not None:
             heatmap = heatmap * mask[:, None].to(heatmap.dtype)
@@ -262,8 +240,7 @@ def build_head_program(model: InsightModel, options: HeadExportOptions) -> objec
         ) from exc
     cfg = model.config
     wrapper = InsightOnnxHead(model, options).eval().to("cpu", options.dtype)
-    # Buffers used by threshold/pooling stay float32 whatever the io precision.
-    wrapper.smoothmax_a = wrapper.smoothmax_a.float()
+    # Parameters used by threshold/pooling stay float32 whatever the io precision.
     if cfg.pooling == "lse_lba":
         wrapper.model.pooling.float()
     n_dim = torch.export.Dim("N", min=1, max=1 << 24)

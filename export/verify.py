@@ -169,8 +169,10 @@ def verify_head_onnx(
     """
     options = options or head_options_from_onnx(onnx_path)
     session = ort_session(onnx_path)
-    ref32 = copy.deepcopy(model).cpu().float().eval()
-    ref32.backend = "reference"
+    # A reference copy built as one (a model's backend is fixed at construction).
+    ref32 = InsightModel(model.config, backend="reference")
+    ref32.load_state_dict(model.state_dict())
+    ref32 = ref32.cpu().float().eval()
     ref64 = copy.deepcopy(ref32).double()
     low = copy.deepcopy(ref32).to(options.dtype) if options.precision != "fp32" else None
     report = ParityReport("INSIGHT head", tuple(sizes), options.precision)

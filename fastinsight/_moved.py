@@ -29,6 +29,7 @@ MOVED: dict[str, str] = {
     "fastinsight.features_pipeline": "fastinsight.predict.features",
     "fastinsight.predict_cli": "fastinsight.cli.predict",
     "fastinsight.export.cli": "fastinsight.cli.export",
+    "fastinsight.export.graph_ops": "fastinsight.ops.graph_ops",
 }
 
 

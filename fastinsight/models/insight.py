@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import BackendError, InputError
 from fastinsight.models.config import InsightConfig
-from fastinsight.ops.otsu import otsu_threshold
-from fastinsight.ops.pooling import Pooling, logit
+from fastinsight.ops.pooling import Pooling
 from fastinsight.ops.reference import (
     ConvLayer,
     HeadWeights,
@@ -29,6 +28,7 @@ from fastinsight.ops.reference import (
     insight_logits_reference,
     tokens_as_grid,
 )
+from fastinsight.ops.threshold_pool import IMPL_REFERENCE, IMPL_TRITON, ThresholdAndPool
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -116,6 +116,18 @@ class InsightModel(nn.Module):
         self.backbone_block = _conv_chain(cfg, kernel=1)
         self.context_block = _conv_chain(cfg, kernel=3)
         self.pooling = Pooling(cfg.pooling, cfg.num_classes, cfg.smoothmax_a, cfg.lse_r0)
+        # The one threshold + pooling assembly (fastinsight.ops.threshold_pool), one fixed
+        # instance per implementation; a plain dict, so the state dict holds the pooling once.
+        self._threshold_pools = {
+            impl: ThresholdAndPool(
+                self.pooling,
+                threshold=cfg.threshold,
+                otsu_bins=cfg.otsu_bins,
+                pool_input=cfg.pool_input,
+                impl=impl,
+            )
+            for impl in (IMPL_REFERENCE, IMPL_TRITON)
+        }
         if backend not in BACKENDS:
             raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -228,34 +240,18 @@ class InsightModel(nn.Module):
         return torch.cat([self(tokens[i : i + chunk_size]) for i in range(0, n, chunk_size)])
 
     # -- threshold and pooling ----------------------------------------------------------------
+    def _threshold_pool(self) -> ThresholdAndPool:
+        """The assembly for this call: the kernels' at inference when ``uses_kernels``, else the
+        reference's. Both are built once, with the model."""
+        return self._threshold_pools[IMPL_TRITON if self.uses_kernels else IMPL_REFERENCE]
+
     def threshold(self, values: Tensor, mask: Tensor | None) -> Tensor:
         """Per-class threshold over masked-in cells. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
-        if self.config.threshold == "none":
-            return torch.zeros(values.shape[0], device=values.device)
-        if self.uses_kernels:
-            from fastinsight.kernels import otsu_threshold as otsu_kernel
-
-            return otsu_kernel(values, mask, self.config.otsu_bins)
-        return otsu_threshold(values, mask, self.config.otsu_bins)
+        return self._threshold_pool().threshold(values, mask)
 
     def pool(self, values: Tensor, mask: Tensor | None) -> Tensor:
         """Slide score per class. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
-        x = logit(values) if self.config.pool_input == "logit" else values
-        if self.uses_kernels:
-            from fastinsight import kernels
-
-            method = self.config.pooling
-            if method == "smoothmax":
-                p = kernels.smoothmax(x, mask, self.config.smoothmax_a)
-            elif method == "lse_lba":
-                p = kernels.lse_lba(x, mask, self.pooling.sharpness)
-            elif method == "max":
-                p = kernels.masked_max(x, mask)
-            else:
-                p = kernels.masked_mean(x, mask)
-        else:
-            p = self.pooling(x, mask)
-        return torch.sigmoid(p) if self.config.pool_input == "logit" else p
+        return self._threshold_pool().pool(values, mask)
 
     def threshold_and_pool(
         self, raw: Tensor, mask: Tensor | None = None
@@ -278,9 +274,7 @@ class InsightModel(nn.Module):
             if mask.device.type == "cpu" and not bool(mask.any()):  # free on the host
                 raise InputError("the tissue mask is empty: no cell of the slide is tissue")
             flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
-        t = self.threshold(values, flat_mask)
-        kept = values * (values > t[:, None])
-        scores = self.pool(kept, flat_mask)
+        kept, t, scores = self._threshold_pool()(values, flat_mask)
         heatmap = kept.reshape(k, n, *raw.shape[2:]).transpose(0, 1)
         if mask is not None:
             heatmap = heatmap * mask.to(raw.device)[:, None]

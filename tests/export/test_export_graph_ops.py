@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastinsight.export import graph_ops
+from fastinsight.ops import graph_ops
 from fastinsight.ops.otsu import otsu_threshold as reference_otsu
 from fastinsight.ops.pooling import lse_lba, masked_max, masked_mean, smoothmax
 

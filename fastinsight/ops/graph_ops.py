@@ -1,5 +1,8 @@
 """Otsu threshold and slide pooling written for an ONNX graph that TensorRT can build.
 
+The ``IMPL_EXPORT`` primitives of ``fastinsight.ops.threshold_pool`` (was
+``fastinsight.export.graph_ops``).
+
 These are the same computations as ``fastinsight.ops.otsu`` and ``fastinsight.ops.pooling`` (the ground
 truth), re-expressed with operators that export to standard ONNX and that TensorRT supports:
 

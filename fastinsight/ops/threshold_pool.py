@@ -1,0 +1,204 @@
+"""The dynamic threshold and the slide pooling, assembled once.
+
+Over the masked-in cells of a slide, per class ``k`` (values ``H[k]``, one per cell):
+
+    t[k]      = otsu(H[k])                      (or 0 with threshold "none")
+    kept[k]   = H[k] * (H[k] > t[k])            (cells at or below the threshold are zeroed)
+    x[k]      = logit(kept[k]) if pool_input == "logit" else kept[k]
+    p[k]      = pool(x[k])                      (SmoothMax, LSE-LBA, max or mean)
+    score[k]  = sigmoid(p[k]) if pool_input == "logit" else p[k]
+
+Three implementations provide the primitives (Otsu and the four poolings), chosen once when a
+``ThresholdAndPool`` is built and never changed afterwards:
+
+- ``IMPL_REFERENCE``: ``fastinsight.ops.otsu`` and ``fastinsight.ops.pooling`` (the ground truth);
+- ``IMPL_TRITON``: the fused kernels of ``fastinsight.kernels`` (imported when first called);
+- ``IMPL_EXPORT``: ``fastinsight.ops.graph_ops``, the same maths in operators that export to
+  ONNX and build in TensorRT (accumulation dtype and histogram form are options).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastinsight.errors import InputError
+from fastinsight.ops import graph_ops
+from fastinsight.ops.otsu import otsu_threshold
+from fastinsight.ops.pooling import Pooling, logit
+
+IMPL_REFERENCE = "reference"
+IMPL_TRITON = "triton"
+IMPL_EXPORT = "export"
+IMPLS: tuple[str, ...] = (IMPL_REFERENCE, IMPL_TRITON, IMPL_EXPORT)
+
+THRESHOLD_OTSU = "otsu"
+THRESHOLD_NONE = "none"
+THRESHOLDS: tuple[str, ...] = (THRESHOLD_OTSU, THRESHOLD_NONE)
+
+POOL_INPUT_HEATMAP = "heatmap"
+POOL_INPUT_LOGIT = "logit"
+POOL_INPUTS: tuple[str, ...] = (POOL_INPUT_HEATMAP, POOL_INPUT_LOGIT)
+
+POOL_SMOOTHMAX = "smoothmax"
+POOL_LSE_LBA = "lse_lba"
+POOL_MAX = "max"
+POOL_MEAN = "mean"
+POOLINGS: tuple[str, ...] = (POOL_SMOOTHMAX, POOL_LSE_LBA, POOL_MAX, POOL_MEAN)
+
+
+class ThresholdAndPool(nn.Module):
+    """``(kept, thresholds, scores)`` of a slide's values with one fixed implementation.
+
+    ``pooling`` is the model's ``Pooling`` module (it owns LSE-LBA's learnable ``beta``); it is
+    referenced, not registered, so the model's state dict keeps one copy of it.
+    ``accum_dtype`` and ``histogram`` apply to ``IMPL_EXPORT`` only (see ``graph_ops``).
+    """
+
+    def __init__(
+        self,
+        pooling: Pooling,
+        *,
+        threshold: str = THRESHOLD_OTSU,
+        otsu_bins: int = 256,
+        pool_input: str = POOL_INPUT_HEATMAP,
+        impl: str = IMPL_REFERENCE,
+        accum_dtype: torch.dtype = torch.float64,
+        histogram: str = "matmul",
+    ) -> None:
+        super().__init__()
+        problems = [
+            f"{name} must be one of {allowed}, got {value!r}"
+            for name, value, allowed in (
+                ("impl", impl, IMPLS),
+                ("threshold", threshold, THRESHOLDS),
+                ("pool_input", pool_input, POOL_INPUTS),
+                ("pooling", pooling.method, POOLINGS),
+                ("histogram", histogram, graph_ops.HISTOGRAMS),
+            )
+            if value not in allowed
+        ]
+        if problems:
+            raise InputError("; ".join(problems))
+        self.__dict__["_pooling"] = pooling  # not a submodule: the model owns it
+        self._impl = impl
+        self.threshold_method = threshold
+        self.otsu_bins = int(otsu_bins)
+        self.pool_input = pool_input
+        self.accum_dtype = accum_dtype
+        self.histogram = histogram
+
+    @property
+    def impl(self) -> str:
+        """The implementation chosen at construction (read-only)."""
+        return self._impl
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.__dict__["_pooling"]
+
+    # -- the primitives of the chosen implementation ------------------------------------------
+    def _keep(self, values: Tensor, mask: Tensor | None) -> Tensor | None:
+        """The mask as the implementation takes it: ``[M]`` bool, or ``[K, M]`` 0/1 for export."""
+        if mask is None or self._impl != IMPL_EXPORT:
+            return mask
+        return mask.to(values.dtype).reshape(1, -1).expand(values.shape[0], -1)
+
+    def threshold(self, values: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-class threshold over masked-in cells. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
+        if self.threshold_method == THRESHOLD_NONE:
+            # Derived from the data: an exported graph output must not be an initializer.
+            return (
+                values[:, 0] * 0.0
+                if self._impl == IMPL_EXPORT
+                else values.new_zeros(values.shape[0])
+            )
+        keep = self._keep(values, mask)
+        if self._impl == IMPL_TRITON:
+            from fastinsight.kernels import otsu_threshold as otsu_kernel
+
+            return otsu_kernel(values, keep, self.otsu_bins)
+        if self._impl == IMPL_EXPORT:
+            return graph_ops.otsu_threshold(
+                values, keep, self.otsu_bins, self.accum_dtype, self.histogram
+            )
+        return otsu_threshold(values, keep, self.otsu_bins)
+
+    def _pool_fn(self) -> Callable[[Tensor, Tensor | None], Tensor]:
+        method, pooling = self.pooling.method, self.pooling
+        if self._impl == IMPL_TRITON:
+            from fastinsight import kernels
+
+            triton: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
+                POOL_SMOOTHMAX: lambda x, m: kernels.smoothmax(x, m, pooling.smoothmax_a),
+                POOL_LSE_LBA: lambda x, m: kernels.lse_lba(x, m, pooling.sharpness),
+                POOL_MAX: kernels.masked_max,
+                POOL_MEAN: kernels.masked_mean,
+            }
+            return triton[method]
+        if self._impl == IMPL_EXPORT:
+            acc = self.accum_dtype
+            export: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
+                POOL_SMOOTHMAX: lambda x, m: graph_ops.smoothmax(
+                    x, m, torch.full_like(x[:, :1], pooling.smoothmax_a), acc
+                ),
+                POOL_LSE_LBA: lambda x, m: graph_ops.lse_lba(
+                    x, m, pooling.sharpness.float().reshape(-1, 1), acc
+                ),
+                POOL_MAX: graph_ops.masked_max,
+                POOL_MEAN: lambda x, m: graph_ops.masked_mean(x, m, acc),
+            }
+            return export[method]
+        return pooling
+
+    def pool(self, values: Tensor, mask: Tensor | None) -> Tensor:
+        """Slide score per class. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
+        as_logit = self.pool_input == POOL_INPUT_LOGIT
+        if as_logit:
+            values = graph_ops.logit(values) if self._impl == IMPL_EXPORT else logit(values)
+        p = self._pool_fn()(values, self._keep(values, mask))
+        return torch.sigmoid(p) if as_logit else p
+
+    def forward(self, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Shapes: values ``[K, M]`` float32, mask ``[M]`` bool or None ->
+        (kept ``[K, M]``, thresholds ``[K]``, scores ``[K]``)."""
+        t = self.threshold(values, mask)
+        kept = values * (values > t[:, None]).to(values.dtype)
+        return kept, t, self.pool(kept, mask)
+
+    def extra_repr(self) -> str:
+        return f"impl={self._impl}, threshold={self.threshold_method}, pool_input={self.pool_input}"
+
+
+def threshold_and_pool(
+    values: Tensor, mask: Tensor | None, pooling: Pooling, impl: str = IMPL_REFERENCE, **kw: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ThresholdAndPool(pooling, impl=impl, **kw)(values, mask)``: kept, thresholds, scores.
+
+    Shapes: values ``[K, M]``, mask ``[M]`` bool or None -> (``[K, M]``, ``[K]``, ``[K]``).
+    """
+    return ThresholdAndPool(pooling, impl=impl, **kw)(values, mask)
+
+
+__all__ = [
+    "IMPLS",
+    "IMPL_EXPORT",
+    "IMPL_REFERENCE",
+    "IMPL_TRITON",
+    "POOLINGS",
+    "POOL_INPUTS",
+    "POOL_INPUT_HEATMAP",
+    "POOL_INPUT_LOGIT",
+    "POOL_LSE_LBA",
+    "POOL_MAX",
+    "POOL_MEAN",
+    "POOL_SMOOTHMAX",
+    "THRESHOLDS",
+    "THRESHOLD_NONE",
+    "THRESHOLD_OTSU",
+    "ThresholdAndPool",
+    "threshold_and_pool",
+]
