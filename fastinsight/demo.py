@@ -54,6 +54,7 @@ def run_demo(
     from fastinsight.encoders import build_encoder
     from fastinsight.evaluate import evaluate, find_ground_truth, load_predictions, read_labels
     from fastinsight.predict.slide import (
+        Outputs,
         PredictOptions,
         encode_slide,
         predict_slide,
@@ -113,11 +114,7 @@ def run_demo(
         res = predict_slide(s.path, model, encoder, opts, model_info={"name": model_path.name})
         d = out / "predictions" / s.slide_id
         d.mkdir(parents=True, exist_ok=True)
-        res.write_heatmap(d / "heatmap.tif")
-        res.write_overlay(d / "overlay.png")
-        res.write_geojson(d / "tiles.geojson")
-        res.write_sidecar(d / "scores.npz")
-        res.write_report(d / "report.json")
+        res.write_outputs(Outputs.folder(d, geojson=True))
     # Scored exactly as `fastinsight evaluate` scores: the cells Otsu kept (threshold 0) against
     # the planted masks resampled to the heatmap grid (a cell is lesion when >= 50% of it is).
     evaluation = evaluate(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -272,29 +271,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(result: Any, args: argparse.Namespace) -> None:
-    """Write what was asked for, all or nothing.
+    """Write what was asked for, all or nothing (``SlideResult.write_outputs``).
 
     Every output goes to a temporary file; they are renamed into place together when the last
     one is complete (``atomic_outputs``). If any write fails (a full disk, Ctrl-C, SIGTERM) the
     temporary files are removed and every previous output is kept as it was.
     """
-    from fastinsight.atomic import atomic_outputs
+    from fastinsight.predict.slide import Outputs
 
-    start = time.perf_counter()
-    with atomic_outputs():
-        if args.out:
-            result.write_heatmap(
-                args.out, args.class_, encoding=args.encoding, all_classes=args.all_classes
-            )
-        if args.overlay:
-            result.write_overlay(args.overlay, args.class_)
-        if args.geojson:
-            result.write_geojson(args.geojson, args.class_, per=args.geojson_per)
-        if args.scores:
-            result.write_sidecar(args.scores)
-        result.timings["write"] = time.perf_counter() - start
-        if args.report:
-            result.write_report(args.report)
+    result.write_outputs(
+        Outputs(
+            heatmap=args.out,
+            overlay=args.overlay,
+            geojson=args.geojson,
+            scores=args.scores,
+            report=args.report,
+            class_=args.class_,
+            encoding=args.encoding,
+            all_classes=args.all_classes,
+            geojson_per=args.geojson_per,
+        )
+    )
 
 
 def check_flags(args: argparse.Namespace) -> None:

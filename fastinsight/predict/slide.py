@@ -159,6 +159,48 @@ def tile_cells(mask: np.ndarray, tiles: list[Tile], cells: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[r, c])
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Which outputs of a ``SlideResult`` to write, and where (None: not written).
+
+    ``heatmap``: pyramidal TIFF (with ``all_classes`` one ``<stem>.<class>.tif`` per class),
+    ``overlay``: PNG over the slide thumbnail, ``geojson``: QuPath tiles or cells (``geojson_per``),
+    ``scores``: the npz sidecar (raw float cells, mask, geometry: the one prediction format that
+    ``fastinsight evaluate`` reads), ``report``: JSON, written last. ``class_`` picks the class of
+    the single-class outputs.
+    """
+
+    heatmap: str | os.PathLike[str] | None = None
+    overlay: str | os.PathLike[str] | None = None
+    geojson: str | os.PathLike[str] | None = None
+    scores: str | os.PathLike[str] | None = None
+    report: str | os.PathLike[str] | None = None
+    class_: str | int | None = None
+    encoding: str = "score"
+    all_classes: bool = False
+    geojson_per: str = "tile"
+
+    @classmethod
+    def folder(cls, out: str | os.PathLike[str], *, geojson: bool = False, **kw: Any) -> Outputs:
+        """The per-slide folder layout of ``predict-cohort`` and ``demo``: ``heatmap.tif``,
+        ``overlay.png``, ``scores.npz``, ``report.json`` (and ``tiles.geojson``)."""
+        d = Path(out)
+        return cls(
+            heatmap=d / "heatmap.tif",
+            overlay=d / "overlay.png",
+            geojson=d / "tiles.geojson" if geojson else None,
+            scores=d / "scores.npz",
+            report=d / "report.json",
+            **kw,
+        )
+
+    def any(self) -> bool:
+        return any(
+            p is not None
+            for p in (self.heatmap, self.overlay, self.geojson, self.scores, self.report)
+        )
+
+
 @dataclass
 class SlideResult:
     """Everything one slide run produced, able to write every output.
@@ -201,6 +243,42 @@ class SlideResult:
                 f"unknown class {name_or_index!r}; the model has {list(self.class_names)}"
             )
         return self.class_names.index(str(name_or_index))
+
+    def write_outputs(self, outputs: Outputs) -> list[Path]:
+        """Write every output ``outputs`` names, the report last (it records the write time).
+
+        The one place outputs are written (``fastinsight predict``, ``predict-cohort`` and
+        ``demo`` all call it), all or nothing: inside ``atomic_outputs`` every file goes to a
+        temporary name and all are renamed into place when the last one is complete; if a write
+        fails, the temporary files are removed and previous outputs keep their old version.
+        Returns the paths written.
+        """
+        from fastinsight.atomic import atomic_outputs
+
+        start = time.perf_counter()
+        written: list[Path] = []
+        with atomic_outputs():
+            if outputs.heatmap is not None:
+                written += self.write_heatmap(
+                    outputs.heatmap,
+                    outputs.class_,
+                    encoding=outputs.encoding,
+                    all_classes=outputs.all_classes,
+                )
+            if outputs.overlay is not None:
+                self.write_overlay(outputs.overlay, outputs.class_)
+                written.append(Path(outputs.overlay))
+            if outputs.geojson is not None:
+                self.write_geojson(outputs.geojson, outputs.class_, per=outputs.geojson_per)
+                written.append(Path(outputs.geojson))
+            if outputs.scores is not None:
+                self.write_sidecar(outputs.scores)
+                written.append(Path(outputs.scores))
+            self.timings["write"] = time.perf_counter() - start
+            if outputs.report is not None:
+                self.write_report(outputs.report)
+                written.append(Path(outputs.report))
+        return written
 
     def write_heatmap(
         self,
