@@ -62,7 +62,7 @@ from fastinsight.errors import (
     OutputError,
 )
 from fastinsight.fileformat import file_sha256
-from fastinsight.predict.slide import STAGES, PredictOptions
+from fastinsight.predict.slide import STAGES, Outputs, PredictOptions
 from fastinsight.text import dumps_json
 
 EXIT_SLIDES_FAILED = 8
@@ -286,13 +286,22 @@ class CohortOptions:
 
     def __post_init__(self) -> None:
         if self.encoding not in ("score", "rgb"):
-            raise InputError(f"encoding must be 'score' or 'rgb', got {self.encoding!r}", fields=("encoding",))
+            raise InputError(
+                f"encoding must be 'score' or 'rgb', got {self.encoding!r}", fields=("encoding",)
+            )
         if not self.cpus_per_slide > 0:
-            raise InputError(f"cpus_per_slide must be > 0, got {self.cpus_per_slide}", fields=("cpus_per_slide",))
+            raise InputError(
+                f"cpus_per_slide must be > 0, got {self.cpus_per_slide}", fields=("cpus_per_slide",)
+            )
         if self.gpus_per_slide is not None and self.gpus_per_slide < 0:
-            raise InputError(f"gpus_per_slide must be >= 0, got {self.gpus_per_slide}", fields=("gpus_per_slide",))
+            raise InputError(
+                f"gpus_per_slide must be >= 0, got {self.gpus_per_slide}",
+                fields=("gpus_per_slide",),
+            )
         if self.max_retries < 0:
-            raise InputError(f"max_retries must be >= 0, got {self.max_retries}", fields=("max_retries",))
+            raise InputError(
+                f"max_retries must be >= 0, got {self.max_retries}", fields=("max_retries",)
+            )
         if self.num_cpus is not None and self.num_cpus < 1:
             raise InputError(f"num_cpus must be >= 1, got {self.num_cpus}", fields=("num_cpus",))
 
@@ -600,23 +609,16 @@ def _install(partial: Path, final: Path) -> None:
 
 
 def _write_outputs(result: Any, out: Path, options: CohortOptions) -> list[Path]:
-    start = time.perf_counter()
-    written = list(
-        result.write_heatmap(
-            out / "heatmap.tif",
-            options.class_,
+    """The slide folder's outputs (``SlideResult.write_outputs``, the one writer)."""
+    written = result.write_outputs(
+        Outputs.folder(
+            out,
+            class_=options.class_,
             encoding=options.encoding,
             all_classes=options.all_classes,
         )
     )
-    result.write_overlay(out / "overlay.png", options.class_)
-    written.append(out / "overlay.png")
-    result.write_sidecar(out / "scores.npz")
-    written.append(out / "scores.npz")
-    _test_crash_hook(result.slide_id)  # mid-slide: some outputs are written, the marker is not
-    result.timings["write"] = time.perf_counter() - start
-    result.write_report(out / "report.json")
-    written.append(out / "report.json")
+    _test_crash_hook(result.slide_id)  # after the outputs, before the marker
     return written
 
 
