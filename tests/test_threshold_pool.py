@@ -13,7 +13,6 @@ from fastinsight.ops.pooling import Pooling
 from fastinsight.ops.threshold_pool import (
     IMPL_EXPORT,
     IMPL_REFERENCE,
-    IMPL_TRITON,
     POOL_INPUT_LOGIT,
     POOLINGS,
     THRESHOLD_NONE,
@@ -70,14 +69,14 @@ def test_implementation_is_fixed_and_checked() -> None:
         ThresholdAndPool(Pooling("max", 1), pool_input="prob")
 
 
-def test_model_holds_one_instance_per_implementation_sharing_its_pooling() -> None:
+def test_model_uses_the_assembly_with_its_current_pooling() -> None:
     model = InsightModel(InsightConfig(in_dim=8, num_classes=2, pooling="lse_lba"), "reference")
-    pools = model._threshold_pools
-    assert {tp.impl for tp in pools.values()} == {IMPL_REFERENCE, IMPL_TRITON}
-    assert all(tp.pooling is model.pooling for tp in pools.values())
+    tp = model._threshold_pool()
+    assert tp.impl == IMPL_REFERENCE and tp.pooling is model.pooling
     assert not any("threshold_pool" in k for k in model.state_dict())
-    model.double()  # the shared pooling follows the model's conversions
-    assert pools[IMPL_REFERENCE].pooling.beta.dtype == torch.float64
+    values, mask = _values()
+    assert torch.equal(model.threshold_and_pool(values.T[:, :, None, None], None)[2],
+                       tp(values, None)[2])  # fmt: skip
 
 
 def test_the_onnx_wrapper_leaves_the_models_backend_alone() -> None:

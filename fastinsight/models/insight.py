@@ -116,18 +116,6 @@ class InsightModel(nn.Module):
         self.backbone_block = _conv_chain(cfg, kernel=1)
         self.context_block = _conv_chain(cfg, kernel=3)
         self.pooling = Pooling(cfg.pooling, cfg.num_classes, cfg.smoothmax_a, cfg.lse_r0)
-        # The one threshold + pooling assembly (fastinsight.ops.threshold_pool), one fixed
-        # instance per implementation; a plain dict, so the state dict holds the pooling once.
-        self._threshold_pools = {
-            impl: ThresholdAndPool(
-                self.pooling,
-                threshold=cfg.threshold,
-                otsu_bins=cfg.otsu_bins,
-                pool_input=cfg.pool_input,
-                impl=impl,
-            )
-            for impl in (IMPL_REFERENCE, IMPL_TRITON)
-        }
         if backend not in BACKENDS:
             raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -241,9 +229,17 @@ class InsightModel(nn.Module):
 
     # -- threshold and pooling ----------------------------------------------------------------
     def _threshold_pool(self) -> ThresholdAndPool:
-        """The assembly for this call: the kernels' at inference when ``uses_kernels``, else the
-        reference's. Both are built once, with the model."""
-        return self._threshold_pools[IMPL_TRITON if self.uses_kernels else IMPL_REFERENCE]
+        """The one threshold + pooling assembly (``fastinsight.ops.threshold_pool``) for this
+        call: the kernels' at inference when ``uses_kernels``, else the reference's; built from
+        the model's current pooling module and config (loaders may replace either)."""
+        cfg = self.config
+        return ThresholdAndPool(
+            self.pooling,
+            threshold=cfg.threshold,
+            otsu_bins=cfg.otsu_bins,
+            pool_input=cfg.pool_input,
+            impl=IMPL_TRITON if self.uses_kernels else IMPL_REFERENCE,
+        )
 
     def threshold(self, values: Tensor, mask: Tensor | None) -> Tensor:
         """Per-class threshold over masked-in cells. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
