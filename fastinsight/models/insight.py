@@ -210,6 +210,11 @@ class InsightModel(nn.Module):
         if (
             grid.device.type == "cpu"
             and not torch.is_grad_enabled()
+            # An ONNX / torch.export trace records the reference graph: the CPU head's chunk
+            # loop over N would pin the traced tile count (issue #6's dynamic N).
+            and not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export()
+            and not torch.jit.is_tracing()
             and weight_dtype in (torch.float32, torch.float64)
             and all(layer.kernel_size == 3 for layer in weights.context)
         ):
