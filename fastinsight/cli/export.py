@@ -179,7 +179,12 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tensorrt(args: argparse.Namespace) -> int:
-    from fastinsight.export.tensorrt import build_engine, check_engine, check_tile_range, tensorrt_status
+    from fastinsight.export.tensorrt import (
+        build_engine,
+        check_engine,
+        check_tile_range,
+        tensorrt_status,
+    )
 
     reason = tensorrt_status()
     if reason is not None:

@@ -80,7 +80,9 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
     from fastinsight.radiograph.predict import expand_inputs
 
     if getattr(args, "features", None):
-        raise InputError("--features is for slides; a radiograph model takes image files")
+        raise InputError(
+            "feature files (.h5) are for slide models; a radiograph model takes image files"
+        )
     if not args.slide:
         raise InputError(
             "give an image: fastinsight predict cxr.dcm --model pylon.pth --out hm.tif"
