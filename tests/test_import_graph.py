@@ -137,8 +137,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
 def test_argparse_only_in_cli() -> None:
     _, external = import_graph()
     users = sorted(m for m, ext in external.items() if "argparse" in ext)
-    allowed = {"fastinsight.kernels.check"}  # helper "kern" moves its argparse into cli/ later
-    assert users and all(m.startswith("fastinsight.cli") or m in allowed for m in users), users
+    assert users and all(m.startswith("fastinsight.cli") for m in users), users
 
 
 def test_nothing_imports_the_cli() -> None:
