@@ -92,10 +92,11 @@ class HeadLaunchConfig:
 
 # One config per compute type: blocks that compile for sm_80 and sm_90 without a register spill
 # (``fastinsight kernels check`` proves it for every variant; larger ones spill). Pipelining the
-# token stream (token_stages=2) fits in registers for 16-bit tokens only. 16-bit: K steps of 64
-# and 128-wide output blocks cut a tile's dot iterations from 768 to 304 (the 3x3 c0 layer from
-# 288 to 72) at the same 1 CTA/SM occupancy (docs/kernel-analysis.md section 2; P128 spills).
-FAST_16BIT = HeadLaunchConfig(BLOCK_P=64, BLOCK_I=64, BLOCK_O=128)
+# token stream (token_stages=2) spills 8 B with these 16-bit blocks (sm_90, NCHW, channel norm),
+# so it is off. 16-bit: K steps of 64 and 128-wide output blocks cut a tile's dot iterations
+# from 768 to 304 (the 3x3 c0 layer from 288 to 72) at the same 1 CTA/SM occupancy
+# (docs/kernel-analysis.md section 2; P128 spills).
+FAST_16BIT = HeadLaunchConfig(BLOCK_P=64, BLOCK_I=64, BLOCK_O=128, token_stages=1)
 GPU_CONFIGS: dict[str, HeadLaunchConfig] = {
     "bf16": FAST_16BIT,
     "fp16": FAST_16BIT,
