@@ -31,6 +31,7 @@ from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-e
     FORMAT_VERSION,
     InsightModel,
 )
+from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
 
 
 def sniff_format(path: Path) -> str:
@@ -150,45 +151,12 @@ class ModelLoader:
     load: Callable[[CheckpointFile, str], torch.nn.Module]
 
 
-def _read_torch_state(path: Path) -> dict[str, Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"cannot load {str(path)!r} as a PyTorch state_dict ({msg}); only plain "
-            "state_dicts of tensors are accepted (weights_only=True)"
-        ) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{str(path)!r} does not hold a state_dict of tensors (found {type(state).__name__})"
-        )
-    # Checkpoints saved from nn.DataParallel carry a "module." prefix.
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
-    return state, dict(meta)
-
-
 def read_checkpoint(path: Path) -> CheckpointFile:
     """Sniff ``path`` by its bytes and read its tensors (and metadata) once."""
     fmt = sniff_format(path)
     if fmt == "torch":
-        return CheckpointFile(path, fmt, _read_torch_state(path))
-    state, meta = _read_safetensors(path)
+        return CheckpointFile(path, fmt, read_torch_state_dict(path))
+    meta, state = read_safetensors(path)
     return CheckpointFile(path, fmt, state, meta)
 
 

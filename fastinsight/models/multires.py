@@ -50,8 +50,8 @@ from fastinsight.models.pylon import (
     RadiographPrediction,
     check_input_side,
     load_state_checked,
-    read_safetensors,
 )
+from fastinsight.models.statefiles import read_safetensors
 from fastinsight.ops.pooling import lse_lba
 
 FAMILY = "multires"

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
+from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
 
 UpType = Literal["1layer", "2layer"]
 FAMILY_KEY = "fastinsight.family"
@@ -438,36 +439,6 @@ def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) 
     model.load_state_dict(
         {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True
     )
-
-
-def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
-    """``torch.load(weights_only=True)`` a plain state_dict of tensors, or raise CheckpointError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"cannot load {str(path)!r} as a PyTorch state_dict ({msg}); only plain "
-            "state_dicts of tensors are accepted (weights_only=True)"
-        ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{str(path)!r} does not hold a state_dict of tensors (found {type(state).__name__})"
-        )
-    return state
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """Metadata and tensors of a safetensors file, or raise CheckpointError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
-    return meta, state
 
 
 def is_pylon_state_dict(state: dict[str, Any]) -> bool:

@@ -1,0 +1,50 @@
+"""Reading model weight files: a plain PyTorch state_dict (``weights_only``) or safetensors.
+
+The one reader every model family's loader uses (INSIGHT, PYLON, the multi-resolution network);
+it knows nothing of architectures, so it sits below them and imports none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastinsight.errors import CheckpointError
+
+
+def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
+    """``torch.load(weights_only=True)`` a state_dict of tensors (a ``{"state_dict": ...}`` wrapper
+    and DataParallel's ``module.`` prefix are taken off), or raise CheckpointError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load {str(path)!r} as a PyTorch state_dict ({msg}); only plain "
+            "state_dicts of tensors are accepted (weights_only=True)"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{str(path)!r} does not hold a state_dict of tensors (found {type(state).__name__})"
+        )
+    # Checkpoints saved from nn.DataParallel carry a "module." prefix.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Metadata and tensors of a safetensors file, or raise CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+    return dict(meta), state
