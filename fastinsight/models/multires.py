@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError
+from fastinsight.models.config import class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.pylon import (
     FAMILY_KEY,
@@ -91,6 +92,8 @@ class MultiResConfig:
             problems.append(f"image_size must be a multiple of 64, got {self.image_size}")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
+        # --all-classes writes one file per class: names must be safe in file names (#16 class 1).
+        problems += class_name_problems(tuple(self.class_names))
         if problems:
             raise CheckpointError("invalid multi-resolution config: " + "; ".join(problems))
 

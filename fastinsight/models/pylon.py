@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.models.config import class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
 
@@ -110,6 +111,8 @@ class PylonConfig:
             problems.append(f"std must be > 0, got {self.std}")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
+        # --all-classes writes one file per class: names must be safe in file names (#16 class 1).
+        problems += class_name_problems(tuple(self.class_names))
         if problems:
             raise CheckpointError("invalid PYLON config: " + "; ".join(problems))
 

@@ -99,3 +99,17 @@ def test_sides_that_are_not_multiples_of_256_are_refused() -> None:
     with pytest.raises(InputError, match="multiples of 256"):
         model.predict(torch.zeros(1, 1, 256, 384))
     assert model.predict(torch.zeros(1, 1, 256, 512)).logits.shape == (1, 1, 64, 128)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "../x", ""])
+def test_radiograph_class_names_must_be_safe_in_file_names(bad: str) -> None:
+    """``--all-classes`` writes ``OUT_STEM.<class>.tif``: unsafe names are refused when a model
+    is made (and so when one is loaded), as for INSIGHT (issue #16 class 1)."""
+    from fastinsight.errors import CheckpointError
+    from fastinsight.models.multires import MultiResConfig
+    from fastinsight.models.pylon import PylonConfig
+
+    with pytest.raises(CheckpointError, match="class"):
+        PylonConfig(num_classes=2, class_names=("ok", bad))
+    with pytest.raises(CheckpointError, match="class"):
+        MultiResConfig(num_classes=2, class_names=("ok", bad))
