@@ -56,6 +56,7 @@ FIELDS = [
     "grid",
     "K",
     "norm",
+    "layout",
     "median_ms",
     "gb_per_s",
     "tflop_per_s",
@@ -184,7 +185,11 @@ def host_otsu(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_providers(
-    model, smoke: bool, device: torch.device, names: list[str], kernel_config: str | None = None
+    model,
+    smoke: bool,
+    device: torch.device,
+    names: list[str],
+    kernel_configs: list[str] | None = None,
 ) -> dict[str, dict]:
     """Per provider: dtype, head(tokens) -> raw, post(raw, mask) -> (thresholds, scores)."""
     from fastinsight.ops.otsu import otsu_threshold
@@ -246,42 +251,47 @@ def make_providers(
             t = kernels.otsu_threshold(values, mask)
             return t, kernels.smoothmax(values * (values > t[:, None]), mask, 8.0)
 
-        if kernel_config:
-            head_fn = _configured_head(wk, kernel_config)
-        else:
+        def shipped(x):
+            return kernels.insight_head(x, wk)
 
-            def head_fn(x):
-                return kernels.insight_head(x, wk)
-
-        providers["kernels_bf16"] = {
-            "dtype": kdtype,
-            "head": head_fn,
-            "post": kernel_post,
-            "config": kernel_config or "default",
-            "note": "Triton interpreter (fp32: no bf16 there)" if device.type == "cpu" else "",
-        }
+        heads = [(text, _configured_head(wk, text)) for text in kernel_configs or []]
+        for i, (text, head_fn) in enumerate(heads or [("default", shipped)]):
+            providers["kernels_bf16" if i == 0 else f"kernels_bf16@{text}"] = {
+                "dtype": kdtype,
+                "head": head_fn,
+                "post": kernel_post,
+                "config": text,
+                "note": "Triton interpreter (fp32: no bf16 there)" if device.type == "cpu" else "",
+            }
     for p in providers.values():
         p.setdefault("note", "")
     return providers
 
 
+KERNEL_CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K",
+                      "w": "num_warps", "s": "num_stages"}  # fmt: skip
+
+
 def parse_kernel_config(text: str):
-    """``P64-I64-O128`` (optionally ``-w8``, ``-t2`` token stages) -> ``HeadLaunchConfig``."""
+    """``M128-X64-R128-K64-w8-s3`` (any subset, as ``HeadLaunchConfig.describe``) -> config.
+
+    M: cells per program of the chain layers, X: of the layers wider than 64 channels, R: of the
+    reduce layer, K: input channels per dot step, w: warps, s: pipeline stages.
+    """
     import dataclasses
     import re
 
-    from fastinsight.kernels.head import HeadLaunchConfig
+    from fastinsight.kernels.head import FAST_16BIT
 
-    keys = {"P": "BLOCK_P", "I": "BLOCK_I", "O": "BLOCK_O", "w": "num_warps", "t": "token_stages"}
     fields = {}
     for part in text.split("-"):
-        match = re.fullmatch(r"([PIOwt])(\d+)", part)
+        match = re.fullmatch(r"([MXRKws])(\d+)", part)
         if not match:
             raise SystemExit(
-                f"bench_kernels: --kernel-config expects e.g. P64-I64-O128, got {text!r}"
+                f"bench_kernels: --kernel-config expects e.g. M128-X64-R128-K64-w8-s3, got {text!r}"
             )
-        fields[keys[match.group(1)]] = int(match.group(2))
-    return dataclasses.replace(HeadLaunchConfig(), **fields)
+        fields[KERNEL_CONFIG_KEYS[match.group(1)]] = int(match.group(2))
+    return dataclasses.replace(FAST_16BIT, **fields)
 
 
 def _configured_head(weights, text: str) -> Callable:
@@ -307,6 +317,18 @@ def _copy(model, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
+def make_tokens(n: int, c: int, grid: tuple[int, int], layout: str, device) -> torch.Tensor:
+    """bf16 token grids ``[N, C, h, w]``: NCHW contiguous (feature files), or ``nhwc`` the
+    encoder's ``[N, h*w, C]`` seen through ``tokens_as_grid`` (what the slide pipeline passes)."""
+    from fastinsight.ops.reference import tokens_as_grid
+
+    h, w = grid
+    if layout == "nhwc":
+        flat = torch.randn(n, h * w, c, device=device, dtype=torch.bfloat16)
+        return tokens_as_grid(flat, grid)
+    return torch.randn(n, c, h, w, device=device, dtype=torch.bfloat16)
+
+
 def head_error(prov: dict, tokens: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs error of the provider's head on the first tiles against the fp32 reference.
 
@@ -373,10 +395,11 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         model = InsightModel(config, backend="reference").eval().to(device)
         weights = model.head_weights()
         providers = make_providers(model, args.smoke, device, args.providers, args.kernel_config)
+        profile = args.profile and device.type == "cuda" and "kernels_bf16" in providers
         from fastinsight.ops.reference import insight_head_reference
 
         for n in args.tiles:
-            tokens = torch.randn(n, args.channels, h, w, device=device, dtype=torch.bfloat16)
+            tokens = make_tokens(n, args.channels, (h, w), args.layout, device)
             mask = torch.rand(n * cells, device=device) > 0.2
             flops = head_flops(weights, n, cells)
             with torch.no_grad():
@@ -417,6 +440,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                             "grid": f"{h}x{w}",
                             "K": k,
                             "norm": args.norm,
+                            "layout": args.layout,
                             "median_ms": _sig(ms),
                             "gb_per_s": _sig(nbytes / ms / 1e6),
                             "tflop_per_s": _sig(fl / ms / 1e9),
@@ -443,8 +467,28 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             write_csv(block, args.csv)
             print_table(block)
             rows += block
+            if profile and n == max(args.tiles):
+                profile_kernels(providers["kernels_bf16"], tokens)
             tokens = mask = torch.empty(0)
     return rows
+
+
+def profile_kernels(prov: dict, tokens: torch.Tensor) -> None:
+    """Print each GPU kernel's time in one head call (torch.profiler; CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = tokens.to(prov["dtype"])
+    with torch.no_grad():
+        prov["head"](x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                prov["head"](x)
+            torch.cuda.synchronize()
+    print("# per-kernel GPU time of 3 head calls (torch.profiler)")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+    )
 
 
 def _sig(x: float) -> float:
@@ -453,16 +497,25 @@ def _sig(x: float) -> float:
 
 
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    """Append rows; a file written by an older version (a subset of the columns) is upgraded."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     if not new:
         with path.open(newline="") as f:
-            header = next(csv.reader(f), None)
-        if header != FIELDS:
-            raise SystemExit(
-                f"bench_kernels: {path} has other columns ({header}); "
-                "write to a new file with --csv PATH"
-            )
+            old = list(csv.DictReader(f))
+            header = list(old[0].keys()) if old else None
+        if header is not None and header != FIELDS:
+            if not set(header) <= set(FIELDS):
+                raise SystemExit(
+                    f"bench_kernels: {path} has other columns ({header}); "
+                    "write to a new file with --csv PATH"
+                )
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+                writer.writeheader()
+                writer.writerows(old)
+            tmp.replace(path)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -499,7 +552,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kernel-config",
         default=None,
-        help="time the fused head with these blocks, e.g. P64-I64-O128 (default: the shipped one)",
+        nargs="+",
+        help="time the kernels with these blocks, e.g. M128-X64-R128-K64-w8-s3 (default: the "
+        "shipped one); several configs: one kernels_bf16 row set each",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["nchw", "nhwc"],
+        default="nchw",
+        help="token memory layout: nchw (feature files) or nhwc (the encoder's [N, h*w, C])",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: print the kernels' per-launch GPU times (torch.profiler) for the largest N",
     )
     args = parser.parse_args(argv)
     if args.device is None:

@@ -11,12 +11,13 @@
 #             --no-build-isolation --no-index -e .`, or (if that fails, and always in --dry-run)
 #             a shadow tree on PYTHONPATH that mirrors pyproject's package-dir mapping
 #   tests     `pytest -m cuda tests/kernels` (fp32/fp16/bf16 parity on the GPU) -> tests.csv
-#   kernels   bench/bench_kernels.py at N = 8192, K = 1 and 3: eager bf16, torch.compile (static
-#             shapes) and the kernels, parity-checked before timing   -> kernels.csv
+#   kernels   bench/bench_kernels.py at N = 8192: eager bf16, torch.compile (static shapes) and
+#             the kernels, parity-checked before timing: NCHW tokens at K = 1 and 3, NHWC (the
+#             pipeline's) at K = 3 with a per-launch profile               -> kernels.csv
 #   encoders, read, slide, volume: bench/bench_<name>.py --csv OUT/<name>.csv, each only if the
 #             script exists (other parts of the project provide them; --smoke in --dry-run)
-#   kernel_config  the fused head again with blocks P64-I64-O128 (kernels.csv, column config),
-#             only if time is left
+#   kernel_config  the layer kernels with other block sizes side by side (KERNEL_CONFIGS, in
+#             HeadLaunchConfig.describe() syntax; kernels.csv, column config), if time is left
 # OUT_DIR ends with at most 8 files (the device tool brings back 8): steps.csv, tests.csv,
 # kernels.csv, encoders.csv, read.csv, slide.csv, volume.csv and device_check.log (all output).
 #
@@ -236,11 +237,21 @@ run_step tests 120 "$OUT/tests.csv" step_tests
 
 if [[ $DRY -eq 1 ]]; then
   KBENCH=(--smoke --grid 4 4 --channels 64)
+  KNHWC=(--smoke --grid 4 4 --channels 64 --classes 1 --providers kernels_bf16)
 else
   KBENCH=(--tiles 8192 --classes 1 3)
+  KNHWC=(--tiles 8192 --classes 3 --profile --providers eager_bf16 compile_bf16 kernels_bf16)
 fi
-run_step kernels 200 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KBENCH[@]}" \
-  --providers eager_bf16 compile_bf16 kernels_bf16 --csv "$OUT/kernels.csv"
+# NCHW tokens (feature files) at K = 1 and 3, then the slide pipeline's NHWC tokens at K = 3 with
+# the per-launch profile of the kernels.
+step_kernels() {
+  "$PY" bench/bench_kernels.py "${KBENCH[@]}" --providers eager_bf16 compile_bf16 kernels_bf16 \
+    --csv "$OUT/kernels.csv" || return
+  "$PY" bench/bench_kernels.py "${KNHWC[@]}" --layout nhwc --csv "$OUT/kernels.csv"
+}
+export -f step_kernels
+export KBENCH_S="${KBENCH[*]}" KNHWC_S="${KNHWC[*]}"
+run_step kernels 200 "$OUT/kernels.csv" bash -c 'KBENCH=($KBENCH_S); KNHWC=($KNHWC_S); step_kernels'
 want kernels && [[ $DRY -eq 0 ]] && step_env 2>&1 | head -2 | tee -a "$LOG" # clocks after the bench
 
 hook encoders 45
@@ -249,13 +260,17 @@ hook read 30
 hook slide 45 ${BENCH_SLIDE_ARGS:-}
 hook volume 30
 
+# Block-size variants of the layer kernels side by side (HeadLaunchConfig.describe() syntax).
+CONFIGS=${KERNEL_CONFIGS:-M128-X64-R128-K64-w8-s3 M128-X128-R128-K64-w8-s3 M64-X64-R64-K64-w4-s3 M128-X64-R128-K64-w8-s4}
 if [[ $DRY -eq 1 ]]; then
   KCFG=(--smoke --grid 4 4 --channels 64 --classes 1)
+  CONFIGS="M64-X64-R64-K64-w4-s1"
 else
   KCFG=(--tiles 8192 --classes 3)
 fi
-run_step kernel_config 60 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
-  --providers kernels_bf16 --kernel-config P64-I64-O128 --csv "$OUT/kernels.csv"
+# shellcheck disable=SC2086  # CONFIGS is a word list on purpose
+run_step kernel_config 90 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
+  --providers kernels_bf16 --kernel-config $CONFIGS --csv "$OUT/kernels.csv"
 
 rm -rf "$OUT/.shadow"
 log "== done in $(($(date +%s) - START))s; CSVs in $OUT"

@@ -1,32 +1,40 @@
-"""The fused INSIGHT head: token grids in, raw heatmap out, in one kernel launch.
+"""The INSIGHT head as a chain of fused Triton layer kernels: token grids in, raw heatmap out.
 
-One program owns one tile at a time (a persistent grid walks the batch) and runs the whole head
-for it::
+The head, per tile of ``P = h*w`` cells (official: 1024 -> 128 -> 128 -> 64 -> 64 -> K)::
 
     Z  = LN(GELU(X W_r + b_r))                              reduce (the only read of the tokens)
-    D  = detection chain: three (1x1 conv, GELU, LN) + 1x1 conv           -> [h*w, K]
-    Cx = context chain: three (replicate-pad 3x3 conv, GELU, LN) + 3x3 conv -> [h*w, K]
-    H  = sigmoid(D) * sigmoid(-Cx)                           written as [N, K, h, w]
+    D  = detection chain: three (1x1 conv, GELU, LN) + 1x1 conv           -> [P, K]
+    Cx = context chain: three (replicate-pad 3x3 conv, GELU, LN) + 3x3 conv -> [P, K]
+    H  = sigmoid(D) * sigmoid(-Cx)                           written as [N, K, h, w] (fp32)
 
-Activations are laid out cells x channels (``[h*w, c]``): every convolution is a ``tl.dot`` of
-a block of cells against a ``[c_in, c_out]`` weight block, fp32 accumulation. A 3x3 convolution
-is nine such dots, one per tap, whose A operand is gathered from the neighbouring cells with the
-row and column clamped to the tile: that clamp *is* the replication padding.
+Design (measured on an H200, ``bench/results/kernels.csv``; the first design, one persistent
+program per tile running all nine layers through a global scratch, was latency-bound at ~8 % of
+the roofline and slower than ``torch.compile``): every convolution is one implicit GEMM over
+*all* cells of the batch, ``M = N*P`` rows, with large pipelined blocks
+(``BLOCK_M x COUT x BLOCK_K``, ``num_stages`` deep), so the tensor cores see long K loops:
 
-Why a per-program scratch buffer in global memory: LayerNorm([c, h, w]) needs the statistics of
-the whole tile before any cell can be normalised, and a 3x3 tap needs other cells' values, which
-live in other threads' registers (Triton has no register shuffle for an arbitrary gather). The
-128 x 196 activations of one tile (fp32: 100 KB) do not fit in one program's registers next to
-the accumulators, so each layer writes its GELU output (fp32) and its normalised output (in the
-compute dtype) to a small scratch area owned by the program (about 260 KB for 14 x 14 in bf16).
-With a persistent grid of one program per SM the whole scratch (~35 MB on an H100, whose L2 is
-50 MB) can stay in L2: the tokens are the only tensor that streams from HBM, once.
-``tl.debug_barrier()`` (a CTA barrier, which also orders the program's global memory accesses)
-separates the layers. The programs are 8 warps with up to 255 registers each and no spills
-(``fastinsight kernels check``), i.e. one program per SM.
+- ``_reduce_kernel`` reads the tokens once, in any layout: programs own blocks of one tile's cells,
+  so NCHW (cells contiguous) and NHWC (channels contiguous, the encoder's ``[N, h*w, C]``) both
+  load as wide vectors. The 3x3 layers (``_conv_kernel``) walk one flattened K loop over
+  ``(tap, input channel)``; a tap's A rows are the neighbour cells with row and column clamped
+  to the tile, which *is* the replication padding.
+- Every epilogue is fused: bias, exact-erf GELU, and what the next layer needs of the norm.
+- **LayerNorm([c, h, w]) is folded into the next convolution.** The tile statistics are only
+  known once every cell of the tile is done, but a convolution is linear, so with
+  ``u = GELU(y) * gamma`` (gamma, beta the per-position affine) the next layer's input is
+  ``z = rstd * (u - mu * gamma) + beta`` and::
 
-LayerNorm statistics are merged block by block with Chan's parallel update (count, mean, M2),
-in a fixed order, so the result does not depend on the block sizes beyond rounding.
+      conv(z)[p, o] = rstd * (conv(u)[p, o] - mu * conv(gamma)[p, o]) + conv(beta)[p, o]
+
+  ``conv(gamma)`` and ``conv(beta)`` (replication padded, no bias) are ``[P, cout]`` tables
+  computed once per model in float64. A layer therefore stores ``u`` (compute dtype) and per-row
+  ``(mean, M2)`` of its GELU output; ``_tile_stats_kernel`` merges each tile's rows with Chan's
+  update into ``(mu, rstd)``; the next layer applies them in its epilogue. No pass re-reads an
+  activation to normalise it.
+- The per-cell channel norm needs only the row a program already holds (``BLOCK_N = cout``):
+  it is applied in the epilogue and the normalised activation is stored.
+- Activations are ``[M, c]`` row-major in the compute dtype (bf16/fp16: 16-byte loads); tiles are
+  processed in chunks of ``chunk_tiles`` so the activations stay a few hundred MB.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -42,22 +51,22 @@ from torch import Tensor
 from fastinsight.errors import InputError
 from fastinsight.ops.reference import HeadWeights
 
-from ._runtime import INTERPRET, KernelSpec, aligned, check_device, next_pow2, num_programs
+from ._runtime import INTERPRET, KernelSpec, aligned, check_device, next_pow2
 
-# Token layouts the kernel specialises on (a constexpr): unit strides become compile-time
-# constants so the loads of the token grid vectorise.
+# Token layouts the reduce kernel specialises on (a constexpr): a unit stride becomes a
+# compile-time constant so the loads of the token grid vectorise.
 LAYOUT_STRIDED = 0  # any strides
 LAYOUT_NCHW = 1  # [N, C, h, w] with the h*w cells contiguous (stride_xw = 1, stride_xh = w)
 LAYOUT_NHWC = 2  # channels last, e.g. the encoder's [N, h*w, C] (stride_xc = 1)
 LAYOUT_NAMES = {LAYOUT_STRIDED: "strided", LAYOUT_NCHW: "nchw", LAYOUT_NHWC: "nhwc"}
 
-# What ``_head_layer`` does after its convolution (compile-time constants of the kernel).
-MODE_HIDDEN = tl.constexpr(0)  # GELU + LayerNorm into the next layer's input
-MODE_DETECT_OUT = tl.constexpr(1)  # the detection logits D, kept for the gate
-MODE_GATE_OUT = tl.constexpr(2)  # the last context conv: the heatmap sigmoid(D) sigmoid(-Cx)
-# The scratch activations are channels-last; the 3x3 layers read them through all strides.
-_LAYOUT_CL = tl.constexpr(2)
-_LAYOUT_ANY = tl.constexpr(0)
+# What a layer's epilogue writes (compile-time constants).
+OUT_TILE = 0  # u = GELU(y) * gamma[p, o] and per-row (mean, M2): the tile norm, folded forward
+OUT_CHANNEL = 1  # LN over the row's channels of GELU(y), with the per-channel affine
+OUT_LOGITS = 2  # y itself in fp32 (the detection logits D)
+OUT_GATE = 3  # sigmoid(D) * sigmoid(-y) into the heatmap [N, K, h, w]
+OUT_NAMES = {OUT_TILE: "tile-norm", OUT_CHANNEL: "channel-norm", OUT_LOGITS: "logits",
+             OUT_GATE: "gate"}  # fmt: skip
 
 PRECISIONS = ("ieee", "tf32")
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -65,48 +74,48 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 @dataclass(frozen=True)
 class HeadLaunchConfig:
-    """Block sizes and launch shape of the fused head (fixed configs; no autotuning).
+    """Block sizes of the layer kernels (fixed configs; no autotuning).
 
-    ``BLOCK_P`` cells per block (the dots' M), ``BLOCK_I`` input channels per dot step (K),
-    ``BLOCK_O`` output channels per block (N) of the hidden layers; the reduce layer always covers
-    all its output channels so the tokens are read once. ``token_stages`` software-pipelines the
-    loop that streams the tokens; the other loops run at ``num_stages``. ``programs_per_sm``
-    sizes the persistent grid (and so the scratch that must stay in L2).
+    ``BLOCK_M`` cells per program of the chain layers (the dots' M; the dots' N is the layer's
+    whole output width), ``BLOCK_MW`` the same for layers wider than 64 channels (their
+    epilogue holds several ``[BLOCK_M, cout]`` fp32 tables), ``BLOCK_MR`` cells per program of
+    the reduce layer (blocks of one tile), ``BLOCK_K`` input channels per dot step,
+    ``num_stages`` the software-pipelining depth of the K loops, ``chunk_tiles`` tiles per
+    launch sequence (bounds the activation memory).
     """
 
-    BLOCK_P: int = 64
-    BLOCK_I: int = 32
-    BLOCK_O: int = 64
-    NORM_BLOCK: int = 1024
+    BLOCK_M: int = 128
+    BLOCK_MW: int = 64
+    BLOCK_MR: int = 128
+    BLOCK_K: int = 64
     num_warps: int = 8
-    num_stages: int = 1
-    token_stages: int = 2
-    programs_per_sm: int = 1
+    num_stages: int = 3
+    chunk_tiles: int = 4096
 
     def describe(self) -> str:
         return (
-            f"P{self.BLOCK_P}-I{self.BLOCK_I}-O{self.BLOCK_O}-w{self.num_warps}"
-            f"-s{self.num_stages}/{self.token_stages}"
+            f"M{self.BLOCK_M}-X{self.BLOCK_MW}-R{self.BLOCK_MR}-K{self.BLOCK_K}-w{self.num_warps}"
+            f"-s{self.num_stages}"
         )
 
 
-# One config per compute type: blocks that compile for sm_80 and sm_90 without a register spill
-# (``fastinsight kernels check`` proves it for every variant; larger ones spill). Pipelining the
-# token stream (token_stages=2) spills 8 B with these 16-bit blocks (sm_90, NCHW, channel norm),
-# so it is off. 16-bit: K steps of 64 and 128-wide output blocks cut a tile's dot iterations
-# from 768 to 304 (the 3x3 c0 layer from 288 to 72) at the same 1 CTA/SM occupancy
-# (docs/kernel-analysis.md section 2; P128 spills).
-FAST_16BIT = HeadLaunchConfig(BLOCK_P=64, BLOCK_I=64, BLOCK_O=128, token_stages=1)
+# One config per compute type; ``fastinsight kernels check`` proves every variant compiles for
+# sm_80 and sm_90 without spilling. 16-bit: 64-cell blocks of 4 warps (one warpgroup, wgmma
+# m64nCOUTk16; two or more programs per SM, so one program's epilogue overlaps another's K loop)
+# measured fastest of four configs side by side on an H200 (bench/results/kernels.csv, N = 8192,
+# K = 3: 7.68 ms against 8.43-8.81 ms for 128-cell blocks of 8 warps and 3-4 stages). fp32 (IEEE
+# dots run on the FMA units; the parity setting) takes smaller K steps.
+FAST_16BIT = HeadLaunchConfig(BLOCK_M=64, BLOCK_MW=64, BLOCK_MR=64, BLOCK_K=64, num_warps=4,
+                              num_stages=3)  # fmt: skip
 GPU_CONFIGS: dict[str, HeadLaunchConfig] = {
     "bf16": FAST_16BIT,
     "fp16": FAST_16BIT,
-    "fp32-tf32": HeadLaunchConfig(token_stages=1),
-    "fp32-ieee": HeadLaunchConfig(token_stages=1),
+    "fp32-tf32": HeadLaunchConfig(BLOCK_M=64, BLOCK_MW=64, BLOCK_MR=64, BLOCK_K=32),
+    "fp32-ieee": HeadLaunchConfig(BLOCK_M=64, BLOCK_MW=64, BLOCK_MR=64, BLOCK_K=16, num_stages=2),
 }
 # The interpreter's cost is per operation, not per element: few, large blocks are fastest.
-INTERPRETER_CONFIG = HeadLaunchConfig(
-    BLOCK_P=256, BLOCK_I=128, BLOCK_O=256, NORM_BLOCK=16384, num_warps=4, token_stages=1
-)
+INTERPRETER_CONFIG = HeadLaunchConfig(BLOCK_M=512, BLOCK_MW=512, BLOCK_MR=256, BLOCK_K=64, num_warps=4,
+                                      num_stages=1)  # fmt: skip
 
 
 def compute_key(dtype: torch.dtype, precision: str) -> str:
@@ -116,10 +125,9 @@ def compute_key(dtype: torch.dtype, precision: str) -> str:
 
 
 def launch_config(cells: int, dtype: torch.dtype, precision: str) -> HeadLaunchConfig:
-    """The config the launcher uses for a grid of ``cells`` cells."""
+    """The config the launcher uses for grids of ``cells`` cells."""
     if INTERPRET:
-        # One block of cells per layer (the interpreter pays per operation, not per element).
-        return dataclasses.replace(INTERPRETER_CONFIG, BLOCK_P=min(256, max(16, next_pow2(cells))))
+        return dataclasses.replace(INTERPRETER_CONFIG, BLOCK_MR=min(256, max(16, next_pow2(cells))))
     return GPU_CONFIGS[compute_key(dtype, precision)]
 
 
@@ -127,242 +135,233 @@ def launch_config(cells: int, dtype: torch.dtype, precision: str) -> HeadLaunchC
 # Triton code
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _head_layer(
-    src_ptr, stride_sh, stride_sw, stride_sc, cin,
-    w_ptr, b_ptr, nw_ptr, nb_ptr, g_ptr, dst_ptr,
-    stride_ok, stride_oh, stride_ow,
-    P, H, W, eps, cout,
-    MODE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_OF: tl.constexpr, KS: tl.constexpr,
-    LAYOUT: tl.constexpr, TILE_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_I: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
+def _epilogue(
+    acc, m, m_ok, n, p, P,
+    stat_in_ptr, bnw_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr, rowstat_ptr, d_ptr, eps,
+    COUT: tl.constexpr, BLOCK_N: tl.constexpr, IN_FOLD: tl.constexpr, OUT: tl.constexpr,
 ):  # fmt: skip
-    """One convolution of one tile, with what follows it.
+    """What follows a layer's GEMM, for rows ``m`` (tile ``n``, cell ``p``) of one block.
 
-    ``src`` is read as ``src[cell_row, cell_col, channel]`` through its strides (``LAYOUT``
-    1 / 2 make the cell / channel stride a compile-time 1); weights are ``[KS*KS, cin, cout]``.
-    For KS = 3 the neighbour cell is clamped to the tile: that clamp is the replication padding.
-
-    MODE_HIDDEN, a hidden layer, ``dst[P, cout] = LN(GELU(conv(src)))``: pass 1 computes
-    ``[BLOCK_P, BLOCK_O]`` blocks of GELU(conv) into ``g`` (fp32) and, for the tile norm, merges
-    the tile's (count, mean, M2) block by block with Chan's update in a fixed order; pass 2
-    normalises ``g`` into ``dst`` (compute dtype): the tile norm elementwise with the
-    per-position affine, the channel norm whole cells (``BLOCK_OF`` >= cout) at a time.
-    MODE_DETECT_OUT, the last detection conv: the logits D go to ``dst[P, BLOCK_O]`` (fp32).
-    MODE_GATE_OUT, the last context conv: reads D from ``g`` and writes the gated heatmap
-    ``sigmoid(D) * sigmoid(-Cx)`` to ``dst[k, row, col]`` through the output strides.
+    ``IN_FOLD``: the input was tile-normalised lazily, ``y = rstd * (acc - mu * conv(gamma)) +
+    conv(beta) + b`` (``bias_ptr`` holds ``conv(beta) + b`` as ``[P, COUT]``); else
+    ``y = acc + b`` (``[P, COUT]`` too, the bias repeated per cell).
     """
-    i = tl.arange(0, BLOCK_I)
-    mean = 0.0
-    m2 = 0.0
-    count = 0.0
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < P
-        ps = tl.minimum(p, P - 1)
-        pr = ps // W
-        pc = ps % W
-        for o0 in range(0, cout, BLOCK_O):
-            o = o0 + tl.arange(0, BLOCK_O)
-            o_ok = o < cout
-            ok = p_ok[:, None] & o_ok[None, :]
-            acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
-            if KS == 1:
-                # The unclamped cell index (with a load mask) keeps the addresses provably
-                # contiguous, so the token loads vectorise.
-                if LAYOUT == 1:
-                    row = p
-                elif LAYOUT == 2:
-                    row = p * stride_sw
-                else:
-                    row = pr * stride_sh + pc * stride_sw
-                for i0 in tl.range(0, cin, BLOCK_I, num_stages=STAGES):
-                    ii = i0 + i
-                    i_ok = ii < cin
-                    if LAYOUT == 2:
-                        col = ii
-                    else:
-                        col = ii * stride_sc
-                    a = tl.load(src_ptr + row[:, None] + col[None, :],
-                                mask=p_ok[:, None] & i_ok[None, :], other=0.0)  # fmt: skip
-                    wt = tl.load(w_ptr + ii[:, None] * cout + o[None, :],
-                                 mask=i_ok[:, None] & o_ok[None, :], other=0.0)  # fmt: skip
-                    acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
-            else:
-                for tap in range(KS * KS):
-                    nr = tl.minimum(tl.maximum(pr + (tap // KS - KS // 2), 0), H - 1)
-                    nc = tl.minimum(tl.maximum(pc + (tap % KS - KS // 2), 0), W - 1)
-                    row = nr * stride_sh + nc * stride_sw
-                    for i0 in range(0, cin, BLOCK_I):
-                        ii = i0 + i
-                        i_ok = ii < cin
-                        a = tl.load(src_ptr + row[:, None] + ii[None, :] * stride_sc,
-                                    mask=i_ok[None, :], other=0.0)  # fmt: skip
-                        wt = tl.load(w_ptr + (tap * cin + ii)[:, None] * cout + o[None, :],
-                                     mask=i_ok[:, None] & o_ok[None, :], other=0.0)  # fmt: skip
-                        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
-            y = acc + tl.load(b_ptr + o, mask=o_ok, other=0.0)[None, :]
-            if MODE == MODE_HIDDEN:
-                # Exact (erf) GELU, as nn.GELU() and the official code.
-                y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-                tl.store(g_ptr + p[:, None] * cout + o[None, :], y, mask=ok)
-                if TILE_NORM:
-                    n_b = (tl.minimum(P - p0, BLOCK_P) * tl.minimum(cout - o0, BLOCK_O)).to(
-                        tl.float32
-                    )
-                    mean_b = tl.sum(tl.where(ok, y, 0.0)) / n_b
-                    dev = tl.where(ok, y - mean_b, 0.0)
-                    m2_b = tl.sum(dev * dev)
-                    total = count + n_b
-                    delta = mean_b - mean
-                    mean = mean + delta * (n_b / total)
-                    m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-                    count = total
-            elif MODE == MODE_DETECT_OUT:
-                tl.store(dst_ptr + p[:, None] * BLOCK_O + o[None, :], y, mask=ok)
-            else:
-                d = tl.load(g_ptr + p[:, None] * BLOCK_O + o[None, :], mask=ok, other=0.0)
-                heat = (1.0 / (1.0 + tl.exp(-d))) * (1.0 / (1.0 + tl.exp(y)))
-                out = dst_ptr + (pr * stride_oh + pc * stride_ow)[:, None] + o[None, :] * stride_ok
-                tl.store(out, heat.to(dst_ptr.dtype.element_ty), mask=ok)
-    tl.debug_barrier()
-    if MODE == MODE_HIDDEN:
-        if TILE_NORM:
-            rstd = 1.0 / tl.sqrt_rn(m2 / count + eps)
-            # Elementwise over the contiguous [P, cout] buffer; the launcher stores the affine
-            # LayerNorm([c, h, w]) parameters transposed to [h*w, c], so all three loads line up.
-            e_range = tl.arange(0, NORM_BLOCK)
-            for e0 in range(0, P * cout, NORM_BLOCK):
-                e = e0 + e_range
-                e_ok = e < P * cout
-                y = tl.load(g_ptr + e, mask=e_ok, other=0.0)
-                nw = tl.load(nw_ptr + e, mask=e_ok, other=0.0)
-                nb = tl.load(nb_ptr + e, mask=e_ok, other=0.0)
-                z = (y - mean) * rstd * nw + nb
-                tl.store(dst_ptr + e, z.to(dst_ptr.dtype.element_ty), mask=e_ok)
+    o = tl.arange(0, BLOCK_N)
+    o_ok = o < COUT
+    ok = m_ok[:, None] & o_ok[None, :]
+    table = p[:, None] * COUT + o[None, :]  # [P, COUT] per-position tables
+    y = acc
+    if IN_FOLD:
+        mu = tl.load(stat_in_ptr + 2 * n, mask=m_ok, other=0.0)
+        rstd = tl.load(stat_in_ptr + 2 * n + 1, mask=m_ok, other=0.0)
+        bnw = tl.load(bnw_ptr + table, mask=ok, other=0.0)
+        y = rstd[:, None] * (y - mu[:, None] * bnw)
+    y += tl.load(bias_ptr + table, mask=ok, other=0.0)
+    rows = m.to(tl.int64)[:, None] * COUT + o[None, :]
+    if OUT == 0 or OUT == 1:
+        # Exact (erf) GELU, as nn.GELU() and the official code.
+        g = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        g = tl.where(ok, g, 0.0)
+        mean = tl.sum(g, axis=1) / COUT
+        dev = tl.where(ok, g - mean[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        if OUT == 0:
+            gamma = tl.load(nw_ptr + table, mask=ok, other=0.0)
+            tl.store(dst_ptr + rows, (g * gamma).to(dst_ptr.dtype.element_ty), mask=ok)
+            tl.store(rowstat_ptr + 2 * m.to(tl.int64), mean, mask=m_ok)
+            tl.store(rowstat_ptr + 2 * m.to(tl.int64) + 1, m2, mask=m_ok)
         else:
-            # Per-cell LayerNorm over the channels: mean and variance in two passes in registers.
-            ROWS: tl.constexpr = NORM_BLOCK // BLOCK_OF
-            c = tl.arange(0, BLOCK_OF)
-            c_ok = c < cout
-            cw = tl.load(nw_ptr + c, mask=c_ok, other=0.0)
-            cb = tl.load(nb_ptr + c, mask=c_ok, other=0.0)
-            for r0 in range(0, P, ROWS):
-                r = r0 + tl.arange(0, ROWS)
-                ok = (r < P)[:, None] & c_ok[None, :]
-                offs = r[:, None] * cout + c[None, :]
-                y = tl.load(g_ptr + offs, mask=ok, other=0.0)
-                row_mean = tl.sum(y, axis=1) / cout
-                dev = tl.where(ok, y - row_mean[:, None], 0.0)
-                rstd = 1.0 / tl.sqrt_rn(tl.sum(dev * dev, axis=1) / cout + eps)
-                z = dev * rstd[:, None] * cw[None, :] + cb[None, :]
-                tl.store(dst_ptr + offs, z.to(dst_ptr.dtype.element_ty), mask=ok)
-        tl.debug_barrier()
+            rstd_row = 1.0 / tl.sqrt_rn(m2 / COUT + eps)
+            cw = tl.load(nw_ptr + o, mask=o_ok, other=0.0)
+            cb = tl.load(nb_ptr + o, mask=o_ok, other=0.0)
+            z = dev * rstd_row[:, None] * cw[None, :] + cb[None, :]
+            tl.store(dst_ptr + rows, z.to(dst_ptr.dtype.element_ty), mask=ok)
+    elif OUT == 2:
+        tl.store(dst_ptr + rows, y, mask=ok)
+    else:
+        d = tl.load(d_ptr + rows, mask=ok, other=0.0)
+        heat = (1.0 / (1.0 + tl.exp(-d))) * (1.0 / (1.0 + tl.exp(y)))
+        out = n.to(tl.int64)[:, None] * (COUT * P) + o[None, :] * P + p[:, None]
+        tl.store(dst_ptr + out, heat, mask=ok)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "N", "C", "K", "H", "W",
-        "stride_xn", "stride_xc", "stride_xh", "stride_xw",
-        "stride_on", "stride_ok", "stride_oh", "stride_ow",
-        "eps",
-    ]
-)  # fmt: skip
-def _insight_head_fwd_kernel(
-    x_ptr, out_ptr, act_ptr, g_ptr,
-    rw_ptr, rb_ptr, rnw_ptr, rnb_ptr,
-    d0w_ptr, d0b_ptr, d0nw_ptr, d0nb_ptr,
-    d1w_ptr, d1b_ptr, d1nw_ptr, d1nb_ptr,
-    d2w_ptr, d2b_ptr, d2nw_ptr, d2nb_ptr,
-    d3w_ptr, d3b_ptr,
-    c0w_ptr, c0b_ptr, c0nw_ptr, c0nb_ptr,
-    c1w_ptr, c1b_ptr, c1nw_ptr, c1nb_ptr,
-    c2w_ptr, c2b_ptr, c2nw_ptr, c2nb_ptr,
-    c3w_ptr, c3b_ptr,
-    N, C, K, H, W,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_on, stride_ok, stride_oh, stride_ow,
-    eps,
-    CR: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    BLOCK_CR: tl.constexpr, BLOCK_W1: tl.constexpr, BLOCK_W2: tl.constexpr,
-    BLOCK_W3: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_OR: tl.constexpr, BLOCK_O1: tl.constexpr, BLOCK_O2: tl.constexpr,
-    BLOCK_O3: tl.constexpr,
-    WMAX: tl.constexpr, GMAX: tl.constexpr,
-    LAYOUT: tl.constexpr, TILE_NORM: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, TOKEN_STAGES: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "stride_xn", "stride_xc", "stride_xh", "stride_xw", "eps"])
+def _reduce_kernel(
+    x_ptr, w_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr, rowstat_ptr,
+    N, stride_xn, stride_xc, stride_xh, stride_xw, eps,
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, COUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Raw INSIGHT heatmap of N token grids: ``x[N, C, H, W]`` (any strides) -> ``out[N, K, H, W]``.
+    """The reduce layer: ``tokens[N, C, h, w]`` (any strides) -> ``[N*P, COUT]`` activations.
 
-    A persistent grid: program ``pid`` runs tiles ``pid, pid + nprog, ...`` with its own scratch.
+    Program ``(n, b)`` owns cells ``b*BLOCK_M ...`` of tile ``n``, so the cell index is an
+    ``arange`` (contiguous) and NCHW tokens load along the cells, NHWC tokens along the channels.
+    ``VEC`` (> 1): the launcher checked that tile strides, the vector pitch and the data pointer
+    are multiples of ``VEC`` elements, so the loads may be ``VEC`` elements wide (NHWC 16 bytes;
+    NCHW 14 x 14 bf16, a 392-byte channel pitch, 8 bytes).
     """
+    P: tl.constexpr = H * W
+    blocks: tl.constexpr = (P + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    P = H * W
-    # This program's scratch: Z [P, CR], H0 and H1 [P, <= WMAX] in the compute dtype; G
-    # [P, <= GMAX] (pre-norm GELU output) and D [P, BLOCK_K] (detection logits) in fp32.
-    z_ptr = act_ptr + pid.to(tl.int64) * P * (CR + 2 * WMAX)
-    h0_ptr = z_ptr + P * CR
-    h1_ptr = h0_ptr + P * WMAX
-    gs_ptr = g_ptr + pid.to(tl.int64) * P * (GMAX + BLOCK_K)
-    d_ptr = gs_ptr + P * GMAX
-    for n in range(pid, N, nprog):
-        x_tile = x_ptr + tl.cast(n, tl.int64) * stride_xn
-        out_tile = out_ptr + tl.cast(n, tl.int64) * stride_on
-        tl.debug_barrier()
-        # reduce_dimension_block: the one pass over the tokens.
-        _head_layer(x_tile, stride_xh, stride_xw, stride_xc, C,
-                    rw_ptr, rb_ptr, rnw_ptr, rnb_ptr, gs_ptr, z_ptr, 0, 0, 0, P, H, W, eps, CR,
-                    MODE_HIDDEN, BLOCK_OR, BLOCK_CR, 1, LAYOUT, TILE_NORM, BLOCK_P, BLOCK_I,
-                    TOKEN_STAGES, PRECISION, NORM_BLOCK)  # fmt: skip
-        # backbone_block (detection): 1x1 convolutions; the scratch is channels-last (LAYOUT 2).
-        _head_layer(z_ptr, W * CR, CR, 1, CR,
-                    d0w_ptr, d0b_ptr, d0nw_ptr, d0nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W1,
-                    MODE_HIDDEN, BLOCK_O1, BLOCK_W1, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        _head_layer(h0_ptr, W * W1, W1, 1, W1,
-                    d1w_ptr, d1b_ptr, d1nw_ptr, d1nb_ptr, gs_ptr, h1_ptr, 0, 0, 0, P, H, W, eps, W2,
-                    MODE_HIDDEN, BLOCK_O2, BLOCK_W2, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        _head_layer(h1_ptr, W * W2, W2, 1, W2,
-                    d2w_ptr, d2b_ptr, d2nw_ptr, d2nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W3,
-                    MODE_HIDDEN, BLOCK_O3, BLOCK_W3, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        _head_layer(h0_ptr, W * W3, W3, 1, W3,
-                    d3w_ptr, d3b_ptr, d3w_ptr, d3w_ptr, gs_ptr, d_ptr, 0, 0, 0, P, H, W, eps, K,
-                    MODE_DETECT_OUT, BLOCK_K, BLOCK_K, 1, _LAYOUT_CL, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        # context_block: replicate-padded 3x3 convolutions.
-        _head_layer(z_ptr, W * CR, CR, 1, CR,
-                    c0w_ptr, c0b_ptr, c0nw_ptr, c0nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W1,
-                    MODE_HIDDEN, BLOCK_O1, BLOCK_W1, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        _head_layer(h0_ptr, W * W1, W1, 1, W1,
-                    c1w_ptr, c1b_ptr, c1nw_ptr, c1nb_ptr, gs_ptr, h1_ptr, 0, 0, 0, P, H, W, eps, W2,
-                    MODE_HIDDEN, BLOCK_O2, BLOCK_W2, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        _head_layer(h1_ptr, W * W2, W2, 1, W2,
-                    c2w_ptr, c2b_ptr, c2nw_ptr, c2nb_ptr, gs_ptr, h0_ptr, 0, 0, 0, P, H, W, eps, W3,
-                    MODE_HIDDEN, BLOCK_O3, BLOCK_W3, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
-        # Last context conv and the gate sigmoid(D) * sigmoid(-Cx), written as [N, K, H, W].
-        _head_layer(h0_ptr, W * W3, W3, 1, W3,
-                    c3w_ptr, c3b_ptr, c3w_ptr, c3w_ptr, d_ptr, out_tile,
-                    stride_ok, stride_oh, stride_ow, P, H, W, eps, K,
-                    MODE_GATE_OUT, BLOCK_K, BLOCK_K, 3, _LAYOUT_ANY, TILE_NORM, BLOCK_P, BLOCK_I,
-                    1, PRECISION, NORM_BLOCK)  # fmt: skip
+    n = pid // blocks
+    p = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_ok = p < P
+    k = tl.arange(0, BLOCK_K)
+    o = tl.arange(0, BLOCK_N)
+    tile = n.to(tl.int64) * stride_xn
+    if LAYOUT == 1:
+        rows = tile + p
+        if VEC > 1:
+            rows = tl.max_contiguous(tl.multiple_of(rows, VEC), VEC)
+    elif LAYOUT == 2:
+        rows = tile + p.to(tl.int64) * stride_xw
+        if VEC > 1:
+            rows = tl.multiple_of(rows, VEC)
+    else:
+        rows = tile + (p // W).to(tl.int64) * stride_xh + (p % W).to(tl.int64) * stride_xw
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, C, BLOCK_K, num_stages=STAGES):
+        kk = k0 + k
+        if LAYOUT == 2:
+            cols = tl.max_contiguous(tl.multiple_of(kk, BLOCK_K), BLOCK_K)
+        else:
+            cols = kk.to(tl.int64) * stride_xc
+            if VEC > 1:
+                cols = tl.multiple_of(cols, VEC)
+        if C % BLOCK_K == 0:
+            a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=p_ok[:, None], other=0.0)
+            wt = tl.load(w_ptr + kk[:, None] * COUT + o[None, :], mask=(o < COUT)[None, :],
+                         other=0.0)  # fmt: skip
+        else:
+            k_ok = kk < C
+            a = tl.load(x_ptr + rows[:, None] + cols[None, :],
+                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            wt = tl.load(w_ptr + kk[:, None] * COUT + o[None, :],
+                         mask=k_ok[:, None] & (o < COUT)[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
+    m = n * P + p
+    _epilogue(acc, m, p_ok, n, p, P, bias_ptr, bias_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr,
+              rowstat_ptr, dst_ptr, eps, COUT, BLOCK_N, False, OUT)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "eps"])
+def _conv_kernel(
+    src_ptr, w_ptr, stat_in_ptr, bnw_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr, rowstat_ptr, d_ptr,
+    M, eps,
+    H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
+    IN_FOLD: tl.constexpr, OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One chain layer over ``M`` cells: ``src[M, CIN]`` -> epilogue ``OUT`` of a KSxKS conv.
+
+    Weights are ``[KS*KS*CIN, COUT]`` (tap-major), so one flattened K loop walks taps and input
+    channels. For KS = 3 a tap reads the neighbour cell with its row and column clamped to the
+    tile: the replication padding, for free.
+    """
+    P: tl.constexpr = H * W
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    ms = tl.minimum(m, M - 1)
+    n = ms // P
+    p = ms - n * P
+    pr = p // W
+    pc = p - pr * W
+    tile0 = n * P
+    k = tl.arange(0, BLOCK_K)
+    o = tl.arange(0, BLOCK_N)
+    o_ok = o < COUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kk in tl.range(0, KS * KS * CIN, BLOCK_K, num_stages=STAGES):
+        tap = kk // CIN
+        c0 = kk - tap * CIN
+        if KS == 1:
+            cell = ms
+        else:
+            nr = tl.minimum(tl.maximum(pr + (tap // KS - KS // 2), 0), H - 1)
+            nc = tl.minimum(tl.maximum(pc + (tap % KS - KS // 2), 0), W - 1)
+            cell = tile0 + nr * W + nc
+        cols = tl.max_contiguous(tl.multiple_of(c0 + k, BLOCK_K), BLOCK_K)
+        a = tl.load(src_ptr + cell.to(tl.int64)[:, None] * CIN + cols[None, :])
+        wt = tl.load(w_ptr + (kk + k)[:, None] * COUT + o[None, :], mask=o_ok[None, :], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    _epilogue(acc, m, m_ok, n, p, P, stat_in_ptr, bnw_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr,
+              rowstat_ptr, d_ptr, eps, COUT, BLOCK_N, IN_FOLD, OUT)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["eps"])
+def _tile_stats_kernel(rowstat_ptr, stat_ptr, eps, P: tl.constexpr, COUT: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """Per tile: merge its cells' ``(mean, M2)`` over ``COUT`` channels into ``(mu, rstd)``.
+
+    Every row counts ``COUT`` values, so ``mu`` is the mean of the row means and
+    ``M2 = sum(M2_r) + COUT * sum((mean_r - mu)^2)`` (Chan's merge, in a fixed order).
+    """
+    n = tl.program_id(0)
+    base = rowstat_ptr + n.to(tl.int64) * P * 2
+    r = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, P, BLOCK):
+        ok = r0 + r < P
+        total += tl.load(base + 2 * (r0 + r), mask=ok, other=0.0)
+    mu = tl.sum(total) / P
+    spread = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, P, BLOCK):
+        ok = r0 + r < P
+        mean_r = tl.load(base + 2 * (r0 + r), mask=ok, other=0.0)
+        m2_r = tl.load(base + 2 * (r0 + r) + 1, mask=ok, other=0.0)
+        dev = tl.where(ok, mean_r - mu, 0.0)
+        spread += m2_r + COUT * dev * dev
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(spread) / (P * COUT) + eps)
+    tl.store(stat_ptr + 2 * n, mu)
+    tl.store(stat_ptr + 2 * n + 1, rstd)
 
 
 # --------------------------------------------------------------------------------------------
-# Host side
+# Host side: the weights as named, kernel-ready layers
 # --------------------------------------------------------------------------------------------
-_PARAM_CACHE: dict[tuple, tuple[list[Tensor], tuple[int, ...], list[Tensor]]] = {}
-_PARAM_CACHE_SIZE = 8
+@dataclass(frozen=True)
+class PackedLayer:
+    """One convolution, laid out for the layer kernels.
+
+    ``weight`` ``[ks*ks*cin, cout]`` (compute dtype, tap-major); ``bias`` ``[P, cout]`` fp32 (the
+    bias, plus ``conv(beta_in)`` when the input norm is folded); ``bnw`` ``[P, cout]``
+    ``conv(gamma_in)`` or None; ``nw``/``nb`` the output norm's affine (tile: ``nw`` ``[P, cout]``
+    gamma, ``nb`` unused; channel: ``[cout]`` each), None on the last layer of a chain.
+    """
+
+    ks: int
+    cin: int
+    cout: int
+    weight: Tensor
+    bias: Tensor
+    bnw: Tensor | None
+    nw: Tensor | None
+    nb: Tensor | None
+
+
+@dataclass(frozen=True)
+class PackedHead:
+    """The whole head: the reduce layer and the two chains, each a tuple of ``PackedLayer``."""
+
+    reduce: PackedLayer
+    detect: tuple[PackedLayer, ...]
+    context: tuple[PackedLayer, ...]
+    norm: str
+    grid: tuple[int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return self.detect[-1].cout
+
+
+_PACK_CACHE: dict[tuple, tuple[list[Tensor], tuple[int, ...], PackedHead]] = {}
+_PACK_CACHE_SIZE = 8
 
 
 def flatten_weights(weights: HeadWeights) -> list[Tensor]:
-    """The 32 head tensors in the order the op takes them (the official checkpoint's 32).
+    """The 32 head tensors in the order the custom op takes them (the official checkpoint's 32).
 
     reduce (w, b, norm w, norm b), detect 0..2 (w, b, nw, nb), detect 3 (w, b), context likewise.
     """
@@ -384,6 +383,77 @@ def flatten_weights(weights: HeadWeights) -> list[Tensor]:
     return out
 
 
+def _chains(params: list[Tensor]) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
+    """(detect, context) layers of the flat list: (w, b, nw, nb) or (w, b) for the last."""
+    d = [tuple(params[4 + 4 * i : 8 + 4 * i]) for i in range(3)] + [tuple(params[16:18])]
+    c = [tuple(params[18 + 4 * i : 22 + 4 * i]) for i in range(3)] + [tuple(params[30:32])]
+    return d, c
+
+
+def _per_position(t: Tensor) -> Tensor:
+    """LayerNorm([c, h, w]) affine ``[c, h, w]`` -> ``[P, c]`` fp32 (the activations' layout)."""
+    return t.detach().reshape(t.shape[0], -1).t().to(torch.float32).contiguous()
+
+
+def _folded_tables(
+    weight: Tensor, nw_in: Tensor, nb_in: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``conv(gamma)`` and ``conv(beta) + b`` as ``[P, cout]`` fp32, computed in float64.
+
+    The convolution pads like the layer (replicate): padding commutes with the elementwise norm.
+    """
+    w64 = weight.detach().to(torch.float64)
+    pad = weight.shape[-1] // 2
+
+    def conv(t: Tensor) -> Tensor:
+        x = t.detach().to(torch.float64)[None]
+        if pad:
+            x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        return F.conv2d(x, w64)[0]  # [cout, h, w]
+
+    bnw = _per_position(conv(nw_in))
+    bnb = conv(nb_in) + bias.detach().to(torch.float64)[:, None, None]
+    return bnw, _per_position(bnb)
+
+
+def _pack_layer(
+    w: Tensor, b: Tensor, norm_in: tuple[Tensor, Tensor] | None, norm_out: tuple[Tensor, Tensor] | None,
+    norm: str, cells: int, dtype: torch.dtype,
+) -> PackedLayer:  # fmt: skip
+    cout, cin, kh, kw = w.shape
+    weight = w.detach().permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).to(dtype).contiguous()
+    bnw = None
+    if norm == "tile" and norm_in is not None:
+        bnw, bias = _folded_tables(w, norm_in[0], norm_in[1], b)
+    else:
+        bias = b.detach().to(torch.float32)[None, :].expand(cells, cout).contiguous()
+    nw = nb = None
+    if norm_out is not None:
+        if norm == "tile":
+            nw = _per_position(norm_out[0])
+        else:
+            nw, nb = (t.detach().to(torch.float32).contiguous() for t in norm_out)
+    return PackedLayer(kh, cin, cout, aligned(weight), bias, bnw, nw, nb)
+
+
+def pack_head(
+    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype
+) -> PackedHead:
+    """The 32 tensors of ``flatten_weights`` -> a ``PackedHead`` for ``grid`` in ``dtype``."""
+    cells = grid[0] * grid[1]
+    rw, rb, rnw, rnb = params[:4]
+    reduce = _pack_layer(rw, rb, None, (rnw, rnb), norm, cells, dtype)
+    chains = []
+    for chain in _chains(params):
+        layers, norm_in = [], (rnw, rnb)
+        for i, layer in enumerate(chain):
+            norm_out = (layer[2], layer[3]) if i < 3 else None
+            layers.append(_pack_layer(layer[0], layer[1], norm_in, norm_out, norm, cells, dtype))
+            norm_in = norm_out
+        chains.append(tuple(layers))
+    return PackedHead(reduce, chains[0], chains[1], norm, grid)
+
+
 def _versions(params: list[Tensor]) -> tuple[int, ...] | None:
     """Version counters (shared by ``detach()`` views); None for inference tensors (no counter)."""
     try:
@@ -392,36 +462,27 @@ def _versions(params: list[Tensor]) -> tuple[int, ...] | None:
         return None
 
 
-def _prepare_params(params: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Kernel layout: conv weights ``[k*k, in, out]`` in the compute dtype, the rest fp32.
+def packed_head(
+    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype
+) -> PackedHead:
+    """``pack_head``, cached on where the parameters live and their version counters.
 
-    Cached on where the parameters live and their version counters, so inference pays the
-    repacking once and an in-place update (an optimiser step, ``load_state_dict``) repacks. The
-    cache holds the source tensors (a few MB per model, 8 models at most), so their memory cannot
-    be reused by other tensors while an entry could still match.
+    Inference pays the packing (a few small convolutions in float64) once; an in-place update
+    (an optimiser step, ``load_state_dict``) bumps a version counter and repacks. The cache holds
+    the source tensors (a few MB per model, 8 models at most), so their memory cannot be reused by
+    other tensors while an entry could still match.
     """
     versions = _versions(params)
-    key = (dtype, *((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()) for t in params))
-    hit = _PARAM_CACHE.get(key)
+    key = (dtype, norm, grid,
+           *((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()) for t in params))  # fmt: skip
+    hit = _PACK_CACHE.get(key)
     if hit is not None and versions is not None and hit[1] == versions:
         return hit[2]
-    packed = []
-    for t in params:
-        t = t.detach()
-        if t.ndim == 4:  # conv weight [out, in, k, k] -> [k*k, in, out]
-            out_c, in_c, kh, kw = t.shape
-            packed.append(
-                t.permute(2, 3, 1, 0).reshape(kh * kw, in_c, out_c).to(dtype).contiguous()
-            )
-        elif t.ndim == 3:  # LayerNorm([c, h, w]) affine -> [h*w, c], the activations' layout
-            packed.append(t.reshape(t.shape[0], -1).t().to(torch.float32).contiguous())
-        else:
-            packed.append(t.to(torch.float32).contiguous())
-    packed = [aligned(t) for t in packed]
+    packed = pack_head(params, norm, grid, dtype)
     if versions is not None:
-        if len(_PARAM_CACHE) >= _PARAM_CACHE_SIZE:
-            _PARAM_CACHE.pop(next(iter(_PARAM_CACHE)))
-        _PARAM_CACHE[key] = (list(params), versions, packed)
+        if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
+            _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
+        _PACK_CACHE[key] = (list(params), versions, packed)
     return packed
 
 
@@ -434,6 +495,31 @@ def token_layout(x: Tensor) -> int:
     if (sc == 1 or c == 1) and (sh == w * sw or h == 1):
         return LAYOUT_NHWC
     return LAYOUT_STRIDED
+
+
+def token_vector(x: Tensor, layout: int) -> int:
+    """Elements per token load the reduce kernel may assume (1: no alignment hints).
+
+    NHWC loads along the channels: 16 bytes when the data pointer, the tile stride and the cell
+    pitch are multiples of 16 bytes. NCHW loads along the cells: the widest vector (<= 16 bytes)
+    dividing the cells per tile, the channel pitch and the tile stride (14 x 14 = 196 cells: 4).
+    """
+    sn, sc, sh, sw = x.stride()
+    size = x.element_size()
+    if layout == LAYOUT_NHWC:
+        v = 16 // size
+        ok = (
+            x.data_ptr() % 16 == 0 and sn % v == 0 and (sw % v == 0 or x.shape[2] * x.shape[3] == 1)
+        )
+        return v if ok else 1
+    if layout == LAYOUT_NCHW:
+        cells = x.shape[2] * x.shape[3]
+        v = 16 // size
+        while v > 1:
+            if x.data_ptr() % (v * size) == 0 and not (sn % v or sc % v or cells % v):
+                return v
+            v //= 2
+    return 1
 
 
 def head_dims(params: list[Tensor]) -> dict[str, int]:
@@ -488,111 +574,124 @@ def check_head_inputs(tokens: Tensor, params: list[Tensor], norm: str) -> dict[s
                     f"{norm} norm parameters must be {norm_shape(ch)}, got {tuple(t.shape)}"
                     + (hint if norm == "tile" else "")
                 )
-    if max(dims["CR"], dims["W1"], dims["W2"], dims["W3"]) > 256:
-        raise InputError("the fused head supports channel widths up to 256")
+    widths = (dims["CR"], dims["W1"], dims["W2"], dims["W3"])
+    if max(widths) > 256 or any(width % 16 for width in widths):
+        raise InputError(
+            f"the fused head supports hidden widths that are multiples of 16 up to 256; got "
+            f"{widths}. Use backend='reference' for this architecture"
+        )
+    if dims["K"] > 256:
+        raise InputError(f"the fused head supports up to 256 classes, got {dims['K']}")
     if n < 1:
         raise InputError("no tiles: the batch of token grids is empty")
     return dims
 
 
-def head_constexprs(
-    dims: dict[str, int],
-    dtype: torch.dtype,
-    norm: str,
-    layout: int,
-    precision: str,
-    config: HeadLaunchConfig,
-) -> dict[str, object]:
-    """The constexpr arguments of one kernel variant (shared by the launcher and the check)."""
+def _block_n(cout: int) -> int:
+    return max(16, next_pow2(cout))
+
+
+def _block_k(cin: int, cfg: HeadLaunchConfig) -> int:
+    """The largest power of two <= cfg.BLOCK_K that divides ``cin`` (a multiple of 16)."""
+    bk = cfg.BLOCK_K
+    while cin % bk:
+        bk //= 2
+    return bk
+
+
+def _precision(dtype: torch.dtype, precision: str, folded: bool = False) -> str:
+    """The dots' ``input_precision``.
+
+    fp32 tokens with ``precision="tf32"``: TF32 dots, except in the layers that take a folded
+    tile norm. There the conv of the un-centred ``u = GELU(y) * gamma`` loses the mean that the
+    epilogue subtracts afterwards, and TF32's 10-bit operands left 5.4-5.9e-3 of heatmap error on
+    an H200 (over the 5e-3 TF32 bound; the IEEE path is within 1e-5): those layers run
+    ``tf32x3`` (three TF32 products, about fp32 accuracy).
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32x3" if precision == "tf32" and folded else precision
+
+
+def reduce_constexprs(C: int, grid: tuple[int, int], cout: int, out: int, layout: int, vec: int,
+                      dtype: torch.dtype, precision: str, cfg: HeadLaunchConfig) -> dict[str, object]:  # fmt: skip
+    """Compile-time arguments of one ``_reduce_kernel`` variant (launcher and check share it)."""
     return {
-        "CR": dims["CR"],
-        "W1": dims["W1"],
-        "W2": dims["W2"],
-        "W3": dims["W3"],
-        "BLOCK_CR": max(16, next_pow2(dims["CR"])),
-        "BLOCK_W1": max(16, next_pow2(dims["W1"])),
-        "BLOCK_W2": max(16, next_pow2(dims["W2"])),
-        "BLOCK_W3": max(16, next_pow2(dims["W3"])),
-        "BLOCK_K": max(16, next_pow2(dims["K"])),
-        "BLOCK_OR": max(16, next_pow2(dims["CR"])),
-        "BLOCK_O1": min(config.BLOCK_O, max(16, next_pow2(dims["W1"]))),
-        "BLOCK_O2": min(config.BLOCK_O, max(16, next_pow2(dims["W2"]))),
-        "BLOCK_O3": min(config.BLOCK_O, max(16, next_pow2(dims["W3"]))),
-        "WMAX": max(dims["W1"], dims["W2"], dims["W3"]),
-        "GMAX": max(dims["CR"], dims["W1"], dims["W2"], dims["W3"]),
+        "C": C,
+        "H": grid[0],
+        "W": grid[1],
+        "COUT": cout,
+        "BLOCK_N": _block_n(cout),
         "LAYOUT": layout,
-        "TILE_NORM": norm == "tile",
-        "PRECISION": precision if dtype == torch.float32 else "ieee",
-        "BLOCK_P": config.BLOCK_P,
-        "BLOCK_I": config.BLOCK_I,
-        "TOKEN_STAGES": config.token_stages,
-        "NORM_BLOCK": config.NORM_BLOCK,
+        "VEC": vec,
+        "OUT": out,
+        "BLOCK_M": cfg.BLOCK_MR,
+        "BLOCK_K": cfg.BLOCK_K,
+        "STAGES": cfg.num_stages,
+        "PRECISION": _precision(dtype, precision),
     }
 
 
-def head_signature(dtype: torch.dtype) -> dict[str, str]:
-    """Triton types of the runtime arguments (what the launch passes; ints are i32)."""
-    act = f"*{_TL_DTYPES[dtype]}"
-    fn = _insight_head_fwd_kernel
-    sig: dict[str, str] = {}
-    for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs:
-            continue
-        if name in ("x_ptr", "act_ptr"):
-            sig[name] = act
-        elif name == "out_ptr":
-            sig[name] = "*fp32"  # the heatmap is fp32 whatever the tokens (Otsu's histogram)
-        elif name.endswith("w_ptr") and not name.endswith("nw_ptr"):
-            sig[name] = act  # conv weights, in the compute dtype
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"  # scratch G/D, biases and norm parameters
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def conv_constexprs(grid: tuple[int, int], ks: int, cin: int, cout: int, in_fold: bool, out: int,
+                    dtype: torch.dtype, precision: str, cfg: HeadLaunchConfig) -> dict[str, object]:  # fmt: skip
+    """Compile-time arguments of one ``_conv_kernel`` variant."""
+    return {
+        "H": grid[0],
+        "W": grid[1],
+        "CIN": cin,
+        "COUT": cout,
+        "BLOCK_N": _block_n(cout),
+        "KS": ks,
+        "IN_FOLD": in_fold,
+        "OUT": out,
+        "BLOCK_M": cfg.BLOCK_MW if cout > 64 else cfg.BLOCK_M,
+        "BLOCK_K": _block_k(cin, cfg),
+        "STAGES": cfg.num_stages,
+        "PRECISION": _precision(dtype, precision, in_fold),
+    }
 
 
-OFFICIAL_DIMS = {"C": 1024, "CR": 128, "W1": 128, "W2": 64, "W3": 64, "K": 3}
+def _options(cfg: HeadLaunchConfig, cout: int = 0) -> dict[str, object]:
+    """Launch options; the K-class layers (``cout <= 16``) run 4 warps (8 spill on sm_80)."""
+    warps = min(4, cfg.num_warps) if 0 < cout <= 16 else cfg.num_warps
+    return {"num_warps": warps, "num_stages": 1, "enable_fp_fusion": True}
 
 
-def compile_specs(dims: dict[str, int] | None = None) -> list[KernelSpec]:
-    """Every fused-head variant the launcher can launch on a GPU for one architecture.
-
-    The official architecture by default (C, K, N and the grid size are runtime arguments, so
-    the variants are: compute type x norm x token layout; K <= 16 shares one BLOCK_K).
-    """
-    dims = dims or OFFICIAL_DIMS
-    specs = []
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for key, cfg in GPU_CONFIGS.items():
-        dtype = dtypes[key.split("-")[0]]
-        precision = key.split("-")[1] if "-" in key else "ieee"
-        for norm in ("tile", "channel"):
-            for layout, layout_name in LAYOUT_NAMES.items():
-                consts = head_constexprs(dims, dtype, norm, layout, precision, cfg)
-                specs.append(
-                    KernelSpec(
-                        kernel=f"{__name__}:_insight_head_fwd_kernel",
-                        variant=f"{key}, {norm} norm, {layout_name}",
-                        config=cfg.describe(),
-                        signature=head_signature(dtype),
-                        constexprs=consts,
-                        options=_launch_options(cfg),
-                        needs_tensor_cores=key in ("bf16", "fp16", "fp32-tf32"),
-                    )
-                )
-    return specs
+def _hidden_out(norm: str) -> int:
+    return OUT_TILE if norm == "tile" else OUT_CHANNEL
 
 
-def _launch_options(cfg: HeadLaunchConfig) -> dict[str, object]:
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
-
-
-def scratch_sizes(dims: dict[str, int], cells: int, programs: int, block_k: int) -> tuple[int, int]:
-    wmax = max(dims["W1"], dims["W2"], dims["W3"])
-    gmax = max(dims["CR"], wmax)
-    return programs * cells * (dims["CR"] + 2 * wmax), programs * cells * (gmax + block_k)
+def _run_chain(
+    head: PackedHead, layers: tuple[PackedLayer, ...], z: Tensor, stat_z: Tensor | None,
+    bufs: tuple[Tensor, Tensor], rowstat: Tensor, stat: Tensor, d: Tensor, out: Tensor,
+    last_out: int, m: int, eps: float, precision: str, cfg: HeadLaunchConfig,
+) -> None:  # fmt: skip
+    """Launch one chain (detection or context) over ``m`` cells, starting from ``z``."""
+    h, w = head.grid
+    cells = h * w
+    src, stat_in = z, stat_z
+    fold = head.norm == "tile"
+    for i, layer in enumerate(layers):
+        last = i == len(layers) - 1
+        mode = last_out if last else _hidden_out(head.norm)
+        dst = (out if mode == OUT_GATE else d) if last else bufs[i % 2]
+        consts = conv_constexprs(head.grid, layer.ks, layer.cin, layer.cout, fold, mode, z.dtype,
+                                 precision, cfg)  # fmt: skip
+        dummy = layer.bias
+        grid = (triton.cdiv(m, consts["BLOCK_M"]),)
+        _conv_kernel[grid](
+            src, layer.weight, stat_in if fold else dummy, layer.bnw if fold else dummy,
+            layer.bias, layer.nw if layer.nw is not None else dummy,
+            layer.nb if layer.nb is not None else dummy, dst, rowstat, d,
+            m, float(eps), **consts, **_options(cfg, layer.cout),
+        )  # fmt: skip
+        if not last and fold:
+            _tile_stats_kernel[(m // cells,)](
+                rowstat, stat, float(eps), P=cells, COUT=layer.cout,
+                BLOCK=min(1024, next_pow2(cells)), num_warps=4,
+            )  # fmt: skip
+            stat_in = stat
+        src = dst
 
 
 def insight_head_launch(
@@ -603,32 +702,147 @@ def insight_head_launch(
     precision: str = "ieee",
     config: HeadLaunchConfig | None = None,
 ) -> Tensor:
-    """Launch the fused head. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32."""
+    """Launch the layer kernels. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32.
+
+    Per chunk of ``chunk_tiles`` tiles: the reduce (+ tile statistics), then the detection chain
+    (ending in the logits D) and the context chain (ending in the gate), 16 launches with the
+    tile norm, 10 with the channel norm.
+    """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dims = check_head_inputs(tokens, params, norm)
     device = check_device(tokens, *params, what="insight_head")
-    n, _, h, w = tokens.shape
-    cfg = config or launch_config(h * w, tokens.dtype, precision)
+    n, c, h, w = tokens.shape
+    cells = h * w
+    cfg = config or launch_config(cells, tokens.dtype, precision)
     if INTERPRET and tokens.dtype == torch.bfloat16:
         raise InputError("the Triton interpreter has no bfloat16 dots; test bf16 on a GPU")
+    dtype = tokens.dtype
+    head = packed_head(params, norm, (h, w), dtype)
     x = aligned(tokens)
     layout = token_layout(x)
-    prepared = _prepare_params(params, tokens.dtype)
-    consts = head_constexprs(dims, tokens.dtype, norm, layout, precision, cfg)
-    programs = min(n, num_programs(device, cfg.programs_per_sm))
-    act_size, g_size = scratch_sizes(dims, h * w, programs, max(16, next_pow2(dims["K"])))
-    act = torch.empty(act_size, device=device, dtype=tokens.dtype)
-    g = torch.empty(g_size, device=device, dtype=torch.float32)
     # fp32 whatever the tokens: bf16 keeps ~8 bits, coarser than a 256-bin Otsu histogram over
     # [0, 1] above 0.5, which would move the threshold against the fp32 official model.
     out = torch.empty((n, dims["K"], h, w), device=device, dtype=torch.float32)
-    _insight_head_fwd_kernel[(programs,)](
-        x, out, act, g, *prepared,
-        n, dims["C"], dims["K"], h, w,
-        *x.stride(), *out.stride(),
-        float(eps),
-        **consts,
-        **_launch_options(cfg),
-    )  # fmt: skip
+    chunk = min(n, cfg.chunk_tiles)
+    rows = chunk * cells
+    widest = max(dims["CR"], dims["W1"], dims["W2"], dims["W3"])
+    z = torch.empty((rows, dims["CR"]), device=device, dtype=dtype)
+    bufs = (torch.empty((rows, widest), device=device, dtype=dtype),
+            torch.empty((rows, widest), device=device, dtype=dtype))  # fmt: skip
+    d = torch.empty((rows, dims["K"]), device=device, dtype=torch.float32)
+    rowstat = torch.empty((rows, 2), device=device, dtype=torch.float32)
+    stat_z = torch.empty((chunk, 2), device=device, dtype=torch.float32)
+    stat = torch.empty((chunk, 2), device=device, dtype=torch.float32)
+    for n0 in range(0, n, chunk):
+        xc = x[n0 : n0 + chunk]
+        nc = xc.shape[0]
+        m = nc * cells
+        vec = token_vector(xc, layout)
+        consts = reduce_constexprs(c, (h, w), dims["CR"], _hidden_out(norm), layout, vec, dtype,
+                                   precision, cfg)  # fmt: skip
+        grid = (nc * triton.cdiv(cells, cfg.BLOCK_MR),)
+        red = head.reduce
+        _reduce_kernel[grid](
+            xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw, z, rowstat,
+            nc, *xc.stride(), float(eps), **consts, **_options(cfg),
+        )  # fmt: skip
+        if norm == "tile":
+            _tile_stats_kernel[(nc,)](rowstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
+                                      BLOCK=min(1024, next_pow2(cells)), num_warps=4)  # fmt: skip
+        outc = out[n0 : n0 + nc]
+        _run_chain(head, head.detect, z, stat_z, bufs, rowstat, stat, d, outc, OUT_LOGITS, m,
+                   eps, precision, cfg)  # fmt: skip
+        _run_chain(head, head.context, z, stat_z, bufs, rowstat, stat, d, outc, OUT_GATE, m,
+                   eps, precision, cfg)  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The variants ``fastinsight kernels check`` compiles
+# --------------------------------------------------------------------------------------------
+OFFICIAL_DIMS = {"C": 1024, "CR": 128, "W1": 128, "W2": 64, "W3": 64, "K": 3}
+_ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _signature(kernel, pointer_types: dict[str, str]) -> dict[str, str]:
+    sig: dict[str, str] = {}
+    for i, name in enumerate(kernel.arg_names):
+        if i in kernel.constexprs:
+            continue
+        if name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name == "eps":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _chain_variants(dims: dict[str, int]) -> list[tuple[str, int, int, int, bool]]:
+    """(name, ks, cin, cout, last) of every chain layer of the architecture."""
+    widths = [dims["CR"], dims["W1"], dims["W2"], dims["W3"], dims["K"]]
+    out = []
+    for name, ks in (("detect", 1), ("context", 3)):
+        for i in range(4):
+            out.append((f"{name}{i}", ks, widths[i], widths[i + 1], i == 3))
+    return out
+
+
+def compile_specs(dims: dict[str, int] | None = None,
+                  grid: tuple[int, int] = (14, 14)) -> list[KernelSpec]:  # fmt: skip
+    """Every layer-kernel variant the launcher can launch on a GPU for one architecture and grid.
+
+    Token vectors: NHWC with and without 16-byte alignment; NCHW with the vector the grid allows
+    (4 for 14 x 14) and without.
+    """
+    dims = dims or OFFICIAL_DIMS
+    cells = grid[0] * grid[1]
+    specs = []
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for key, cfg in GPU_CONFIGS.items():
+        tname = key.split("-")[0]
+        dtype = dtypes[tname]
+        precision = key.split("-")[1] if "-" in key else "ieee"
+        act = _ACT[tname]
+        tensor_cores = key in ("bf16", "fp16", "fp32-tf32")
+        for norm in ("tile", "channel"):
+            hidden = _hidden_out(norm)
+            for layout, layout_name in LAYOUT_NAMES.items():
+                size = torch.finfo(dtype).bits // 8
+                widest = 16 // size
+                if layout == LAYOUT_NCHW:
+                    while cells % widest:
+                        widest //= 2
+                for vec in sorted({1, widest} if layout != LAYOUT_STRIDED else {1}):
+                    consts = reduce_constexprs(dims["C"], grid, dims["CR"], hidden, layout, vec,
+                                               dtype, precision, cfg)  # fmt: skip
+                    sig = _signature(_reduce_kernel, {"x_ptr": act, "w_ptr": act, "dst_ptr": act})
+                    specs.append(KernelSpec(
+                        kernel=f"{__name__}:_reduce_kernel",
+                        variant=f"{key}, {norm} norm, reduce, {layout_name}, vec {vec}",
+                        config=cfg.describe(), signature=sig, constexprs=consts,
+                        options=_options(cfg), needs_tensor_cores=tensor_cores,
+                    ))  # fmt: skip
+            for name, ks, cin, cout, last in _chain_variants(dims):
+                out = (OUT_LOGITS if ks == 1 else OUT_GATE) if last else hidden
+                consts = conv_constexprs(grid, ks, cin, cout, norm == "tile", out, dtype,
+                                         precision, cfg)  # fmt: skip
+                dst = "*fp32" if last else act
+                sig = _signature(_conv_kernel, {"src_ptr": act, "w_ptr": act, "dst_ptr": dst})
+                specs.append(KernelSpec(
+                    kernel=f"{__name__}:_conv_kernel",
+                    variant=f"{key}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} {OUT_NAMES[out]}",
+                    config=cfg.describe(), signature=sig, constexprs=consts,
+                    options=_options(cfg, cout), needs_tensor_cores=tensor_cores,
+                ))  # fmt: skip
+    for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}):
+        specs.append(KernelSpec(
+            kernel=f"{__name__}:_tile_stats_kernel", variant=f"tile statistics, {cout} channels",
+            config="B256-w4", signature=_signature(_tile_stats_kernel, {}),
+            constexprs={"P": cells, "COUT": cout, "BLOCK": min(1024, next_pow2(cells))},
+            options={"num_warps": 4, "num_stages": 1},
+        ))  # fmt: skip
+    return specs

@@ -85,7 +85,10 @@ def test_kernel_config_parses() -> None:
         import bench_kernels
     finally:
         sys.path.pop(0)
-    cfg = bench_kernels.parse_kernel_config("P64-I64-O128-w8")
-    assert (cfg.BLOCK_P, cfg.BLOCK_I, cfg.BLOCK_O, cfg.num_warps) == (64, 64, 128, 8)
+    cfg = bench_kernels.parse_kernel_config("M64-X32-R128-K32-w4-s2")
+    assert (cfg.BLOCK_M, cfg.BLOCK_MW, cfg.BLOCK_MR, cfg.BLOCK_K) == (64, 32, 128, 32)
+    assert (cfg.num_warps, cfg.num_stages) == (4, 2)
+    # describe() and the parser speak the same language.
+    assert bench_kernels.parse_kernel_config(cfg.describe()) == cfg
     with pytest.raises(SystemExit):
-        bench_kernels.parse_kernel_config("P64-X3")
+        bench_kernels.parse_kernel_config("M64-Q3")
