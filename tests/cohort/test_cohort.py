@@ -2,14 +2,16 @@
 
 One Ray session is shared by the whole module (starting Ray takes ~15 s on 2 cores). The cohort:
 two synthetic slides, a copy of one under another name whose first attempt kills its worker
-(the test-only hook ``fastinsight.cohort.CRASH_ENV``), a text file named ``.svs``, a truncated
-TIFF and, when ``../shared/data/slides`` is present, the OME-TIFF slide and a copy of it, the
-TCGA slide with its mpp from the manifest and again without one, and the fluorescence NDPI.
+(injected from the outside by a Ray worker setup hook, ``tests/support/cohort_faults.py``), a
+text file named ``.svs``, a truncated TIFF and, when ``../shared/data/slides`` is present, the
+OME-TIFF slide and a copy of it, the TCGA slide with its mpp from the manifest and again without
+one, and the fluorescence NDPI.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -32,8 +34,6 @@ ray = pytest.importorskip(
 from fastinsight import cohort  # noqa: E402
 from fastinsight.cli.main import error_message  # noqa: E402
 from fastinsight.cohort import (  # noqa: E402
-    CRASH_DIR_ENV,
-    CRASH_ENV,
     EXIT_SLIDES_FAILED,
     CohortOptions,
     CohortReport,
@@ -51,6 +51,7 @@ from fastinsight.models.config import InsightConfig  # noqa: E402
 from fastinsight.models.insight import InsightModel  # noqa: E402
 from fastinsight.predict.slide import PredictOptions, predict_slide  # noqa: E402
 from fastinsight.synthetic import make_cohort  # noqa: E402
+from tests.support import cohort_faults  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FASTINSIGHT_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides"))
@@ -160,10 +161,9 @@ def _wait_gone(marker: str, timeout: float = 20.0) -> set[int]:
 
 @pytest.fixture(scope="module")
 def ray_session(env: Env) -> Iterator[None]:
-    """One local Ray for the module, started with the crash hook armed so workers inherit it."""
-    saved = {k: os.environ.get(k) for k in (CRASH_ENV, CRASH_DIR_ENV, "RAY_USAGE_STATS_ENABLED")}
-    os.environ[CRASH_ENV] = "crashme,crashfatal"
-    os.environ[CRASH_DIR_ENV] = str(env.crash_dir)
+    """One local Ray for the module; its workers run a setup hook that makes the first attempt
+    at 'crashme' (and every attempt at 'crashfatal', which runs with no retries) die."""
+    saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED",)}
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="fi-ray-t-")  # short: Ray's socket paths live under it
     ray.init(
@@ -173,6 +173,7 @@ def ray_session(env: Env) -> Iterator[None]:
         object_store_memory=256 << 20,
         log_to_driver=False,
         _temp_dir=temp_dir,
+        runtime_env=cohort_faults.runtime_env(["crashme", "crashfatal"], env.crash_dir),
     )
     try:
         assert _ray_pids(temp_dir), "the Ray processes should name their temp dir"
@@ -300,6 +301,9 @@ def test_good_slides_succeed_and_bad_ones_are_recorded(env: Env, first_run: Coho
 
 def test_killed_worker_is_retried_and_completes(env: Env, first_run: CohortReport) -> None:
     assert (env.crash_dir / "crashme.crashed").is_file(), "the first attempt should have died"
+    # ... after its outputs were written, before the completion marker
+    left = set((env.crash_dir / "crashme.crashed").read_text().split())
+    assert left == OUTPUTS - {"complete.json"}, left
     byid = first_run.by_id()
     assert byid["crashme"].status == "ok"
     # crashme is a byte copy of synthetic-000: the retried slide gives the very same result
@@ -356,6 +360,35 @@ def test_task_rebuilds_the_model_from_the_object_store_only(
     np.testing.assert_allclose(outcome.scores, first_run.by_id()["synthetic-001"].scores, rtol=1e-6)
     marker = json.loads((tmp_path / "synthetic-001" / "complete.json").read_text())
     assert marker["model_sha256"] == "in-memory"
+
+
+def test_a_write_failing_in_the_task_leaves_nothing(
+    env: Env, ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault injected in this process (the writer fails after writing everything into the
+    ``.partial`` folder): the slide is failed as internal, and no folder of it is left."""
+    from fastinsight.predict.slide import SlideResult
+
+    original = SlideResult.write_outputs
+
+    def disk_full(self: SlideResult, outputs: object) -> list[Path]:
+        written = original(self, outputs)  # type: ignore[arg-type]
+        assert written and all(p.parent.name == ".synthetic-001.partial" for p in written)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SlideResult, "write_outputs", disk_full)
+    model = load_model(env.model_a, backend="reference", device="cpu")
+    ref = ray.put(cohort._model_payload(model, {"sha256": "in-memory"}, "reference"))
+    job = SlideJob(CohortSlide("synthetic-001", env.paths["synthetic-001"]), tmp_path, "h")
+    plan = cohort.TaskPlan(OPTIONS, device="cpu", torch_threads=1, model_sha256="in-memory")
+    threads = torch.get_num_threads()
+    try:
+        outcome = cohort.run_slide([ref], job, plan)
+    finally:
+        torch.set_num_threads(threads)
+    assert outcome.status == "failed" and outcome.internal, outcome
+    assert "OSError" in outcome.error and "No space left" in outcome.error
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_shared
@@ -481,11 +514,7 @@ def test_cli_starts_and_stops_its_own_local_ray(env: Env, ray_session: None) -> 
         slides.mkdir()
         shutil.copy(env.paths["synthetic-001"], slides / "good.tif")
         (slides / "broken.svs").write_text("not a slide\n")
-        proc_env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in (CRASH_ENV, CRASH_DIR_ENV, "RAY_ADDRESS")
-        }
+        proc_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         proc_env["TMPDIR"] = str(base)
         cmd = [sys.executable, "-m", "fastinsight.cli", "predict-cohort"]
         common = [
