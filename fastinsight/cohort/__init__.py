@@ -24,8 +24,9 @@ system failure: Ray retries the task up to ``max_retries`` times. A task writes 
 output (stale ``.partial`` folders are removed at the next start). Rerunning the same command
 skips slides whose ``complete.json`` matches the model's sha256, the settings hash and the slide
 file, and whose files still have the recorded sizes and sha256; everything else is redone.
-SIGTERM or Ctrl-C cancels the running tasks, shuts a local Ray instance down and keeps every
-finished slide (exit 143 or 130); the same command resumes.
+SIGTERM or Ctrl-C stops the run: Ray is shut down (a connection opened before the call stays
+open and its tasks are cancelled), every finished slide is kept, the others stay ``pending`` in
+``summary.csv`` (exit 143 or 130); the same command resumes.
 
 Exit code of the command: 0 when every slide is ``ok`` or ``skipped``; :data:`EXIT_SLIDES_FAILED`
 (8) when at least one slide failed (the others are done, see ``summary.csv``); 2-7 for an error

@@ -48,6 +48,7 @@ class _RaySession:
     ray: Any
     temp_dir: str | None = None
     keep_logs: bool = False  # a worker died or hit a bug: keep the local logs for a post-mortem
+    owned: bool = True  # connected (or started) here, and shut down on the way out
 
 
 def _init_ray(ray: Any, options: CohortOptions, quiet: bool) -> tuple[str | None, str | None]:
@@ -100,7 +101,7 @@ def _ray_session(options: CohortOptions, quiet: bool) -> Iterator[_RaySession]:
     down on the way out, and a local instance's temp folder removed (kept if ``keep_logs``)."""
     ray = _import_ray()
     if ray.is_initialized():
-        yield _RaySession(ray)
+        yield _RaySession(ray, owned=False)
         return
     temp_dir, made_temp = _init_ray(ray, options, quiet)
     # ray.init makes SIGTERM exit(15) at once; put fastinsight's handler back so SIGTERM unwinds
@@ -246,13 +247,23 @@ def _run_jobs(
                         flush()
                     progress.show()
             finally:
-                for ref in pending:  # interrupted: stop the rest (their slides stay pending)
-                    with contextlib.suppress(Exception):
-                        ray.cancel(ref, force=True)
+                if pending and not session.owned:
+                    _cancel(ray, pending)
     finally:
         progress.bar.close()
         flush()  # a killed task's .partial folder stays: the next start removes it
     return progress.tiles_per_s
+
+
+def _cancel(ray: Any, pending: dict[Any, SlideJob]) -> None:
+    """Interrupted on a connection that stays open: stop the tasks not collected (their slides
+    stay ``pending``). Not forced: a running task gets a KeyboardInterrupt and its ``.partial``
+    folder is removed at the next start. A session opened here is not cancelled task by task:
+    ``ray.shutdown`` stops its work (force-cancelling tasks that are finishing while the driver
+    shuts down can abort Ray's core worker, and the process would not exit 143)."""
+    for ref in pending:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
 
 
 def _collect(ray: Any, ref: Any, job: SlideJob, max_retries: int) -> SlideOutcome:

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,8 @@ ray = pytest.importorskip(
 )
 
 from fastinsight import cohort  # noqa: E402
-from fastinsight.cli.main import error_message  # noqa: E402
+from fastinsight.cli.cohort import options_from_args  # noqa: E402
+from fastinsight.cli.main import build_parser, error_message  # noqa: E402
 from fastinsight.cohort import (  # noqa: E402
     EXIT_SLIDES_FAILED,
     CohortOptions,
@@ -550,6 +552,90 @@ def test_cli_starts_and_stops_its_own_local_ray(env: Env, ray_session: None) -> 
         assert res.returncode == 0, res.stderr
         assert "cohort: 0 ok, 0 failed, 1 skipped of 1 slides" in res.stdout
         assert not list(base.glob("fi-ray-*"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _finished(out: Path) -> set[str]:
+    """The slide folders of ``out`` (finished outputs: ``.partial`` folders are hidden)."""
+    return {p.name for p in out.iterdir() if not p.name.startswith(".") and p.is_dir()}
+
+
+def test_sigterm_mid_cohort_keeps_finished_slides_and_the_rerun_completes(
+    env: Env, ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM to a real ``predict-cohort`` (its own local Ray, one slide at a time) once the
+    first slide is done: exit 143 with a message, Ray gone, every slide folder complete, the
+    others pending; the same command then skips the finished slides and does the rest."""
+    base = Path(tempfile.mkdtemp(prefix="fi-t-"))  # short: the CLI's Ray temp dir goes inside
+    try:
+        slides, out = base / "slides", base / "out"
+        slides.mkdir()
+        names = [f"s{i}" for i in range(4)]
+        for i, name in enumerate(names):
+            shutil.copy(env.paths[f"synthetic-00{i % 2}"], slides / f"{name}.tif")
+        argv = ["predict-cohort", str(slides), "--model", str(env.model_a), "--out-dir", str(out)]
+        argv += ["--num-cpus", "1", "-q"]
+        proc_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc_env["TMPDIR"] = str(base)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastinsight.cli", *argv],
+            env=proc_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while not list(out.glob("*/complete.json")) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no slide finished in 180 s"
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 143, err
+        assert "shutting Ray down" in err and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("fastinsight: terminated (SIGTERM)")
+        assert not _wait_gone(str(base)), "the CLI's Ray processes outlived it"
+        assert not list(base.glob("fi-ray-*")), "the local Ray temp dir should be removed"
+
+        # No half-written output: every slide folder is complete; the rest are pending.
+        done = _finished(out)
+        assert done and done < set(names), done
+        opts = options_from_args(build_parser(argv).parse_args(argv))
+        sha = model_identity(env.model_a)["sha256"]
+        for sid in done:
+            job = SlideJob(
+                CohortSlide(sid, slides / f"{sid}.tif"), out, options_hash(opts, None, None)
+            )
+            assert check_complete(out / sid, job, sha)[1] == "", sid
+            assert {p.name for p in (out / sid).iterdir()} == OUTPUTS
+        # summary.csv: what the driver had collected ('ok'), the rest 'pending' (a slide may
+        # have finished after the driver last looked: its folder is complete all the same)
+        rows = {r["slide_id"]: r["status"] for r in read_summary(out / "summary.csv")}
+        assert set(rows) == set(names) and set(rows.values()) <= {"ok", "pending"}, rows
+        assert {n for n, status in rows.items() if status == "ok"} <= done, rows
+        assert all(rows[n] == "pending" for n in set(names) - done), rows
+        stray = {p.name for p in out.iterdir() if p.name.startswith(".")}
+        assert all(n == ".predict-cohort.lock" or n.endswith(".partial") for n in stray), stray
+        before = {p: p.stat().st_mtime_ns for sid in done for p in (out / sid).iterdir()}
+
+        # The same command again (in this process, on the module's Ray): it resumes.
+        args = build_parser(argv).parse_args(argv)
+        assert args._run(args) == 0
+        assert (
+            f"{len(names) - len(done)} ok, 0 failed, {len(done)} skipped" in capsys.readouterr().out
+        )
+        rows = {r["slide_id"]: r["status"] for r in read_summary(out / "summary.csv")}
+        assert rows == {n: "skipped" if n in done else "ok" for n in names}
+        assert _finished(out) == set(names)
+        assert {p: p.stat().st_mtime_ns for p in before} == before  # finished slides untouched
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+            ".predict-cohort.lock"
+        ]
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
