@@ -226,8 +226,9 @@ def _run_jobs(
     flush: Callable[[], None],
 ) -> float:
     """Submit one task per slide, collect outcomes as they finish (``outcomes`` is updated and
-    ``flush`` called after each); returns tiles/s overall. Interrupted (Ctrl-C, SIGTERM), the
-    tasks not finished are cancelled and their slides stay ``pending``."""
+    ``flush`` called after each); returns tiles/s overall. Interrupted (Ctrl-C, SIGTERM), Ray
+    is shut down (see :func:`_cancel` for a connection opened before) and the slides not
+    collected stay ``pending``."""
     progress = _Progress(len(outcomes), len(outcomes) - len(todo), opts.progress)
     progress.show()
     try:
