@@ -17,9 +17,11 @@
   or at 8x8 samples per cell (``area``).
 
 Predictions come as ``EvalInput`` (per slide: scores ``[K]``, heatmap ``[K, H, W]`` with its
-level-0 cell size, tissue mask ``[H, W]``), e.g. from npz files with keys ``scores``,
-``heatmap``, ``mask``, ``cell_size_l0``, ``slide_id`` (optional ``class_names``, ``origin_l0``,
-``slide_size_l0``, ``mpp``).
+level-0 cell size, tissue mask ``[H, W]``), e.g. from prediction npz files: the one layout that
+``predict --scores``, ``predict-cohort``, ``demo`` and :func:`save_prediction_npz` write (the
+scores sidecar: keys ``scores``, ``mask``, ``class_names``, ``geometry``; ``docs/slides.md``);
+the older layout with keys ``scores``, ``heatmap``, ``cell_size_l0`` (optional ``mask``,
+``slide_id``, ``class_names``, ``origin_l0``, ``slide_size_l0``, ``mpp``) is still read.
 """
 
 from __future__ import annotations

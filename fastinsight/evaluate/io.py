@@ -1,5 +1,10 @@
-"""Predictions as evaluation takes them (``EvalInput``): the prediction npz and the slide
-pipeline's scores sidecar, read and written."""
+"""Predictions as evaluation takes them (``EvalInput``), read from and written to the one
+prediction npz: the slide pipeline's scores sidecar (``scores.npz``; keys ``scores``, ``mask``,
+``class_names``, ``geometry``; see ``docs/slides.md``), written by
+:func:`fastinsight.slide.write_scores_sidecar` for ``predict``, ``predict-cohort``, ``demo`` and
+:func:`save_prediction_npz` alike. The reader also takes the older evaluation layout (keys
+``scores``, ``heatmap``, ``cell_size_l0``, ...) that earlier versions' ``save_prediction_npz``
+wrote, so files users already have keep working."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError
+from fastinsight.slide.grid import TileGrid
+from fastinsight.slide.heatmap_tiff import read_scores_sidecar, write_scores_sidecar
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ def _npz_str(value: Any) -> str:
 
 
 def load_prediction_npz(path: str | os.PathLike[str]) -> EvalInput:
-    """Read a prediction npz: keys ``scores``, ``heatmap``, ``mask``, ``cell_size_l0``,
-    ``slide_id`` (optional ``class_names``, ``origin_l0``, ``slide_size_l0``, ``mpp``)."""
+    """Read a prediction npz: the scores sidecar (it has a ``geometry`` key), or the older
+    evaluation layout: keys ``scores``, ``heatmap``, ``cell_size_l0`` (optional ``mask``,
+    ``slide_id``, ``class_names``, ``origin_l0``, ``slide_size_l0``, ``mpp``)."""
     p = Path(path).expanduser()
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -79,7 +86,7 @@ def load_prediction_npz(path: str | os.PathLike[str]) -> EvalInput:
         raise InputError(f"prediction file {str(p)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {str(p)!r} as an npz prediction: {exc}") from exc
-    if "geometry" in data:  # the sidecar of `fastinsight predict --scores` / predict-cohort
+    if "geometry" in data:  # the one current layout (predict, predict-cohort, demo, save_...)
         return _from_sidecar(p)
     missing = [k for k in ("scores", "heatmap", "cell_size_l0") if k not in data]
     if missing:
@@ -116,45 +123,96 @@ def load_prediction_npz(path: str | os.PathLike[str]) -> EvalInput:
 
 
 def _from_sidecar(path: Path) -> EvalInput:
-    """An ``EvalInput`` from the slide pipeline's scores sidecar (NaN cells are non-tissue)."""
-    from fastinsight.slide import read_scores_sidecar
-
+    """An ``EvalInput`` from a scores sidecar (NaN cells are non-tissue). The metadata's
+    ``origin_l0``, ``slide_size_l0``, ``mpp`` and ``class_names_given`` (written by
+    :func:`save_prediction_npz`) override what the grid says; without them (files of ``predict``)
+    the origin is (0, 0) and the slide size and mpp are the grid's."""
     side = read_scores_sidecar(path)
     meta = side.metadata
     if "scores" not in meta:
         raise InputError(f"{str(path)!r} is a scores sidecar without slide scores in its metadata")
     grid = side.grid
-    return EvalInput(
-        slide_id=str(meta.get("slide_id") or path.stem),
-        scores=np.asarray(meta["scores"], dtype=np.float64),
-        heatmap=np.nan_to_num(side.scores, nan=0.0),
-        mask=side.mask,
-        cell_size_l0=grid.l0_cell_size,
-        slide_size_l0=(grid.slide_width, grid.slide_height),
-        mpp=grid.slide_mpp,
-        class_names=side.class_names,
-    )
+    size = meta.get("slide_size_l0", [grid.slide_width, grid.slide_height])
+    mpp = meta.get("mpp", grid.slide_mpp)
+    origin = meta.get("origin_l0", [0.0, 0.0])
+    try:
+        return EvalInput(
+            slide_id=str(meta.get("slide_id") or path.stem),
+            scores=np.asarray(meta["scores"], dtype=np.float64),
+            heatmap=np.nan_to_num(side.scores, nan=0.0),
+            mask=side.mask,
+            cell_size_l0=grid.l0_cell_size,
+            origin_l0=(float(origin[0]), float(origin[1])),
+            slide_size_l0=None if size is None else (int(size[0]), int(size[1])),
+            mpp=None if mpp is None else float(mpp),
+            class_names=side.class_names if meta.get("class_names_given", True) else (),
+        )
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InputError(
+            f"{str(path)!r}: unreadable prediction metadata ({exc}); expected a file written by "
+            "fastinsight predict or save_prediction_npz"
+        ) from None
+
+
+def prediction_grid(pred: EvalInput) -> TileGrid:
+    """A ``TileGrid`` whose cell grid is ``pred``'s heatmap grid (one cell per tile).
+
+    A tile of 1 px at ``target_mpp = cell_size_l0 * mpp`` is one heatmap cell of
+    ``cell_size_l0`` level-0 px. The slide size is ``pred.slide_size_l0`` when the grid covers it
+    exactly as the slide pipeline would (``ceil(size / cell) == cells``), else the smallest size
+    that gives the heatmap's shape; an unknown mpp is written as 1.0 (the level-0 cell size stays
+    exact). :func:`save_prediction_npz` records the real values in the metadata.
+    """
+    rows, cols = pred.grid_shape
+    cell = float(pred.cell_size_l0)
+    mpp = float(pred.mpp) if pred.mpp is not None and pred.mpp > 0 else 1.0
+
+    def make(width: int, height: int) -> TileGrid:
+        return TileGrid(max(1, width), max(1, height), mpp, cell * mpp, 1, 1)
+
+    if pred.slide_size_l0 is not None:
+        grid = make(int(pred.slide_size_l0[0]), int(pred.slide_size_l0[1]))
+        if grid.cell_shape == (rows, cols):
+            return grid
+    # floor(n * cell) lies in ((n - 1) * cell, n * cell] for cells of at least 1 px: n cells
+    grid = make(math.floor(cols * cell), math.floor(rows * cell))
+    if grid.cell_shape != (rows, cols):
+        raise InputError(
+            f"{pred.slide_id}: cannot write a {rows} x {cols} heatmap of {cell:g} px cells; cells "
+            "must be at least 1 level-0 px"
+        )
+    return grid
 
 
 def save_prediction_npz(pred: EvalInput, path: str | os.PathLike[str]) -> None:
-    """Write ``pred`` in the npz layout ``load_prediction_npz`` reads (atomically)."""
-    arrays: dict[str, Any] = {
-        "slide_id": np.asarray(pred.slide_id),
-        "scores": pred.scores.astype(np.float32),
-        "heatmap": pred.heatmap.astype(np.float32),
-        "cell_size_l0": np.asarray(pred.cell_size_l0, dtype=np.float64),
-        "origin_l0": np.asarray(pred.origin_l0, dtype=np.float64),
-    }
-    if pred.mask is not None:
-        arrays["mask"] = np.asarray(pred.mask, dtype=bool)
-    if pred.slide_size_l0 is not None:
-        arrays["slide_size_l0"] = np.asarray(pred.slide_size_l0, dtype=np.int64)
-    if pred.mpp is not None:
-        arrays["mpp"] = np.asarray(pred.mpp, dtype=np.float64)
-    if pred.class_names:
-        arrays["class_names"] = np.asarray(pred.class_names)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    """Write ``pred`` in the one prediction layout (the scores sidecar, atomically), which
+    :func:`load_prediction_npz` reads back.
+
+    Shapes: ``pred.heatmap`` ``[K, H, W]`` goes to ``scores``, ``pred.mask`` ``[H, W]`` (all
+    cells when None) to ``mask``. The metadata records ``slide_id``, the slide ``scores``,
+    ``origin_l0``, ``slide_size_l0`` and ``mpp`` (null when unknown) and whether the class names
+    were given, so the file reads back as the same ``EvalInput``.
+    """
+    heatmap = np.asarray(pred.heatmap, dtype=np.float32)
+    k, rows, cols = heatmap.shape
+    mask = np.ones((rows, cols), bool) if pred.mask is None else np.asarray(pred.mask, bool)
+    write_scores_sidecar(
+        path,
+        heatmap,
+        prediction_grid(pred),
+        mask=mask,
+        class_names=tuple(pred.class_names) or tuple(f"class{i}" for i in range(k)),
+        metadata={
+            "slide_id": pred.slide_id,
+            "scores": [float(v) for v in pred.scores],
+            "origin_l0": [float(v) for v in pred.origin_l0],
+            "slide_size_l0": None
+            if pred.slide_size_l0 is None
+            else [int(v) for v in pred.slide_size_l0],
+            "mpp": None if pred.mpp is None else float(pred.mpp),
+            "class_names_given": bool(pred.class_names),
+        },
+    )
 
 
 def load_predictions(folder: str | os.PathLike[str]) -> list[EvalInput]:

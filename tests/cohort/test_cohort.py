@@ -2,17 +2,20 @@
 
 One Ray session is shared by the whole module (starting Ray takes ~15 s on 2 cores). The cohort:
 two synthetic slides, a copy of one under another name whose first attempt kills its worker
-(the test-only hook ``fastinsight.cohort.CRASH_ENV``), a text file named ``.svs``, a truncated
-TIFF and, when ``../shared/data/slides`` is present, the OME-TIFF slide and a copy of it, the
-TCGA slide with its mpp from the manifest and again without one, and the fluorescence NDPI.
+(injected from the outside by a Ray worker setup hook, ``tests/support/cohort_faults.py``), a
+text file named ``.svs``, a truncated TIFF and, when ``../shared/data/slides`` is present, the
+OME-TIFF slide and a copy of it, the TCGA slide with its mpp from the manifest and again without
+one, and the fluorescence NDPI.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,10 +33,9 @@ ray = pytest.importorskip(
 )
 
 from fastinsight import cohort  # noqa: E402
-from fastinsight.cli.main import error_message  # noqa: E402
+from fastinsight.cli.cohort import options_from_args  # noqa: E402
+from fastinsight.cli.main import build_parser, error_message  # noqa: E402
 from fastinsight.cohort import (  # noqa: E402
-    CRASH_DIR_ENV,
-    CRASH_ENV,
     EXIT_SLIDES_FAILED,
     CohortOptions,
     CohortReport,
@@ -51,6 +53,7 @@ from fastinsight.models.config import InsightConfig  # noqa: E402
 from fastinsight.models.insight import InsightModel  # noqa: E402
 from fastinsight.predict.slide import PredictOptions, predict_slide  # noqa: E402
 from fastinsight.synthetic import make_cohort  # noqa: E402
+from tests.support import cohort_faults  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FASTINSIGHT_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides"))
@@ -160,10 +163,9 @@ def _wait_gone(marker: str, timeout: float = 20.0) -> set[int]:
 
 @pytest.fixture(scope="module")
 def ray_session(env: Env) -> Iterator[None]:
-    """One local Ray for the module, started with the crash hook armed so workers inherit it."""
-    saved = {k: os.environ.get(k) for k in (CRASH_ENV, CRASH_DIR_ENV, "RAY_USAGE_STATS_ENABLED")}
-    os.environ[CRASH_ENV] = "crashme,crashfatal"
-    os.environ[CRASH_DIR_ENV] = str(env.crash_dir)
+    """One local Ray for the module; its workers run a setup hook that makes the first attempt
+    at 'crashme' (and every attempt at 'crashfatal', which runs with no retries) die."""
+    saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED",)}
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="fi-ray-t-")  # short: Ray's socket paths live under it
     ray.init(
@@ -173,6 +175,7 @@ def ray_session(env: Env) -> Iterator[None]:
         object_store_memory=256 << 20,
         log_to_driver=False,
         _temp_dir=temp_dir,
+        runtime_env=cohort_faults.runtime_env(["crashme", "crashfatal"], env.crash_dir),
     )
     try:
         assert _ray_pids(temp_dir), "the Ray processes should name their temp dir"
@@ -300,6 +303,9 @@ def test_good_slides_succeed_and_bad_ones_are_recorded(env: Env, first_run: Coho
 
 def test_killed_worker_is_retried_and_completes(env: Env, first_run: CohortReport) -> None:
     assert (env.crash_dir / "crashme.crashed").is_file(), "the first attempt should have died"
+    # ... after its outputs were written, before the completion marker
+    left = set((env.crash_dir / "crashme.crashed").read_text().split())
+    assert left == OUTPUTS - {"complete.json"}, left
     byid = first_run.by_id()
     assert byid["crashme"].status == "ok"
     # crashme is a byte copy of synthetic-000: the retried slide gives the very same result
@@ -356,6 +362,35 @@ def test_task_rebuilds_the_model_from_the_object_store_only(
     np.testing.assert_allclose(outcome.scores, first_run.by_id()["synthetic-001"].scores, rtol=1e-6)
     marker = json.loads((tmp_path / "synthetic-001" / "complete.json").read_text())
     assert marker["model_sha256"] == "in-memory"
+
+
+def test_a_write_failing_in_the_task_leaves_nothing(
+    env: Env, ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault injected in this process (the writer fails after writing everything into the
+    ``.partial`` folder): the slide is failed as internal, and no folder of it is left."""
+    from fastinsight.predict.slide import SlideResult
+
+    original = SlideResult.write_outputs
+
+    def disk_full(self: SlideResult, outputs: object) -> list[Path]:
+        written = original(self, outputs)  # type: ignore[arg-type]
+        assert written and all(p.parent.name == ".synthetic-001.partial" for p in written)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SlideResult, "write_outputs", disk_full)
+    model = load_model(env.model_a, backend="reference", device="cpu")
+    ref = ray.put(cohort._model_payload(model, {"sha256": "in-memory"}, "reference"))
+    job = SlideJob(CohortSlide("synthetic-001", env.paths["synthetic-001"]), tmp_path, "h")
+    plan = cohort.TaskPlan(OPTIONS, device="cpu", torch_threads=1, model_sha256="in-memory")
+    threads = torch.get_num_threads()
+    try:
+        outcome = cohort.run_slide([ref], job, plan)
+    finally:
+        torch.set_num_threads(threads)
+    assert outcome.status == "failed" and outcome.internal, outcome
+    assert "OSError" in outcome.error and "No space left" in outcome.error
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_shared
@@ -481,11 +516,7 @@ def test_cli_starts_and_stops_its_own_local_ray(env: Env, ray_session: None) -> 
         slides.mkdir()
         shutil.copy(env.paths["synthetic-001"], slides / "good.tif")
         (slides / "broken.svs").write_text("not a slide\n")
-        proc_env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in (CRASH_ENV, CRASH_DIR_ENV, "RAY_ADDRESS")
-        }
+        proc_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         proc_env["TMPDIR"] = str(base)
         cmd = [sys.executable, "-m", "fastinsight.cli", "predict-cohort"]
         common = [
@@ -521,6 +552,90 @@ def test_cli_starts_and_stops_its_own_local_ray(env: Env, ray_session: None) -> 
         assert res.returncode == 0, res.stderr
         assert "cohort: 0 ok, 0 failed, 1 skipped of 1 slides" in res.stdout
         assert not list(base.glob("fi-ray-*"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _finished(out: Path) -> set[str]:
+    """The slide folders of ``out`` (finished outputs: ``.partial`` folders are hidden)."""
+    return {p.name for p in out.iterdir() if not p.name.startswith(".") and p.is_dir()}
+
+
+def test_sigterm_mid_cohort_keeps_finished_slides_and_the_rerun_completes(
+    env: Env, ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM to a real ``predict-cohort`` (its own local Ray, one slide at a time) once the
+    first slide is done: exit 143 with a message, Ray gone, every slide folder complete, the
+    others pending; the same command then skips the finished slides and does the rest."""
+    base = Path(tempfile.mkdtemp(prefix="fi-t-"))  # short: the CLI's Ray temp dir goes inside
+    try:
+        slides, out = base / "slides", base / "out"
+        slides.mkdir()
+        names = [f"s{i}" for i in range(4)]
+        for i, name in enumerate(names):
+            shutil.copy(env.paths[f"synthetic-00{i % 2}"], slides / f"{name}.tif")
+        argv = ["predict-cohort", str(slides), "--model", str(env.model_a), "--out-dir", str(out)]
+        argv += ["--num-cpus", "1", "-q"]
+        proc_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc_env["TMPDIR"] = str(base)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastinsight.cli", *argv],
+            env=proc_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while not list(out.glob("*/complete.json")) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no slide finished in 180 s"
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 143, err
+        assert "shutting Ray down" in err and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("fastinsight: terminated (SIGTERM)")
+        assert not _wait_gone(str(base)), "the CLI's Ray processes outlived it"
+        assert not list(base.glob("fi-ray-*")), "the local Ray temp dir should be removed"
+
+        # No half-written output: every slide folder is complete; the rest are pending.
+        done = _finished(out)
+        assert done and done < set(names), done
+        opts = options_from_args(build_parser(argv).parse_args(argv))
+        sha = model_identity(env.model_a)["sha256"]
+        for sid in done:
+            job = SlideJob(
+                CohortSlide(sid, slides / f"{sid}.tif"), out, options_hash(opts, None, None)
+            )
+            assert check_complete(out / sid, job, sha)[1] == "", sid
+            assert {p.name for p in (out / sid).iterdir()} == OUTPUTS
+        # summary.csv: what the driver had collected ('ok'), the rest 'pending' (a slide may
+        # have finished after the driver last looked: its folder is complete all the same)
+        rows = {r["slide_id"]: r["status"] for r in read_summary(out / "summary.csv")}
+        assert set(rows) == set(names) and set(rows.values()) <= {"ok", "pending"}, rows
+        assert {n for n, status in rows.items() if status == "ok"} <= done, rows
+        assert all(rows[n] == "pending" for n in set(names) - done), rows
+        stray = {p.name for p in out.iterdir() if p.name.startswith(".")}
+        assert all(n == ".predict-cohort.lock" or n.endswith(".partial") for n in stray), stray
+        before = {p: p.stat().st_mtime_ns for sid in done for p in (out / sid).iterdir()}
+
+        # The same command again (in this process, on the module's Ray): it resumes.
+        args = build_parser(argv).parse_args(argv)
+        assert args._run(args) == 0
+        assert (
+            f"{len(names) - len(done)} ok, 0 failed, {len(done)} skipped" in capsys.readouterr().out
+        )
+        rows = {r["slide_id"]: r["status"] for r in read_summary(out / "summary.csv")}
+        assert rows == {n: "skipped" if n in done else "ok" for n in names}
+        assert _finished(out) == set(names)
+        assert {p: p.stat().st_mtime_ns for p in before} == before  # finished slides untouched
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+            ".predict-cohort.lock"
+        ]
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
