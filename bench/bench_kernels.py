@@ -383,6 +383,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         "mode": "smoke" if args.smoke else "full",
     }
     copy_gbs, mm_tflops = measure_ceilings(device, args.smoke)
+    args.ceilings = (copy_gbs, mm_tflops)
     print(f"# {env['device']}: copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.1f} TFLOP/s")
     rows: list[dict[str, object]] = []
     h, w = args.grid
@@ -469,7 +470,40 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             rows += block
             if profile and n == max(args.tiles):
                 profile_kernels(providers["kernels_bf16"], tokens)
+            if args.layers and "kernels_bf16" in providers and n == max(args.tiles):
+                layer_rows = time_layers(model, providers["kernels_bf16"], tokens, device, args)
+                write_csv([{**block[0], **r} for r in layer_rows], args.csv)
             tokens = mask = torch.empty(0)
+    return rows
+
+
+def time_layers(model, prov: dict, tokens: torch.Tensor, device, args) -> list[dict[str, object]]:
+    """Each launch of the kernels' head timed on its own: where the head's time goes."""
+    from fastinsight.kernels import head as khead
+
+    x = tokens.to(prov["dtype"])
+    w = _copy(model, prov["dtype"]).head_weights()
+    params = [p.detach() for p in khead.flatten_weights(w)]
+    cfg = parse_kernel_config(prov["config"]) if prov["config"] != "default" else None
+    copy_gbs, mm_tflops = args.ceilings
+    rows = []
+    with torch.no_grad():
+        _, steps = khead.head_plan(x, params, w.norm, w.eps, "ieee", cfg)
+        for _, launch, _ in steps:  # compile every kernel, in order (each reads what came before)
+            launch()
+        print("# per-launch time of the kernels' head")
+        for label, launch, work in steps:
+            ms = median_ms(launch, device, args.reps, warmup=False)
+            roof = max(work["bytes"] / (copy_gbs * 1e6), work["flops"] / (mm_tflops * 1e9))
+            print(f"{label:36s} {ms:9.4f} ms  {work['bytes'] / ms / 1e6:8.1f} GB/s  "
+                  f"{work['flops'] / ms / 1e9:7.1f} TFLOP/s  {100 * roof / ms:5.1f} % of roofline")  # fmt: skip
+            rows.append({
+                "provider": "kernels_bf16", "stage": f"layer: {label}", "median_ms": _sig(ms),
+                "gb_per_s": _sig(work["bytes"] / ms / 1e6),
+                "tflop_per_s": _sig(work["flops"] / ms / 1e9), "roofline_ms": _sig(roof),
+                "pct_of_roofline": _sig(100 * roof / ms), "x_slower_than_kernels": "",
+                "parity": "", "note": "one launch timed alone",
+            })  # fmt: skip
     return rows
 
 
@@ -561,6 +595,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["nchw", "nhwc"],
         default="nchw",
         help="token memory layout: nchw (feature files) or nhwc (the encoder's [N, h*w, C])",
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also time each launch of the kernels' head on its own (stage 'layer: ...' rows)",
     )
     parser.add_argument(
         "--profile",

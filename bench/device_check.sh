@@ -237,10 +237,10 @@ run_step tests 120 "$OUT/tests.csv" step_tests
 
 if [[ $DRY -eq 1 ]]; then
   KBENCH=(--smoke --grid 4 4 --channels 64)
-  KNHWC=(--smoke --grid 4 4 --channels 64 --classes 1 --providers kernels_bf16)
+  KNHWC=(--smoke --grid 4 4 --channels 64 --classes 1 --layers --providers kernels_bf16)
 else
   KBENCH=(--tiles 8192 --classes 1 3)
-  KNHWC=(--tiles 8192 --classes 3 --profile --providers eager_bf16 compile_bf16 kernels_bf16)
+  KNHWC=(--tiles 8192 --classes 3 --profile --layers --providers eager_bf16 compile_bf16 kernels_bf16)
 fi
 # NCHW tokens (feature files) at K = 1 and 3, then the slide pipeline's NHWC tokens at K = 3 with
 # the per-launch profile of the kernels.

@@ -66,6 +66,20 @@ def aligned(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
+def capability(index: int) -> int:
+    """Compute capability x 10 of a CUDA device (90 for Hopper)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """``capability`` of a tensor's device; 0 on the CPU (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -100,3 +114,5 @@ class KernelSpec:
     # The check fails a variant that should run its dots on tensor cores (bf16/fp16 head
     # configs) and compiles to none.
     needs_tensor_cores: bool = False
+    # The architectures (compute capability x 10) the launcher uses this variant on; None: all.
+    archs: tuple[int, ...] | None = None

@@ -274,7 +274,12 @@ def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) ->
         name = f"{spec.kernel} {spec.variant} {spec.config}".lower()
         return not wanted or any(w in name for w in wanted)
 
-    work = [(i, arch) for arch in archs for i, spec in enumerate(specs) if selected(spec)]
+    work = [
+        (i, arch)
+        for arch in archs
+        for i, spec in enumerate(specs)
+        if selected(spec) and (spec.archs is None or arch in spec.archs)
+    ]
     if jobs > 1 and len(work) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             return list(pool.map(_job, work))

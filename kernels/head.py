@@ -40,6 +40,8 @@ the roofline and slower than ``torch.compile``): every convolution is one implic
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,7 @@ from torch import Tensor
 from fastinsight.errors import InputError
 from fastinsight.ops.reference import HeadWeights
 
-from ._runtime import INTERPRET, KernelSpec, aligned, check_device, next_pow2
+from ._runtime import INTERPRET, KernelSpec, aligned, check_device, device_arch, next_pow2
 
 # Token layouts the reduce kernel specialises on (a constexpr): a unit stride becomes a
 # compile-time constant so the loads of the token grid vectorise.
@@ -107,6 +109,12 @@ class HeadLaunchConfig:
 # dots run on the FMA units; the parity setting) takes smaller K steps.
 FAST_16BIT = HeadLaunchConfig(BLOCK_M=64, BLOCK_MW=64, BLOCK_MR=64, BLOCK_K=64, num_warps=4,
                               num_stages=3)  # fmt: skip
+# Before Hopper (mma.sync, more registers per thread for the same block): the 4-warp blocks
+# spill 32 B on sm_80 in the 128-wide tile-norm layers; 128-cell blocks of 8 warps (64 for the
+# wide layers) do not. Unmeasured on an A100.
+AMPERE_16BIT = HeadLaunchConfig(BLOCK_M=128, BLOCK_MW=64, BLOCK_MR=128, BLOCK_K=64, num_warps=8,
+                                num_stages=3)  # fmt: skip
+HOPPER = 90
 GPU_CONFIGS: dict[str, HeadLaunchConfig] = {
     "bf16": FAST_16BIT,
     "fp16": FAST_16BIT,
@@ -124,11 +132,20 @@ def compute_key(dtype: torch.dtype, precision: str) -> str:
     return f"{name}-{precision}" if name == "fp32" else name
 
 
-def launch_config(cells: int, dtype: torch.dtype, precision: str) -> HeadLaunchConfig:
-    """The config the launcher uses for grids of ``cells`` cells."""
+def arch_config(key: str, arch: int) -> HeadLaunchConfig:
+    """The GPU config of a compute key on an architecture (compute capability x 10)."""
+    if key in ("bf16", "fp16") and arch < HOPPER:
+        return AMPERE_16BIT
+    return GPU_CONFIGS[key]
+
+
+def launch_config(
+    cells: int, dtype: torch.dtype, precision: str, arch: int = HOPPER
+) -> HeadLaunchConfig:
+    """The config the launcher uses for grids of ``cells`` cells on ``arch``."""
     if INTERPRET:
         return dataclasses.replace(INTERPRETER_CONFIG, BLOCK_MR=min(256, max(16, next_pow2(cells))))
-    return GPU_CONFIGS[compute_key(dtype, precision)]
+    return arch_config(compute_key(dtype, precision), arch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,16 +678,21 @@ def _hidden_out(norm: str) -> int:
     return OUT_TILE if norm == "tile" else OUT_CHANNEL
 
 
-def _run_chain(
-    head: PackedHead, layers: tuple[PackedLayer, ...], z: Tensor, stat_z: Tensor | None,
+# A launch of the plan: (label, launch(), {"flops": ..., "bytes": ...} the minimal work it does).
+Step = tuple[str, Callable[[], object], dict[str, float]]
+
+
+def _chain_steps(
+    head: PackedHead, layers: tuple[PackedLayer, ...], z: Tensor, stat_z: Tensor,
     bufs: tuple[Tensor, Tensor], rowstat: Tensor, stat: Tensor, d: Tensor, out: Tensor,
-    last_out: int, m: int, eps: float, precision: str, cfg: HeadLaunchConfig,
-) -> None:  # fmt: skip
-    """Launch one chain (detection or context) over ``m`` cells, starting from ``z``."""
+    last_out: int, m: int, eps: float, precision: str, cfg: HeadLaunchConfig, name: str,
+) -> list[Step]:  # fmt: skip
+    """The launches of one chain (detection or context) over ``m`` cells, starting from ``z``."""
     h, w = head.grid
     cells = h * w
     src, stat_in = z, stat_z
     fold = head.norm == "tile"
+    steps: list[Step] = []
     for i, layer in enumerate(layers):
         last = i == len(layers) - 1
         mode = last_out if last else _hidden_out(head.norm)
@@ -678,35 +700,40 @@ def _run_chain(
         consts = conv_constexprs(head.grid, layer.ks, layer.cin, layer.cout, fold, mode, z.dtype,
                                  precision, cfg)  # fmt: skip
         dummy = layer.bias
-        grid = (triton.cdiv(m, consts["BLOCK_M"]),)
-        _conv_kernel[grid](
-            src, layer.weight, stat_in if fold else dummy, layer.bnw if fold else dummy,
-            layer.bias, layer.nw if layer.nw is not None else dummy,
-            layer.nb if layer.nb is not None else dummy, dst, rowstat, d,
-            m, float(eps), **consts, **_options(cfg, layer.cout),
-        )  # fmt: skip
+        args = (src, layer.weight, stat_in if fold else dummy, layer.bnw if fold else dummy,
+                layer.bias, layer.nw if layer.nw is not None else dummy,
+                layer.nb if layer.nb is not None else dummy, dst, rowstat, d, m, float(eps))  # fmt: skip
+        launch = _conv_kernel[(triton.cdiv(m, consts["BLOCK_M"]),)]
+        opts = {**consts, **_options(cfg, layer.cout)}
+        label = f"{name}{i} {layer.ks}x{layer.ks} {layer.cin}->{layer.cout}"
+        size = z.element_size()
+        work = {"flops": 2.0 * m * layer.ks**2 * layer.cin * layer.cout,
+                "bytes": float(m * (layer.cin + layer.cout) * size)}  # fmt: skip
+        steps.append((label, functools.partial(launch, *args, **opts), work))
         if not last and fold:
-            _tile_stats_kernel[(m // cells,)](
-                rowstat, stat, float(eps), P=cells, COUT=layer.cout,
-                BLOCK=min(1024, next_pow2(cells)), num_warps=4,
-            )  # fmt: skip
+            stats = _tile_stats_kernel[(m // cells,)]
+            steps.append((f"{name}{i} tile statistics", functools.partial(
+                stats, rowstat, stat, float(eps), P=cells, COUT=layer.cout,
+                BLOCK=min(1024, next_pow2(cells)), num_warps=4), {"flops": 0.0, "bytes": m * 8.0}))  # fmt: skip
             stat_in = stat
         src = dst
+    return steps
 
 
-def insight_head_launch(
+def head_plan(
     tokens: Tensor,
     params: list[Tensor],
     norm: str,
     eps: float,
     precision: str = "ieee",
     config: HeadLaunchConfig | None = None,
-) -> Tensor:
-    """Launch the layer kernels. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32.
+) -> tuple[Tensor, list[Step]]:
+    """The heatmap tensor to be written and the named launches that write it, in order.
 
     Per chunk of ``chunk_tiles`` tiles: the reduce (+ tile statistics), then the detection chain
-    (ending in the logits D) and the context chain (ending in the gate), 16 launches with the
-    tile norm, 10 with the channel norm.
+    (ending in the logits D) and the context chain (ending in the gate): 16 launches with the
+    tile norm, 10 with the channel norm. ``insight_head_launch`` runs them; the kernel benchmark
+    times them one by one (``bench_kernels.py --layers``).
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -714,7 +741,7 @@ def insight_head_launch(
     device = check_device(tokens, *params, what="insight_head")
     n, c, h, w = tokens.shape
     cells = h * w
-    cfg = config or launch_config(cells, tokens.dtype, precision)
+    cfg = config or launch_config(cells, tokens.dtype, precision, device_arch(device))
     if INTERPRET and tokens.dtype == torch.bfloat16:
         raise InputError("the Triton interpreter has no bfloat16 dots; test bf16 on a GPU")
     dtype = tokens.dtype
@@ -734,6 +761,8 @@ def insight_head_launch(
     rowstat = torch.empty((rows, 2), device=device, dtype=torch.float32)
     stat_z = torch.empty((chunk, 2), device=device, dtype=torch.float32)
     stat = torch.empty((chunk, 2), device=device, dtype=torch.float32)
+    red = head.reduce
+    steps: list[Step] = []
     for n0 in range(0, n, chunk):
         xc = x[n0 : n0 + chunk]
         nc = xc.shape[0]
@@ -741,20 +770,38 @@ def insight_head_launch(
         vec = token_vector(xc, layout)
         consts = reduce_constexprs(c, (h, w), dims["CR"], _hidden_out(norm), layout, vec, dtype,
                                    precision, cfg)  # fmt: skip
-        grid = (nc * triton.cdiv(cells, cfg.BLOCK_MR),)
-        red = head.reduce
-        _reduce_kernel[grid](
-            xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw, z, rowstat,
-            nc, *xc.stride(), float(eps), **consts, **_options(cfg),
-        )  # fmt: skip
+        launch = _reduce_kernel[(nc * triton.cdiv(cells, cfg.BLOCK_MR),)]
+        steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
+            launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
+            z, rowstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg)),
+            {"flops": 2.0 * m * c * dims["CR"],
+             "bytes": float(m * (c + dims["CR"]) * xc.element_size())}))  # fmt: skip
         if norm == "tile":
-            _tile_stats_kernel[(nc,)](rowstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
-                                      BLOCK=min(1024, next_pow2(cells)), num_warps=4)  # fmt: skip
+            stats = _tile_stats_kernel[(nc,)]
+            steps.append(("reduce tile statistics", functools.partial(
+                stats, rowstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
+                BLOCK=min(1024, next_pow2(cells)), num_warps=4), {"flops": 0.0, "bytes": m * 8.0}))  # fmt: skip
         outc = out[n0 : n0 + nc]
-        _run_chain(head, head.detect, z, stat_z, bufs, rowstat, stat, d, outc, OUT_LOGITS, m,
-                   eps, precision, cfg)  # fmt: skip
-        _run_chain(head, head.context, z, stat_z, bufs, rowstat, stat, d, outc, OUT_GATE, m,
-                   eps, precision, cfg)  # fmt: skip
+        common = (bufs, rowstat, stat, d, outc)
+        steps += _chain_steps(head, head.detect, z, stat_z, *common, OUT_LOGITS, m, eps,
+                              precision, cfg, "detect")  # fmt: skip
+        steps += _chain_steps(head, head.context, z, stat_z, *common, OUT_GATE, m, eps,
+                              precision, cfg, "context")  # fmt: skip
+    return out, steps
+
+
+def insight_head_launch(
+    tokens: Tensor,
+    params: list[Tensor],
+    norm: str,
+    eps: float,
+    precision: str = "ieee",
+    config: HeadLaunchConfig | None = None,
+) -> Tensor:
+    """Launch the layer kernels. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32."""
+    out, steps = head_plan(tokens, params, norm, eps, precision, config)
+    for _, launch, _ in steps:
+        launch()
     return out
 
 
@@ -802,7 +849,10 @@ def compile_specs(dims: dict[str, int] | None = None,
     cells = grid[0] * grid[1]
     specs = []
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for key, cfg in GPU_CONFIGS.items():
+    variants = [(key, cfg, None) for key, cfg in GPU_CONFIGS.items() if key not in ("bf16", "fp16")]
+    for key in ("bf16", "fp16"):
+        variants += [(key, FAST_16BIT, (HOPPER,)), (key, AMPERE_16BIT, (80, 86, 89))]
+    for key, cfg, archs in variants:
         tname = key.split("-")[0]
         dtype = dtypes[tname]
         precision = key.split("-")[1] if "-" in key else "ieee"
@@ -824,7 +874,7 @@ def compile_specs(dims: dict[str, int] | None = None,
                         kernel=f"{__name__}:_reduce_kernel",
                         variant=f"{key}, {norm} norm, reduce, {layout_name}, vec {vec}",
                         config=cfg.describe(), signature=sig, constexprs=consts,
-                        options=_options(cfg), needs_tensor_cores=tensor_cores,
+                        options=_options(cfg), needs_tensor_cores=tensor_cores, archs=archs,
                     ))  # fmt: skip
             for name, ks, cin, cout, last in _chain_variants(dims):
                 out = (OUT_LOGITS if ks == 1 else OUT_GATE) if last else hidden
@@ -836,7 +886,7 @@ def compile_specs(dims: dict[str, int] | None = None,
                     kernel=f"{__name__}:_conv_kernel",
                     variant=f"{key}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} {OUT_NAMES[out]}",
                     config=cfg.describe(), signature=sig, constexprs=consts,
-                    options=_options(cfg, cout), needs_tensor_cores=tensor_cores,
+                    options=_options(cfg, cout), needs_tensor_cores=tensor_cores, archs=archs,
                 ))  # fmt: skip
     for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}):
         specs.append(KernelSpec(

@@ -49,7 +49,8 @@ def test_dry_run_writes_every_step_and_csv(dry_run: Path) -> None:
     for name, row in steps.items():
         assert row["status"] == "ok", (name, row)
         assert float(row["seconds"]) >= 0
-    assert int(steps["kernels"]["csv_rows"]) == 9
+    # NCHW: 3 providers x 3 stages; NHWC: the kernels' 3 stages + 16 per-launch rows (--layers).
+    assert int(steps["kernels"]["csv_rows"]) == 9 + 3 + 16
     tests = _rows(dry_run / "tests.csv")
     assert tests and tests[-1]["test"] == "summary"
     assert (dry_run / "device_check.log").read_text().count("== ") >= 2 * len(steps)
@@ -58,9 +59,17 @@ def test_dry_run_writes_every_step_and_csv(dry_run: Path) -> None:
 
 
 def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
-    rows = _rows(dry_run / "kernels.csv")
+    everything = _rows(dry_run / "kernels.csv")
+    rows = [r for r in everything if not r["stage"].startswith("layer: ")]
     assert {r["provider"] for r in rows} == {"eager_bf16", "compile_bf16", "kernels_bf16"}
     assert {r["stage"] for r in rows} == {"head", "threshold_pool", "total"}
+    assert {r["layout"] for r in rows} == {"nchw", "nhwc"}
+    # The NHWC run times every launch of the kernels' head on its own (--layers): reduce,
+    # 4 + 4 chain convolutions and 7 tile-statistics launches with the tile norm.
+    layers = [r for r in everything if r["stage"].startswith("layer: ")]
+    assert len(layers) == 16 and all(float(r["median_ms"]) > 0 for r in layers)
+    assert any("context0 3x3" in r["stage"] for r in layers)
+    assert all(r["layout"] == "nhwc" for r in layers)
     for r in rows:
         assert r["device"].startswith("cpu") and r["git_rev"] and r["torch"] and r["triton"]
         assert r["parity"] == "ok" and float(r["max_err_vs_fp32"]) < 0.1

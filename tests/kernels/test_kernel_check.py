@@ -19,22 +19,30 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_check_compiles_without_spills_quick() -> None:
-    """One head variant and every threshold/pooling kernel, for both architectures."""
-    proc = run_check("--arch", "sm_80,sm_90", "--only", "bf16, tile norm, nchw", "--only", "reduce")
+    """The head's token reduce and largest 3x3 layer, and every threshold/pooling kernel, for
+    both architectures."""
+    proc = run_check(
+        "--arch", "sm_80,sm_90",
+        "--only", "bf16, tile norm, reduce, nhwc, vec 8",
+        "--only", "bf16, tile norm, context0",
+        "--only", "kernels.reduce:",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    head = [line for line in lines if line.startswith("_insight_head_fwd_kernel")]
-    assert (
-        len(head) == 2 and any(" sm_80 " in h for h in head) and any(" sm_90 " in h for h in head)
-    )
+    for kernel in ("_reduce_kernel", "_conv_kernel"):
+        rows = [line for line in lines if line.startswith(kernel + " ")]
+        assert len(rows) == 2 and {" sm_80 " in r for r in rows} == {True, False}, rows
+        # 16-bit dots on tensor cores, and the token / activation loads 16 bytes wide.
+        assert all("mma" in r and "16B" in r for r in rows), rows
     assert any(line.startswith("_otsu_histogram_kernel") for line in lines)
     assert "all compile without spills" in proc.stdout
-    # The new columns: bf16 dots on tensor cores (mma.sync on sm_80, wgmma on sm_90) and the
-    # global loads by width.
-    sm80 = next(h for h in head if " sm_80 " in h)
-    sm90 = next(h for h in head if " sm_90 " in h)
+    # The columns: bf16 dots on tensor cores (mma.sync on sm_80, wgmma on sm_90) and the global
+    # loads by width (the tokens and activations stream through 16-byte cp.async).
+    conv = [line for line in lines if line.startswith("_conv_kernel ")]
+    sm80 = next(h for h in conv if " sm_80 " in h)
+    sm90 = next(h for h in conv if " sm_90 " in h)
     assert " mma m16n8k16" in sm80 and " wgmma m64n" in sm90
-    assert "16B:" in sm90
+    assert "cp.async16B:" in sm90
 
 
 @pytest.mark.slow
@@ -117,7 +125,8 @@ def test_head_specs_demand_tensor_cores_for_16_bit() -> None:
     code = (
         "from fastinsight.kernels.head import compile_specs\n"
         "for s in compile_specs():\n"
-        "    assert s.needs_tensor_cores == (not s.variant.startswith('fp32-ieee')), s.variant\n"
+        "    dots = not s.variant.startswith(('fp32-ieee', 'tile statistics'))\n"
+        "    assert s.needs_tensor_cores == dots, s.variant\n"
         "print(len(compile_specs()))"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

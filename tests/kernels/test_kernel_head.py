@@ -96,7 +96,8 @@ def test_head_tf32_precision_option() -> None:
 
 
 def test_head_tiles_are_independent() -> None:
-    """A tile's heatmap does not depend on its batch (per-program scratch, persistent loop)."""
+    """A tile's heatmap does not depend on its batch: blocks of cells span tiles, the tile
+    statistics must not. (Within rounding: the interpreter's matmuls round by block shape.)"""
     from fastinsight.kernels import insight_head
 
     model = make_model(96, 3, (4, 4), "tile").to(DEVICE)
@@ -105,7 +106,7 @@ def test_head_tiles_are_independent() -> None:
         full = insight_head(x, model.head_weights())
         for i in (0, 4, 5):
             alone = insight_head(x[i : i + 1], model.head_weights())
-            assert torch.equal(alone, full[i : i + 1])
+            torch.testing.assert_close(alone, full[i : i + 1], rtol=0, atol=1e-6)
 
 
 def test_head_sees_weight_updates() -> None:
