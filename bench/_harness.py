@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# The first columns of every results CSV, in this order (``run_stamp`` fills them).
+STAMP_FIELDS = ("timestamp", "git_rev", "device")
 
 
 def git_rev() -> str:
@@ -112,6 +114,7 @@ def append_rows(
 
 __all__ = [
     "REPO",
+    "STAMP_FIELDS",
     "append_rows",
     "device_name",
     "git_rev",

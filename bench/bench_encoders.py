@@ -30,12 +30,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, append_rows, run_stamp, versions  # noqa: E402
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
 
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "timm",
     "fastinsight",

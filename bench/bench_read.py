@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, append_rows, run_stamp, versions  # noqa: E402
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
 
 SLIDES = REPO.parent / "shared" / "data" / "slides"
 SHARED = [
@@ -40,9 +40,7 @@ SHARED = [
 ]
 LARGE = "60000x40000"
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "python",
     "openslide",
     "tifffile",

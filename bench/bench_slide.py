@@ -20,14 +20,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, append_rows, device_name, git_rev, run_stamp, versions  # noqa: E402
+from _harness import (  # noqa: E402
+    REPO,
+    STAMP_FIELDS,
+    append_rows,
+    device_name,
+    git_rev,
+    run_stamp,
+    versions,
+)
 
 __all__ = ["device_name", "git_rev", "main", "run_once"]  # device_name, git_rev: older imports
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "fastinsight",
     "slide",
