@@ -46,27 +46,21 @@ def check_finite_weights(module: Any, what: str, *, precision: str = "") -> None
     cast for export: a finite float32 weight beyond float16's range (65504) became inf there.
     Raises ``CheckpointError`` naming the first bad tensor, before any file is written.
     """
-    import torch
+    from fastinsight.models.statefiles import non_finite
 
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    for name, t in tensors:
-        if not (t.is_floating_point() or t.is_complex()):
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        bad = non_finite(t)
+        if bad is None:
             continue
-        finite = torch.isfinite(t)
-        if bool(finite.all()):
-            continue
-        bad = t[~finite]
-        kinds = "/".join(
-            n for n, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any())) if bool(hit)
-        )
+        count, kinds = bad
         if precision == "fp16":
             raise CheckpointError(
-                f"{what}: weight {name!r} holds {int(bad.numel())} values beyond float16's range "
+                f"{what}: weight {name!r} holds {count} values beyond float16's range "
                 f"(|x| > 65504, {kinds} in fp16); nothing was exported: export with "
                 "--precision fp32"
             )
         raise CheckpointError(
-            f"{what}: weight {name!r} holds {int(bad.numel())} non-finite values ({kinds}); "
+            f"{what}: weight {name!r} holds {count} non-finite values ({kinds}); "
             "nothing was exported: the weights are damaged or the training diverged, export "
             "an earlier checkpoint"
         )

@@ -21,6 +21,7 @@ from fastinsight.errors import CheckpointError, FastInsightError
 from fastinsight.inputs import check_input_path
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
+from fastinsight.models.statefiles import non_finite
 from fastinsight.text import dumps_json
 from fastinsight.train.config import TrainConfig
 
@@ -217,16 +218,9 @@ def _check_finite_tensors(tensors: Mapping[Any, Any], where: str, path: Path) ->
     for key, value in tensors.items():
         if not isinstance(value, Tensor):
             raise _damaged(path, f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
-        if value.is_floating_point() or value.is_complex():
-            finite = torch.isfinite(value)
-            if not bool(finite.all()):
-                bad = value[~finite]
-                kinds = "/".join(
-                    n for n, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any())) if hit
-                )
-                raise _damaged(
-                    path, f"{where}[{key!r}] holds {int(bad.numel())} non-finite values ({kinds})"
-                )
+        bad = non_finite(value)
+        if bad is not None:
+            raise _damaged(path, f"{where}[{key!r}] holds {bad[0]} non-finite values ({bad[1]})")
 
 
 def _check_state_layout(state: Mapping[str, Any], path: Path) -> None:

@@ -182,6 +182,7 @@ class _Planted:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_foreign_pickle_is_never_run(trained, tmp_path: Path) -> None:
     bags, _ = trained
     out = _copy_run(trained, tmp_path)
@@ -292,3 +293,93 @@ def test_cli_resume_from_a_poisoned_state_is_one_line_exit_3(tmp_path: Path, cap
     path.write_bytes(path.read_bytes()[:100])
     proc = run_main(capsys, "train", *common, "--epochs", "2", "--val-fraction", "0.34", "--resume")
     assert "cannot read training state" in assert_one_error_line(proc, 3)
+
+
+# -- the radiograph trainer's resume state (``train_radiograph_model(state_path=...)``) ----------
+def _tiny_pylon():
+    from fastinsight.models.pylon import PylonConfig, PylonModel
+
+    torch.manual_seed(0)
+    return PylonModel(PylonConfig(num_classes=2, stem_width=4, layers=(1, 1, 1, 1), dec_channels=4))
+
+
+@pytest.fixture(scope="module")
+def radiograph_run(tmp_path_factory: pytest.TempPathFactory):
+    """Two images of 256 px, one epoch: a genuine radiograph training state."""
+    from fastinsight.radiograph.train import RadiographTrainConfig, train_radiograph_model
+
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(4, 1, 256, 256, generator=g), (torch.rand(4, 2, generator=g) > 0.5).float())
+    train, val = (data[0][:3], data[1][:3]), (data[0][3:], data[1][3:])
+    cfg = RadiographTrainConfig(epochs=1, batch_size=3, lr=1e-2, seed=5)
+    state = tmp_path_factory.mktemp("radiograph") / "train.state"
+    torch.set_num_threads(1)
+    train_radiograph_model(_tiny_pylon(), train, val, cfg, state_path=state)
+    return train, val, cfg, state
+
+
+def _radiograph_resume_fails(run, tmp_path: Path, edit, match: str) -> None:
+    from fastinsight.radiograph.train import train_radiograph_model
+
+    train, val, cfg, genuine = run
+    state = tmp_path / "train.state"
+    state.write_bytes(genuine.read_bytes())
+    edit(state)
+    before = _digest(state)
+    with pytest.raises(CheckpointError, match=match) as info:
+        train_radiograph_model(_tiny_pylon(), train, val, cfg, state_path=state)
+    assert "\n" not in str(info.value) and _digest(state) == before
+
+
+def _rewrite(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        saved = torch.load(path, weights_only=True)
+        change(saved)
+        torch.save(saved, path)
+
+    return edit
+
+
+def _poison_first(where: str, value: float) -> Callable[[dict[str, Any]], None]:
+    def change(saved: dict[str, Any]) -> None:
+        t = next(v for v in saved[where].values() if v.is_floating_point())
+        t.view(-1)[0] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_rewrite(_poison_first("model", float("nan"))), r"model\[.*1 non-finite values \(NaN\)"),
+        (_rewrite(_poison_first("best_model", float("inf"))), r"best_model\[.*\(inf\)"),
+        (
+            _rewrite(
+                lambda s: (
+                    s["optimizer"]["state"][0]["exp_avg"].view(-1).__setitem__(0, float("nan"))
+                )
+            ),
+            r"optimizer\['state'\]\[0\]\['exp_avg'\] holds 1 non-finite",
+        ),
+        (lambda p: p.write_bytes(p.read_bytes()[:300]), "cannot read training state"),
+        (lambda p: torch.save(_tiny_pylon().state_dict(), p), "not a radiograph training state"),
+        (_rewrite(lambda s: s.update(epoch="2")), "'epoch' is a str"),
+        (
+            _rewrite(lambda s: s["model"].update({"net.extra": torch.zeros(1)})),
+            "model is for another model",
+        ),
+    ],
+    ids=["nan-weights", "inf-best", "nan-moment", "truncated", "plain-state-dict", "type", "keys"],
+)
+def test_radiograph_resume_state_is_checked(radiograph_run, tmp_path: Path, edit, match) -> None:
+    _radiograph_resume_fails(radiograph_run, tmp_path, edit, match)
+
+
+def test_radiograph_resume_from_a_fifo_does_not_block(radiograph_run, tmp_path: Path) -> None:
+    from fastinsight.radiograph.train import train_radiograph_model
+
+    train, val, cfg, _ = radiograph_run
+    state = tmp_path / "fifo.state"
+    os.mkfifo(state)
+    with pytest.raises(CheckpointError, match="named pipe"):
+        train_radiograph_model(_tiny_pylon(), train, val, cfg, state_path=state)
