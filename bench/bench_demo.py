@@ -8,22 +8,15 @@ The README quotes the demo's numbers from this file.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_slide import device_name, git_rev  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
 
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "fastinsight",
     "slides",
@@ -39,9 +32,8 @@ FIELDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastinsight import __version__
     from fastinsight.demo import run_demo
-    from fastinsight.pipeline import resolve_device
+    from fastinsight.predict.slide import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default=None)
@@ -52,11 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(tmp) / "demo", device=args.device, progress=False, log=lambda _: None
         )
     row = {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": git_rev(),
-        "device": device_name(resolve_device(args.device)),
-        "torch": torch.__version__,
-        "fastinsight": __version__,
+        **run_stamp(resolve_device(args.device)),
+        **versions("torch", "fastinsight"),
         "slides": report["train"]["slides"] + len(report["slides"]),
         "held_out": len(report["slides"]),
         "epochs": report["train"]["epochs_run"],
@@ -67,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_s": report["seconds"]["train"],
         "total_s": report["seconds"]["total"],
     }
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    out = append_rows(args.csv, FIELDS, [row])
     print(
         f"{row['device']}: AUC {row['auc']}, Dice {row['dice_mean']} +- {row['dice_sd']}, "
         f"{row['total_s']} s -> {out}"

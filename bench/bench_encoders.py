@@ -21,12 +21,7 @@ The CSV is written after every row.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,11 +29,11 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
+
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "timm",
     "fastinsight",
@@ -59,25 +54,6 @@ FULL_MODELS = ("uni", "uni2-h", "virchow2", "h-optimus-0", "prov-gigapath", "din
 FULL_BATCHES = (64, 256)
 SMOKE_MODELS = ("vit-tiny", "dinov2-tiny", "resnet-tiny")
 SMOKE_BATCHES = (2,)
-
-
-def git_rev() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def vit_flops(enc: Any, batch: int) -> float:
@@ -118,15 +94,7 @@ def time_ms(fn: Any, device: torch.device, warmup: int, reps: int) -> float:
 
 
 def write_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_rows(path, FIELDS, [row])
 
 
 def build(name: str, device: torch.device, smoke: bool) -> Any:
@@ -153,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions")
     args = parser.parse_args(argv)
 
-    import timm
-
-    import fastinsight
     from fastinsight.encoders import compile_encoder
 
     device = torch.device(
@@ -166,14 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.smoke else 10)
     warmup = 1 if args.smoke else 3
     out = args.csv or (REPO / "bench" / "results" / "encoders.csv")
-    base = {
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_rev": git_rev(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "fastinsight": getattr(fastinsight, "__version__", "unknown"),
-    }
+    base = {**run_stamp(device), **versions("torch", "timm", "fastinsight")}
     modes = ["eager"] if args.no_compile or device.type != "cuda" else ["eager", "compiled"]
     if args.smoke and not args.no_compile:
         modes = ["eager", "compiled"]  # compiled with the eager backend: the wiring, in seconds

@@ -21,11 +21,6 @@ JPEG decoder may differ by 1 level).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
+
 SLIDES = REPO.parent / "shared" / "data" / "slides"
 SHARED = [
     "CMU-1-Small-Region.svs",
@@ -43,9 +40,7 @@ SHARED = [
 ]
 LARGE = "60000x40000"
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "python",
     "openslide",
     "tifffile",
@@ -64,29 +59,7 @@ FIELDS = [
 ]
 
 
-def git_rev() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def versions() -> dict[str, str]:
-    import imagecodecs
-    import openslide
-    import tifffile
-
-    return {
-        "python": platform.python_version(),
-        "openslide": str(openslide.__library_version__),
-        "tifffile": tifffile.__version__,
-        "imagecodecs": imagecodecs.__version__,
-    }
+READER_VERSIONS = ("python", "openslide", "tifffile", "imagecodecs")
 
 
 def make_large_pyramid(path: Path, width: int, height: int) -> Path:
@@ -219,21 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{time.perf_counter() - t0:.1f} s"
             )
         slides.append(large)
-    common = {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": git_rev(),
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        **versions(),
-    }
-    writer = None
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.csv.exists() or args.csv.stat().st_size == 0
-        fh = open(args.csv, "a", newline="")  # noqa: SIM115 - closed at exit
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-            fh.flush()
+    common = {**run_stamp("cpu"), **versions(*READER_VERSIONS)}
     print(f"{'slide':32s} {'reader':9s} {'mode':6s} thr  tiles/s  /thread  cpu ms/tile  x os  diff")
     for slide in slides:
         for mode in ("region", "tile"):
@@ -271,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['max_abs_diff_vs_openslide']!s:>4}",
                         flush=True,
                     )
-                    if writer is not None:
-                        writer.writerow({**common, **row})
-                        fh.flush()  # each step is on disk as soon as it ends
+                    if args.csv:  # each step is on disk as soon as it ends
+                        append_rows(args.csv, FIELDS, [{**common, **row}])
     return 0
 
 

@@ -1,6 +1,6 @@
 """End-to-end slide benchmark: tiles/s and where the wall time goes.
 
-Runs ``fastinsight.pipeline.predict_slide`` with per-stage synchronisation (``profile=True``) and
+Runs ``fastinsight.predict.slide.predict_slide`` with per-stage synchronisation (``profile=True``) and
 records read (time the GPU waited for tiles), transfer, encoder, head, threshold+pool and write,
 the tiles/s, and the fraction of wall time spent outside the encoder. One CSV row per run, with
 the device name, versions and git revision, appended to ``bench/results/slide.csv``.
@@ -12,10 +12,6 @@ the device name, versions and git revision, appended to ``bench/results/slide.cs
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,12 +19,21 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    REPO,
+    STAMP_FIELDS,
+    append_rows,
+    device_name,
+    git_rev,
+    run_stamp,
+    versions,
+)
+
+__all__ = ["device_name", "git_rev", "main", "run_once"]  # device_name, git_rev: older imports
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "fastinsight",
     "slide",
@@ -52,27 +57,8 @@ FIELDS = [
 ]
 
 
-def git_rev() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def run_once(args: argparse.Namespace, model, encoder, out_dir: Path) -> dict[str, object]:
-    from fastinsight import __version__
-    from fastinsight.pipeline import PredictOptions, predict_slide
+    from fastinsight.predict.slide import PredictOptions, predict_slide
 
     opts = PredictOptions(
         device=args.device,
@@ -91,11 +77,8 @@ def run_once(args: argparse.Namespace, model, encoder, out_dir: Path) -> dict[st
     wall = t["total"] + t["write"]
     dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": git_rev(),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "fastinsight": __version__,
+        **run_stamp(dev),
+        **versions("torch", "fastinsight"),
         "slide": Path(args.slide).name,
         "encoder": encoder.name,
         "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32",
@@ -153,18 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     rows = []
+    out = Path(args.csv)
     with tempfile.TemporaryDirectory() as tmp:
         run_once(args, model, encoder, Path(tmp))  # warm-up: kernels, allocator, file cache
         for _ in range(args.repeat):
             rows.append(run_once(args, model, encoder, Path(tmp)))
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+            append_rows(out, FIELDS, rows[-1:])  # on disk as soon as the run ends
     for r in rows:
         print(
             f"{r['device']}: {r['tiles']} tiles, {r['tiles_per_s']} tiles/s, "

@@ -12,8 +12,6 @@ with device, versions and git revision.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -21,14 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_slide import device_name, git_rev  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import REPO, STAMP_FIELDS, append_rows, run_stamp, versions  # noqa: E402
 
 FIELDS = [
-    "timestamp",
-    "git_rev",
-    "device",
+    *STAMP_FIELDS,
     "torch",
     "fastinsight",
     "encoder",
@@ -47,18 +42,7 @@ FIELDS = [
 ]
 
 
-def append_row(path: Path, row: dict[str, object]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from fastinsight import __version__
     from fastinsight.models.config import InsightConfig
     from fastinsight.volume.io import Volume
     from fastinsight.volume.model import build_volume_model
@@ -104,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         enc = float(np.median([tm["encode"] for _, tm in times]))
         ins = float(np.median([tm["insight"] for _, tm in times]))
         row = {
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_rev": git_rev(),
-            "device": device_name(dev),
-            "torch": torch.__version__,
-            "fastinsight": __version__,
+            **run_stamp(dev),
+            **versions("torch", "fastinsight"),
             "encoder": enc_name,
             "tile_px": tile,
             "grid": f"{grid[0]}x{grid[1]}",
@@ -123,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "slices_per_s": round(shape[2] / max(enc, 1e-9), 2),
             "s_per_volume": round(total, 4),
         }
-        append_row(Path(args.csv), row)
+        append_rows(args.csv, FIELDS, [row])
         print(f"{ctx}: {row['slices_per_s']} slices/s, {row['s_per_volume']} s per volume")
     return 0
 

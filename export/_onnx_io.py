@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fastinsight.atomic import check_writable
-from fastinsight.errors import BackendError, OutputError
+from fastinsight.errors import BackendError, CheckpointError, OutputError
 
 # ONNX TensorProto element types by name (the subset a model of fastinsight can carry).
 ONNX_TYPE_NAMES = {
@@ -35,6 +35,67 @@ def require_onnx() -> None:
         import onnx  # noqa: F401
     except ImportError as exc:
         raise BackendError("ONNX export needs onnx; pip install 'fastinsight[export]'") from exc
+
+
+def check_finite_weights(module: Any, what: str, *, precision: str = "") -> None:
+    """Refuse to export ``module`` if a floating parameter or buffer holds NaN or inf.
+
+    A NaN weight turns every score the served graph returns into NaN (an inf weight does after
+    one multiplication by zero), and onnxruntime and TensorRT run it without complaint, so the
+    file would look fine until a server answers NaN. ``precision`` ("fp16") says the module was
+    cast for export: a finite float32 weight beyond float16's range (65504) became inf there.
+    Raises ``CheckpointError`` naming the first bad tensor, before any file is written.
+    """
+    import torch
+
+    from fastinsight.models.statefiles import non_finite
+
+    if not isinstance(module, torch.nn.Module):
+        return  # not a model: the export's own contract check names what is missing
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        bad = non_finite(t)
+        if bad is None:
+            continue
+        count, kinds = bad
+        if precision == "fp16":
+            raise CheckpointError(
+                f"{what}: weight {name!r} holds {count} values beyond float16's range "
+                f"(|x| > 65504, {kinds} in fp16); nothing was exported: export with "
+                "--precision fp32"
+            )
+        raise CheckpointError(
+            f"{what}: weight {name!r} holds {count} non-finite values ({kinds}); "
+            "nothing was exported: the weights are damaged or the training diverged, export "
+            "an earlier checkpoint"
+        )
+
+
+def check_onnx_initializers_finite(onnx_path: str | os.PathLike[str]) -> None:
+    """Refuse an ONNX file whose floating initializers (its weights) hold NaN or inf.
+
+    Only initializers are weights: ``Constant`` nodes may legitimately be +-inf (the masked
+    minimum and maximum of the Otsu threshold start from them). Raises ``CheckpointError``
+    naming the first bad initializer (``InputError`` is not used: the graph is a model file).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read ONNX file {str(onnx_path)!r}: {exc}") from None
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind not in "fc":
+            continue
+        finite = np.isfinite(arr)
+        if not bool(finite.all()):
+            raise CheckpointError(
+                f"ONNX file {str(onnx_path)!r}: weight {init.name!r} holds "
+                f"{int((~finite).sum())} non-finite values (NaN/inf); nothing was built: "
+                "export the graph again from a checkpoint with finite weights"
+            )
 
 
 @dataclass(frozen=True)

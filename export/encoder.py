@@ -85,7 +85,7 @@ def export_encoder_onnx(
     """Export ``encoder`` (a ``fastinsight.encoders.Encoder``) to ``out_path`` atomically."""
     from fastinsight.atomic import check_writable
 
-    from ._onnx_io import finalize_and_save
+    from ._onnx_io import check_finite_weights, finalize_and_save
     from .head import FORBIDDEN_OPS
 
     check_writable(out_path)
@@ -103,7 +103,10 @@ def export_encoder_onnx(
         raise BackendError(
             "ONNX export needs onnx and onnxscript; pip install 'fastinsight[export]'"
         ) from exc
+    name = getattr(encoder, "name", type(encoder).__name__)
+    check_finite_weights(encoder, f"encoder {name!r}")
     wrapper = EncoderOnnx(encoder, PRECISIONS[precision])
+    check_finite_weights(wrapper.encoder, f"encoder {name!r}", precision=precision)
     t = int(encoder.tile_size_px)  # type: ignore[arg-type]
     example = (torch.randint(0, 256, (2, t, t, 3), dtype=torch.uint8),)
     batch = torch.export.Dim("B", min=1, max=1 << 20)
@@ -119,7 +122,6 @@ def export_encoder_onnx(
             optimize=True,
             verbose=False,
         )
-    name = getattr(encoder, "name", type(encoder).__name__)
     if program is None:
         raise BackendError("torch.onnx.export returned no program; upgrade torch and onnxscript")
     return finalize_and_save(

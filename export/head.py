@@ -230,7 +230,13 @@ def _check_exportable(model: InsightModel, options: HeadExportOptions) -> None:
 
 
 def build_head_program(model: InsightModel, options: HeadExportOptions) -> object:
-    """Trace the head with ``torch.onnx.export(dynamo=True)``; returns the ``ONNXProgram``."""
+    """Trace the head with ``torch.onnx.export(dynamo=True)``; returns the ``ONNXProgram``.
+
+    Refuses (``CheckpointError``, naming the tensor) weights that are NaN/inf, or that overflow
+    float16 in an fp16 export, before tracing.
+    """
+    from ._onnx_io import check_finite_weights
+
     _check_exportable(model, options)
     try:
         import onnxscript  # noqa: F401
@@ -239,10 +245,12 @@ def build_head_program(model: InsightModel, options: HeadExportOptions) -> objec
             "ONNX export needs onnx and onnxscript; pip install 'fastinsight[export]'"
         ) from exc
     cfg = model.config
+    check_finite_weights(model, "INSIGHT model")
     wrapper = InsightOnnxHead(model, options).eval().to("cpu", options.dtype)
     # Parameters used by threshold/pooling stay float32 whatever the io precision.
     if cfg.pooling == "lse_lba":
         wrapper.model.pooling.float()
+    check_finite_weights(wrapper.model, "INSIGHT model", precision=options.precision)
     n_dim = torch.export.Dim("N", min=1, max=1 << 24)
     dyn_tokens: dict[int, object] = {0: n_dim}
     if cfg.context == "slide" or cfg.norm == "channel":

@@ -66,7 +66,7 @@ def export_radiograph_onnx(
     model: Any, out_path: str | os.PathLike[str], *, opset: int = 18, check: bool = True
 ) -> Path:
     """Write ``model`` as ONNX (atomically); returns the path."""
-    from fastinsight.export._onnx_io import finalize_and_save
+    from fastinsight.export._onnx_io import check_finite_weights, finalize_and_save
 
     if getattr(model, "modality", None) != "radiograph":
         raise InputError(f"{type(model).__name__} is not a radiograph model (PYLON or multires)")
@@ -76,6 +76,7 @@ def export_radiograph_onnx(
         raise BackendError(
             "ONNX export needs onnx and onnxscript; pip install 'fastinsight[export]'"
         ) from exc
+    check_finite_weights(model, f"{model.family} model")
     model = model.to("cpu").eval()
     s = int(model.config.image_size)
     example = (torch.zeros(2, model.config.in_channels, s, s),)

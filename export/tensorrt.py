@@ -34,6 +34,8 @@ import numpy as np
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import BackendError, InputError, OutputError, ParityError
 
+from ._onnx_io import check_onnx_initializers_finite
+
 DEFAULT_WORKSPACE = 4 << 30
 
 
@@ -252,6 +254,7 @@ def build_engine(
     if not onnx_file.is_file():
         raise InputError(f"ONNX file {str(onnx_file)!r} does not exist; export it first")
     check_tile_range(min_tiles, opt_tiles, max_tiles)
+    check_onnx_initializers_finite(onnx_file)  # a NaN weight builds fine and serves NaN
     trt = require_tensorrt()
     import torch
 

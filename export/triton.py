@@ -52,7 +52,7 @@ from typing import Any
 from fastinsight.errors import BackendError, InputError, OutputError
 from fastinsight.models.insight import InsightModel
 
-from ._onnx_io import TensorSpec, graph_io
+from ._onnx_io import TensorSpec, check_finite_weights, graph_io
 from .head import HeadExportOptions
 
 HEAD = "insight_head"
@@ -373,6 +373,11 @@ def write_triton_repo(
     kind = INSTANCE_KINDS[instance_kind]
     target = Path(out_dir).expanduser().absolute()
     tile_context = model.config.context == "tile"
+    # Before any folder exists: a NaN weight would be caught inside the export too, but only
+    # after the temporary repository was made (and removed).
+    check_finite_weights(model, "INSIGHT model")
+    if encoder is not None:
+        check_finite_weights(encoder, f"encoder {getattr(encoder, 'name', '?')!r}")
 
     with (
         tempfile.TemporaryDirectory(prefix="fastinsight-triton-") as work_name,
@@ -516,6 +521,7 @@ def write_radiograph_triton_repo(
         )
     name = radiograph_model_name(model)
     target = Path(out_dir).expanduser().absolute()
+    check_finite_weights(model, f"{model.family} model")
     with (
         tempfile.TemporaryDirectory(prefix="fastinsight-triton-") as work_name,
         _atomic_dir(target, overwrite) as root,

@@ -685,8 +685,13 @@ def _check_patches_match(
 def find_feature_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """Feature files of a folder by slide id (the file stem). Shapes: n/a.
 
-    A CLAM features folder may be given as its root (``h5_files/`` is used).
+    A CLAM features folder may be given as its root (``h5_files/`` is used). A stem whose bytes
+    are not UTF-8 (``b"slide\\xff.h5"`` on Linux) gets the id ``fastinsight.text.clean_text``
+    makes of it, the byte written as the four characters ``\\xff``: that is how the id appears
+    in every CSV and JSON fastinsight writes, and how a labels CSV names that slide.
     """
+    from fastinsight.text import clean_text
+
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise InputError(f"features folder {str(root)!r} does not exist or is not a folder")
@@ -698,12 +703,13 @@ def find_feature_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for f in sorted(root.iterdir()):
         if f.is_file() and f.suffix.lower() in H5_SUFFIXES and not f.name.startswith("."):
-            if f.stem in found:
+            sid = clean_text(f.stem)
+            if sid in found:
                 raise InputError(
-                    f"two feature files for slide {f.stem!r} in {str(root)!r} "
-                    f"({found[f.stem].name}, {f.name}); keep one"
+                    f"two feature files for slide {sid!r} in {str(root)!r} "
+                    f"({clean_text(found[sid].name)}, {clean_text(f.name)}); keep one"
                 )
-            found[f.stem] = f
+            found[sid] = f
     if not found:
         raise InputError(
             f"no .h5 feature files in {str(root)!r}; pass the folder holding <slide_id>.h5 files"

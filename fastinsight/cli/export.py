@@ -179,6 +179,7 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tensorrt(args: argparse.Namespace) -> int:
+    from fastinsight.export._onnx_io import check_onnx_initializers_finite
     from fastinsight.export.tensorrt import (
         build_engine,
         check_engine,
@@ -186,15 +187,17 @@ def run_tensorrt(args: argparse.Namespace) -> int:
         tensorrt_status,
     )
 
-    reason = tensorrt_status()
-    if reason is not None:
-        # One plain line, no traceback (the CLI prints it): the machine cannot build engines.
-        raise BackendError(reason)
+    # The inputs first (cheap, and what the user can fix anywhere), then the machine.
     check_tile_range(args.min_tiles, args.opt_tiles, args.max_tiles)
     if not Path(args.onnx).is_file():
         raise InputError(f"ONNX file {args.onnx!r} does not exist; export it first")
     if args.workspace <= 0:
         raise InputError(f"--workspace must be > 0 GiB, got {args.workspace}")
+    check_onnx_initializers_finite(args.onnx)
+    reason = tensorrt_status()
+    if reason is not None:
+        # One plain line, no traceback (the CLI prints it): the machine cannot build engines.
+        raise BackendError(reason)
     info = build_engine(
         args.onnx,
         args.out,

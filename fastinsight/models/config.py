@@ -206,14 +206,24 @@ def class_name_problem(name: str) -> str | None:
 
     A class name becomes part of file names (``--all-classes`` writes ``OUT_STEM.<class>.tif``),
     JSON keys, CSV headers and TIFF descriptions, so it must be usable as one path component on
-    Linux, macOS and Windows: not empty, no ``/ \\ < > : " | ? *``, no control characters,
+    Linux, macOS and Windows: not empty, no ``/ \\ < > : " | ? *``, no control characters, no
+    lone surrogates (undecodable bytes: no UTF-8 file, JSON or TIFF tag can hold them),
     not ``.``/``..``, no leading or trailing space or trailing dot, not a Windows device name
     (CON, NUL, COM1, ...), at most 100 bytes as UTF-8. Letters of any script are fine.
     """
     if not name:
         return "a class name is empty"
+    if any(unicodedata.category(c) == "Cs" for c in name):
+        return (
+            f"class name {name!r} holds bytes that are not UTF-8 (lone surrogates, from an "
+            "undecodable file name), which no UTF-8 CSV, JSON or TIFF tag can store"
+        )
     bad = sorted(
-        {c for c in name if c in _FORBIDDEN_CHARS or unicodedata.category(c) in ("Cc", "Zl", "Zp")}
+        {
+            c
+            for c in name
+            if c in _FORBIDDEN_CHARS or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")
+        }
     )
     if bad:
         return f"class name {name!r} contains {bad!r}, which file names cannot hold"

@@ -30,29 +30,26 @@ is re-implemented here).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError
-from fastinsight.models.config import class_name_problems
-from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
-from fastinsight.models.pylon import (
+from fastinsight.models.radiograph_common import (
     FAMILY_KEY,
-    NIH14_CLASSES,
+    RadiographConfig,
     RadiographPrediction,
     check_input_side,
-    load_state_checked,
+    model_from_metadata,
+    read_family_safetensors,
+    ready,
+    save_radiograph_model,
 )
-from fastinsight.models.statefiles import read_safetensors
 from fastinsight.ops.pooling import lse_lba
 
 FAMILY = "multires"
@@ -60,7 +57,7 @@ Upsample = Literal["nearest", "bilinear"]
 
 
 @dataclass(frozen=True)
-class MultiResConfig:
+class MultiResConfig(RadiographConfig):
     """Geometry, widths and pooling of the multi-resolution LSE-LBA network."""
 
     num_classes: int = 14
@@ -77,6 +74,8 @@ class MultiResConfig:
     mean: float = 0.4984
     std: float = 0.2483
     class_names: tuple[str, ...] = ()
+    FAMILY: ClassVar[str] = FAMILY
+    LABEL: ClassVar[str] = "multi-resolution"
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,35 +89,9 @@ class MultiResConfig:
             problems.append(f"r0 must be >= 0, got {self.r0}")
         if self.image_size < 64 or self.image_size % 64:
             problems.append(f"image_size must be a multiple of 64, got {self.image_size}")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
-        # --all-classes writes one file per class: names must be safe in file names (#16 class 1).
-        problems += class_name_problems(tuple(self.class_names))
+        problems += self.class_problems()
         if problems:
             raise CheckpointError("invalid multi-resolution config: " + "; ".join(problems))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        if self.class_names:
-            return self.class_names
-        if self.num_classes == len(NIH14_CLASSES):
-            return NIH14_CLASSES
-        return tuple(f"class_{k}" for k in range(self.num_classes))
-
-    def to_json(self) -> str:
-        return json.dumps({"family": FAMILY, **dataclasses.asdict(self)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> MultiResConfig:
-        raw: dict[str, Any] = json.loads(text)
-        if raw.pop("family", None) != FAMILY:
-            raise CheckpointError("the embedded config is not a multi-resolution config")
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise CheckpointError(f"multi-resolution config has unknown fields {unknown}")
-        if "class_names" in raw:
-            raw["class_names"] = tuple(raw["class_names"])
-        return cls(**raw)
 
 
 class ResBlock(nn.Module):
@@ -280,9 +253,9 @@ def accepts_multires_file(ckpt: Any) -> bool:
 def load_multires_file(ckpt: Any, backend: str = "auto") -> MultiResModel:
     if ckpt.format == "torch":
         return multires_from_state_dict(ckpt.state, str(ckpt.path))
-    model = MultiResModel(MultiResConfig.from_json(ckpt.metadata.get(CONFIG_KEY, "")))
-    load_state_checked(model, ckpt.state, str(ckpt.path))
-    return model
+    return model_from_metadata(
+        MultiResModel, MultiResConfig, ckpt.metadata, ckpt.state, str(ckpt.path)
+    )
 
 
 def load_multires(
@@ -290,30 +263,13 @@ def load_multires(
 ) -> MultiResModel:
     """Load a fastinsight multi-resolution ``.safetensors`` (config embedded)."""
     p = Path(path).expanduser()
-    meta, state = read_safetensors(p)
-    if meta.get(FAMILY_KEY) != FAMILY or CONFIG_KEY not in meta:
-        raise CheckpointError(
-            f"{str(p)!r} is not a fastinsight multi-resolution model (family "
-            f"{meta.get(FAMILY_KEY)!r})"
-        )
-    model = MultiResModel(MultiResConfig.from_json(meta[CONFIG_KEY]))
-    load_state_checked(model, state, str(p))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    meta, state = read_family_safetensors(p, MultiResConfig)
+    return ready(model_from_metadata(MultiResModel, MultiResConfig, meta, state, str(p)), device)
 
 
 def save_multires(model: MultiResModel, path: str | os.PathLike[str]) -> None:
     """Write safetensors with the config embedded (atomically)."""
-    from safetensors.torch import save_file
-
-    state = {
-        k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()).contiguous()
-        for k, v in model.state_dict().items()
-    }
-    meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION, FAMILY_KEY: FAMILY}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_radiograph_model(model, path)
 
 
 __all__ = [

@@ -30,52 +30,38 @@ refused naming its first offending key.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
-from fastinsight.models.config import class_name_problems
-from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
-from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
+from fastinsight.models.radiograph_common import (
+    FAMILY_KEY,
+    NIH14_CLASSES,
+    RadiographConfig,
+    RadiographPrediction,
+    check_input_side,
+    load_state_checked,
+    model_from_metadata,
+    read_family_safetensors,
+    ready,
+    save_radiograph_model,
+)
+from fastinsight.models.statefiles import read_torch_state_dict
 
 UpType = Literal["1layer", "2layer"]
-FAMILY_KEY = "fastinsight.family"
 FAMILY = "pylon"
 SIDE_MULTIPLE = 256
 
-# ChestX-ray14 (NIH) finding names in the data set's conventional order. The order of the
-# released PYLON head is not stated in a file we could read [UNVERIFIED]; pass class names
-# explicitly when it matters.
-NIH14_CLASSES: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-
 
 @dataclass(frozen=True)
-class PylonConfig:
+class PylonConfig(RadiographConfig):
     """PYLON's architecture and its input transform; the defaults are the released NIH model.
 
     ``stem_width`` / ``layers`` / ``dec_channels`` give reduced variants of the same topology
@@ -94,6 +80,9 @@ class PylonConfig:
     mean: float = 0.4984
     std: float = 0.2483
     class_names: tuple[str, ...] = ()
+    FAMILY: ClassVar[str] = FAMILY
+    LABEL: ClassVar[str] = "PYLON"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("layers", "class_names")
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,41 +98,9 @@ class PylonConfig:
             problems.append(f"image_size must be a multiple of 256, got {self.image_size}")
         if not self.std > 0:
             problems.append(f"std must be > 0, got {self.std}")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
-        # --all-classes writes one file per class: names must be safe in file names (#16 class 1).
-        problems += class_name_problems(tuple(self.class_names))
+        problems += self.class_problems()
         if problems:
             raise CheckpointError("invalid PYLON config: " + "; ".join(problems))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Class names: the configured ones, NIH-14 for a 14-class model, else ``class_k``."""
-        if self.class_names:
-            return self.class_names
-        if self.num_classes == len(NIH14_CLASSES):
-            return NIH14_CLASSES
-        return tuple(f"class_{k}" for k in range(self.num_classes))
-
-    def to_json(self) -> str:
-        return json.dumps({"family": FAMILY, **dataclasses.asdict(self)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PylonConfig:
-        try:
-            raw: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"PYLON config is not valid JSON: {exc}") from None
-        if raw.pop("family", None) != FAMILY:
-            raise CheckpointError("the embedded config is not a PYLON config (family != 'pylon')")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise CheckpointError(f"PYLON config has unknown fields {unknown}; upgrade fastinsight")
-        for key in ("layers", "class_names"):
-            if key in raw:
-                raw[key] = tuple(raw[key])
-        return cls(**raw)
 
 
 # ============================================================================== building blocks
@@ -302,34 +259,6 @@ class PylonCore(nn.Module):
         return self.segmentation_head(self.decoder(*self.encoder(x)))
 
 
-@dataclass(frozen=True)
-class RadiographPrediction:
-    """``logits``: the CAM ``[B, K, h, w]``; ``scores``: image probabilities ``[B, K]``."""
-
-    logits: Tensor
-    scores: Tensor
-
-    @property
-    def probabilities(self) -> Tensor:
-        """``sigmoid(logits)``: the map the official point-localisation metric upsamples."""
-        return torch.sigmoid(self.logits)
-
-
-def check_input_side(x: Tensor, multiple: int, model: str) -> None:
-    """Raise InputError unless ``x`` is float ``[B, C, H, W]`` with H, W multiples of ``multiple``."""
-    if x.ndim != 4:
-        raise InputError(f"{model} expects a tensor [B, C, H, W]; got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise InputError(f"{model} expects a normalised float tensor; got {x.dtype}")
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if h < multiple or w < multiple or h % multiple or w % multiple:
-        raise InputError(
-            f"{model} needs image sides that are multiples of {multiple} px; got {h} x {w}; "
-            f"resize to {max(multiple, round(h / multiple) * multiple)} px (the model's "
-            "image_size) first"
-        )
-
-
 class PylonModel(nn.Module):
     """PYLON with the official parameter names (``net.encoder…``, ``net.decoder…``)."""
 
@@ -415,35 +344,6 @@ def config_from_state_dict(state: dict[str, Tensor], source: str = "state_dict")
     )
 
 
-def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` only if every key matches ``model`` by name, shape and kind of dtype.
-
-    The first offending key (in the file's order, then missing ones) is named; nothing is loaded
-    before all keys have been checked.
-    """
-    expected = model.state_dict()
-    for key, got in state.items():
-        if key not in expected:
-            raise CheckpointError(f"{source}: unexpected key {key!r} for this architecture")
-        ref = expected[key]
-        if not isinstance(got, Tensor):
-            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}"
-            )
-        if ref.is_floating_point() != got.is_floating_point():
-            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected {ref.dtype}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise CheckpointError(f"{source}: {key!r} holds NaN or infinite values")
-    for key in expected:
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r}")
-    model.load_state_dict(
-        {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True
-    )
-
-
 def is_pylon_state_dict(state: dict[str, Any]) -> bool:
     """True when the keys look like PYLON's (for a family sniffer)."""
     return "net.segmentation_head.0.weight" in state and "net.decoder.pa.mid.0.conv.weight" in state
@@ -483,17 +383,9 @@ def load_pylon(
     if _sniff(p) == "torch":
         model = pylon_from_state_dict(read_torch_state_dict(p), str(p))
     else:
-        meta, state = read_safetensors(p)
-        if CONFIG_KEY not in meta or meta.get(FAMILY_KEY) != FAMILY:
-            raise CheckpointError(
-                f"{str(p)!r} is not a fastinsight PYLON safetensors file (metadata "
-                f"{FAMILY_KEY!r} = {meta.get(FAMILY_KEY)!r}, expected 'pylon')"
-            )
-        model = PylonModel(PylonConfig.from_json(meta[CONFIG_KEY]))
-        load_state_checked(model, state, str(p))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+        meta, state = read_family_safetensors(p, PylonConfig)
+        model = model_from_metadata(PylonModel, PylonConfig, meta, state, str(p))
+    return ready(model, device)
 
 
 def save_pylon(model: PylonModel, path: str | os.PathLike[str]) -> None:
@@ -501,17 +393,7 @@ def save_pylon(model: PylonModel, path: str | os.PathLike[str]) -> None:
 
     BatchNorm's ``num_batches_tracked`` stays int64, so the file reloads key for key.
     """
-    from safetensors.torch import save_file
-
-    state = {
-        k: (
-            v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-        ).contiguous()
-        for k, v in model.state_dict().items()
-    }
-    meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VERSION, FAMILY_KEY: FAMILY}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_radiograph_model(model, path)
 
 
 __all__ = [
@@ -542,6 +424,4 @@ def load_pylon_file(ckpt: Any, backend: str = "auto") -> PylonModel:
     """Build and strictly load PYLON from an already-read checkpoint (``backend`` is unused)."""
     if ckpt.format == "torch":
         return pylon_from_state_dict(ckpt.state, str(ckpt.path))
-    model = PylonModel(PylonConfig.from_json(ckpt.metadata.get(CONFIG_KEY, "")))
-    load_state_checked(model, ckpt.state, str(ckpt.path))
-    return model
+    return model_from_metadata(PylonModel, PylonConfig, ckpt.metadata, ckpt.state, str(ckpt.path))

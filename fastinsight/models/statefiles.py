@@ -37,6 +37,21 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def non_finite(t: Tensor) -> tuple[int, str] | None:
+    """``(count, "NaN" | "inf" | "NaN/inf")`` of a floating tensor's non-finite values, or None
+    when it has none (or is not floating). The one description every weight check prints."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    bad = t[~finite]
+    kinds = "/".join(
+        n for n, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any())) if hit
+    )
+    return int(bad.numel()), kinds
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     """Metadata and tensors of a safetensors file, or raise CheckpointError."""
     from safetensors import safe_open

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, FastInsightError, InputError
 from fastinsight.radiograph.io import Radiograph, read_radiograph
 from fastinsight.radiograph.preprocess import model_inputs
+from fastinsight.text import ascii_text, clean_text, dumps_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"}
 PATH_COLUMNS = ("path", "image", "Image Index", "file")
@@ -190,7 +190,9 @@ def heatmap_description(result: RadiographResult, k: int, model_name: str) -> st
         f"score: {float(result.scores[k]):.6f}",
         "map: sigmoid(CAM logits) upsampled bilinearly (align_corners=True) to the image size",
     ]
-    return "\n".join(" ".join(line.split()) for line in lines)
+    # A TIFF ASCII tag holds 7-bit text only: image paths, model files and class names in any
+    # script (or with undecodable bytes) are written as \xNN / \uNNNN escapes.
+    return ascii_text("\n".join(" ".join(line.split()) for line in lines))
 
 
 def write_heatmap(
@@ -245,22 +247,39 @@ def write_radiograph_overlay(
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as strict UTF-8 JSON (atomically): undecodable file-name bytes as ``\\xNN``
+    (``fastinsight.text.clean_text``), a non-finite number as ``null`` (an undefined metric)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(
+            dumps_json(obj, "report", nan_as_null=True, indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def write_scores_csv(
     path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], class_names: Sequence[str]
 ) -> None:
-    """One row per image: path, width, height, one score column per class, error."""
+    """One row per image: path, width, height, one score column per class, error.
+
+    UTF-8 whatever the locale. Paths whose bytes are not UTF-8 (``b"chest\\xff.png"``) are written
+    with each such byte as the text ``\\xNN`` (``fastinsight.text.clean_text``); commas, quotes and
+    newlines in paths or error messages are quoted as RFC 4180 says, so ``csv.reader`` reads every
+    field back as written.
+    """
     buf = io.StringIO()
     fields = ["path", "width", "height", *class_names, "error"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in fields})
+        writer.writerow({k: _csv_cell(row.get(k, "")) for k in fields})
     with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
+
+
+def _csv_cell(value: Any) -> Any:
+    """Text cells as valid Unicode (undecodable bytes as ``\\xNN``); numbers as they are."""
+    if isinstance(value, (str, os.PathLike)):
+        return clean_text(os.fspath(value))
+    return value
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

@@ -28,6 +28,8 @@ from torch import Tensor
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.inputs import check_input_path
+from fastinsight.models.statefiles import non_finite
 from fastinsight.ops.pooling import lse_lba
 
 
@@ -78,6 +80,106 @@ def _evaluate_loss(model: Any, x: Tensor, y: Tensor, batch: int, device: torch.d
     return total / len(x)
 
 
+# What ``train_radiograph_model`` writes after every epoch, and the type of each entry.
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "config": (dict,),
+    "model": (dict,),
+    "optimizer": (dict,),
+    "best_model": (dict,),
+    "epoch": (int,),
+    "best_epoch": (int,),
+    "best_val_loss": (float, int),
+    "history": (list,),
+}
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"training state {str(path)!r} is damaged: {what}; it was left as it is: delete it (or "
+        "pass another state_path) to start afresh"
+    )
+
+
+def _read_state(path: Path, cfg: RadiographTrainConfig, device: torch.device) -> dict[str, Any]:
+    """Read a resume state safely (``weights_only``: tensors and plain containers, never code)
+    and check its layout, its settings and that every weight and Adam moment is finite.
+
+    A NaN there survives every later step, so a resumed run would only fail at its first score.
+    """
+    check_input_path(path, "training state", CheckpointError)  # a FIFO would block torch.load
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, another file format
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read training state {str(path)!r} ({first[:200]}); the file is damaged or "
+            "not a radiograph training state: delete it (or pass another state_path)"
+        ) from None
+    if not isinstance(saved, dict) or not set(_STATE_TYPES) <= set(saved):
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(
+            f"{str(path)!r} is not a radiograph training state (expected the keys "
+            f"{sorted(_STATE_TYPES)}, found {found}); pass another state_path"
+        )
+    for key, types in _STATE_TYPES.items():
+        if not isinstance(saved[key], types) or isinstance(saved[key], bool):
+            raise _damaged(path, f"{key!r} is a {type(saved[key]).__name__}")
+    if saved["config"] != asdict(cfg):
+        raise CheckpointError(
+            f"{str(path)!r} was written with other training settings "
+            f"{saved.get('config')}; delete it or use the same settings"
+        )
+    if saved["epoch"] < 0 or saved["best_val_loss"] != saved["best_val_loss"]:
+        raise _damaged(path, f"epoch {saved['epoch']}, best_val_loss {saved['best_val_loss']}")
+    opt_state = saved["optimizer"].get("state")
+    if not isinstance(opt_state, dict):
+        raise _damaged(path, "'optimizer' is not an optimizer state_dict")
+    named = [(f"{w}[{k!r}]", v) for w in ("model", "best_model") for k, v in saved[w].items()]
+    for pid, moments in opt_state.items():
+        if not isinstance(moments, dict):
+            raise _damaged(path, f"optimizer state {pid!r} is not a dict")
+        named += [(f"optimizer['state'][{pid!r}][{k!r}]", v) for k, v in moments.items()]
+    for where, value in named:
+        if not isinstance(value, Tensor):
+            raise _damaged(path, f"{where} is a {type(value).__name__}, not a tensor")
+        bad = non_finite(value)
+        if bad is not None:
+            raise _damaged(path, f"{where} holds {bad[0]} non-finite values ({bad[1]})")
+    return saved
+
+
+def _load_into(saved: dict[str, Any], model: Any, opt: torch.optim.Optimizer, path: Path) -> None:
+    """Load the checked state into ``model`` and ``opt``; a state of another architecture (names,
+    shapes, parameter count) is a CheckpointError, not a traceback."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for where in ("model", "best_model"):
+        got = {k: tuple(v.shape) for k, v in saved[where].items()}
+        if got != shapes:
+            other = sorted(set(got) ^ set(shapes)) or sorted(k for k in got if got[k] != shapes[k])
+            raise CheckpointError(
+                f"cannot resume from {str(path)!r}: its {where} is for another model (first "
+                f"differing keys {other[:3]}); delete it (or pass another state_path)"
+            )
+    try:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: {first[:200]}; delete it (or pass another "
+            "state_path)"
+        ) from None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:  # Adam's moments must have their parameter's shape, or step() fails later
+        for name, t in opt.state.get(p, {}).items():
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape != p.shape:
+                raise CheckpointError(
+                    f"cannot resume from {str(path)!r}: optimizer moment {name!r} has shape "
+                    f"{list(t.shape)}, its parameter {list(p.shape)}; delete it (or pass "
+                    "another state_path)"
+                )
+
+
 def train_radiograph_model(
     model: Any,
     train: tuple[Tensor, Tensor],
@@ -104,15 +206,9 @@ def train_radiograph_model(
     result = TrainResult(epochs_run=0, best_epoch=-1, best_val_loss=float("inf"))
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = 0
-    if state_path is not None and Path(state_path).is_file():
-        saved = torch.load(state_path, map_location=device, weights_only=True)
-        if saved.get("config") != asdict(cfg):
-            raise CheckpointError(
-                f"{str(state_path)!r} was written with other training settings "
-                f"{saved.get('config')}; delete it or use the same settings"
-            )
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+    if state_path is not None and Path(state_path).exists():
+        saved = _read_state(Path(state_path), cfg, device)
+        _load_into(saved, model, opt, Path(state_path))
         best_state = saved["best_model"]
         start = int(saved["epoch"])
         result = TrainResult(

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import CheckpointError
+from fastinsight.errors import CheckpointError, FastInsightError
+from fastinsight.inputs import check_input_path
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
+from fastinsight.models.statefiles import non_finite
 from fastinsight.text import dumps_json
 from fastinsight.train.config import TrainConfig
 
@@ -150,29 +152,169 @@ def _save_state(
 
 
 def _load_state(path: Path) -> dict[str, Any]:
-    if not path.exists():
+    """Read a ``.train.pt`` safely (``weights_only``: tensors and plain containers, never code)
+    and check its layout and that every stored number is finite; the file is only read."""
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(
             f"cannot resume: no training state {str(path)!r} (written next to the model after "
             "each epoch); start without --resume"
         )
+    # A FIFO or a device at the path would block torch.load or read garbage: refuse it unopened.
+    check_input_path(path, "training state", CheckpointError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # truncated zip, a random pickle, a safetensors file, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot read training state {str(path)!r} ({first}); start afresh without --resume"
-        ) from exc
+            f"cannot read training state {str(path)!r} ({first[:200]}); the file is damaged or "
+            "not a .train.pt: start afresh without --resume"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} is not a fastinsight training state ({STATE_FORMAT}); start afresh"
+        found = (
+            f"a dict without format {STATE_FORMAT!r} (a plain checkpoint?)"
+            if isinstance(state, dict)
+            else type(state).__name__
         )
+        raise CheckpointError(
+            f"{str(path)!r} is not a fastinsight training state ({STATE_FORMAT}); found {found}; "
+            "start afresh without --resume"
+        )
+    _check_state_layout(state, path)
     return state
+
+
+# The keys of a training state and the type each holds (``_save_state`` writes them).
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "model_state": (dict,),
+    "best_state": (dict, type(None)),
+    "optimizer_state": (dict,),
+    "best_val_loss": (float, int),
+    "best_epoch": (int,),
+    "bad_epochs": (int,),
+    "stopped_early": (bool,),
+    "history": (list,),
+    "train_config": (str,),
+    "model_config": (str,),
+    "train_ids": (list,),
+    "val_ids": (list,),
+    "torch_rng": (Tensor,),
+}
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"training state {str(path)!r} is damaged: {what}; the original file was left as it is: "
+        "start afresh without --resume (or resume from a copy saved before)"
+    )
+
+
+def _check_finite_tensors(tensors: Mapping[Any, Any], where: str, path: Path) -> None:
+    """Every floating tensor in ``tensors`` finite, else a CheckpointError naming the first bad one.
+
+    A NaN in the weights or in Adam's moments survives every later step (NaN + x = NaN), so a
+    resumed run would train to NaN and only fail epochs later, at the first score written.
+    """
+    for key, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise _damaged(path, f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
+        bad = non_finite(value)
+        if bad is not None:
+            raise _damaged(path, f"{where}[{key!r}] holds {bad[0]} non-finite values ({bad[1]})")
+
+
+def _check_state_layout(state: Mapping[str, Any], path: Path) -> None:
+    """The keys and types ``_save_state`` writes, and finite weights, moments and settings."""
+    missing = sorted(k for k in _STATE_TYPES if k not in state)
+    if missing:
+        raise _damaged(path, f"it lacks {missing}")
+    for key, types in _STATE_TYPES.items():
+        value = state[key]
+        # bool is an int in Python: only "stopped_early" may be one.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise _damaged(path, f"{key!r} is a {type(value).__name__}")
+    for key in ("epoch", "best_epoch", "bad_epochs"):
+        if state[key] < 0:
+            raise _damaged(path, f"{key!r} is {state[key]}, expected >= 0")
+    if math.isnan(state["best_val_loss"]):  # +inf is legal: no validation loss yet
+        raise _damaged(path, "'best_val_loss' is NaN")
+    for key in ("train_ids", "val_ids"):
+        if not all(isinstance(s, str) for s in state[key]):
+            raise _damaged(path, f"{key!r} holds values that are not slide ids (strings)")
+    _check_finite_tensors(state["model_state"], "model_state", path)
+    if state["best_state"] is not None:
+        _check_finite_tensors(state["best_state"], "best_state", path)
+    opt = state["optimizer_state"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise _damaged(path, "'optimizer_state' is not an optimizer state_dict")
+    for pid, per_param in opt["state"].items():
+        if not isinstance(per_param, dict):
+            raise _damaged(path, f"optimizer_state['state'][{pid!r}] is not a dict")
+        _check_finite_tensors(per_param, f"optimizer_state['state'][{pid!r}]", path)
+    for i, group in enumerate(opt["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise _damaged(path, f"optimizer_state['param_groups'][{i}] is not a parameter group")
+        for name in ("lr", "eps", "weight_decay"):
+            v = group.get(name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise _damaged(path, f"optimizer_state['param_groups'][{i}][{name!r}] is {v}")
+    rng = state["torch_rng"]
+    if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise _damaged(path, f"'torch_rng' is a {rng.dtype} tensor of shape {list(rng.shape)}")
+
+
+def _check_fits(
+    state: Mapping[str, Any], model: InsightModel, opt: torch.optim.Optimizer, path: Path
+) -> None:
+    """The saved weights and optimizer moments have this model's names and shapes.
+
+    A state written for another architecture (same config text edited, or another fastinsight)
+    would otherwise fail inside ``load_state_dict`` with a traceback, or, for Adam's moments, at
+    the first step after the resume.
+    """
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for where in ("model_state", "best_state"):
+        saved = state[where]
+        if saved is None:
+            continue
+        got = {k: tuple(v.shape) for k, v in saved.items()}
+        if got != shapes:
+            extra = sorted(set(got) - set(shapes))[:3]
+            lacking = sorted(set(shapes) - set(got))[:3]
+            other = sorted(k for k in set(got) & set(shapes) if got[k] != shapes[k])[:3]
+            raise CheckpointError(
+                f"cannot resume from {str(path)!r}: its {where} is for another model (unexpected "
+                f"{extra}, missing {lacking}, other shapes {other}); start afresh without --resume"
+            )
+    params = [p for g in opt.param_groups for p in g["params"]]
+    groups = state["optimizer_state"]["param_groups"]
+    saved_ids = [i for g in groups for i in g["params"]]
+    if len(groups) != len(opt.param_groups) or len(saved_ids) != len(params):
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: its optimizer state holds {len(saved_ids)} "
+            f"parameters in {len(groups)} groups, this model has {len(params)} in "
+            f"{len(opt.param_groups)}; start afresh without --resume"
+        )
+    for pid, p in zip(saved_ids, params, strict=True):
+        for name, t in state["optimizer_state"]["state"].get(pid, {}).items():
+            if t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"cannot resume from {str(path)!r}: optimizer moment {name!r} of parameter "
+                    f"{pid} has shape {list(t.shape)}, the parameter {list(p.shape)}; start "
+                    "afresh without --resume"
+                )
 
 
 def _check_resume(
     state: Mapping[str, Any], cfg: TrainConfig, mcfg: InsightConfig, path: Path
 ) -> None:
-    old = json.loads(state["train_config"])
+    try:
+        old = json.loads(state["train_config"])
+        saved_mcfg = InsightConfig.from_json(state["model_config"])
+    except (ValueError, FastInsightError) as exc:
+        raise _damaged(path, f"its settings do not parse ({str(exc)[:200]})") from None
+    if not isinstance(old, dict):
+        raise _damaged(path, "'train_config' is not a JSON object")
     new = json.loads(cfg.to_json())
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if changed:
@@ -181,7 +323,7 @@ def _check_resume(
             f"cannot resume from {str(path)!r}: training settings changed ({diffs}); only "
             f"{sorted(RESUMABLE_CHANGES)} may change, or start afresh without --resume"
         )
-    if InsightConfig.from_json(state["model_config"]) != mcfg:
+    if saved_mcfg != mcfg:
         raise CheckpointError(
             f"cannot resume from {str(path)!r}: the model configuration differs from this run's "
             "(features, classes or model options changed); start afresh without --resume"
@@ -205,15 +347,26 @@ def resume_progress(
             f"cannot resume from {str(path)!r}: the training/validation slides differ "
             "from the saved run's; start afresh without --resume"
         )
-    model.load_state_dict(state["model_state"])
-    opt.load_state_dict(state["optimizer_state"])
-    torch.set_rng_state(state["torch_rng"])
+    _check_fits(state, model, opt, path)
+    try:
+        history = [EpochMetrics.from_dict(h) for h in state["history"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(path, f"its epoch history does not parse ({exc!r})") from None
+    try:
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer_state"])
+        torch.set_rng_state(state["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: {first[:200]}; start afresh without --resume"
+        ) from None
     return _Progress(
         epoch=int(state["epoch"]),
         best_val_loss=float(state["best_val_loss"]),
         best_epoch=int(state["best_epoch"]),
         bad_epochs=int(state["bad_epochs"]),
         stopped_early=bool(state["stopped_early"]),
-        history=[EpochMetrics.from_dict(h) for h in state["history"]],
+        history=history,
         best_state=state["best_state"],
     )

@@ -1,0 +1,233 @@
+"""What the two radiograph models (PYLON and the multi-resolution network) share.
+
+Their configuration plumbing (class names, JSON with a ``family`` tag, checks of the class
+names), the prediction type, the input check, the strict key-by-key state loader, and the
+safetensors format (config JSON, format version and family in the metadata). The architectures
+stay in ``pylon.py`` and ``multires.py``; nothing here names a layer, so no checkpoint key depends
+on this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from fastinsight.atomic import atomic_path
+from fastinsight.errors import CheckpointError, InputError
+from fastinsight.models.config import class_name_problems
+from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
+from fastinsight.models.statefiles import read_safetensors
+
+FAMILY_KEY = "fastinsight.family"
+
+# ChestX-ray14 (NIH) finding names in the data set's conventional order. The order of the
+# released PYLON head is not stated in a file we could read [UNVERIFIED]; pass class names
+# explicitly when it matters.
+NIH14_CLASSES: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+C = TypeVar("C", bound="RadiographConfig")
+
+
+class RadiographConfig:
+    """Mixin of the radiograph configs (frozen dataclasses with ``num_classes`` and
+    ``class_names``): class names, the checks on them, and JSON tagged with the family.
+
+    Subclasses set ``FAMILY`` (the JSON tag and safetensors family), ``LABEL`` (the model's name
+    in messages) and ``TUPLE_FIELDS`` (fields JSON turns into lists).
+    """
+
+    FAMILY: ClassVar[str]
+    LABEL: ClassVar[str]
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("class_names",)
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def class_problems(self) -> list[str]:
+        """A name count that is not K, and names unsafe in file names (#16 class 1: --all-classes
+        writes one file per class)."""
+        problems = []
+        if self.class_names and len(self.class_names) != self.num_classes:
+            problems.append(f"{len(self.class_names)} class_names for {self.num_classes} classes")
+        return problems + class_name_problems(tuple(self.class_names))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Class names: the configured ones, NIH-14 for a 14-class model, else ``class_k``."""
+        if self.class_names:
+            return self.class_names
+        if self.num_classes == len(NIH14_CLASSES):
+            return NIH14_CLASSES
+        return tuple(f"class_{k}" for k in range(self.num_classes))
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return json.dumps({"family": self.FAMILY, **fields}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        """Parse ``to_json``'s text; a wrong family or an unknown field is a CheckpointError."""
+        try:
+            raw: Any = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointError(f"{cls.LABEL} config is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.pop("family", None) != cls.FAMILY:
+            raise CheckpointError(
+                f"the embedded config is not a {cls.LABEL} config (family != {cls.FAMILY!r})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise CheckpointError(
+                f"{cls.LABEL} config has unknown fields {unknown}; upgrade fastinsight"
+            )
+        for key in cls.TUPLE_FIELDS:
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class RadiographPrediction:
+    """``logits``: the CAM ``[B, K, h, w]``; ``scores``: image probabilities ``[B, K]``."""
+
+    logits: Tensor
+    scores: Tensor
+
+    @property
+    def probabilities(self) -> Tensor:
+        """``sigmoid(logits)``: the map the official point-localisation metric upsamples."""
+        return torch.sigmoid(self.logits)
+
+
+def check_input_side(x: Tensor, multiple: int, model: str) -> None:
+    """Raise InputError unless ``x`` is float ``[B, C, H, W]`` with H, W multiples of ``multiple``."""
+    if x.ndim != 4:
+        raise InputError(f"{model} expects a tensor [B, C, H, W]; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"{model} expects a normalised float tensor; got {x.dtype}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h < multiple or w < multiple or h % multiple or w % multiple:
+        raise InputError(
+            f"{model} needs image sides that are multiples of {multiple} px; got {h} x {w}; "
+            f"resize to {max(multiple, round(h / multiple) * multiple)} px (the model's "
+            "image_size) first"
+        )
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` only if every key matches ``model`` by name, shape and kind of dtype.
+
+    The first offending key (in the file's order, then missing ones) is named; nothing is loaded
+    before all keys have been checked.
+    """
+    expected = model.state_dict()
+    for key, got in state.items():
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r} for this architecture")
+        ref = expected[key]
+        if not isinstance(got, Tensor):
+            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}"
+            )
+        if ref.is_floating_point() != got.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected {ref.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{source}: {key!r} holds NaN or infinite values")
+    for key in expected:
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+    model.load_state_dict(
+        {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True
+    )
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def model_from_metadata(
+    build: Callable[[Any], M], config_cls: type[RadiographConfig], meta: dict[str, str],
+    state: dict[str, Tensor], source: str,
+) -> M:  # fmt: skip
+    """Build a model from the config JSON in safetensors metadata and load ``state`` strictly."""
+    model = build(config_cls.from_json(meta.get(CONFIG_KEY, "")))
+    load_state_checked(model, state, source)
+    return model
+
+
+def read_family_safetensors(path: Path, config_cls: type[RadiographConfig]) -> tuple[
+    dict[str, str], dict[str, Tensor]
+]:  # fmt: skip
+    """Metadata and tensors of a fastinsight safetensors file of ``config_cls``'s family."""
+    meta, state = read_safetensors(path)
+    if CONFIG_KEY not in meta or meta.get(FAMILY_KEY) != config_cls.FAMILY:
+        raise CheckpointError(
+            f"{str(path)!r} is not a fastinsight {config_cls.LABEL} safetensors file (metadata "
+            f"{FAMILY_KEY!r} = {meta.get(FAMILY_KEY)!r}, expected {config_cls.FAMILY!r})"
+        )
+    return meta, state
+
+
+def ready(model: M, device: str | torch.device | None) -> M:
+    """``model`` in eval mode on ``device`` (default: CUDA when available, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def save_radiograph_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` as safetensors with its config, format version and family (atomically).
+
+    Floating tensors as float32; BatchNorm's ``num_batches_tracked`` stays int64, so the file
+    reloads key for key.
+    """
+    from safetensors.torch import save_file
+
+    state = {
+        k: (
+            v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        ).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    config: Any = model.config
+    meta = {CONFIG_KEY: config.to_json(), FORMAT_KEY: FORMAT_VERSION, FAMILY_KEY: config.FAMILY}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+__all__ = [
+    "FAMILY_KEY",
+    "NIH14_CLASSES",
+    "RadiographConfig",
+    "RadiographPrediction",
+    "check_input_side",
+    "load_state_checked",
+    "model_from_metadata",
+    "read_family_safetensors",
+    "ready",
+    "save_radiograph_model",
+]
