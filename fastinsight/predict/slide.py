@@ -37,13 +37,13 @@ from fastinsight.slide import (
     detect_tissue,
     open_slide,
     reading_provenance,
-    stitch_cells,
     tissue_tiles,
     write_geojson,
     write_heatmap_tiff,
     write_overlay,
     write_scores_sidecar,
 )
+from fastinsight.slide.placement import cut, grid_placement, paste, rc_placement
 from fastinsight.text import dumps_json
 
 STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
@@ -151,12 +151,11 @@ def check_compatible(model: InsightModel, encoder: Any) -> None:
 
 
 def tile_cells(mask: np.ndarray, tiles: list[Tile], cells: int) -> np.ndarray:
-    """Cut the slide-level cell mask into per-tile grids. Shapes: ``[R*c, C*c]`` -> ``[N, c, c]``."""
-    rows, cols = mask.shape[0] // cells, mask.shape[1] // cells
-    blocks = mask.reshape(rows, cells, cols, cells).transpose(0, 2, 1, 3)
-    r = np.fromiter((t.tile_row for t in tiles), dtype=np.int64, count=len(tiles))
-    c = np.fromiter((t.tile_col for t in tiles), dtype=np.int64, count=len(tiles))
-    return np.ascontiguousarray(blocks[r, c])
+    """Cut the slide-level cell mask into per-tile grids (``fastinsight.slide.placement.cut``).
+
+    Shapes: ``[R*c, C*c]`` -> ``[N, c, c]``."""
+    rc = [(t.tile_row, t.tile_col) for t in tiles]
+    return cut(mask, rc_placement(np.array(rc, dtype=np.int64).reshape(-1, 2), cells))
 
 
 @dataclass(frozen=True)
@@ -570,16 +569,18 @@ def predict_slide(
             raise non_finite_scores_error(raw, mask_t)
         outside = ~mask_t[:, None]
         heat, raw = heat.masked_fill(outside, float("nan")), raw.masked_fill(outside, float("nan"))
-        cells = stitch_cells(heat, tiling.tiles, tiling.grid)
-        raw_cells = stitch_cells(raw, tiling.tiles, tiling.grid)
+        # One lattice from the slide's corner: every tile lands on its own cells as it is.
+        placement = grid_placement(tiling.tiles, tiling.grid)
+        cells = paste(heat, placement, tiling.grid.cell_shape)
+        raw_cells = paste(raw, placement, tiling.grid.cell_shape)
     timer.seconds["total"] = time.perf_counter() - start
     return SlideResult(
         slide_id=Path(slide).stem,
         slide_path=str(slide),
         scores=scores.cpu().numpy(),
         thresholds=thresholds.cpu().numpy(),
-        cells=cells.cpu().numpy(),
-        raw_cells=raw_cells.cpu().numpy(),
+        cells=cells,
+        raw_cells=raw_cells,
         cell_mask=tiling.cell_mask,
         grid=tiling.grid,
         n_tiles=n,
