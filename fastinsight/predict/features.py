@@ -286,6 +286,7 @@ def predict_features(
     placement = feature_placement(feats, size, snap)
     grid = feature_grid(feats, size, slide_mpp, placement.subdivision)
     model = model.to(device).eval()
+    model.check_device(device)
     if cfg.context == "slide":
         # One exact context grid per lattice (CLAM: per contour phase); see the module doc.
         pred = predict_slide_context(model, feats, snap, device)

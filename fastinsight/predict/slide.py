@@ -503,7 +503,8 @@ def _setup(model: InsightModel, encoder: Any, opts: PredictOptions) -> tuple[tor
     from fastinsight.encoders import build_encoder
 
     device = resolve_device(opts.device)
-    model.to(device).eval()
+    model.to(device).eval()  # "auto" resolves its implementation for this device here
+    model.check_device(device)  # before any tile is read, not at the first batch
     cfg = model.config
     if encoder is None:
         encoder = build_encoder(
