@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -100,6 +99,8 @@ def test_predict_with_triton_on_cpu_fails_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``fastinsight predict --backend triton --device cpu``: exit code 7, one line, no output."""
+    import h5py
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model_path = tmp_path / "m.safetensors"
     InsightModel(InsightConfig(in_dim=8, encoder="vit-tiny"), backend="reference").save(
@@ -128,3 +129,31 @@ def test_auto_follows_the_device_between_calls() -> None:
     with torch.no_grad():
         model.predict(_tokens().cuda())
     assert model.cpu().backend_in_use == IMPL_REFERENCE
+
+
+@pytest.mark.cuda
+def test_predict_features_on_cuda_runs_the_kernels_and_matches_the_reference(
+    tmp_path: Path,
+) -> None:
+    """A slide-context model on two CLAM contours: on CUDA "auto" resolves to the kernels (the
+    threshold and the pooling), and the result is the reference's on the CPU."""
+    from fastinsight.predict.features import predict_features
+    from fastinsight.predict.slide import PredictOptions
+    from tests.support.h5_layouts import clam_contours, write_clam_features, write_clam_patches
+
+    blocks = np.array([[r, c] for r in range(3) for c in range(3)])
+    xy = clam_contours([((1000, 1000), blocks), ((2636, 1037), blocks[:6])], 512)
+    feats = np.random.default_rng(0).standard_normal((len(xy), 16)).astype(np.float32)
+    patches = write_clam_patches(tmp_path / "p" / "s.h5", xy, level_dim=(3000, 2000))
+    h5 = write_clam_features(tmp_path / "f" / "s.h5", feats, xy)
+    cfg = InsightConfig(in_dim=16, grid_size=(1, 1), norm="channel", context="slide",
+                        encoder="uni_v1", tile_size_px=256, patch_size_px=256)  # fmt: skip
+    ref = InsightModel(cfg, backend="reference").eval()
+    auto = InsightModel(cfg, backend="auto")
+    auto.load_state_dict(ref.state_dict())
+    run = {"patches_h5": str(patches)}
+    got = predict_features(h5, auto, PredictOptions(device="cuda", progress=False), **run)
+    assert auto.backend_in_use == IMPL_TRITON
+    want = predict_features(h5, ref, PredictOptions(device="cpu", progress=False), **run)
+    np.testing.assert_allclose(got.raw_cells, want.raw_cells, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
