@@ -554,11 +554,14 @@ def predict_slide(
     finally:
         tiling.reader.close()
     mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
+    # One lattice from the slide's corner (fastinsight.slide.placement): the context grid and
+    # the heatmap raster both put every tile at its own (tile_row, tile_col), exactly.
+    placement = grid_placement(tiling.tiles, tiling.grid)
     if slide_context:
         with timer.stage("head"):
             # The context runs across tiles in bands of tile rows (exact; memory bounded by the
             # band, not the slide): the stitched grid of a whole slide would not fit.
-            rc = torch.tensor([(t.tile_row, t.tile_col) for t in tiling.tiles], dtype=torch.int64)
+            rc = torch.from_numpy(placement.cell_rc // c)
             raw = banded_raw_heatmap(
                 buf, rc, model.head_weights(), mask_t, grid_tiles=tiling.grid.shape
             )
@@ -570,8 +573,6 @@ def predict_slide(
             raise non_finite_scores_error(raw, mask_t)
         outside = ~mask_t[:, None]
         heat, raw = heat.masked_fill(outside, float("nan")), raw.masked_fill(outside, float("nan"))
-        # One lattice from the slide's corner: every tile lands on its own cells as it is.
-        placement = grid_placement(tiling.tiles, tiling.grid)
         cells = paste(heat, placement, tiling.grid.cell_shape)
         raw_cells = paste(raw, placement, tiling.grid.cell_shape)
     timer.seconds["total"] = time.perf_counter() - start
