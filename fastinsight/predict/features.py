@@ -307,7 +307,8 @@ def predict_features(
         grid=grid,
         n_tiles=feats.num_tiles,
         class_names=cfg.names,
-        model_info=model_info or {"name": "in-memory model"},
+        # What "auto" resolved to on this run's device: the report says which maths ran.
+        model_info={**(model_info or {"name": "in-memory model"}), "backend": model.backend_in_use},
         encoder_info={
             "name": feats.encoder or "precomputed",
             "features": str(path),

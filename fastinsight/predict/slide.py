@@ -587,7 +587,8 @@ def predict_slide(
         grid=tiling.grid,
         n_tiles=n,
         class_names=cfg.names,
-        model_info=model_info or {"name": "in-memory model"},
+        # What "auto" resolved to on this run's device: the report says which maths ran.
+        model_info={**(model_info or {"name": "in-memory model"}), "backend": model.backend_in_use},
         encoder_info=encoder.identity(),
         slide_info=tiling.info,
         timings=dict(timer.seconds),

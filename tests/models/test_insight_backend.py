@@ -153,7 +153,7 @@ def test_predict_features_on_cuda_runs_the_kernels_and_matches_the_reference(
     auto.load_state_dict(ref.state_dict())
     run = {"patches_h5": str(patches)}
     got = predict_features(h5, auto, PredictOptions(device="cuda", progress=False), **run)
-    assert auto.backend_in_use == IMPL_TRITON
+    assert auto.backend_in_use == IMPL_TRITON and got.model_info["backend"] == IMPL_TRITON
     want = predict_features(h5, ref, PredictOptions(device="cpu", progress=False), **run)
     np.testing.assert_allclose(got.raw_cells, want.raw_cells, atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)

@@ -82,6 +82,7 @@ def test_each_contour_lattice_lands_where_its_coordinates_say(
     res = predict_features(h5, model, OPTS, patches_h5=str(patches), slide=None)
     raw, heat = _per_lattice_oracle(model, h5, patches)
     assert res.grid.l0_cell_size < PITCH  # a raster finer than a tile holds both lattices
+    assert res.report()["model"]["backend"] == "reference"  # which implementation ran
     for i, (x, y) in enumerate(xy.astype(float)):
         for f in (0.05, 0.5, 0.95):  # inside tile i's footprint, and nowhere else's
             px, py = x + f * PITCH, y + f * PITCH
