@@ -16,8 +16,10 @@ The three layouts (spec section 4):
   ``level0_height``; dict attributes are JSON strings and None is the string ``'None'``.
 
 Per-tile vectors become ``[N, D, 1, 1]`` grids of one cell. ``SlideFeatures.stitched()`` places
-every tile on the slide grid by its coordinates, for the slide-context model
-(``InsightConfig.context="slide"``); ``tile_mask()`` is the per-tile model's mask.
+every tile on one slide grid by its coordinates, for the slide-context model
+(``InsightConfig.context="slide"``); a CLAM file whose tissue contours start their grids off each
+other's lattice has one exact grid per lattice (``lattices()``, ``stitched_lattices()``), all
+positions from ``fastinsight.slide.placement``; ``tile_mask()`` is the per-tile model's mask.
 
 This module has no model code in it (house rule: the slide side knows nothing of the model).
 """
