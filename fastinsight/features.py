@@ -16,8 +16,10 @@ The three layouts (spec section 4):
   ``level0_height``; dict attributes are JSON strings and None is the string ``'None'``.
 
 Per-tile vectors become ``[N, D, 1, 1]`` grids of one cell. ``SlideFeatures.stitched()`` places
-every tile on the slide grid by its coordinates, for the slide-context model
-(``InsightConfig.context="slide"``); ``tile_mask()`` is the per-tile model's mask.
+every tile on one slide grid by its coordinates, for the slide-context model
+(``InsightConfig.context="slide"``); a CLAM file whose tissue contours start their grids off each
+other's lattice has one exact grid per lattice (``lattices()``, ``stitched_lattices()``), all
+positions from ``fastinsight.slide.placement``; ``tile_mask()`` is the per-tile model's mask.
 
 This module has no model code in it (house rule: the slide side knows nothing of the model).
 """
@@ -28,7 +30,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_coordinates
+from fastinsight.slide.placement import lattice_rc, one_grid_rc, place_tiles
 
 LAYOUTS: tuple[str, ...] = ("insight", "clam", "trident")
 H5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".he5")
@@ -296,31 +299,32 @@ class SlideFeatures:
     def tile_rc(self, snap: bool = False) -> Tensor:
         """Grid position of each tile. Shapes: ``[N, 2]`` int64 (tile_row, tile_col).
 
-        The grid's origin is the smallest l0_x and l0_y of the slide, its pitch ``step_l0``.
-        Coordinates must lie on that grid: an off-grid tile is an error naming the first one,
-        unless ``snap`` rounds every tile to the nearest cell (CLAM starts every tissue contour at
-        its own bounding-box corner, so multi-contour CLAM slides need it). Two tiles on one
-        cell are an error either way.
+        The grid's origin is the smallest l0_x and l0_y of the slide, its pitch ``step_l0``
+        (``fastinsight.slide.placement.one_grid_rc``). Coordinates must lie on that grid: an
+        off-grid tile is an error naming the first one, unless ``snap`` rounds every tile to the
+        nearest cell (moving it by up to half a tile). CLAM starts every tissue contour's grid at
+        its own bounding-box corner: :meth:`lattices` places such files exactly, one grid per
+        lattice. Two tiles on one cell are an error either way.
         """
         self.require_tiles()
         step = self._pitch()
-        origin = self.l0_xy.amin(dim=0)
-        offset = self.l0_xy - origin
-        if snap:
-            rc = torch.div(offset * 2 + step, 2 * step, rounding_mode="floor")
-        else:
-            off_grid = (offset % step != 0).any(dim=1)
-            if bool(off_grid.any()):
-                i = int(off_grid.nonzero()[0])
-                x, y = (int(v) for v in self.l0_xy[i])
-                raise InputError(
-                    f"{self.source or self.slide_id}: tile {i} at l0 (x={x}, y={y}) is off the "
-                    f"tile grid (origin ({int(origin[0])}, {int(origin[1])}), pitch {step} px); "
-                    "check the tile size (--patch-size-l0), or pass snap=True (--snap-to-grid) "
-                    "to round tiles to the nearest cell (CLAM grids differ per tissue contour)"
-                )
-            rc = torch.div(offset, step, rounding_mode="floor")
-        rc = rc.flip(1).to(torch.int64)  # (x, y) -> (row, col)
+        rc_np, off_grid = one_grid_rc(self.l0_xy.numpy(), step, snap=snap)
+        if bool(off_grid.any()):
+            i = int(np.argmax(off_grid))
+            x, y = (int(v) for v in self.l0_xy[i])
+            x0, y0 = (int(v) for v in self.l0_xy.amin(dim=0))
+            raise InputError(
+                f"{self.source or self.slide_id}: tile {i} at l0 (x={x}, y={y}) is off the "
+                f"tile grid (origin ({x0}, {y0}), pitch {step} px); check the tile size "
+                "(--patch-size-l0), or pass snap=True (--snap-to-grid) to round tiles to the "
+                "nearest cell (CLAM grids differ per tissue contour: lattices() keeps each "
+                "contour's grid exact)"
+            )
+        return self._checked_rc(torch.from_numpy(rc_np), step)
+
+    def _checked_rc(self, rc: Tensor, step: int, index: Tensor | None = None) -> Tensor:
+        """``rc`` after refusing a grid too large for the coordinates and two tiles on one cell
+        (``index``: the file's indices of the tiles of ``rc``, for the message)."""
         rows, cols = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
         if rows * cols > MAX_GRID_TILES:
             raise InputError(
@@ -333,8 +337,9 @@ class SlideFeatures:
         dup = flat[order][1:] == flat[order][:-1]
         if bool(dup.any()):
             j = int(dup.nonzero()[0])
-            first, second = sorted((int(order[j]), int(order[j + 1])))
-            r, c = (int(v) for v in rc[second])
+            a, b = sorted((int(order[j]), int(order[j + 1])))
+            r, c = (int(v) for v in rc[b])
+            first, second = (a, b) if index is None else (int(index[a]), int(index[b]))
             raise InputError(
                 f"{self.source or self.slide_id}: tiles {first} and {second} fall on the same "
                 f"grid cell (tile_row={r}, tile_col={c}) at pitch {step} px; duplicate or "
@@ -366,6 +371,41 @@ class SlideFeatures:
             origin_l0=(int(origin[0]), int(origin[1])),
             cell_size_l0=self.cell_size_l0(),
         )
+
+    def lattices(self) -> list[tuple[Tensor, Tensor]]:
+        """The tiles grouped by lattice, each group on its own exact grid.
+
+        A lattice is a set of tiles whose coordinates differ by whole pitches: the one grid of
+        an INSIGHT or TRIDENT file, one per phase of CLAM's per-contour grids (each contour's
+        grid starts at its bounding-box corner). Returns ``(index, tile_rc)`` per lattice: the
+        tiles' indices into this file (``[n]`` int64) and their ``(tile_row, tile_col)`` on the
+        lattice's grid counted from its smallest l0_x and l0_y
+        (``fastinsight.slide.placement.lattice_rc``). No tile moves; with one lattice this is
+        ``(arange(N), tile_rc())``. Lattices come in the order of their first tile in the file.
+        Shapes: -> list of (``[n]``, ``[n, 2]``) int64.
+        """
+        self.require_tiles()
+        step = self._pitch()
+        placement = place_tiles(self.l0_xy.numpy(), float(step), self.grid_size[1])
+        rc = torch.from_numpy(lattice_rc(placement))
+        groups = []
+        for j in range(placement.num_lattices):
+            index = torch.from_numpy(np.flatnonzero(placement.lattice == j))
+            groups.append((index, self._checked_rc(rc[index], step, index)))
+        return sorted(groups, key=lambda g: int(g[0][0]))  # in the file's order
+
+    def stitched_lattices(self) -> list[tuple[Tensor, StitchedGrid]]:
+        """:meth:`stitched` of every lattice on its own grid: ``(index, StitchedGrid)`` each,
+        ``index`` the file's tiles in that grid (``StitchedGrid.tile_rc`` is in that order)."""
+        out = []
+        for index, _ in self.lattices():
+            sub = self.subset(index)
+            out.append((index, sub.stitched()))
+        return out
+
+    def subset(self, index: Tensor) -> SlideFeatures:
+        """The same slide with only the tiles ``index`` (file order kept as given)."""
+        return replace(self, tokens=self.tokens[index], l0_xy=self.l0_xy[index])
 
     def cell_size_l0(self) -> float:
         """Level-0 px one heatmap cell spans: the grid pitch over the cells per tile."""

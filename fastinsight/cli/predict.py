@@ -94,7 +94,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         choices=("auto", "triton", "reference"),
-        help="head implementation",
+        help="head, threshold and pooling implementation: auto = the Triton kernels on a CUDA "
+        "device when Triton is installed, else PyTorch; triton = the kernels (an error where they "
+        "cannot run); reference = PyTorch",
     )
     p.add_argument(
         "--batch-size", type=int, default=64, help="tiles per encoder batch (bounds GPU memory)"

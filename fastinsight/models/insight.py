@@ -10,7 +10,10 @@ unchanged (spec section 1)::
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +33,10 @@ from fastinsight.ops.reference import (
 )
 from fastinsight.ops.threshold_pool import IMPL_REFERENCE, IMPL_TRITON, ThresholdAndPool
 
-BACKENDS = ("auto", "triton", "reference")
+BACKEND_AUTO = "auto"
+BACKEND_TRITON = IMPL_TRITON
+BACKEND_REFERENCE = IMPL_REFERENCE
+BACKENDS = (BACKEND_AUTO, BACKEND_TRITON, BACKEND_REFERENCE)
 
 # fastinsight's own checkpoint: safetensors with these header metadata keys (see save()).
 CONFIG_KEY = "fastinsight.config"
@@ -101,9 +107,23 @@ class SlidePrediction:
 class InsightModel(nn.Module):
     """INSIGHT: detection x context heatmap, dynamic (Otsu) threshold, slide pooling.
 
-    ``backend`` picks the head implementation once, at construction: ``"reference"`` is plain
-    PyTorch (CPU or CUDA), ``"triton"`` the fused kernels of ``fastinsight.kernels``, ``"auto"``
-    the kernels on CUDA when Triton is available and the reference elsewhere.
+    ``backend`` names the implementation of the head, the threshold and the pooling:
+
+    - ``"reference"``: plain PyTorch on any device; the only one with a backward pass, so the one
+      to train with (``fastinsight train`` builds its models so);
+    - ``"triton"``: the fused kernels of ``fastinsight.kernels``, forward only, on CUDA tensors
+      (or on CPU under ``TRITON_INTERPRET=1``). Without Triton the model is not built
+      (BackendError);
+    - ``"auto"``: the kernels when the model's parameters are on a CUDA device and Triton is
+      installed, else the reference.
+
+    The choice is resolved when the model is built and again whenever it moves
+    (``.to(device)``, ``.cuda()``, ``.cpu()``: ``auto`` follows the device), never during a call;
+    ``backend_in_use`` says what it resolved to. A call the resolved implementation cannot run
+    (the kernels on CPU tensors, or while autograd records a backward pass) raises one
+    BackendError saying what to do, instead of quietly running the other implementation.
+    ``backend`` itself is fixed: build another model to change it
+    (``InsightModel(model.config, backend=...)`` then ``load_state_dict``).
     """
 
     def __init__(self, config: InsightConfig | None = None, backend: str = "auto") -> None:
@@ -118,7 +138,93 @@ class InsightModel(nn.Module):
         self.pooling = Pooling(cfg.pooling, cfg.num_classes, cfg.smoothmax_a, cfg.lse_r0)
         if backend not in BACKENDS:
             raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.__dict__["_backend"] = backend
+        self.__dict__["_backend_in_use"] = self._resolve_backend()
+
+    # -- the implementation, chosen once -------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The implementation asked for: ``"auto"``, ``"triton"`` or ``"reference"``."""
+        return str(self.__dict__["_backend"])
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        raise BackendError(
+            f"a model's backend is chosen when it is built (this one: {self.backend!r}); to run "
+            f"another implementation build InsightModel(model.config, backend={value!r}) and "
+            "load_state_dict(model.state_dict()) into it"
+        )
+
+    @property
+    def backend_in_use(self) -> str:
+        """What ``backend`` resolved to for the model's current device: ``"triton"`` (the fused
+        kernels) or ``"reference"`` (PyTorch). Set at construction and on every move."""
+        return str(self.__dict__["_backend_in_use"])
+
+    @property
+    def uses_kernels(self) -> bool:
+        """True when the model runs the fused Triton kernels (``backend_in_use == "triton"``)."""
+        return self.backend_in_use == BACKEND_TRITON
+
+    def _resolve_backend(self) -> str:
+        requested = self.backend
+        if requested == BACKEND_REFERENCE:
+            return BACKEND_REFERENCE
+        from fastinsight.kernels import available
+
+        if requested == BACKEND_TRITON:
+            if not available():
+                raise BackendError(
+                    "backend='triton' needs Triton, which cannot be imported here; install it "
+                    "(pip install triton, on a machine with a CUDA GPU) or use backend='auto' "
+                    "or 'reference'"
+                )
+            return BACKEND_TRITON
+        first = next(self.parameters(), None)
+        on_cuda = first is not None and first.device.type == "cuda"
+        # Under the interpreter the kernels run on CPU tensors only, and "auto" never picks the
+        # (slow) interpreter: the reference then serves every device.
+        if on_cuda and not _interpreting() and available():
+            return BACKEND_TRITON
+        return BACKEND_REFERENCE
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> InsightModel:
+        # Every move or cast (.to, .cuda, .cpu, .half) goes through here: resolve "auto" again
+        # for the new device, between calls.
+        out = super()._apply(fn, recurse)
+        if "_backend" in self.__dict__:
+            self.__dict__["_backend_in_use"] = self._resolve_backend()
+        return out
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise BackendError when the resolved implementation cannot run on ``device``: the
+        kernels need CUDA (CPU only under ``TRITON_INTERPRET=1``). The pipelines call it before
+        reading the first tile."""
+        dev = torch.device(device)
+        if self.uses_kernels and dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+            raise BackendError(
+                f"this model runs the Triton kernels (backend={self.backend!r}) but the run is "
+                f"on {dev}; the kernels run on CUDA devices: use --device cuda, or "
+                "--backend reference / auto (backend='reference' or 'auto') on this machine"
+            )
+
+    def _check_call(self, *tensors: Tensor | None) -> None:
+        """One clear error where the kernels cannot run this call (never a silent switch)."""
+        if not self.uses_kernels:
+            return
+        for t in tensors:
+            if t is not None:
+                self.check_device(t.device)
+        if torch.is_grad_enabled() and (
+            any(t is not None and t.requires_grad for t in tensors)
+            or any(p.requires_grad for p in self.parameters())
+        ):
+            raise BackendError(
+                f"this model runs the Triton kernels (backend={self.backend!r}), which are "
+                "forward-only, but autograd is recording: call it under torch.no_grad() or "
+                "torch.inference_mode() (predict() does), or build the model with "
+                "backend='reference' to train it"
+            )
 
     # -- parameters as the reference / kernels take them -------------------------------------
     def head_weights(self) -> HeadWeights:
@@ -150,20 +256,6 @@ class InsightModel(nn.Module):
             norm=self.config.norm,
             eps=self.config.norm_eps,
         )
-
-    @property
-    def uses_kernels(self) -> bool:
-        """True when inference runs on the fused Triton kernels.
-
-        The kernels are forward-only: while autograd records (training), the reference runs.
-        """
-        if self.backend == "reference" or torch.is_grad_enabled():
-            return False
-        if self.backend == "triton":
-            return True
-        from fastinsight.kernels import available
-
-        return next(self.parameters()).device.type == "cuda" and available()
 
     # -- the head -------------------------------------------------------------------------------
     def _check_tokens(self, tokens: Tensor) -> Tensor:
@@ -199,7 +291,9 @@ class InsightModel(nn.Module):
         """
         grid = self._check_tokens(tokens)
         if self.config.context == "slide":
+            # The context convolutions run across tiles: the reference's (the kernels are per tile).
             return gate(*self.logits(grid, cell_mask))
+        self._check_call(grid)
         if self.uses_kernels:
             from fastinsight.kernels import insight_head
 
@@ -233,26 +327,27 @@ class InsightModel(nn.Module):
         return torch.cat([self(tokens[i : i + chunk_size]) for i in range(0, n, chunk_size)])
 
     # -- threshold and pooling ----------------------------------------------------------------
-    def _threshold_pool(self) -> ThresholdAndPool:
-        """The one threshold + pooling assembly (``fastinsight.ops.threshold_pool``) for this
-        call: the kernels' at inference when ``uses_kernels``, else the reference's; built from
-        the model's current pooling module and config (loaders may replace either)."""
+    def _threshold_pool(self, *tensors: Tensor | None) -> ThresholdAndPool:
+        """The one threshold + pooling assembly (``fastinsight.ops.threshold_pool``) of the
+        resolved implementation (``backend_in_use``), after checking it can run on ``tensors``;
+        built from the model's current pooling module and config (loaders may replace either)."""
+        self._check_call(*tensors)
         cfg = self.config
         return ThresholdAndPool(
             self.pooling,
             threshold=cfg.threshold,
             otsu_bins=cfg.otsu_bins,
             pool_input=cfg.pool_input,
-            impl=IMPL_TRITON if self.uses_kernels else IMPL_REFERENCE,
+            impl=self.backend_in_use,
         )
 
     def threshold(self, values: Tensor, mask: Tensor | None) -> Tensor:
         """Per-class threshold over masked-in cells. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
-        return self._threshold_pool().threshold(values, mask)
+        return self._threshold_pool(values, mask).threshold(values, mask)
 
     def pool(self, values: Tensor, mask: Tensor | None) -> Tensor:
         """Slide score per class. Shapes: ``[K, M]``, ``[M]`` -> ``[K]``."""
-        return self._threshold_pool().pool(values, mask)
+        return self._threshold_pool(values, mask).pool(values, mask)
 
     def threshold_and_pool(
         self, raw: Tensor, mask: Tensor | None = None
@@ -275,7 +370,7 @@ class InsightModel(nn.Module):
             if mask.device.type == "cpu" and not bool(mask.any()):  # free on the host
                 raise InputError("the tissue mask is empty: no cell of the slide is tissue")
             flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
-        kept, t, scores = self._threshold_pool()(values, flat_mask)
+        kept, t, scores = self._threshold_pool(values, flat_mask)(values, flat_mask)
         heatmap = kept.reshape(k, n, *raw.shape[2:]).transpose(0, 1)
         if mask is not None:
             heatmap = heatmap * mask.to(raw.device)[:, None]
@@ -330,6 +425,12 @@ class InsightModel(nn.Module):
         meta = {CONFIG_KEY: self.config.to_json(), FORMAT_KEY: FORMAT_VERSION}
         with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=meta)
+
+
+def _interpreting() -> bool:
+    """True when Triton runs its kernels in the CPU interpreter (``TRITON_INTERPRET=1``, read as
+    ``fastinsight.kernels`` reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def non_finite_scores_error(

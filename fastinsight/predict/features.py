@@ -4,6 +4,26 @@ The tiles of an h5 file (official INSIGHT token grids, or CLAM / TRIDENT per-til
 placed by ``fastinsight.slide.placement`` on the heatmap raster anchored at the slide's top-left
 corner, where the file put them (CLAM: each tissue contour's lattice), so the heatmap TIFF lines
 up with the slide as a slide run's does.
+
+The slide-context model (``context="slide"``) runs 3x3 convolutions across neighbouring tiles, so
+its input must be one regular grid of the model's cells. A CLAM file carries one lattice per
+tissue contour, each starting at its contour's bounding-box corner, and two lattices whose
+origins differ by no whole number of tiles cannot share one grid without moving tiles. Each
+lattice therefore runs through the context chain on its own exact grid (as a file holding only
+that lattice would), and the dynamic threshold and the pooling then run over every tile of the
+slide together. Why this and not one rounded grid:
+
+- nothing moves: every tile's context is its true neighbours at their true distances. Rounding a
+  contour onto another contour's grid moves all its tiles by up to half a tile (256 level-0 px =
+  64 um for CLAM's 512 px tiles at 0.25 um/px: a gland), and can put two tiles on one cell;
+- a CLAM contour is one connected piece of tissue; between two pieces lies background, which
+  the context chain sees as masked-out, empty cells anyway. What a per-lattice grid leaves out
+  is only tissue of another piece within the chain's reach (4 cells), read the way a
+  pathologist reads separate fragments: each on its own;
+- single-grid files (official INSIGHT, TRIDENT, one-contour CLAM) are exactly what they were.
+
+``--snap-to-grid`` (``snap=True``) keeps the old behaviour for who wants it: every tile rounded
+onto one grid, e.g. to match a model trained with ``--snap-to-grid`` on such files.
 """
 
 from __future__ import annotations
@@ -266,10 +286,10 @@ def predict_features(
     placement = feature_placement(feats, size, snap)
     grid = feature_grid(feats, size, slide_mpp, placement.subdivision)
     model = model.to(device).eval()
+    model.check_device(device)
     if cfg.context == "slide":
-        # The context branch needs one regular grid: tiles of several CLAM contours are rounded
-        # onto one for the model's input only; the outputs are placed where the file put them.
-        pred = predict_slide_context(model, feats, snap or placement.num_lattices > 1, device)
+        # One exact context grid per lattice (CLAM: per contour phase); see the module doc.
+        pred = predict_slide_context(model, feats, snap, device)
     else:
         pred = model.predict(feats.tokens.to(device), feats.tile_mask().to(device))
     heat, raw = pred.heatmap, pred.raw_heatmap
@@ -287,7 +307,8 @@ def predict_features(
         grid=grid,
         n_tiles=feats.num_tiles,
         class_names=cfg.names,
-        model_info=model_info or {"name": "in-memory model"},
+        # What "auto" resolved to on this run's device: the report says which maths ran.
+        model_info={**(model_info or {"name": "in-memory model"}), "backend": model.backend_in_use},
         encoder_info={
             "name": feats.encoder or "precomputed",
             "features": str(path),
@@ -302,11 +323,14 @@ def predict_features(
 def predict_slide_context(
     model: InsightModel, feats: SlideFeatures, snap: bool, device: torch.device
 ) -> Any:
-    """``model.predict`` of a slide-context model on the stitched tiles, in bands of tile rows.
+    """``model.predict`` of a slide-context model, each lattice of tiles on its own exact grid
+    (``feats.lattices()``), in bands of tile rows; with ``snap`` every tile rounded onto one grid
+    (``feats.tile_rc(snap=True)``) instead. The threshold and the pooling see every tile.
 
-    Same result as predicting the stitched grid (``feats.stitched()``) and cutting it back into
-    tiles, without ever building the whole grid or its activations (``context_bands``).
-    Shapes: -> ``SlidePrediction`` with heatmap / raw_heatmap ``[N, K, h, w]``.
+    Per lattice the result equals predicting the stitched grid of that lattice's tiles and
+    cutting it back into tiles, without ever building the whole grid or its activations
+    (``context_bands``). Shapes: -> ``SlidePrediction`` with heatmap / raw_heatmap
+    ``[N, K, h, w]`` in file order.
     """
     from fastinsight.context_bands import banded_raw_heatmap
     from fastinsight.models.insight import SlidePrediction, non_finite_scores_error
@@ -314,9 +338,23 @@ def predict_slide_context(
     tokens = feats.tokens.to(device)
     if not bool(torch.isfinite(tokens).all()):
         raise InputError(f"{feats.source}: features contain NaN or inf; re-extract them")
-    rc = feats.tile_rc(snap=snap).to(device)
     mask = feats.tile_mask().to(device)
-    raw = banded_raw_heatmap(tokens, rc, model.head_weights(), mask)
+    if snap:
+        groups = [(torch.arange(feats.num_tiles), feats.tile_rc(snap=True))]
+    else:
+        groups = feats.lattices()
+    weights = model.head_weights()
+    if len(groups) == 1:  # one grid: the file's tiles as they are (no gather, no scatter)
+        raw = banded_raw_heatmap(tokens, groups[0][1].to(device), weights, mask)
+    else:
+        raw = torch.empty(
+            (feats.num_tiles, model.config.num_classes, *feats.grid_size),
+            dtype=torch.float32,
+            device=device,
+        )
+        for index, rc in groups:
+            i = index.to(device)
+            raw[i] = banded_raw_heatmap(tokens[i], rc.to(device), weights, mask[i])
     heatmap, thresholds, scores = model.threshold_and_pool(raw, mask)
     if not bool(torch.isfinite(scores).all()):
         raise non_finite_scores_error(raw, mask, tokens)

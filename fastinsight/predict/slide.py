@@ -37,13 +37,13 @@ from fastinsight.slide import (
     detect_tissue,
     open_slide,
     reading_provenance,
-    stitch_cells,
     tissue_tiles,
     write_geojson,
     write_heatmap_tiff,
     write_overlay,
     write_scores_sidecar,
 )
+from fastinsight.slide.placement import cut, grid_placement, paste, rc_placement
 from fastinsight.text import dumps_json
 
 STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
@@ -151,12 +151,11 @@ def check_compatible(model: InsightModel, encoder: Any) -> None:
 
 
 def tile_cells(mask: np.ndarray, tiles: list[Tile], cells: int) -> np.ndarray:
-    """Cut the slide-level cell mask into per-tile grids. Shapes: ``[R*c, C*c]`` -> ``[N, c, c]``."""
-    rows, cols = mask.shape[0] // cells, mask.shape[1] // cells
-    blocks = mask.reshape(rows, cells, cols, cells).transpose(0, 2, 1, 3)
-    r = np.fromiter((t.tile_row for t in tiles), dtype=np.int64, count=len(tiles))
-    c = np.fromiter((t.tile_col for t in tiles), dtype=np.int64, count=len(tiles))
-    return np.ascontiguousarray(blocks[r, c])
+    """Cut the slide-level cell mask into per-tile grids (``fastinsight.slide.placement.cut``).
+
+    Shapes: ``[R*c, C*c]`` -> ``[N, c, c]``."""
+    rc = [(t.tile_row, t.tile_col) for t in tiles]
+    return cut(mask, rc_placement(np.array(rc, dtype=np.int64).reshape(-1, 2), cells))
 
 
 @dataclass(frozen=True)
@@ -504,7 +503,8 @@ def _setup(model: InsightModel, encoder: Any, opts: PredictOptions) -> tuple[tor
     from fastinsight.encoders import build_encoder
 
     device = resolve_device(opts.device)
-    model.to(device).eval()
+    model.to(device).eval()  # "auto" resolves its implementation for this device here
+    model.check_device(device)  # before any tile is read, not at the first batch
     cfg = model.config
     if encoder is None:
         encoder = build_encoder(
@@ -554,11 +554,14 @@ def predict_slide(
     finally:
         tiling.reader.close()
     mask_t = torch.from_numpy(tiling.tile_mask()).to(device)
+    # One lattice from the slide's corner (fastinsight.slide.placement): the context grid and
+    # the heatmap raster both put every tile at its own (tile_row, tile_col), exactly.
+    placement = grid_placement(tiling.tiles, tiling.grid)
     if slide_context:
         with timer.stage("head"):
             # The context runs across tiles in bands of tile rows (exact; memory bounded by the
             # band, not the slide): the stitched grid of a whole slide would not fit.
-            rc = torch.tensor([(t.tile_row, t.tile_col) for t in tiling.tiles], dtype=torch.int64)
+            rc = torch.from_numpy(placement.cell_rc // c)
             raw = banded_raw_heatmap(
                 buf, rc, model.head_weights(), mask_t, grid_tiles=tiling.grid.shape
             )
@@ -570,21 +573,22 @@ def predict_slide(
             raise non_finite_scores_error(raw, mask_t)
         outside = ~mask_t[:, None]
         heat, raw = heat.masked_fill(outside, float("nan")), raw.masked_fill(outside, float("nan"))
-        cells = stitch_cells(heat, tiling.tiles, tiling.grid)
-        raw_cells = stitch_cells(raw, tiling.tiles, tiling.grid)
+        cells = paste(heat, placement, tiling.grid.cell_shape)
+        raw_cells = paste(raw, placement, tiling.grid.cell_shape)
     timer.seconds["total"] = time.perf_counter() - start
     return SlideResult(
         slide_id=Path(slide).stem,
         slide_path=str(slide),
         scores=scores.cpu().numpy(),
         thresholds=thresholds.cpu().numpy(),
-        cells=cells.cpu().numpy(),
-        raw_cells=raw_cells.cpu().numpy(),
+        cells=cells,
+        raw_cells=raw_cells,
         cell_mask=tiling.cell_mask,
         grid=tiling.grid,
         n_tiles=n,
         class_names=cfg.names,
-        model_info=model_info or {"name": "in-memory model"},
+        # What "auto" resolved to on this run's device: the report says which maths ran.
+        model_info={**(model_info or {"name": "in-memory model"}), "backend": model.backend_in_use},
         encoder_info=encoder.identity(),
         slide_info=tiling.info,
         timings=dict(timer.seconds),

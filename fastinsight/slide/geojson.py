@@ -20,7 +20,7 @@ import numpy as np
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import InputError
-from fastinsight.slide.grid import Tile, TileGrid
+from fastinsight.slide.grid import Tile, TileGrid, tiles_cell_mask
 
 Per = Literal["cell", "tile"]
 
@@ -105,10 +105,8 @@ def heatmap_features(
 
 
 def _tile_keep(tiles: Sequence[Tile], grid: TileGrid) -> np.ndarray:
-    keep = np.zeros(grid.shape, dtype=bool)
-    for t in tiles:
-        keep[t.tile_row, t.tile_col] = True
-    return keep
+    """The given tiles on the tile grid (one cell per tile). Shapes: -> ``[rows, cols]`` bool."""
+    return tiles_cell_mask(tiles, grid, cells_per_side=1)
 
 
 def heatmap_geojson(cells: np.ndarray, grid: TileGrid, **kwargs: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Each tile carries a ``cells_per_side x cells_per_side`` heatmap grid (14 x 14 fo
 224 px tiles: one cell is 16 x 16 target px). A slide-level heatmap is an array of
 ``cell_shape = (rows * cells_per_side, cols * cells_per_side)`` cells; cell ``(cell_row,
 cell_col)`` covers level-0 ``[cell_col * l0_cell_size, (cell_col + 1) * l0_cell_size)``.
-:func:`stitch_cells` builds that array from per-tile grids.
+``fastinsight.slide.placement`` (``grid_placement`` and ``paste``) builds that array from
+per-tile grids: the one placement rule of the package.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from fastinsight.errors import InputError
 from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
+from fastinsight.slide.placement import grid_placement, paste, rc_placement
 
 if TYPE_CHECKING:
     from fastinsight.slide.readers import SlideReader
@@ -245,56 +247,6 @@ class TileGrid:
         return cls(**{k: conv(data[k]) for k, conv in fields.items() if k in data})
 
 
-def stitch_cells(
-    values: Any, tiles: Sequence[Tile], grid: TileGrid, fill: float = float("nan")
-) -> Any:
-    """Place per-tile cell grids into the slide-level cell array.
-
-    ``values[i]`` belongs to ``tiles[i]``; cells of tiles not given get ``fill`` (NaN: no
-    tissue / not computed). Works on numpy arrays and torch tensors (on their device, dtype
-    kept; integer inputs need an integer ``fill``). The cell side ``c`` is read off the input:
-    14 for token grids, 1 for per-tile vectors (CLAM/TRIDENT features).
-
-    Shapes: ``[N, K, c, c]`` -> ``[K, rows * c, cols * c]``; ``[N, c, c]`` -> ``[rows * c,
-    cols * c]``.
-    """
-    ndim = len(values.shape)
-    if ndim not in (3, 4):
-        raise InputError(
-            f"values must be [N, K, c, c] or [N, c, c]; got shape {tuple(values.shape)}"
-        )
-    n, c = int(values.shape[0]), int(values.shape[-1])
-    if int(values.shape[-2]) != c:
-        raise InputError(f"cell grids must be square; got {tuple(values.shape[-2:])}")
-    if n != len(tiles):
-        raise InputError(f"got {n} cell grids for {len(tiles)} tiles; expected one per tile")
-    rows, cols = grid.shape
-    row_idx = np.fromiter((t.tile_row for t in tiles), dtype=np.int64, count=n)
-    col_idx = np.fromiter((t.tile_col for t in tiles), dtype=np.int64, count=n)
-    if n and (row_idx.max() >= rows or col_idx.max() >= cols):
-        raise InputError(
-            f"a tile lies outside the {rows}x{cols} grid; was it made by another grid?"
-        )
-    squeeze = ndim == 3
-    k = 1 if squeeze else int(values.shape[1])
-    if _is_torch(values):
-        import torch
-
-        vals = values.unsqueeze(1) if squeeze else values
-        out = vals.new_full((k, rows, c, cols, c), fill)
-        r = torch.as_tensor(row_idx, device=vals.device)
-        q = torch.as_tensor(col_idx, device=vals.device)
-        out[:, r, :, q, :] = vals  # advanced indices first: [N, K, c, c]
-        out = out.reshape(k, rows * c, cols * c)
-    else:
-        vals = np.asarray(values)
-        vals = vals[:, None] if squeeze else vals
-        out = np.full((k, rows, c, cols, c), fill, dtype=vals.dtype)
-        out[:, row_idx, :, col_idx, :] = vals
-        out = out.reshape(k, rows * c, cols * c)
-    return out[0] if squeeze else out
-
-
 def tiles_cell_mask(
     tiles: Sequence[Tile], grid: TileGrid, cells_per_side: int | None = None
 ) -> np.ndarray:
@@ -303,11 +255,7 @@ def tiles_cell_mask(
     Shapes: -> ``[rows * c, cols * c]`` with ``c = cells_per_side`` (default the grid's).
     """
     c = grid.cells_per_side if cells_per_side is None else cells_per_side
-    keep = np.zeros(grid.shape, dtype=bool)
-    for t in tiles:
-        keep[t.tile_row, t.tile_col] = True
-    return np.repeat(np.repeat(keep, c, axis=0), c, axis=1)
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch")
+    placement = rc_placement(grid_placement(tiles, grid).cell_rc // grid.cells_per_side, c)
+    rows, cols = grid.shape
+    ones = np.ones((len(tiles), c, c), dtype=np.float32)
+    return paste(ones, placement, (rows * c, cols * c), fill=0.0) > 0

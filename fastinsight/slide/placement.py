@@ -15,18 +15,31 @@ cell ``round(l0 / cell_l0)``. The raster is ``subdivision`` times finer than the
 off by at most half a raster cell, and ``max_shift_l0`` says how far the worst one moved.
 
 Where tiles of two lattices overlap, a raster cell takes the mean of the tiles covering it.
+
+The slide-context model's input (``context="slide"``: 3x3 convolutions across neighbouring tiles)
+needs tiles on one regular lattice of the model's cells, so its positions are counted on each
+tile's own lattice (:func:`lattice_rc`): every lattice is one exact grid, nothing is moved, and
+tiles of different lattices never share a context grid (see ``fastinsight.predict.features``
+for why that is what a pathologist expects of CLAM's per-contour grids). :func:`one_grid_rc` is
+the single grid of files that have one, and ``--snap-to-grid``'s rounding of every tile onto it.
+
+A slide run's own tiles (``TileGrid``) form one lattice from (0, 0): :func:`grid_placement`.
 numpy only; no model code.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastinsight.errors import InputError
+
+if TYPE_CHECKING:
+    from fastinsight.slide.grid import Tile, TileGrid
 
 # Raster cells per model cell side at most: a 512 px CLAM tile then maps onto 32 px cells.
 MAX_SUBDIVISION = 16
@@ -153,6 +166,120 @@ def place_tiles(
     )
 
 
+def rc_placement(tile_rc: Any, cells_per_tile: int, pitch_l0: float = 1.0) -> Placement:
+    """Tiles at ``(tile_row, tile_col)`` of one grid anchored at the raster's origin, on the
+    model's own cells (``subdivision`` 1): tile ``(r, q)`` -> cell ``(r * c, q * c)``. Exact by
+    construction. Shapes: ``[N, 2]`` int -> ``Placement``.
+    """
+    rc = np.asarray(tile_rc, dtype=np.int64).reshape(-1, 2)
+    n = rc.shape[0]
+    return Placement(
+        l0_xy=rc[:, ::-1].astype(np.float64) * float(pitch_l0),
+        pitch_l0=float(pitch_l0),
+        cells_per_tile=int(cells_per_tile),
+        subdivision=1,
+        cell_rc=rc * int(cells_per_tile),
+        lattice=np.zeros(n, dtype=np.int64),
+        phases_l0=np.zeros((1 if n else 0, 2), dtype=np.float64),
+        max_shift_l0=0.0,
+    )
+
+
+def grid_placement(tiles: Sequence[Tile], grid: TileGrid) -> Placement:
+    """The tiles of a slide run's ``TileGrid``: one lattice from the slide's corner at pitch
+    ``grid.l0_tile_size``, on the model's own cells (see :func:`rc_placement`).
+
+    Shapes: N tiles -> ``Placement`` with ``cell_rc`` ``[N, 2]``.
+    """
+    n = len(tiles)
+    rc = np.fromiter(
+        (v for t in tiles for v in (t.tile_row, t.tile_col)), dtype=np.int64, count=2 * n
+    ).reshape(n, 2)
+    if n and (rc.min() < 0 or rc[:, 0].max() >= grid.rows or rc[:, 1].max() >= grid.cols):
+        raise InputError(
+            f"a tile lies outside the {grid.rows}x{grid.cols} grid; was it made by another grid?"
+        )
+    return rc_placement(rc, grid.cells_per_side, grid.l0_tile_size)
+
+
+def one_grid_rc(
+    l0_xy: Any, pitch_l0: float, *, snap: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every tile on ONE tile grid of pitch ``pitch_l0`` whose origin is the tiles' smallest
+    l0_x and smallest l0_y: ``(tile_row, tile_col) = (y - y_min, x - x_min) / pitch``.
+
+    Returns the positions and which tiles are off that grid (their offset from the origin is
+    no whole number of pitches; their position is then meaningless). With ``snap`` every tile is
+    rounded to the nearest grid point instead, halves up (``floor((2 d + p) / 2p)``), and none is
+    off: that is ``--snap-to-grid``, moving a tile by up to half a pitch.
+    Shapes: ``[N, 2]`` (x, y) -> (``[N, 2]`` int64 (row, col), ``[N]`` bool).
+    """
+    xy = np.asarray(l0_xy)
+    xy = xy.reshape(-1, 2) if np.issubdtype(xy.dtype, np.integer) else xy.astype(np.float64)
+    if xy.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+    step = pitch_l0 if not np.issubdtype(xy.dtype, np.integer) else int(pitch_l0)
+    offset = xy - xy.min(axis=0)
+    if snap:
+        rc = np.floor_divide(offset * 2 + step, 2 * step)
+        off = np.zeros(xy.shape[0], dtype=bool)
+    else:
+        rc = np.floor_divide(offset, step)
+        off = (np.mod(offset, step) != 0).any(axis=1)
+    return np.ascontiguousarray(rc[:, ::-1], dtype=np.int64), off
+
+
+def lattice_rc(placement: Placement) -> np.ndarray:
+    """Each tile's ``(tile_row, tile_col)`` on its OWN lattice's grid, counted from that
+    lattice's smallest l0_x and l0_y: ``round((xy - min over the lattice) / pitch)``.
+
+    Exact: tiles of one lattice differ by whole pitches (up to the sub-pixel rounding that
+    ``place_tiles`` merges lattices over), so no tile moves. With one lattice this is
+    ``one_grid_rc`` of the whole file. Shapes: -> ``[N, 2]`` int64.
+    """
+    xy, lat = placement.l0_xy, placement.lattice
+    n_lat = placement.num_lattices
+    if xy.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    origin = np.full((n_lat, 2), np.inf)
+    np.minimum.at(origin, lat, xy)
+    rc = np.rint((xy - origin[lat]) / placement.pitch_l0).astype(np.int64)
+    return np.ascontiguousarray(rc[:, ::-1])
+
+
+def disjoint(placement: Placement) -> bool:
+    """True when no raster cell is covered by two tiles: one lattice, no tile twice."""
+    if placement.num_lattices > 1:
+        return False
+    rc = placement.cell_rc
+    return rc.shape[0] == np.unique(rc, axis=0).shape[0]
+
+
+def cut(raster: Any, placement: Placement) -> np.ndarray:
+    """Each tile's cells out of a slide raster: the inverse of :func:`paste` on the model's own
+    cells (``subdivision`` 1). Cells past the raster's edge read as False / zero.
+
+    Shapes: ``[H, W]`` -> ``[N, c, c]``; ``[K, H, W]`` -> ``[N, K, c, c]``.
+    """
+    arr = np.asarray(raster)
+    if placement.subdivision != 1:
+        raise InputError(
+            f"cut reads the model's own cells; this placement is {placement.subdivision}x finer"
+        )
+    squeeze = arr.ndim == 2
+    a = arr[None] if squeeze else arr
+    if a.ndim != 3:
+        raise InputError(f"raster must be [H, W] or [K, H, W], got {tuple(arr.shape)}")
+    c = placement.cells_per_tile
+    rows = placement.cell_rc[:, 0, None, None] + np.arange(c)[None, :, None]  # [N, c, 1]
+    cols = placement.cell_rc[:, 1, None, None] + np.arange(c)[None, None, :]  # [N, 1, c]
+    inside = (rows >= 0) & (rows < a.shape[1]) & (cols >= 0) & (cols < a.shape[2])
+    out = a[:, rows.clip(0, a.shape[1] - 1), cols.clip(0, a.shape[2] - 1)]  # [K, N, c, c]
+    out = np.where(inside[None], out, np.zeros((), dtype=a.dtype))
+    out = np.moveaxis(out, 0, 1)
+    return np.ascontiguousarray(out[:, 0] if squeeze else out)
+
+
 def paste(
     values: Any,
     placement: Placement,
@@ -181,10 +308,23 @@ def paste(
         )
     h, w = raster_shape
     s = placement.subdivision
-    total = np.zeros((k, h * w), dtype=np.float64)
-    count = np.zeros(h * w, dtype=np.int64)
     per = c * s
     dr, dc = np.meshgrid(np.arange(per), np.arange(per), indexing="ij")
+    if disjoint(placement):
+        # One lattice: every raster cell has at most one tile, so its value is written as it
+        # is (no float64 round trip; a slide run's whole-slide raster is built this way).
+        out = np.full((k, h * w), fill, dtype=np.float32)
+        for a in range(0, n, chunk):
+            rc = placement.cell_rc[a : a + chunk]
+            rows = rc[:, 0, None, None] + dr
+            cols = rc[:, 1, None, None] + dc
+            inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+            fine = vals[a : a + chunk].repeat(s, axis=2).repeat(s, axis=3)
+            out[:, (rows * w + cols)[inside]] = np.moveaxis(fine, 1, -1)[inside].T
+        raster = out.reshape(k, h, w)
+        return raster[0] if squeeze else raster
+    total = np.zeros((k, h * w), dtype=np.float64)
+    count = np.zeros(h * w, dtype=np.int64)
     for a in range(0, n, chunk):
         rc = placement.cell_rc[a : a + chunk]
         rows = rc[:, 0, None, None] + dr  # [n, per, per]
@@ -199,8 +339,19 @@ def paste(
     out = np.full((k, h * w), fill, dtype=np.float32)
     hit = count > 0
     out[:, hit] = (total[:, hit] / count[hit]).astype(np.float32)
-    out = out.reshape(k, h, w)
-    return out[0] if squeeze else out
+    raster = out.reshape(k, h, w)
+    return raster[0] if squeeze else raster
 
 
-__all__ = ["MAX_SUBDIVISION", "Placement", "paste", "place_tiles"]
+__all__ = [
+    "MAX_SUBDIVISION",
+    "Placement",
+    "cut",
+    "disjoint",
+    "grid_placement",
+    "lattice_rc",
+    "one_grid_rc",
+    "paste",
+    "place_tiles",
+    "rc_placement",
+]

@@ -20,6 +20,7 @@ from fastinsight.features import (
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from tests.support.h5_layouts import (
+    clam_contours,
     grid_coords,
     write_clam_features,
     write_clam_patches,
@@ -322,3 +323,25 @@ def test_slide_context_on_stitched_features_matches_a_hand_built_grid(
     assert per_tile.shape == (5, 1, 1, 1)
     for i, (r, c) in enumerate(RC):
         assert per_tile[i, 0, 0, 0] == pred.heatmap[0, 0, r, c]
+
+
+def test_clam_contours_stitch_one_exact_grid_per_lattice(tmp_path: Path) -> None:
+    """Two CLAM contours 100 px off each other's lattice: one grid per lattice, in file order,
+    nothing rounded; one grid for all of them still needs snap=True (and says lattices())."""
+    xy = clam_contours(
+        [((3000, 1000), np.array([[0, 0], [1, 1]])), ((100, 37), np.array([[0, 0], [0, 2]]))],
+        512,
+    )
+    feats = _rng(5).standard_normal((4, 6)).astype(np.float32)
+    h5 = write_clam_features(tmp_path / "h5_files" / "c.h5", feats, xy)
+    sf = read_features(h5, patch_size_l0=512)
+    with pytest.raises(InputError, match=r"tile 0 at l0 \(x=3000, y=1000\) is off.*lattices\(\)"):
+        sf.stitched()
+    groups = sf.stitched_lattices()
+    assert [g[0].tolist() for g in groups] == [[0, 1], [2, 3]]
+    (_, a), (_, b) = groups
+    assert a.origin_l0 == (3000, 1000) and b.origin_l0 == (100, 37)
+    assert a.tile_rc.tolist() == [[0, 0], [1, 1]] and b.tile_rc.tolist() == [[0, 0], [0, 2]]
+    assert torch.equal(a.grid[0, :, 1, 1], torch.from_numpy(feats[1]))
+    assert torch.equal(b.grid[0, :, 0, 2], torch.from_numpy(feats[3]))
+    assert b.cell_mask[0].tolist() == [[True, False, True]]

@@ -29,9 +29,15 @@ def make_model(c: int, k: int, grid: tuple[int, int], norm: str) -> InsightModel
     return model.eval()
 
 
-def copy_as(model: InsightModel, dtype: torch.dtype, device: str | torch.device) -> InsightModel:
-    """An independent copy of ``model`` in ``dtype`` on ``device`` (same backend)."""
-    twin = InsightModel(model.config, backend=model.backend)
+def copy_as(
+    model: InsightModel,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    backend: str | None = None,
+) -> InsightModel:
+    """An independent copy of ``model`` in ``dtype`` on ``device`` (``backend``: the model's own
+    unless given; a model's backend is fixed when it is built)."""
+    twin = InsightModel(model.config, backend=backend or model.backend)
     twin.load_state_dict(model.state_dict())
     return twin.eval().to(device=device, dtype=dtype)
 

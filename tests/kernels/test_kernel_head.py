@@ -130,8 +130,7 @@ def test_model_dispatches_to_kernels() -> None:
     Masks: a fully masked tile among others, then a slide with a single tissue cell.
     """
     ref_model = make_model(96, 3, (4, 4), "tile").to(DEVICE)
-    kernel_model = copy_as(ref_model, torch.float32, DEVICE)
-    kernel_model.backend = "triton"
+    kernel_model = copy_as(ref_model, torch.float32, DEVICE, backend="triton")
     tokens = torch.randn(3, 16, 96, device=DEVICE)
     mask = torch.rand(3, 4, 4, device=DEVICE) > 0.3
     mask[1] = False  # a tile without tissue

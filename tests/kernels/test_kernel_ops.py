@@ -59,8 +59,7 @@ def test_torch_compile_traces_model_with_kernels(backend: str) -> None:
     import torch._dynamo
 
     model = make_model(96, 1, (4, 4), "tile").to(DEVICE)
-    kernel_model = copy_as(model, torch.float32, DEVICE)
-    kernel_model.backend = "triton"
+    kernel_model = copy_as(model, torch.float32, DEVICE, backend="triton")
     tokens = torch.randn(2, 96, 4, 4, device=DEVICE)
     mask = torch.rand(2, 4, 4, device=DEVICE) > 0.2
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from fastinsight.errors import InputError
-from fastinsight.slide import TileGrid, best_level, open_slide, stitch_cells, tiles_cell_mask
+from fastinsight.slide import (
+    TileGrid,
+    best_level,
+    grid_placement,
+    open_slide,
+    paste,
+    tiles_cell_mask,
+)
 
 
 def test_level0_geometry_with_fractional_tile_size() -> None:
@@ -120,44 +127,66 @@ def _grid_and_tiles() -> tuple[TileGrid, list]:
     return grid, tiles
 
 
+def _stitch(values, tiles, grid):  # noqa: ANN001, ANN202 - the placement rule of a slide run
+    return paste(values, grid_placement(tiles, grid), grid.cell_shape)
+
+
 def test_stitch_cells_numpy() -> None:
     grid, tiles = _grid_and_tiles()
     values = np.arange(3 * 2 * 4 * 4, dtype=np.float32).reshape(3, 2, 4, 4)
-    out = stitch_cells(values, tiles, grid)
+    out = _stitch(values, tiles, grid)
     assert out.shape == (2, grid.rows * 4, grid.cols * 4)
     np.testing.assert_array_equal(out[:, 0:4, 4:8], values[0])
     np.testing.assert_array_equal(out[:, 8:12, 0:4], values[1])
     np.testing.assert_array_equal(out[:, 12:16, 20:24], values[2])
     assert np.isnan(out).sum() == 2 * (grid.n_tiles - 3) * 16
-    single = stitch_cells(values[:, 0], tiles, grid)  # [N, c, c] -> [rows*c, cols*c]
+    single = _stitch(values[:, 0], tiles, grid)  # [N, c, c] -> [rows*c, cols*c]
     np.testing.assert_array_equal(single, out[0])
 
 
 def test_stitch_cells_torch_matches_numpy() -> None:
     grid, tiles = _grid_and_tiles()
     values = torch.randn(3, 2, 4, 4)
-    out = stitch_cells(values, tiles, grid)
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-    expected = stitch_cells(values.numpy(), tiles, grid)
-    np.testing.assert_array_equal(out.numpy(), expected)
+    out = _stitch(values, tiles, grid)
+    assert out.dtype == np.float32
+    expected = _stitch(values.numpy(), tiles, grid)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_stitch_one_cell_per_tile() -> None:  # CLAM/TRIDENT per-tile vectors
     grid, tiles = _grid_and_tiles()
+    grid1 = TileGrid(grid.slide_width, grid.slide_height, grid.slide_mpp, tile_px=32,
+                     cells_per_side=1)  # fmt: skip
     values = np.array([[[[1.0]]], [[[2.0]]], [[[3.0]]]])
-    out = stitch_cells(values, tiles, grid)
+    out = _stitch(values, [grid1.tile(t.tile_row, t.tile_col) for t in tiles], grid1)
     assert out.shape == (1, grid.rows, grid.cols)
     assert out[0, 0, 1] == 1.0 and out[0, 2, 0] == 2.0 and out[0, 3, 5] == 3.0
 
 
 def test_stitch_errors() -> None:
     grid, tiles = _grid_and_tiles()
-    with pytest.raises(InputError, match="one per tile"):
-        stitch_cells(np.zeros((2, 1, 4, 4)), tiles, grid)
-    with pytest.raises(InputError, match="square"):
-        stitch_cells(np.zeros((3, 1, 4, 5)), tiles, grid)
+    with pytest.raises(InputError, match="one cell grid per placed tile"):
+        _stitch(np.zeros((2, 1, 4, 4)), tiles, grid)
+    with pytest.raises(InputError, match=r"values must be \[3, K, 4, 4\]"):
+        _stitch(np.zeros((3, 1, 4, 5)), tiles, grid)
     with pytest.raises(InputError, match="outside"):
         other = TileGrid(
             slide_width=3000, slide_height=2000, slide_mpp=0.5, tile_px=32, cells_per_side=4
         )
-        stitch_cells(np.zeros((1, 4, 4)), [other.tile(20, 20)], grid)
+        _stitch(np.zeros((1, 4, 4)), [other.tile(20, 20)], grid)
+
+
+def test_deprecated_stitch_cells_warns_and_places_as_before() -> None:
+    """``fastinsight.slide.stitch_cells`` (before issue #10) still works, with a warning; a
+    tensor stays a tensor of its dtype, and every tile's cells land at its (row, col)."""
+    from fastinsight import slide
+
+    grid, tiles = _grid_and_tiles()
+    values = torch.randn(3, 2, 4, 4)
+    with pytest.warns(DeprecationWarning, match="grid_placement"):
+        out = slide.stitch_cells(values, tiles, grid)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    for t, v in zip(tiles, values, strict=True):
+        r, c = t.tile_row * 4, t.tile_col * 4
+        assert torch.equal(out[:, r : r + 4, c : c + 4], v)
+    assert int(torch.isnan(out).sum()) == 2 * (grid.n_tiles - 3) * 16

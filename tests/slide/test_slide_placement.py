@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from fastinsight.errors import InputError
-from fastinsight.slide.placement import MAX_SUBDIVISION, paste, place_tiles
+from fastinsight.slide.grid import TileGrid
+from fastinsight.slide.placement import (
+    MAX_SUBDIVISION,
+    cut,
+    disjoint,
+    grid_placement,
+    lattice_rc,
+    one_grid_rc,
+    paste,
+    place_tiles,
+)
 from tests.support.h5_layouts import grid_coords
 
 
@@ -75,3 +85,54 @@ def test_bad_input_is_refused() -> None:
     p = place_tiles(np.zeros((2, 2)), 10.0, 2)
     with pytest.raises(InputError, match=r"values must be \[2, K, 2, 2\]"):
         paste(np.zeros((2, 1, 3, 3)), p, (4, 4))
+
+
+def test_lattice_rc_counts_each_contour_from_its_own_corner() -> None:
+    xy = _clam_contours(np.int64)
+    p = place_tiles(xy, 512, 1)
+    rc = lattice_rc(p)
+    a, b = p.lattice[0], p.lattice[-1]
+    assert a != b and (p.lattice[:6] == a).all() and (p.lattice[6:] == b).all()
+    assert rc[:6].tolist() == [[r, c] for r in range(3) for c in range(2)]
+    assert rc[6:].tolist() == [[0, 0], [0, 1], [1, 0]]  # B from (5123, 801), not from A's corner
+
+
+def test_one_grid_rc_flags_off_grid_tiles_and_snaps_halves_up() -> None:
+    xy = np.array([[1000, 2000], [1512, 2000], [1000 + 256, 2512], [1000 + 255, 2000 + 3 * 512]])
+    rc, off = one_grid_rc(xy, 512)
+    assert off.tolist() == [False, False, True, True]
+    assert rc[:2].tolist() == [[0, 0], [0, 1]]
+    snapped, none_off = one_grid_rc(xy, 512, snap=True)
+    assert not none_off.any()
+    assert snapped.tolist() == [[0, 0], [0, 1], [1, 1], [3, 0]]  # 256 rounds up, 255 down
+
+
+def test_a_slide_run_is_pasted_bit_for_bit_where_its_grid_says() -> None:
+    """One lattice from (0, 0) on a fractional level-0 tile size: each tile's cells are written
+    as they are (same bits, no averaging) at (tile_row * c, tile_col * c); cut reads them back."""
+    grid = TileGrid(slide_width=2220, slide_height=1500, slide_mpp=0.499, tile_px=32,
+                    cells_per_side=4)  # fmt: skip
+    tiles = [grid.tile(0, 1), grid.tile(2, 0), grid.tile(6, 9), grid.tile(3, 3)]
+    values = np.random.default_rng(0).standard_normal((4, 3, 4, 4)).astype(np.float32)
+    values[1, :, 0, 0] = np.nan  # a non-tissue cell inside a tile stays NaN
+    p = grid_placement(tiles, grid)
+    assert disjoint(p) and p.exact and p.subdivision == 1
+    out = paste(values, p, grid.cell_shape)
+    expected = np.full((3, *grid.cell_shape), np.nan, dtype=np.float32)
+    for t, v in zip(tiles, values, strict=True):
+        expected[:, t.tile_row * 4 : t.tile_row * 4 + 4, t.tile_col * 4 : t.tile_col * 4 + 4] = v
+    assert out.dtype == np.float32
+    assert np.array_equal(out, expected, equal_nan=True)
+    assert np.array_equal(cut(out, p), values, equal_nan=True)
+    assert np.array_equal(cut(out[0], p), values[:, 0], equal_nan=True)
+    with pytest.raises(InputError, match="outside"):
+        other = TileGrid(slide_width=9000, slide_height=9000, slide_mpp=0.5, tile_px=32,
+                         cells_per_side=4)  # fmt: skip
+        grid_placement([other.tile(100, 100)], grid)
+
+
+def test_overlapping_lattices_are_not_disjoint() -> None:
+    p = place_tiles(_clam_contours(np.int64), 512, 1)
+    assert not disjoint(p)
+    with pytest.raises(InputError, match="finer"):
+        cut(np.zeros(p.raster_shape((7000, 4000))), p)

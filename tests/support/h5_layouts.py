@@ -96,3 +96,13 @@ def grid_coords(rc: np.ndarray, pitch: int, origin: tuple[int, int] = (0, 0)) ->
     """Top-left level-0 (x, y) of tiles at (tile_row, tile_col). Shapes: [N, 2] -> [N, 2]."""
     rc = np.asarray(rc, dtype=np.int64)
     return np.stack([origin[0] + rc[:, 1] * pitch, origin[1] + rc[:, 0] * pitch], axis=1)
+
+
+def clam_contours(contours: list[tuple[tuple[int, int], np.ndarray]], pitch: int) -> np.ndarray:
+    """CLAM's coordinates of several tissue contours, in CLAM's order (contour by contour).
+
+    CLAM (``WholeSlideImage.process_contour``) starts each contour's patch grid at the corner of
+    the contour's bounding box, so each contour is ``grid_coords(rc, pitch, origin)`` with its
+    own ``origin``. Shapes: ``[(origin (x, y), rc [n_i, 2])]`` -> ``[sum n_i, 2]`` int64.
+    """
+    return np.concatenate([grid_coords(rc, pitch, origin) for origin, rc in contours])
