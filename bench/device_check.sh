@@ -261,7 +261,7 @@ hook slide 45 ${BENCH_SLIDE_ARGS:-}
 hook volume 30
 
 # Block-size variants of the layer kernels side by side (HeadLaunchConfig.describe() syntax).
-CONFIGS=${KERNEL_CONFIGS:-M128-X64-R128-K64-w8-s3 M128-X128-R128-K64-w8-s3 M64-X64-R64-K64-w4-s3 M128-X64-R128-K64-w8-s4}
+CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s4 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w8-s3 M128-X64-R128-K64-w8-s3}
 if [[ $DRY -eq 1 ]]; then
   KCFG=(--smoke --grid 4 4 --channels 64 --classes 1)
   CONFIGS="M64-X64-R64-K64-w4-s1"

@@ -9,10 +9,10 @@ no torch; a public name is imported from its home module the first time it is re
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastinsight import _moved
+from fastinsight._lazy import lazy_face
 from fastinsight._version import __version__
 
 _moved.install()  # old import paths (fastinsight.model, ...) keep working, with a warning
@@ -56,15 +56,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name from its home module on first use (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastinsight' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later reads skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_face("fastinsight", _LAZY, globals())

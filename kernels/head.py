@@ -733,7 +733,7 @@ def head_plan(
     Per chunk of ``chunk_tiles`` tiles: the reduce (+ tile statistics), then the detection chain
     (ending in the logits D) and the context chain (ending in the gate): 16 launches with the
     tile norm, 10 with the channel norm. ``insight_head_launch`` runs them; the kernel benchmark
-    times them one by one (``bench_kernels.py --layers``).
+    times them one by one (bench_kernels.py, its per-launch option).
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")

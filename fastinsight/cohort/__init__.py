@@ -53,8 +53,9 @@ torch and ``import fastinsight.cohort`` loads nothing but this file.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fastinsight._lazy import lazy_face
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from fastinsight.cohort.api import predict_cohort
@@ -113,15 +114,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a name from its home module on first use (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastinsight.cohort' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later reads skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_face("fastinsight.cohort", _LAZY, globals())
