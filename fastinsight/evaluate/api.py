@@ -249,6 +249,7 @@ def evaluate(
         dice_on=dice_on,
         cell_size_l0=tuple(p.cell_size_l0 for p in predictions),
         mpp=tuple(p.mpp for p in predictions if p.mpp is not None),
+        mpp_of_cell=tuple(p.mpp * p.cell_size_l0 for p in predictions if p.mpp is not None),
         notes=tuple(notes),
     )
 

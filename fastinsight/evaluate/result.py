@@ -50,7 +50,8 @@ class EvalResult:
     resample: str
     dice_on: str
     cell_size_l0: tuple[float, ...]
-    mpp: tuple[float, ...] = ()
+    mpp: tuple[float, ...] = ()  # level-0 microns per pixel of each prediction (when known)
+    mpp_of_cell: tuple[float, ...] = ()  # microns per heatmap cell: level-0 mpp x cell size
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,7 +74,8 @@ class EvalResult:
                     "dice_on": self.dice_on,
                     "resolution": {
                         "cell_size_l0_px": sorted(set(self.cell_size_l0)),
-                        "mpp_of_cell": sorted(set(self.mpp)),
+                        "mpp_l0": sorted(set(self.mpp)),
+                        "mpp_of_cell": sorted(set(self.mpp_of_cell)),
                     },
                     "sd": "population (ddof=0)",
                 },

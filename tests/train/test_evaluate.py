@@ -291,6 +291,8 @@ def test_evaluate_end_to_end(tmp_path: Path) -> None:
     assert cls["dice_slides"] == 2
     loc = result["localisation"]
     assert loc["threshold"] == 0.5 and loc["resolution"]["cell_size_l0_px"] == [16.0]
+    # 16 level-0 px per cell at 8 um/px: a cell is 128 um on a side.
+    assert loc["resolution"]["mpp_l0"] == [8.0] and loc["resolution"]["mpp_of_cell"] == [128.0]
     assert any("missing" in n for n in result["notes"])
     rows = {r["slide_id"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
     assert set(rows) == {"p1", "p2", "n1", "n2"}
