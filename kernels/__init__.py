@@ -27,7 +27,11 @@ _LAUNCHERS = (
     "smoothmax",
 )
 
-__all__ = ["available", *_LAUNCHERS]
+__all__ = ["available", "head_support_problem", *_LAUNCHERS]
+
+# The fused head's limits (kernels/head.py checks them again at launch).
+MAX_WIDTH = 256
+WIDTH_MULTIPLE = 16
 
 
 def available() -> bool:
@@ -37,6 +41,23 @@ def available() -> bool:
     except Exception:
         return False
     return True
+
+
+def head_support_problem(reduce_dim: int, widths: tuple[int, ...], num_classes: int) -> str | None:
+    """Why the fused head cannot run an architecture (None when it can), without Triton.
+
+    The layer kernels take every hidden width (the reduce output and the three chain widths) as
+    a whole number of 16-channel dot steps, at most 256, and at most 256 classes.
+    """
+    hidden = (int(reduce_dim), *(int(w) for w in widths))
+    if any(w % WIDTH_MULTIPLE or w > MAX_WIDTH for w in hidden):
+        return (
+            f"the fused head needs hidden widths that are multiples of {WIDTH_MULTIPLE} up to "
+            f"{MAX_WIDTH}; this model has {hidden}"
+        )
+    if num_classes > MAX_WIDTH:
+        return f"the fused head supports up to {MAX_WIDTH} classes; this model has {num_classes}"
+    return None
 
 
 def __getattr__(name: str) -> Any:

@@ -678,6 +678,9 @@ def _hidden_out(norm: str) -> int:
     return OUT_TILE if norm == "tile" else OUT_CHANNEL
 
 
+# Cells per chunk of the plan: a 128-channel bf16 activation of 2^20 cells is 256 MB.
+MAX_CHUNK_CELLS = 1 << 20
+
 # A launch of the plan: (label, launch(), {"flops": ..., "bytes": ...} the minimal work it does).
 Step = tuple[str, Callable[[], object], dict[str, float]]
 
@@ -751,7 +754,8 @@ def head_plan(
     # fp32 whatever the tokens: bf16 keeps ~8 bits, coarser than a 256-bin Otsu histogram over
     # [0, 1] above 0.5, which would move the threshold against the fp32 official model.
     out = torch.empty((n, dims["K"], h, w), device=device, dtype=torch.float32)
-    chunk = min(n, cfg.chunk_tiles)
+    # Chunks of whole tiles, at most MAX_CHUNK_CELLS cells (37 x 37 CT grids: ~765 tiles).
+    chunk = min(n, cfg.chunk_tiles, max(1, MAX_CHUNK_CELLS // cells))
     rows = chunk * cells
     widest = max(dims["CR"], dims["W1"], dims["W2"], dims["W3"])
     z = torch.empty((rows, dims["CR"]), device=device, dtype=dtype)

@@ -170,8 +170,10 @@ class InsightModel(nn.Module):
         requested = self.backend
         if requested == BACKEND_REFERENCE:
             return BACKEND_REFERENCE
-        from fastinsight.kernels import available
+        from fastinsight.kernels import available, head_support_problem
 
+        cfg = self.config
+        unsupported = head_support_problem(cfg.reduce_dim, cfg.widths, cfg.num_classes)
         if requested == BACKEND_TRITON:
             if not available():
                 raise BackendError(
@@ -179,7 +181,11 @@ class InsightModel(nn.Module):
                     "(pip install triton, on a machine with a CUDA GPU) or use backend='auto' "
                     "or 'reference'"
                 )
+            if unsupported:
+                raise BackendError(f"backend='triton': {unsupported}; use backend='reference'")
             return BACKEND_TRITON
+        if unsupported:  # "auto": the reference runs every architecture
+            return BACKEND_REFERENCE
         first = next(self.parameters(), None)
         on_cuda = first is not None and first.device.type == "cuda"
         # Under the interpreter the kernels run on CPU tensors only, and "auto" never picks the

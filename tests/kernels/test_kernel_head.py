@@ -109,6 +109,25 @@ def test_head_tiles_are_independent() -> None:
             torch.testing.assert_close(alone, full[i : i + 1], rtol=0, atol=1e-6)
 
 
+def test_head_in_ragged_chunks_matches_one_chunk() -> None:
+    """Tiles are processed in chunks (bounded activation memory): 5 tiles in chunks of 2 (the
+    last one short) give the reference's heatmap, with the chunk's buffers reused."""
+    import dataclasses
+
+    from fastinsight.kernels.head import flatten_weights, insight_head_launch, launch_config
+
+    model = make_model(48, 2, (4, 4), "tile").to(DEVICE)
+    x = torch.randn(5, 48, 4, 4, device=DEVICE)
+    w = model.head_weights()
+    cfg = dataclasses.replace(launch_config(16, x.dtype, "ieee"), chunk_tiles=2)
+    with torch.no_grad():
+        out = insight_head_launch(x, flatten_weights(w), "tile", w.eps, "ieee", cfg)
+        ref = insight_head_reference(
+            x.double(), copy_as(model, torch.float64, DEVICE).head_weights()
+        )
+    assert max_err(out, ref) <= FP32_ATOL
+
+
 def test_head_sees_weight_updates() -> None:
     """The prepared-weights cache follows in-place updates (tensor versions)."""
     from fastinsight.kernels import insight_head

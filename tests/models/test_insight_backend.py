@@ -157,3 +157,21 @@ def test_predict_features_on_cuda_runs_the_kernels_and_matches_the_reference(
     want = predict_features(h5, ref, PredictOptions(device="cpu", progress=False), **run)
     np.testing.assert_allclose(got.raw_cells, want.raw_cells, atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+
+
+def test_architectures_the_kernels_cannot_run_are_named() -> None:
+    from fastinsight.kernels import head_support_problem
+
+    assert head_support_problem(128, (128, 64, 64), 3) is None
+    assert "multiples of 16" in head_support_problem(100, (128, 64, 64), 1)
+    assert "multiples of 16" in head_support_problem(128, (128, 64, 512), 1)
+    assert "classes" in head_support_problem(128, (128, 64, 64), 300)
+
+
+@needs_triton
+def test_triton_refuses_an_unsupported_architecture_at_construction() -> None:
+    odd = InsightConfig(in_dim=8, num_classes=2, grid_size=(2, 2), widths=(100, 64, 64))
+    with pytest.raises(BackendError, match="multiples of 16.*backend='reference'"):
+        InsightModel(odd, backend="triton")
+    # "auto" runs it with the reference, wherever the model lives.
+    assert InsightModel(odd, backend="auto").backend_in_use == IMPL_REFERENCE
