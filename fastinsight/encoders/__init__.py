@@ -5,6 +5,9 @@ Build one by name with :func:`build_encoder` (``"uni"``, ``"uni2-h"``, ``"vircho
 ``"h-optimus-0"``, ``"h-optimus-1"``, ``"prov-gigapath"``, ``"dinov2-vitl14-reg4"``,
 ``"vit-tiny"``, ``"dinov2-tiny"``, ``"resnet50-trunc"``, ``"resnet-tiny"``, ``"timm:<name>"``,
 ``"torchscript:<path>"``); networks come from timm, weights from local files only.
+
+May import: ``fastinsight.errors``, ``fastinsight.atomic``, ``fastinsight.fileformat`` (and timm,
+torch); never the slide, model, predict or CLI layers.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ level-0 cell size, tissue mask ``[H, W]``), e.g. from prediction npz files: the 
 scores sidecar: keys ``scores``, ``mask``, ``class_names``, ``geometry``; ``docs/slides.md``);
 the older layout with keys ``scores``, ``heatmap``, ``cell_size_l0`` (optional ``mask``,
 ``slide_id``, ``class_names``, ``origin_l0``, ``slide_size_l0``, ``mpp``) is still read.
+
+May import: ``fastinsight.errors``, ``atomic``, ``inputs``, ``text``, ``slide`` (ground-truth masks
+onto a grid); never models, predict or the CLI.
 """
 
 from __future__ import annotations

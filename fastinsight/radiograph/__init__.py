@@ -1,4 +1,8 @@
-"""Chest radiographs: reading (PNG/JPEG/DICOM), PYLON/Yao preprocessing, prediction, evaluation."""
+"""Chest radiographs: reading (PNG/JPEG/DICOM), PYLON/Yao preprocessing, prediction, evaluation.
+
+May import: ``fastinsight.errors``, ``atomic``, ``inputs``, ``text``, ``ops``, ``models``,
+``slide`` (TIFF/overlay writers), ``evaluate`` (metrics); never the CLI.
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,9 @@ reaches (bitwise on CPU; GPU convolutions may not be deterministic).
 Modules: config (TrainConfig, FolderOptions), data (Bag, split, model configuration), folder
 (feature folder -> slides), loss (chunked slide forward, BCE), state (metrics, resume state),
 loop (epochs), api (train_on_bags, train_from_folder).
+
+May import: ``fastinsight.errors``, ``atomic``, ``inputs``, ``text``, ``ops``, ``models``,
+``features``, ``predict`` (feature-file placement), ``evaluate`` (metrics); never the CLI.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
 - ``model``: per-slice INSIGHT (official) or :class:`CrossSliceInsight` (3x3x3 context);
 - ``predict``: ``predict_volume`` -> :class:`VolumeResult` (NIfTI heatmap, report, overlay);
 - ``train``: volume labels / mask Dice on top of the slide trainer; ``demo``: ``run_ct_demo``.
+
+May import: ``fastinsight.errors``, ``atomic``, ``ops``, ``models``, ``encoders``, ``slide``,
+``train`` (the slide-level loss and loop), ``evaluate``; never the CLI.
 """
 
 from __future__ import annotations
