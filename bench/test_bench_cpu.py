@@ -120,6 +120,10 @@ def compare(tiles: int, repeats: int, k: int = 1, c: int = 1024) -> dict[str, ob
         ours.predict(tokens)
         t_ours.append(time.perf_counter() - start)
     ratios = [o / u for o, u in zip(t_off, t_ours, strict=True)]
+    # The machine's ceiling, measured in the same run: the head's FLOPs at this sgemm rate bound
+    # any fp32 implementation's tiles/s (official_tiles_per_s x max_ratio_at_ceiling).
+    gflops = sgemm_gflops()
+    floor = gflops * 1e9 / head_flops_per_tile(ours, 14 * 14)
     return {
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_rev": _git_rev(),
@@ -134,7 +138,29 @@ def compare(tiles: int, repeats: int, k: int = 1, c: int = 1024) -> dict[str, ob
         "median_ratio": round(statistics.median(ratios), 3),
         "min_ratio": round(min(ratios), 3),
         "max_abs_err": float(f"{err:.3g}"),
+        "sgemm_gflop_per_s": round(gflops, 1),
+        "ceiling_tiles_per_s": round(floor, 1),
+        "max_ratio_at_ceiling": round(floor * statistics.median(t_off) / tiles, 3),
     }
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul rate of this machine now (median of ``repeats`` n^3 products, random data)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def head_flops_per_tile(model: InsightModel, cells: int) -> float:
+    """2 x multiply-adds of the head's convolutions per tile (3x3 taps counted)."""
+    w = model.head_weights()
+    macs = w.reduce.weight.numel() + sum(x.weight.numel() for x in (*w.detect, *w.context))
+    return 2.0 * cells * macs
 
 
 def _cpu_model() -> str:
@@ -174,12 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         row = compare(args.tiles, args.repeats, args.classes)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with args.csv.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    rows = []
+    if args.csv.exists():
+        with args.csv.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    # Rows of an older version lack the newer columns: rewritten with them blank.
+    tmp = args.csv.with_name(args.csv.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row), restval="")
+        writer.writeheader()
+        writer.writerows(rows + [row])
+    tmp.replace(args.csv)
     print(row)
     return 0
 
