@@ -10,7 +10,8 @@
 #   install   the package from this checkout, no network: `pip install --no-deps
 #             --no-build-isolation --no-index -e .`, or (if that fails, and always in --dry-run)
 #             a shadow tree on PYTHONPATH that mirrors pyproject's package-dir mapping
-#   tests     `pytest -m cuda tests/kernels` (fp32/fp16/bf16 parity on the GPU) -> tests.csv
+#   tests     `pytest -m cuda tests` (every CUDA test: kernel parity fp32/fp16/bf16, backends, GPU
+#             decode and prefetch, volume) -> tests.csv
 #   kernels   bench/bench_kernels.py at N = 8192: eager bf16, torch.compile (static shapes) and
 #             the kernels, parity-checked before timing: NCHW tokens at K = 1 and 3, NHWC (the
 #             pipeline's) at K = 3 with a per-launch profile               -> kernels.csv
@@ -177,7 +178,7 @@ step_install() {
 step_tests() {
   local xdist=()
   if [[ $DRY -eq 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8 --dist load); fi
-  "$PY" -m pytest -v -p no:cacheprovider -m cuda "${xdist[@]}" tests/kernels 2>&1 |
+  "$PY" -m pytest -v -p no:cacheprovider -m cuda "${xdist[@]}" tests 2>&1 |
     tee "$OUT/.tests.log"
   local rc=${PIPESTATUS[0]}
   # One row per test, from the verbose log (survives a timeout, unlike a JUnit file).
