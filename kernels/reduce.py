@@ -476,8 +476,10 @@ def pool_launch(
     vmin, vmax, cnt = _stats(values, mask, cfg, chunk, nb)
     is_tensor = param_tensor is not None
     param_arg = param_tensor if is_tensor else vmin
-    sum0 = torch.zeros((k, nb), device=device, dtype=torch.float64)
-    sum1 = torch.zeros((k, nb), device=device, dtype=torch.float64)
+    # Every (class, block) slot is written by the sums kernel, and "max" never reads them: no
+    # zero-fill launches.
+    sum0 = torch.empty((k, nb), device=device, dtype=torch.float64)
+    sum1 = torch.empty((k, nb), device=device, dtype=torch.float64)
     smk, smm = _mask_strides(mask)
     if method != "max":
         consts, opts = _sums_meta(method, mask is not None, is_tensor, cfg)
