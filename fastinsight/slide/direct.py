@@ -45,7 +45,6 @@ from fastinsight.errors import SlideError
 from fastinsight.slide.readers import (
     TiffFileReader,
     _one_line,
-    _segment_shape,
     _slide_name,
     _TileCache,
     _to_rgb,
@@ -232,38 +231,12 @@ class DirectTiffReader(TiffFileReader):
         return head + body
 
     # ------------------------------------------------------------------------------ pixels
-    def _read_level(self, l0_x: int, l0_y: int, level: int, lvl_w: int, lvl_h: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        lvl_x = int(round(l0_x / ds))
-        lvl_y = int(round(l0_y / ds))
-        out = np.full((lvl_h, lvl_w, 3), 255, dtype=np.uint8)
-        width, height = self._level_dimensions[level]
-        x0, y0 = max(lvl_x, 0), max(lvl_y, 0)
-        x1, y1 = min(lvl_x + lvl_w, width), min(lvl_y + lvl_h, height)
-        if x0 >= x1 or y0 >= y1:
-            return out
-        page = self._pages[level]
-        seg_h, seg_w = _segment_shape(page)
-        n_cols = -(-width // seg_w)
-        wanted = [
-            (seg_row, seg_col)
-            for seg_row in range(y0 // seg_h, (y1 - 1) // seg_h + 1)
-            for seg_col in range(x0 // seg_w, (x1 - 1) // seg_w + 1)
-        ]
-        tiles = self._segments(level, [r * n_cols + c for r, c in wanted], seg_h, seg_w)
-        for (seg_row, seg_col), tile in zip(wanted, tiles, strict=True):
-            ty, tx = seg_row * seg_h, seg_col * seg_w
-            sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
-            sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
-            if sy0 >= sy1 or sx0 >= sx1:
-                continue
-            out[sy0 - lvl_y : sy1 - lvl_y, sx0 - lvl_x : sx1 - lvl_x] = tile[
-                sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
-            ]
-        return out
-
     def _segments(self, level: int, indices: list[int], seg_h: int, seg_w: int) -> list[np.ndarray]:
-        """Decoded segments (through the shared cache); several misses decode in parallel."""
+        """Decoded segments (through the shared cache); several misses decode in parallel.
+
+        ``TiffFileReader._read_level`` pastes them; this override reads the bytes with ``pread``
+        and decodes without tifffile's seek lock.
+        """
         found: list[np.ndarray | None] = [self._cache.get((level, i)) for i in indices]
         missing = [k for k, t in enumerate(found) if t is None]
 

@@ -440,19 +440,27 @@ class TiffFileReader(SlideReader):
         page = self._pages[level]
         seg_h, seg_w = _segment_shape(page)
         n_cols = -(-width // seg_w)
-        with self._lock:
-            for seg_row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
-                for seg_col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
-                    tile = self._segment(level, seg_row * n_cols + seg_col, seg_h, seg_w)
-                    ty, tx = seg_row * seg_h, seg_col * seg_w
-                    sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
-                    sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
-                    if sy0 >= sy1 or sx0 >= sx1:
-                        continue
-                    out[sy0 - lvl_y : sy1 - lvl_y, sx0 - lvl_x : sx1 - lvl_x] = tile[
-                        sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
-                    ]
+        wanted = [
+            (seg_row, seg_col)
+            for seg_row in range(y0 // seg_h, (y1 - 1) // seg_h + 1)
+            for seg_col in range(x0 // seg_w, (x1 - 1) // seg_w + 1)
+        ]
+        tiles = self._segments(level, [r * n_cols + c for r, c in wanted], seg_h, seg_w)
+        for (seg_row, seg_col), tile in zip(wanted, tiles, strict=True):
+            ty, tx = seg_row * seg_h, seg_col * seg_w
+            sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
+            sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
+            if sy0 >= sy1 or sx0 >= sx1:
+                continue
+            out[sy0 - lvl_y : sy1 - lvl_y, sx0 - lvl_x : sx1 - lvl_x] = tile[
+                sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
+            ]
         return out
+
+    def _segments(self, level: int, indices: list[int], seg_h: int, seg_w: int) -> list[np.ndarray]:
+        """The decoded segments a read needs, in order (tifffile seeks and reads: one lock)."""
+        with self._lock:
+            return [self._segment(level, i, seg_h, seg_w) for i in indices]
 
     def native_tile_size(self, level: int) -> tuple[int, int]:
         return _segment_shape(self._pages[level])
