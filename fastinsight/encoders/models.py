@@ -75,6 +75,34 @@ class ModelSpec:
 
 _GATED = "gated: log in to Hugging Face and accept its terms, then `huggingface-cli download`"
 
+_H_OPTIMUS_0 = ModelSpec(
+    name="h-optimus-0",
+    title="H-optimus-0 ViT-g/14, 4 registers (Bioptimus)",
+    timm_name="vit_giant_patch14_reg4_dinov2",
+    # bioptimus/H-optimus-0 card: timm.create_model("hf-hub:bioptimus/H-optimus-0",
+    # init_values=1e-5, dynamic_img_size=False); config.json: vit_giant_patch14_reg4_dinov2,
+    # img_size 224, num_classes 0, global_pool "token".
+    timm_kwargs={
+        "img_size": 224,
+        "init_values": 1e-5,
+        "dynamic_img_size": False,
+        "num_classes": 0,
+        "global_pool": "token",
+    },
+    tile_size_px=224,
+    patch_size_px=14,
+    embed_dim=1536,
+    num_prefix_tokens=5,
+    mean=HOPTIMUS_MEAN,
+    std=HOPTIMUS_STD,
+    weights_hint=(
+        f"H-optimus-0's model.safetensors (bioptimus/H-optimus-0; {_GATED}) or its checkpoint.pth"
+    ),
+    source="huggingface.co/bioptimus/H-optimus-0 model card and config.json",
+    snapshot_archs=("vit_giant_patch14_reg4_dinov2",),
+    depth=40,
+)
+
 SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -165,56 +193,14 @@ SPECS: dict[str, ModelSpec] = {
             snapshot_archs=("vit_huge_patch14_224",),
             depth=32,
         ),
-        ModelSpec(
-            name="h-optimus-0",
-            title="H-optimus-0 ViT-g/14, 4 registers (Bioptimus)",
-            timm_name="vit_giant_patch14_reg4_dinov2",
-            # bioptimus/H-optimus-0 card: timm.create_model("hf-hub:bioptimus/H-optimus-0",
-            # init_values=1e-5, dynamic_img_size=False); config.json: vit_giant_patch14_reg4_dinov2,
-            # img_size 224, num_classes 0, global_pool "token".
-            timm_kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "dynamic_img_size": False,
-                "num_classes": 0,
-                "global_pool": "token",
-            },
-            tile_size_px=224,
-            patch_size_px=14,
-            embed_dim=1536,
-            num_prefix_tokens=5,
-            mean=HOPTIMUS_MEAN,
-            std=HOPTIMUS_STD,
-            weights_hint=(
-                f"H-optimus-0's model.safetensors (bioptimus/H-optimus-0; {_GATED}) or its "
-                "checkpoint.pth"
-            ),
-            source="huggingface.co/bioptimus/H-optimus-0 model card and config.json",
-            snapshot_archs=("vit_giant_patch14_reg4_dinov2",),
-            depth=40,
-        ),
-        ModelSpec(
+        _H_OPTIMUS_0,
+        # bioptimus/H-optimus-1 card: same constructor and statistics as H-optimus-0.
+        dataclasses.replace(
+            _H_OPTIMUS_0,
             name="h-optimus-1",
             title="H-optimus-1 ViT-g/14, 4 registers (Bioptimus)",
-            timm_name="vit_giant_patch14_reg4_dinov2",
-            # bioptimus/H-optimus-1 card: same constructor and statistics as H-optimus-0.
-            timm_kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "dynamic_img_size": False,
-                "num_classes": 0,
-                "global_pool": "token",
-            },
-            tile_size_px=224,
-            patch_size_px=14,
-            embed_dim=1536,
-            num_prefix_tokens=5,
-            mean=HOPTIMUS_MEAN,
-            std=HOPTIMUS_STD,
             weights_hint=f"H-optimus-1's model.safetensors (bioptimus/H-optimus-1; {_GATED})",
             source="huggingface.co/bioptimus/H-optimus-1 model card",
-            snapshot_archs=("vit_giant_patch14_reg4_dinov2",),
-            depth=40,
         ),
         ModelSpec(
             name="prov-gigapath",
