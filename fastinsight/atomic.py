@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastinsight.errors import FastInsightError, OutputError
+from fastinsight.inputs import file_kind
 
 # errno values that mean "this output cannot be stored here", whatever wrote it.
 _SPACE_ERRNOS = frozenset(
@@ -56,23 +57,6 @@ _SPACE_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded",
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
 _TEMP_NAME_CHARS = 24
 _TEMP_SUFFIX_CHARS = 16
-
-
-def _kind(mode: int) -> str:
-    """A file type in words, for messages."""
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "not a regular file"
 
 
 def resolve_output(path: str | os.PathLike[str]) -> Path:
@@ -132,7 +116,7 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"output path {shown!r} is a directory; pass a file name")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputError(
-            f"output path {shown!r} is {_kind(st.st_mode)}, not a regular file; fastinsight "
+            f"output path {shown!r} is {file_kind(st.st_mode)}, not a regular file; fastinsight "
             "writes every output to a temporary file and renames it into place, which would "
             "replace it: pass a regular file path (then cat it if you want it on screen)"
         )

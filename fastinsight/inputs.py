@@ -28,18 +28,18 @@ MPP_MAX = 1000.0
 MAX_SLIDE_SIDE_PX = 1_000_000
 
 
-def _what_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
+def file_kind(mode: int) -> str:
+    """A file type in words, for messages: "a folder", "a named pipe (FIFO)", ... (any kind
+    that is not a regular file; inputs and outputs name them alike)."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    )
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
 
 
 def check_input_path(
@@ -81,7 +81,7 @@ def check_input_path(
         raise error(f"{what} {str(p)!r} is a folder, not a file; pass the file itself")
     if not stat.S_ISREG(st.st_mode):
         raise error(
-            f"{what} {str(p)!r} is {_what_kind(st.st_mode)}, not a regular file; fastinsight "
+            f"{what} {str(p)!r} is {file_kind(st.st_mode)}, not a regular file; fastinsight "
             f"reads each {what} from a file on disk (a pipe or device would block or stream): "
             "save it to a file first"
         )
