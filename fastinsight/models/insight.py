@@ -403,6 +403,16 @@ class InsightModel(nn.Module):
         # heatmap, so checking the small heatmap replaces a second full pass over the tokens.
         if check_finite and not bool(torch.isfinite(raw).all()):
             raise InputError("token grids contain NaN or inf; check the feature extraction")
+        return self.prediction(raw, mask, tokens)
+
+    def prediction(
+        self, raw: Tensor, mask: Tensor | None = None, tokens: Tensor | None = None
+    ) -> SlidePrediction:
+        """Threshold and pool a slide's raw heatmap into its ``SlidePrediction``.
+
+        Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` bool (None = all) -> ``SlidePrediction``.
+        ``tokens`` (optional) only sharpens the error message when a score is not finite.
+        """
         heatmap, t, scores = self.threshold_and_pool(raw, mask)
         # The one host synchronisation, after the slide is done: an empty mask on the device or
         # an overflow in the head surfaces here as NaN scores.

@@ -333,7 +333,6 @@ def predict_slide_context(
     ``[N, K, h, w]`` in file order.
     """
     from fastinsight.context_bands import banded_raw_heatmap
-    from fastinsight.models.insight import SlidePrediction, non_finite_scores_error
 
     tokens = feats.tokens.to(device)
     if not bool(torch.isfinite(tokens).all()):
@@ -355,17 +354,7 @@ def predict_slide_context(
         for index, rc in groups:
             i = index.to(device)
             raw[i] = banded_raw_heatmap(tokens[i], rc.to(device), weights, mask[i])
-    heatmap, thresholds, scores = model.threshold_and_pool(raw, mask)
-    if not bool(torch.isfinite(scores).all()):
-        raise non_finite_scores_error(raw, mask, tokens)
-    return SlidePrediction(
-        scores=scores,
-        heatmap=heatmap,
-        raw_heatmap=raw,
-        thresholds=thresholds,
-        mask=mask,
-        class_names=model.config.names,
-    )
+    return model.prediction(raw, mask, tokens)
 
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastinsight import InsightConfig, InsightModel
 
@@ -13,11 +14,15 @@ from fastinsight import InsightConfig, InsightModel
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fastinsight checkpoint for the random-init ``vit-tiny`` encoder (64 x 14 x 14 tokens)."""
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    model = InsightModel(
-        InsightConfig(
-            in_dim=64, num_classes=2, class_names=("tumour", "necrosis"), encoder="vit-tiny"
-        ),
-        backend="reference",
-    )
+    # Seeded: the same weights whichever tests ran before (the global RNG's state would
+    # otherwise make every score depend on the test order).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = InsightModel(
+            InsightConfig(
+                in_dim=64, num_classes=2, class_names=("tumour", "necrosis"), encoder="vit-tiny"
+            ),
+            backend="reference",
+        )
     model.save(str(path))
     return path
