@@ -88,6 +88,18 @@ _TRT_TO_TRITON = {
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}
 
 
+def _check_serving(max_batch_size: int, instances: int, instance_kind: str) -> None:
+    """The serving settings every model repository shares, checked before anything is written."""
+    if max_batch_size < 1:
+        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if instances < 1:
+        raise InputError(f"instances must be >= 1, got {instances}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise InputError(
+            f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}"
+        )
+
+
 def _pb() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
@@ -352,14 +364,7 @@ def write_triton_repo(
     from .verify import verify_encoder_onnx, verify_head_onnx
 
     _pb()
-    if max_batch_size < 1:
-        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if instances < 1:
-        raise InputError(f"instances must be >= 1, got {instances}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise InputError(
-            f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}"
-        )
+    _check_serving(max_batch_size, instances, instance_kind)
     if ensemble_head not in ("auto", "onnx", "trt"):
         raise InputError(f"ensemble_head must be auto, onnx or trt, got {ensemble_head!r}")
     if ensemble_head == "trt" and plan is None:
@@ -511,14 +516,7 @@ def write_radiograph_triton_repo(
     _pb()
     if getattr(model, "modality", None) != "radiograph":
         raise InputError(f"{type(model).__name__} is not a radiograph model (PYLON or multires)")
-    if max_batch_size < 1:
-        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if instances < 1:
-        raise InputError(f"instances must be >= 1, got {instances}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise InputError(
-            f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}"
-        )
+    _check_serving(max_batch_size, instances, instance_kind)
     name = radiograph_model_name(model)
     target = Path(out_dir).expanduser().absolute()
     check_finite_weights(model, f"{model.family} model")
