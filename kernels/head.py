@@ -368,10 +368,6 @@ class PackedHead:
     norm: str
     grid: tuple[int, int]
 
-    @property
-    def num_classes(self) -> int:
-        return self.detect[-1].cout
-
 
 _PACK_CACHE: dict[tuple, tuple[list[Tensor], tuple[int, ...], PackedHead]] = {}
 _PACK_CACHE_SIZE = 8
