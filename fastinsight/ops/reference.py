@@ -142,9 +142,15 @@ def insight_head_reference(tokens: Tensor, weights: HeadWeights) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # The same head, laid out for CPUs (``InsightModel`` uses it for inference on the CPU)
 # ------------------------------------------------------------------------------------------------
-# Tiles per chunk. Measured on 2 shared EPYC cores, 256 tiles at a time beat 32-64 (larger GEMMs
-# and fewer thread fork/joins outweigh cache residency); ~25 MB per 128-channel activation.
-CPU_CHUNK = 256
+# Tiles per chunk: 64 tiles make 6.4 MB per 128-channel activation, reused from the allocator's
+# free lists call after call. At 256 tiles (25 MB) every activation was a fresh mmap that the
+# kernel had to fault in and zero (tens of thousands of page faults per call); measured on 2 EPYC
+# cores, 64 was ~1.3x faster end to end than 256 and level with 32 (bench/README.md).
+CPU_CHUNK = 64
+# Layers with fewer output channels than this (the heads' last, K = classes) skip oneDNN, whose
+# convolution runs a 64 -> 1 layer at a few GFLOP/s: one GEMM gives every tap's contribution,
+# then the taps are gathered and summed.
+NARROW_COUT = 16
 
 
 def _clamped_cells(h: int, w: int, k: int, p: int, out_h: int, out_w: int) -> Tensor:
@@ -165,10 +171,13 @@ class _CpuLayer:
     """One head layer prepared for channels-last rows ``[n, h*w, c]``.
 
     ``conv_weight`` (fp32 with oneDNN): ``[cout, cin, k, k]`` channels-last, run by oneDNN on the
-    channels-last view of the rows (replicate-padded by the ``pad`` gather when k > 1).
-    Otherwise ``gemm_weight`` ``[k*k*cin, cout]`` (rows in (dy, dx, cin) order) multiplies the
-    im2col ``[n*hw, k*k*cin]`` gathered with ``taps``. ``norm_weight``/``norm_bias``: ``[h*w, c]``
-    (the tile norm's ``[c, h, w]`` affine in row order) or ``[c]`` (channel norm); None last.
+    channels-last view of the rows (replicate-padded by ``F.pad`` when k > 1).
+    ``tap_weight`` (narrow layers, cout < ``NARROW_COUT``): ``[cin, k*k*cout]`` (columns in
+    (dy, dx, cout) order) gives every tap's contribution of every cell in one GEMM; ``taps``
+    gathers each output cell's k*k contributions. Otherwise ``gemm_weight`` ``[k*k*cin, cout]``
+    (rows in (dy, dx, cin) order) multiplies the im2col ``[n*hw, k*k*cin]`` gathered with
+    ``taps``. ``norm_weight``/``norm_bias``: ``[h*w, c]`` (the tile norm's ``[c, h, w]`` affine
+    in row order) or ``[c]`` (channel norm); None last.
     """
 
     bias: Tensor
@@ -176,7 +185,7 @@ class _CpuLayer:
     grid: tuple[int, int]
     conv_weight: Tensor | None
     gemm_weight: Tensor | None
-    pad: Tensor | None
+    tap_weight: Tensor | None
     taps: Tensor | None
     norm_weight: Tensor | None
     norm_bias: Tensor | None
@@ -188,11 +197,15 @@ def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.
     p = k // 2
     weight = layer.weight.detach().to(dtype)
     device = weight.device
-    conv_weight = gemm_weight = pad = taps = None
-    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        conv_weight = weight.contiguous(memory_format=torch.channels_last)
+    conv_weight = gemm_weight = tap_weight = taps = None
+    if weight.shape[0] < NARROW_COUT:
+        tap_weight = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1).contiguous()
         if k > 1:
-            pad = _clamped_cells(h, w, 1, p, h + 2 * p, w + 2 * p).to(device)
+            # Contribution (source cell, tap t) sits at column src * k*k*cout + t * cout + o.
+            taps = (_clamped_cells(h, w, k, p, h, w) * (k * k) + torch.arange(k * k).repeat(h * w))
+            taps = taps.to(device)
+    elif dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        conv_weight = weight.contiguous(memory_format=torch.channels_last)
     else:
         gemm_weight = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
         if k > 1:
@@ -204,7 +217,7 @@ def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.
             nw = nw.permute(1, 2, 0).reshape(h * w, -1).contiguous()
             nb = nb.permute(1, 2, 0).reshape(h * w, -1).contiguous()
     bias = layer.bias.detach().to(dtype)
-    return _CpuLayer(bias, k, grid, conv_weight, gemm_weight, pad, taps, nw, nb)
+    return _CpuLayer(bias, k, grid, conv_weight, gemm_weight, tap_weight, taps, nw, nb)
 
 
 def _cpu_conv(x: Tensor, g: _CpuLayer) -> Tensor:
@@ -216,13 +229,20 @@ def _cpu_conv(x: Tensor, g: _CpuLayer) -> Tensor:
     """
     n, hw, cin = x.shape
     h, w = g.grid
+    k = g.kernel_size
+    if g.tap_weight is not None:
+        cout = g.bias.shape[0]
+        q = torch.mm(x.view(n * hw, cin), g.tap_weight).view(n, hw * k * k, cout)
+        if g.taps is None:  # 1x1: the GEMM is the layer
+            return q.add_(g.bias)
+        return q.index_select(1, g.taps).view(n, hw, k * k, cout).sum(2).add_(g.bias)
     if g.conv_weight is not None:
-        p = g.kernel_size // 2
-        if g.pad is not None:
-            x = x.index_select(1, g.pad)  # the replicate-padded grid, still channels-last
-        # A channels-last [n, cin, h', w'] view of the rows (no copy): oneDNN's native layout,
-        # so it skips the NCHW <-> blocked reorders, and writes channels-last rows back.
-        grid = x.view(n, h + 2 * p, w + 2 * p, cin).permute(0, 3, 1, 2)
+        # A channels-last [n, cin, h, w] view of the rows (no copy): oneDNN's native layout, so
+        # it skips the NCHW <-> blocked reorders, and writes channels-last rows back. F.pad keeps
+        # the channels-last layout for the replicate-padded grid.
+        grid = x.view(n, h, w, cin).permute(0, 3, 1, 2)
+        if k > 1:
+            grid = F.pad(grid, (k // 2,) * 4, mode="replicate")
         y = F.conv2d(grid, g.conv_weight, g.bias)
         return y.permute(0, 2, 3, 1).reshape(n, hw, -1)
     a = x if g.taps is None else x.index_select(1, g.taps)  # im2col [n, hw * k*k, cin]
@@ -233,14 +253,11 @@ def _cpu_hidden(y: Tensor, g: _CpuLayer, kind: str, eps: float) -> Tensor:
     """GELU, then LayerNorm over each tile's ``[h*w, c]`` rows (= LayerNorm([c, h, w]) of the
     official module, affine in row order) or over each cell's channels.
 
-    ``y`` may be a transposed view: GELU writes contiguous rows in the same pass.
-
-    Shapes: ``[n, h*w, c]`` (any strides) -> ``[n, h*w, c]`` contiguous.
+    Shapes: ``[n, h*w, c]`` contiguous -> ``[n, h*w, c]`` contiguous.
     """
     if g.norm_weight is None:
         return y
-    act = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    torch.ops.aten.gelu.out(y, out=act)  # exact erf GELU (as F.gelu) into row-major storage
+    act = torch.ops.aten.gelu_(y)  # exact erf GELU, in place (``y`` is a fresh conv output)
     shape = tuple(act.shape[1:]) if kind == "tile" else (act.shape[-1],)
     return F.layer_norm(act, shape, g.norm_weight, g.norm_bias, eps)
 
@@ -250,12 +267,14 @@ def insight_head_cpu(tokens: Tensor, weights: HeadWeights, chunk: int = CPU_CHUN
 
     Every activation is a channels-last row matrix ``[n, h*w, c]`` from the reduce layer on;
     convolutions run as oneDNN GEMM-style convolutions on channels-last views of it (fp32), or as
-    one ``addmm`` per layer over an im2col (other dtypes). The reduce layer reads NCHW tokens as
-    they lie: per tile ``z^T = W [128, C] @ x [C, h*w]`` (one batched sgemm, no copy of the
-    C-channel input; the 128-channel result is turned channels-last), and the encoder's
-    ``[N, h*w, C]`` tokens (channels-last grids) as one ``[N*h*w, C]`` GEMM. Replication padding
-    is a gather of clamped cell indices. ``chunk`` tiles at a time keep the activations in
-    cache; the GEMMs use ``torch.get_num_threads()`` threads.
+    one ``addmm`` per layer over an im2col (other dtypes); the narrow last layers as one GEMM of
+    every tap's contribution plus a gather-sum. The reduce layer reads NCHW tokens as they lie:
+    per tile ``z = x^T W^T`` with ``x^T`` a transposed view of ``[C, h*w]`` (one batched sgemm,
+    no copy of the C-channel input, written channels-last), and the encoder's ``[N, h*w, C]``
+    tokens (channels-last grids) as one ``[N*h*w, C]`` GEMM. Replication padding is ``F.pad``
+    on the channels-last grid, or a gather of clamped cell indices. ``chunk`` tiles at a time
+    keep the activations small enough to be reused rather than faulted in afresh; the GEMMs use
+    ``torch.get_num_threads()`` threads.
 
     Shapes: tokens ``[N, C, h, w]`` (any strides) -> heatmap ``[N, K, h, w]`` in the tokens'
     dtype.
@@ -281,16 +300,15 @@ def insight_head_cpu(tokens: Tensor, weights: HeadWeights, chunk: int = CPU_CHUN
         m = x.shape[0]
         rows = x.flatten(2).transpose(1, 2)  # [m, hw, C], a view
         if rows.is_contiguous():
-            # Channels-last tokens: row-major rows, one [m*hw, C] x [C, 128] GEMM.
-            z = torch.addmm(reduce.bias, rows.reshape(m * hw, c_in), reduce_weight.t())
-            z = z.view(m, hw, -1)
+            # Channels-last tokens (the encoder's [N, h*w, C]): a 1x1 convolution like the rest
+            # (oneDNN ran it at ~1.5x the rate of one [m*hw, C] x [C, 128] sgemm, bench/README).
+            z = _cpu_conv(rows, reduce)
         else:
-            # NCHW tokens: z^T per tile straight from [C, hw]; the GELU below turns the
-            # 128-channel result channels-last in the same pass.
-            zt = torch.baddbmm(
-                reduce.bias[:, None], reduce_weight.expand(m, -1, -1), x.reshape(m, c_in, hw)
+            # NCHW tokens, read as they lie: per tile z = x^T W^T with x^T a transposed view of
+            # [C, hw] (the GEMM's transpose flag, no copy), written channels-last.
+            z = torch.baddbmm(
+                reduce.bias, rows, reduce_weight.t().expand(m, -1, -1)
             )
-            z = zt.transpose(1, 2)
         z = _cpu_hidden(z, reduce, kind, eps)
         d = z
         for g in detect:

@@ -122,3 +122,29 @@ def test_predict_runs_the_cpu_head_with_masks(monkeypatch) -> None:
     assert max_err(pred.heatmap, heat64) <= FP32_ATOL
     assert max_err(pred.scores, s64) <= FP32_ATOL
     assert bool((pred.heatmap[~mask[:, None].expand_as(pred.heatmap)] == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_head_narrow_layers(layout) -> None:
+    """Layers narrower than ``NARROW_COUT`` (every one here, the reduce included) take the
+    tap-contribution GEMM + gather-sum path; equal to the float64 reference, both token layouts."""
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
+    from fastinsight.ops.reference import NARROW_COUT
+
+    config = InsightConfig(in_dim=12, num_classes=2, reduce_dim=8, widths=(8, 4, 8))
+    assert max(config.reduce_dim, *config.widths) < NARROW_COUT
+    torch.manual_seed(5)
+    model = InsightModel(config, backend="reference").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape))
+    x = torch.randn(5, 12, 14, 14)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            x.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        out = insight_head_cpu(x, model.head_weights(), chunk=2)
+    assert max_err(out, ref64) <= FP32_ATOL
