@@ -247,9 +247,9 @@ def make_providers(
         wk = _copy(model, kdtype).head_weights()
 
         def kernel_post(raw, mask):
-            values = flat(raw)
-            t = kernels.otsu_threshold(values, mask)
-            return t, kernels.smoothmax(values * (values > t[:, None]), mask, 8.0)
+            # The fused op: statistics, histogram, threshold + SmoothMax + finish (3 launches).
+            _, t, scores = kernels.threshold_and_pool(flat(raw), mask, "smoothmax", 8.0)
+            return t, scores
 
         def shipped(x):
             return kernels.insight_head(x, wk)

@@ -8,6 +8,8 @@ on first use:
 - ``insight_head(tokens, weights)``           as ``fastinsight.ops.reference.insight_head_reference``
 - ``otsu_threshold(values, mask, nbins)``     as ``fastinsight.ops.otsu.otsu_threshold``
 - ``smoothmax``, ``lse_lba``, ``masked_max``, ``masked_mean`` as ``fastinsight.ops.pooling``
+- ``threshold_and_pool(values, mask, method, param)`` as
+  ``fastinsight.ops.threshold_pool.ThresholdAndPool``: threshold + pooling in 3 launches
 
 They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
 launcher was used (slow; for tests). ``fastinsight kernels check`` (``fastinsight.kernels.check``)
@@ -25,6 +27,7 @@ _LAUNCHERS = (
     "masked_mean",
     "otsu_threshold",
     "smoothmax",
+    "threshold_and_pool",
 )
 
 __all__ = ["available", "head_support_problem", *_LAUNCHERS]

@@ -28,6 +28,7 @@ __all__ = [
     "masked_mean",
     "otsu_threshold",
     "smoothmax",
+    "threshold_and_pool",
 ]
 
 
@@ -72,6 +73,38 @@ def _pool_fake(
     values: Tensor, mask: Tensor | None, method: str, param_tensor: Tensor | None, param: float
 ) -> Tensor:
     return values.new_empty((values.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastinsight::threshold_pool", mutates_args=())
+def _threshold_pool_op(
+    values: Tensor,
+    mask: Tensor | None,
+    method: str,
+    param_tensor: Tensor | None,
+    param: float,
+    otsu: bool,
+    nbins: int,
+    logit: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _reduce.threshold_pool_launch(
+        values, mask, method, param_tensor, param, otsu, nbins, logit
+    )
+
+
+@_threshold_pool_op.register_fake
+def _threshold_pool_fake(
+    values: Tensor,
+    mask: Tensor | None,
+    method: str,
+    param_tensor: Tensor | None,
+    param: float,
+    otsu: bool,
+    nbins: int,
+    logit: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    k = values.shape[0]
+    kept = values.new_empty(values.shape, dtype=torch.float32)
+    return kept, values.new_empty((k,), dtype=torch.float32), values.new_empty((k,), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,3 +169,34 @@ def masked_max(values: Tensor, mask: Tensor | None = None) -> Tensor:
 def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """Shapes: values ``[K, M]``, mask ``[M]``/``[K, M]`` -> ``[K]``."""
     return _pool(values, mask, "mean", 0.0)
+
+
+def threshold_and_pool(
+    values: Tensor,
+    mask: Tensor | None,
+    method: str,
+    param: float | Tensor = 8.0,
+    *,
+    threshold: str = "otsu",
+    nbins: int = 256,
+    pool_input: str = "heatmap",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Threshold + pooling as ``fastinsight.ops.threshold_pool.ThresholdAndPool``, in 3 launches
+    (2 with ``threshold="none"``), no host sync.
+
+    ``param`` is SmoothMax's ``a`` or LSE-LBA's ``r`` (float or ``[K]`` tensor; ignored by max
+    and mean). Shapes: values ``[K, M]``, mask ``[M]`` / ``[K, M]`` bool or None ->
+    (kept ``[K, M]`` float32, thresholds ``[K]``, scores ``[K]``).
+    """
+    if threshold not in ("otsu", "none"):
+        raise InputError(f"threshold must be 'otsu' or 'none', got {threshold!r}")
+    if pool_input not in ("heatmap", "logit"):
+        raise InputError(f"pool_input must be 'heatmap' or 'logit', got {pool_input!r}")
+    _forward_only(method, values, param if isinstance(param, Tensor) else None)
+    mask = None if mask is None else mask.detach()
+    tensor = param.detach() if isinstance(param, Tensor) else None
+    scalar = 0.0 if isinstance(param, Tensor) else float(param)
+    return _threshold_pool_op(
+        values.detach(), mask, method, tensor, scalar, threshold == "otsu", int(nbins),
+        pool_input == "logit",
+    )  # fmt: skip

@@ -13,6 +13,7 @@ Three implementations provide the primitives (Otsu and the four poolings), chose
 
 - ``IMPL_REFERENCE``: ``fastinsight.ops.otsu`` and ``fastinsight.ops.pooling`` (the ground truth);
 - ``IMPL_TRITON``: the fused kernels of ``fastinsight.kernels`` (imported when first called);
+  ``forward`` is one fused op of three launches (``kernels.threshold_and_pool``);
 - ``IMPL_EXPORT``: ``fastinsight.ops.graph_ops``, the same maths in operators that export to
   ONNX and build in TensorRT (accumulation dtype and histogram form are options).
 """
@@ -165,9 +166,26 @@ class ThresholdAndPool(nn.Module):
     def forward(self, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Shapes: values ``[K, M]`` float32, mask ``[M]`` bool or None ->
         (kept ``[K, M]``, thresholds ``[K]``, scores ``[K]``)."""
+        if self._impl == IMPL_TRITON:
+            return self._fused(values, mask)
         t = self.threshold(values, mask)
         kept = values * (values > t[:, None]).to(values.dtype)
         return kept, t, self.pool(kept, mask)
+
+    def _fused(self, values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The Triton path: one fused op (statistics, histogram, threshold + pool + finish)."""
+        from fastinsight import kernels
+
+        pooling = self.pooling
+        param: float | Tensor = 0.0
+        if pooling.method == POOL_SMOOTHMAX:
+            param = pooling.smoothmax_a
+        elif pooling.method == POOL_LSE_LBA:
+            param = pooling.sharpness
+        return kernels.threshold_and_pool(
+            values, mask, pooling.method, param, threshold=self.threshold_method,
+            nbins=self.otsu_bins, pool_input=self.pool_input,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"impl={self._impl}, threshold={self.threshold_method}, pool_input={self.pool_input}"

@@ -72,10 +72,36 @@ def test_check_table_flags_spills() -> None:
 
     clean = CheckResult("k", "v", "c", 90, registers=128, spill_bytes=0, shared_bytes=1024)
     spilled = CheckResult("k", "v", "c", 80, registers=255, spill_bytes=8, shared_bytes=1024)
+    in_loop = CheckResult("k", "v", "c", 80, registers=255, spill_bytes=8, shared_bytes=1024,
+                          loop_spills=2)  # fmt: skip
+    outside = CheckResult("k", "v", "c", 80, registers=96, spill_bytes=8, shared_bytes=1024,
+                          loop_spills=0)  # fmt: skip
     broken = CheckResult("k", "v", "c", 80, error="CompilationError: boom")
-    assert clean.ok and not spilled.ok and not broken.ok
-    table = format_table([clean, spilled, broken])
+    # Unknown placement (no SASS) and spills inside a loop fail; a spill outside every loop is
+    # reported but passes.
+    assert clean.ok and not spilled.ok and not in_loop.ok and not broken.ok
+    assert outside.ok and outside.verdict == "ok (8 B spilled outside loops)"
+    table = format_table([clean, spilled, in_loop, outside, broken])
     assert "FAIL (spill)" in table and "FAIL (compile)" in table
+
+
+def test_loop_local_accesses_finds_spills_inside_loops_only() -> None:
+    from fastinsight.kernels.check import loop_local_accesses
+
+    sass = "\n".join([
+        "        /*0010*/ STL [R1], R6 ;",  # prologue: once per program
+        ".L_x_3:",
+        "        /*0020*/ LDG.E R2, desc[UR4][R4.64] ;",
+        "        /*0030*/ STL.64 [R1+0x8], R2 ;",  # inside the loop
+        "        /*0040*/ @P0 BRA `(.L_x_3) ;",
+        "LBB7:",
+        "        /*0050*/ LDL.LU R0, [R1] ;",  # after the loop (a forward target)
+        "        /*0060*/ @P1 BRA LBB9 ;",
+        "LBB9:",
+        "        /*0070*/ EXIT ;",
+    ])  # fmt: skip
+    assert loop_local_accesses(sass) == 1
+    assert loop_local_accesses(sass.replace("`(.L_x_3)", "LBB7")) == 0  # no backward branch
 
 
 PTX = """
