@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Every Triton kernel configuration compiled ahead of time for Ampere and Hopper (no GPU
-# needed); fails on a compile error or any register spill.
+# needed); fails on a compile error or a register spill inside a loop.
 kernels-check: setup
 	$(VENV)/bin/fastinsight kernels check --arch sm_80,sm_90
 
