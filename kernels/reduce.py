@@ -264,10 +264,10 @@ def _log1p_f64(y):
 @triton.jit
 def _logit(x, EPS: tl.constexpr):
     """``fastinsight.ops.pooling.logit`` of fp32 ``x``: ``log(q) - log1p(-q)``, ``q`` clamped to
-    ``[EPS, 1 - EPS]``. ``log(1 - q)`` stands in for ``log1p(-q)``: the rounding of ``1 - q``
-    moves it by at most ~6e-8, far below one ulp of a logit that is at least ~1e-6 away from
-    zero... or exactly zero (q = 0.5, where 1 - q is exact). No division: a float32 division is
-    a subroutine call on NVIDIA GPUs, whose stack frame showed up as spills."""
+    ``[EPS, 1 - EPS]``. ``log(1 - q)`` stands in for ``log1p(-q)``: rounding ``1 - q`` changes
+    it by at most ~6e-8 absolute (half an ulp of ``1 - q``; exact for q >= 0.5), a fraction of
+    an ulp of the logit wherever ``|logit| > 1``. No division: a float32 division compiles to a
+    subroutine call on NVIDIA GPUs, whose stack frame ``kernels check`` counts as a spill."""
     q = tl.minimum(tl.maximum(x, EPS), 1.0 - EPS)
     return tl.log(q) - tl.log(1.0 - q)
 
