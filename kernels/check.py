@@ -191,10 +191,19 @@ def loop_local_accesses(sass: str) -> int:
 
 
 def _sass(compiled) -> str | None:
+    """The kernel's SASS from the bundled nvdisasm (its format warning on stderr silenced)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        return compiled.asm["sass"]
-    except Exception:  # nvdisasm missing or failing: spills then count wherever they are
-        return None
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                return compiled.asm["sass"]
+            except Exception:  # nvdisasm missing or failing: spills then count wherever they are
+                return None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def resource_usage(cubin: bytes, function: str) -> dict[str, int]:
