@@ -269,14 +269,16 @@ def make_providers(
 
 
 KERNEL_CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K",
-                      "w": "num_warps", "s": "num_stages"}  # fmt: skip
+                      "w": "num_warps", "s": "num_stages", "c": "chunk_tiles",
+                      "o": "overlap"}  # fmt: skip
 
 
 def parse_kernel_config(text: str):
     """``M128-X64-R128-K64-w8-s3`` (any subset, as ``HeadLaunchConfig.describe``) -> config.
 
     M: cells per program of the chain layers, X: of the layers wider than 64 channels, R: of the
-    reduce layer, K: input channels per dot step, w: warps, s: pipeline stages.
+    reduce layer, K: input channels per dot step, w: warps, s: pipeline stages, c: tiles per
+    chunk, o1: each chunk's reduce on a side stream beside the previous chunk's chains.
     """
     import dataclasses
     import re
@@ -285,12 +287,13 @@ def parse_kernel_config(text: str):
 
     fields = {}
     for part in text.split("-"):
-        match = re.fullmatch(r"([MXRKws])(\d+)", part)
+        match = re.fullmatch(r"([MXRKwsco])(\d+)", part)
         if not match:
             raise SystemExit(
                 f"bench_kernels: --kernel-config expects e.g. M128-X64-R128-K64-w8-s3, got {text!r}"
             )
-        fields[KERNEL_CONFIG_KEYS[match.group(1)]] = int(match.group(2))
+        key = KERNEL_CONFIG_KEYS[match.group(1)]
+        fields[key] = bool(int(match.group(2))) if key == "overlap" else int(match.group(2))
     return dataclasses.replace(FAST_16BIT, **fields)
 
 

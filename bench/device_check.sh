@@ -261,8 +261,10 @@ hook read 30
 hook slide 45 ${BENCH_SLIDE_ARGS:-}
 hook volume 30
 
-# Block-size variants of the layer kernels side by side (HeadLaunchConfig.describe() syntax).
-CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s4 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w8-s3 M128-X64-R128-K64-w8-s3}
+# Block-size variants of the layer kernels side by side (HeadLaunchConfig.describe() syntax);
+# -c<tiles> -o1: smaller chunks with each chunk's reduce on a side stream beside the previous
+# chunk's chains (-c1024 alone separates the chunk size's own effect).
+CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s3-c1024-o1 M64-X64-R64-K64-w4-s3-c2048-o1 M64-X64-R64-K64-w4-s3-c1024 M64-X64-R64-K64-w4-s4 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w8-s3 M128-X64-R128-K64-w8-s3}
 if [[ $DRY -eq 1 ]]; then
   KCFG=(--smoke --grid 4 4 --channels 64 --classes 1)
   CONFIGS="M64-X64-R64-K64-w4-s1"
@@ -270,7 +272,7 @@ else
   KCFG=(--tiles 8192 --classes 3)
 fi
 # shellcheck disable=SC2086  # CONFIGS is a word list on purpose
-run_step kernel_config 90 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
+run_step kernel_config 120 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
   --providers kernels_bf16 --kernel-config $CONFIGS --csv "$OUT/kernels.csv"
 
 rm -rf "$OUT/.shadow"

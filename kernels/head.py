@@ -83,7 +83,9 @@ class HeadLaunchConfig:
     epilogue holds several ``[BLOCK_M, cout]`` fp32 tables), ``BLOCK_MR`` cells per program of
     the reduce layer (blocks of one tile), ``BLOCK_K`` input channels per dot step,
     ``num_stages`` the software-pipelining depth of the K loops, ``chunk_tiles`` tiles per
-    launch sequence (bounds the activation memory).
+    launch sequence (bounds the activation memory). ``overlap`` runs each chunk's reduce (memory
+    bound) on a side CUDA stream while the previous chunk's chains (compute bound) run, with
+    the reduce's outputs double-buffered (an option to measure: not a default yet).
     """
 
     BLOCK_M: int = 128
@@ -93,12 +95,17 @@ class HeadLaunchConfig:
     num_warps: int = 8
     num_stages: int = 3
     chunk_tiles: int = 4096
+    overlap: bool = False
 
     def describe(self) -> str:
-        return (
+        """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>`` and ``-o1`` where not default."""
+        text = (
             f"M{self.BLOCK_M}-X{self.BLOCK_MW}-R{self.BLOCK_MR}-K{self.BLOCK_K}-w{self.num_warps}"
             f"-s{self.num_stages}"
         )
+        if self.chunk_tiles != HeadLaunchConfig.chunk_tiles:
+            text += f"-c{self.chunk_tiles}"
+        return text + ("-o1" if self.overlap else "")
 
 
 # One config per compute type; ``fastinsight kernels check`` proves every variant compiles for
@@ -731,8 +738,11 @@ def head_plan(
 
     Per chunk of ``chunk_tiles`` tiles: the reduce (+ tile statistics), then the detection chain
     (ending in the logits D) and the context chain (ending in the gate): 16 launches with the
-    tile norm, 10 with the channel norm. ``insight_head_launch`` runs them; the kernel benchmark
-    times them one by one (bench_kernels.py, its per-launch option).
+    tile norm, 10 with the channel norm. Each step's work dict also names its ``chunk`` and its
+    ``role`` (``"reduce"`` or ``"chain"``); with ``config.overlap`` the reduce's outputs (z, its
+    row and tile statistics) alternate between two buffers, so ``run_plan`` may run chunk
+    ``i + 1``'s reduce beside chunk ``i``'s chains. ``insight_head_launch`` runs the steps; the
+    kernel benchmark times them one by one (bench_kernels.py, its per-launch option).
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -754,16 +764,25 @@ def head_plan(
     chunk = min(n, cfg.chunk_tiles, max(1, MAX_CHUNK_CELLS // cells))
     rows = chunk * cells
     widest = max(dims["CR"], dims["W1"], dims["W2"], dims["W3"])
-    z = torch.empty((rows, dims["CR"]), device=device, dtype=dtype)
     bufs = (torch.empty((rows, widest), device=device, dtype=dtype),
             torch.empty((rows, widest), device=device, dtype=dtype))  # fmt: skip
     d = torch.empty((rows, dims["K"]), device=device, dtype=torch.float32)
     rowstat = torch.empty((rows, 2), device=device, dtype=torch.float32)
-    stat_z = torch.empty((chunk, 2), device=device, dtype=torch.float32)
     stat = torch.empty((chunk, 2), device=device, dtype=torch.float32)
+    # The reduce's outputs: one set, or two alternating ones (with their own row statistics)
+    # when a chunk's reduce may run beside the previous chunk's chains.
+    n_sets = 2 if cfg.overlap and n > chunk else 1
+    reduce_sets = [
+        (torch.empty((rows, dims["CR"]), device=device, dtype=dtype),
+         torch.empty((rows, 2), device=device, dtype=torch.float32) if n_sets > 1 else rowstat,
+         torch.empty((chunk, 2), device=device, dtype=torch.float32))
+        for _ in range(n_sets)
+    ]  # fmt: skip
     red = head.reduce
     steps: list[Step] = []
-    for n0 in range(0, n, chunk):
+    for index, n0 in enumerate(range(0, n, chunk)):
+        z, zstat, stat_z = reduce_sets[index % n_sets]
+        first = len(steps)
         xc = x[n0 : n0 + chunk]
         nc = xc.shape[0]
         m = nc * cells
@@ -773,13 +792,13 @@ def head_plan(
         launch = _reduce_kernel[(nc * triton.cdiv(cells, cfg.BLOCK_MR),)]
         steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
             launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
-            z, rowstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg)),
+            z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg)),
             {"flops": 2.0 * m * c * dims["CR"],
              "bytes": float(m * (c + dims["CR"]) * xc.element_size())}))  # fmt: skip
         if norm == "tile":
             stats = _tile_stats_kernel[(nc,)]
             steps.append(("reduce tile statistics", functools.partial(
-                stats, rowstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
+                stats, zstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
                 BLOCK=min(1024, next_pow2(cells)), num_warps=4), {"flops": 0.0, "bytes": m * 8.0}))  # fmt: skip
         outc = out[n0 : n0 + nc]
         common = (bufs, rowstat, stat, d, outc)
@@ -787,7 +806,73 @@ def head_plan(
                               precision, cfg, "detect")  # fmt: skip
         steps += _chain_steps(head, head.context, z, stat_z, *common, OUT_GATE, m, eps,
                               precision, cfg, "context")  # fmt: skip
+        reduce_steps = 2 if norm == "tile" else 1
+        for j in range(first, len(steps)):
+            label, launch, work = steps[j]
+            role = "reduce" if j - first < reduce_steps else "chain"
+            steps[j] = (label, launch, {**work, "chunk": index, "role": role,
+                                        "overlap": n_sets > 1})  # fmt: skip
     return out, steps
+
+
+def overlapped_order(steps: list[Step]) -> list[tuple[int, Step]]:
+    """The issue order of an overlapped plan: chunk ``i + 1``'s reduce before chunk ``i``'s
+    chains (the earliest the double buffers allow), as (chunk, step) pairs.
+
+    Run one by one in this order (the interpreter, the tests), it checks the double buffering:
+    a reduce that overwrote what the previous chunk's chains still read would change the result.
+    """
+    chunks: dict[int, dict[str, list[Step]]] = {}
+    for step in steps:
+        work = step[2]
+        chunks.setdefault(work["chunk"], {"reduce": [], "chain": []})[work["role"]].append(step)
+    order: list[tuple[int, Step]] = []
+    for i in sorted(chunks):
+        if i == 0:
+            order += [(0, s) for s in chunks[0]["reduce"]]
+        if i + 1 in chunks:
+            order += [(i + 1, s) for s in chunks[i + 1]["reduce"]]
+        order += [(i, s) for s in chunks[i]["chain"]]
+    return order
+
+
+def run_plan(steps: list[Step]) -> None:
+    """Launch a plan's steps. Overlapped plans on CUDA put the reduces on a side stream: chunk
+    ``i``'s chains wait for its reduce, and chunk ``i + 2``'s reduce (same buffers) waits for
+    chunk ``i``'s chains. Everything joins the current stream before the last chain, so callers,
+    CUDA graphs and the caching allocator see one stream's work."""
+    if not steps or not steps[0][2].get("overlap"):
+        for _, launch, _ in steps:
+            launch()
+        return
+    order = overlapped_order(steps)
+    if INTERPRET or not torch.cuda.is_available():
+        for _, (_, launch, _) in order:
+            launch()
+        return
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream(device=main.device)
+    start = torch.cuda.Event()
+    start.record(main)
+    side.wait_event(start)  # the tokens and buffers are ready on the main stream
+    # The last step of each (chunk, role) records the event the other stream waits for.
+    last = {(chunk, step[2]["role"]): i for i, (chunk, step) in enumerate(order)}
+    reduced: dict[int, torch.cuda.Event] = {}
+    chained: dict[int, torch.cuda.Event] = {}
+    waited: set[tuple[int, str]] = set()
+    for i, (chunk, (_, launch, work)) in enumerate(order):
+        role = work["role"]
+        stream, other = (side, chained.get(chunk - 2)) if role == "reduce" else (main, reduced.get(chunk))
+        if (chunk, role) not in waited:
+            waited.add((chunk, role))
+            if other is not None:  # chunk i's reduce, or chunk i - 2's chains (same buffers)
+                stream.wait_event(other)
+        with torch.cuda.stream(stream):
+            launch()
+        if last[(chunk, role)] == i:
+            event = torch.cuda.Event()
+            event.record(stream)
+            (reduced if role == "reduce" else chained)[chunk] = event
 
 
 def insight_head_launch(
@@ -800,8 +885,7 @@ def insight_head_launch(
 ) -> Tensor:
     """Launch the layer kernels. Shapes: tokens ``[N, C, h, w]`` -> ``[N, K, h, w]`` float32."""
     out, steps = head_plan(tokens, params, norm, eps, precision, config)
-    for _, launch, _ in steps:
-        launch()
+    run_plan(steps)
     return out
 
 

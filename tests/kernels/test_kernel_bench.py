@@ -99,5 +99,9 @@ def test_kernel_config_parses() -> None:
     assert (cfg.num_warps, cfg.num_stages) == (4, 2)
     # describe() and the parser speak the same language.
     assert bench_kernels.parse_kernel_config(cfg.describe()) == cfg
+    chunked = bench_kernels.parse_kernel_config("M64-X64-R64-K64-w4-s3-c1024-o1")
+    assert chunked.chunk_tiles == 1024 and chunked.overlap is True
+    assert chunked.describe() == "M64-X64-R64-K64-w4-s3-c1024-o1"
+    assert bench_kernels.parse_kernel_config(chunked.describe()) == chunked
     with pytest.raises(SystemExit):
         bench_kernels.parse_kernel_config("M64-Q3")

@@ -128,6 +128,40 @@ def test_head_in_ragged_chunks_matches_one_chunk() -> None:
     assert max_err(out, ref) <= FP32_ATOL
 
 
+@pytest.mark.parametrize("norm", ["tile", "channel"])
+def test_head_overlapped_chunks_match_sequential(norm) -> None:
+    """``overlap``: chunk i + 1's reduce is issued before chunk i's chains (the order the side
+    stream allows), into the other of two buffer sets. Run in that order, 7 tiles in chunks of
+    2 give bit for bit the sequential heatmap: no reduce overwrote what a chain still read."""
+    import dataclasses
+
+    from fastinsight.kernels.head import (
+        flatten_weights,
+        head_plan,
+        insight_head_launch,
+        launch_config,
+        overlapped_order,
+    )
+
+    model = make_model(48, 2, (4, 4), norm).to(DEVICE)
+    x = torch.randn(7, 48, 4, 4, device=DEVICE)
+    w = model.head_weights()
+    params = flatten_weights(w)
+    base = dataclasses.replace(launch_config(16, x.dtype, "ieee"), chunk_tiles=2)
+    overlap = dataclasses.replace(base, overlap=True)
+    with torch.no_grad():
+        want = insight_head_launch(x, params, norm, w.eps, "ieee", base)
+        got = insight_head_launch(x, params, norm, w.eps, "ieee", overlap)
+        _, steps = head_plan(x, params, norm, w.eps, "ieee", overlap)
+    assert torch.equal(got, want)
+    # The order interleaves: reduce 0, reduce 1, chains 0, reduce 2, chains 1, ...
+    order = [(chunk, step[2]["role"]) for chunk, step in overlapped_order(steps)]
+    firsts = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
+    assert firsts == [(0, "reduce"), (1, "reduce"), (0, "chain"), (2, "reduce"), (1, "chain"),
+                      (3, "reduce"), (2, "chain"), (3, "chain")]  # fmt: skip
+    assert len(order) == len(steps) and all(step[2]["overlap"] for step in steps)
+
+
 def test_head_sees_weight_updates() -> None:
     """The prepared-weights cache follows in-place updates (tensor versions)."""
     from fastinsight.kernels import insight_head
