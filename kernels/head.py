@@ -862,7 +862,9 @@ def run_plan(steps: list[Step]) -> None:
     waited: set[tuple[int, str]] = set()
     for i, (chunk, (_, launch, work)) in enumerate(order):
         role = work["role"]
-        stream, other = (side, chained.get(chunk - 2)) if role == "reduce" else (main, reduced.get(chunk))
+        stream, other = (
+            (side, chained.get(chunk - 2)) if role == "reduce" else (main, reduced.get(chunk))
+        )
         if (chunk, role) not in waited:
             waited.add((chunk, role))
             if other is not None:  # chunk i's reduce, or chunk i - 2's chains (same buffers)

@@ -104,7 +104,11 @@ def _threshold_pool_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = values.shape[0]
     kept = values.new_empty(values.shape, dtype=torch.float32)
-    return kept, values.new_empty((k,), dtype=torch.float32), values.new_empty((k,), dtype=torch.float32)
+    return (
+        kept,
+        values.new_empty((k,), dtype=torch.float32),
+        values.new_empty((k,), dtype=torch.float32),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -530,7 +530,6 @@ def _pool_meta(
     return consts, _options(cfg)
 
 
-
 def _options(cfg: ReduceLaunchConfig) -> dict:
     # No FMA contraction: the histogram edges must round exactly as numpy's (mul, then add).
     return {"num_warps": cfg.num_warps, "num_stages": 1, "enable_fp_fusion": False}

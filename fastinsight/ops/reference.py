@@ -202,7 +202,7 @@ def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.
         tap_weight = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1).contiguous()
         if k > 1:
             # Contribution (source cell, tap t) sits at column src * k*k*cout + t * cout + o.
-            taps = (_clamped_cells(h, w, k, p, h, w) * (k * k) + torch.arange(k * k).repeat(h * w))
+            taps = _clamped_cells(h, w, k, p, h, w) * (k * k) + torch.arange(k * k).repeat(h * w)
             taps = taps.to(device)
     elif dtype == torch.float32 and torch.backends.mkldnn.is_available():
         conv_weight = weight.contiguous(memory_format=torch.channels_last)
@@ -306,9 +306,7 @@ def insight_head_cpu(tokens: Tensor, weights: HeadWeights, chunk: int = CPU_CHUN
         else:
             # NCHW tokens, read as they lie: per tile z = x^T W^T with x^T a transposed view of
             # [C, hw] (the GEMM's transpose flag, no copy), written channels-last.
-            z = torch.baddbmm(
-                reduce.bias, rows, reduce_weight.t().expand(m, -1, -1)
-            )
+            z = torch.baddbmm(reduce.bias, rows, reduce_weight.t().expand(m, -1, -1))
         z = _cpu_hidden(z, reduce, kind, eps)
         d = z
         for g in detect:

@@ -185,9 +185,7 @@ def test_fused_flat_class_and_empty_class(method) -> None:
     assert torch.isfinite(scores[keep]).all()
 
 
-@pytest.mark.parametrize(
-    ("threshold", "want"), [("otsu", 3), ("none", 2)], ids=["otsu", "none"]
-)
+@pytest.mark.parametrize(("threshold", "want"), [("otsu", 3), ("none", 2)], ids=["otsu", "none"])
 def test_fused_launch_count(threshold, want, monkeypatch) -> None:
     """Three kernel launches with Otsu, two without, two for a plain pooling; nothing else."""
     from fastinsight.kernels import reduce
