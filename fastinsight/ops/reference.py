@@ -149,7 +149,7 @@ def insight_head_reference(tokens: Tensor, weights: HeadWeights) -> Tensor:
 CPU_CHUNK = 64
 # Layers with fewer output channels than this (the heads' last, K = classes) skip oneDNN, whose
 # convolution runs a 64 -> 1 layer at a few GFLOP/s: one GEMM gives every tap's contribution,
-# then the taps are gathered and summed.
+# then the taps are gathered and summed (3x3 layers, and 1x1 layers with a single output).
 NARROW_COUT = 16
 
 
@@ -198,7 +198,8 @@ def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.
     weight = layer.weight.detach().to(dtype)
     device = weight.device
     conv_weight = gemm_weight = tap_weight = taps = None
-    if weight.shape[0] < NARROW_COUT:
+    # 1x1 layers with 2-15 outputs stay on oneDNN: an sgemm with so few columns ran ~3x slower.
+    if weight.shape[0] < NARROW_COUT and (k > 1 or weight.shape[0] == 1):
         tap_weight = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1).contiguous()
         if k > 1:
             # Contribution (source cell, tap t) sits at column src * k*k*cout + t * cout + o.

@@ -124,15 +124,17 @@ def test_predict_runs_the_cpu_head_with_masks(monkeypatch) -> None:
     assert bool((pred.heatmap[~mask[:, None].expand_as(pred.heatmap)] == 0).all())
 
 
+@pytest.mark.parametrize("classes", [1, 2])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cpu_head_narrow_layers(layout) -> None:
-    """Layers narrower than ``NARROW_COUT`` (every one here, the reduce included) take the
-    tap-contribution GEMM + gather-sum path; equal to the float64 reference, both token layouts."""
+def test_cpu_head_narrow_layers(layout, classes) -> None:
+    """Layers narrower than ``NARROW_COUT`` (every one here): the 3x3 ones and a single-output
+    1x1 take the tap-contribution GEMM + gather-sum path, narrow 1x1 layers with several outputs
+    stay on oneDNN; equal to the float64 reference, both token layouts."""
     from fastinsight.models.config import InsightConfig
     from fastinsight.models.insight import InsightModel
     from fastinsight.ops.reference import NARROW_COUT
 
-    config = InsightConfig(in_dim=12, num_classes=2, reduce_dim=8, widths=(8, 4, 8))
+    config = InsightConfig(in_dim=12, num_classes=classes, reduce_dim=8, widths=(8, 4, 8))
     assert max(config.reduce_dim, *config.widths) < NARROW_COUT
     torch.manual_seed(5)
     model = InsightModel(config, backend="reference").eval()
