@@ -210,3 +210,15 @@ def test_fused_launch_count(threshold, want, monkeypatch) -> None:
     with torch.no_grad():
         reduce.pool_launch(values.to(DEVICE), mask.to(DEVICE), "lse_lba", None, 4.0)
     assert launches == ["_masked_stats_kernel", "_threshold_pool_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_takes_16bit_values_as_their_fp32_values(dtype) -> None:
+    """16-bit heatmaps are read as the fp32 values they hold (the kept heatmap is fp32)."""
+    values = heatmap(2, 2000, seed=12).to(dtype)
+    mask = torch.rand(2000) > 0.25
+    got = fused(values, mask, "smoothmax", 8.0)
+    want = fused(values.float(), mask, "smoothmax", 8.0)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
