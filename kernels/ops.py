@@ -12,6 +12,8 @@ lazily, on first use of a launcher.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -35,11 +37,21 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while its kernels launch: Triton launches on the current CUDA
+    device and its current stream, so a model on ``cuda:1`` in a process whose current device
+    is ``cuda:0`` would otherwise launch on the wrong GPU. A no-op for CPU tensors."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("fastinsight::insight_head", mutates_args=())
 def _insight_head_op(
     tokens: Tensor, params: list[Tensor], norm: str, eps: float, precision: str
 ) -> Tensor:
-    return _head.insight_head_launch(tokens, list(params), norm, eps, precision)
+    with device_guard(tokens.device):
+        return _head.insight_head_launch(tokens, list(params), norm, eps, precision)
 
 
 @_insight_head_op.register_fake
@@ -53,7 +65,8 @@ def _insight_head_fake(
 
 @torch.library.custom_op("fastinsight::otsu_threshold", mutates_args=())
 def _otsu_op(values: Tensor, mask: Tensor | None, nbins: int) -> Tensor:
-    return _reduce.otsu_threshold_launch(values, mask, nbins)
+    with device_guard(values.device):
+        return _reduce.otsu_threshold_launch(values, mask, nbins)
 
 
 @_otsu_op.register_fake
@@ -65,7 +78,8 @@ def _otsu_fake(values: Tensor, mask: Tensor | None, nbins: int) -> Tensor:
 def _pool_op(
     values: Tensor, mask: Tensor | None, method: str, param_tensor: Tensor | None, param: float
 ) -> Tensor:
-    return _reduce.pool_launch(values, mask, method, param_tensor, param)
+    with device_guard(values.device):
+        return _reduce.pool_launch(values, mask, method, param_tensor, param)
 
 
 @_pool_op.register_fake
@@ -86,9 +100,10 @@ def _threshold_pool_op(
     nbins: int,
     logit: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _reduce.threshold_pool_launch(
-        values, mask, method, param_tensor, param, otsu, nbins, logit
-    )
+    with device_guard(values.device):
+        return _reduce.threshold_pool_launch(
+            values, mask, method, param_tensor, param, otsu, nbins, logit
+        )
 
 
 @_threshold_pool_op.register_fake

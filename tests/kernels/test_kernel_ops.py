@@ -77,3 +77,39 @@ def test_torch_compile_traces_model_with_kernels(backend: str) -> None:
     for g, w, r in zip(got, want, ref, strict=True):
         assert max_err(g, w) == 0.0
         assert max_err(g, r) <= 1e-5
+
+
+def test_launchers_make_the_tensors_device_current() -> None:
+    """Triton launches on the current CUDA device: every launcher enters the tensors' device
+    first (a model on cuda:1 must not launch on cuda:0); CPU tensors need no guard."""
+    import contextlib
+
+    from fastinsight.kernels.ops import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_every_launcher_enters_the_device_guard(monkeypatch) -> None:
+    from fastinsight import kernels
+    from fastinsight.kernels import ops
+
+    from .helpers import DEVICE, make_model
+
+    seen = []
+    real = ops.device_guard
+
+    def spy(device):
+        seen.append(device)
+        return real(device)
+
+    monkeypatch.setattr(ops, "device_guard", spy)
+    values = torch.rand(2, 500, device=DEVICE)
+    model = make_model(16, 1, (4, 4), "tile").to(DEVICE)
+    with torch.no_grad():
+        kernels.insight_head(torch.randn(2, 16, 4, 4, device=DEVICE), model.head_weights())
+        kernels.otsu_threshold(values)
+        kernels.smoothmax(values, None, 8.0)
+        kernels.threshold_and_pool(values, None, "mean")
+    assert seen == [values.device] * 4
