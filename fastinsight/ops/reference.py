@@ -212,7 +212,7 @@ def _cpu_layer(layer: ConvLayer, kind: str, grid: tuple[int, int], dtype: torch.
         if k > 1:
             taps = _clamped_cells(h, w, k, p, h, w).to(device)
     nw = nb = None
-    if layer.norm_weight is not None:
+    if layer.norm_weight is not None and layer.norm_bias is not None:
         nw, nb = layer.norm_weight.detach().to(dtype), layer.norm_bias.detach().to(dtype)
         if kind == "tile":
             nw = nw.permute(1, 2, 0).reshape(h * w, -1).contiguous()
@@ -246,6 +246,7 @@ def _cpu_conv(x: Tensor, g: _CpuLayer) -> Tensor:
             grid = F.pad(grid, (k // 2,) * 4, mode="replicate")
         y = F.conv2d(grid, g.conv_weight, g.bias)
         return y.permute(0, 2, 3, 1).reshape(n, hw, -1)
+    assert g.gemm_weight is not None  # _cpu_layer set exactly one of the three weights
     a = x if g.taps is None else x.index_select(1, g.taps)  # im2col [n, hw * k*k, cin]
     return torch.addmm(g.bias, a.view(n * hw, -1), g.gemm_weight).view(n, hw, -1)
 
