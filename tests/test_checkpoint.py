@@ -128,3 +128,39 @@ def test_saved_models_are_readable_like_any_file(tmp_path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_one_state_check_for_every_model_family() -> None:
+    """``check_state`` (INSIGHT, PYLON, the multi-resolution network, INSIGHT-CT all load through
+    it): each offence is named, the first in order, and nothing is loaded by the check."""
+    from torch import nn
+
+    from fastinsight.models.statefiles import check_state
+
+    model = nn.BatchNorm1d(3)  # floating weights and an integer counter
+    expected = model.state_dict()
+    good = {k: v.clone() for k, v in expected.items()}
+    check_state(expected, good, "m.pth")
+    cases = [
+        (dict(good, extra=torch.zeros(1)), "unexpected key 'extra'; hint", "; hint"),
+        ({k: v for k, v in good.items() if k != "bias"}, "missing key 'bias'", ""),
+        (dict(good, weight=torch.zeros(4)), r"'weight' has shape \[4\], expected \[3\]", ""),
+        (dict(good, num_batches_tracked=torch.tensor(1.0)), "expected torch.int64", ""),
+        (dict(good, bias=torch.tensor([0.0, float("nan"), float("inf")])),
+         r"'bias' holds 2 non-finite values \(NaN/inf\)", ""),
+        (dict(good, running_var=torch.full((3,), 1e300, dtype=torch.float64)),
+         "beyond float32's range", ""),
+    ]  # fmt: skip
+    for state, message, hint in cases:
+        with pytest.raises(CheckpointError, match=message):
+            check_state(expected, state, "m.pth", hint)
+    # An extra key is named before a bad one.
+    with pytest.raises(CheckpointError, match="unexpected key 'zz'"):
+        check_state(expected, dict(good, weight=torch.zeros(9), zz=torch.zeros(1)), "m.pth")
+
+
+def test_non_finite_official_weights_are_refused_before_loading(tmp_path) -> None:
+    state = random_official_state_dict(32, 1)
+    state["context_block.1.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"'context_block.1.weight' holds 1 non-finite"):
+        load_model(_save(state, tmp_path / "nan.pth"), device="cpu")

@@ -31,7 +31,7 @@ from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-e
     FORMAT_VERSION,
     InsightModel,
 )
-from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
+from fastinsight.models.statefiles import check_state, read_safetensors, read_torch_state_dict
 
 
 def sniff_format(path: Path) -> str:
@@ -89,42 +89,9 @@ def config_from_official_state_dict(state: dict[str, Tensor]) -> InsightConfig:
 
 
 def load_state_strict(model: InsightModel, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, naming the first missing, extra or mis-shaped key."""
-    expected = model.state_dict()
-    for key in state:
-        if key not in expected:
-            raise CheckpointError(f"{source}: unexpected key {key!r}; not an INSIGHT checkpoint")
-    for key, ref in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r}")
-        got = state[key]
-        if not isinstance(got, Tensor):
-            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-            )
-        if not got.is_floating_point():
-            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected float")
-        finite = torch.isfinite(got)
-        if not bool(finite.all()):
-            bad = got[~finite]
-            kinds = ", ".join(
-                name
-                for name, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any()))
-                if bool(hit)
-            )
-            raise CheckpointError(
-                f"{source}: {key!r} holds {int(bad.numel())} non-finite values ({kinds}); the "
-                "file is damaged or the training diverged: use an earlier checkpoint"
-            )
-        # fp16/bf16 weights are stored in float32 below; values beyond float32 cannot occur,
-        # but a float64 file can hold finite values that overflow float32.
-        if got.dtype == torch.float64 and bool((got.abs() > torch.finfo(torch.float32).max).any()):
-            raise CheckpointError(
-                f"{source}: {key!r} holds values beyond float32's range (overflow to inf); the "
-                "file is damaged or the training diverged"
-            )
+    """Load ``state`` into ``model`` after ``check_state`` (first missing, extra, mis-shaped or
+    non-finite key named); weights are stored in float32."""
+    check_state(model.state_dict(), state, source, "; not an INSIGHT checkpoint")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 

@@ -24,7 +24,7 @@ from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.models.config import class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
-from fastinsight.models.statefiles import read_safetensors
+from fastinsight.models.statefiles import check_state, read_safetensors
 
 FAMILY_KEY = "fastinsight.family"
 
@@ -138,29 +138,9 @@ def check_input_side(x: Tensor, multiple: int, model: str) -> None:
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` only if every key matches ``model`` by name, shape and kind of dtype.
-
-    The first offending key (in the file's order, then missing ones) is named; nothing is loaded
-    before all keys have been checked.
-    """
-    expected = model.state_dict()
-    for key, got in state.items():
-        if key not in expected:
-            raise CheckpointError(f"{source}: unexpected key {key!r} for this architecture")
-        ref = expected[key]
-        if not isinstance(got, Tensor):
-            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}"
-            )
-        if ref.is_floating_point() != got.is_floating_point():
-            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected {ref.dtype}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise CheckpointError(f"{source}: {key!r} holds NaN or infinite values")
-    for key in expected:
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r}")
+    """Load ``state`` only if ``check_state`` accepts it against ``model`` (every key by name,
+    shape and kind of dtype, finite); nothing is loaded before all keys have been checked."""
+    check_state(model.state_dict(), state, source)
     model.load_state_dict(
         {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True
     )

@@ -52,6 +52,46 @@ def non_finite(t: Tensor) -> tuple[int, str] | None:
     return int(bad.numel()), kinds
 
 
+def check_state(
+    expected: dict[str, Tensor], state: dict[str, Tensor], source: str, unexpected_hint: str = ""
+) -> None:
+    """Refuse ``state`` unless it fits ``expected`` (a model's ``state_dict()``) key for key.
+
+    In order, naming the first offence: a key the model lacks (``unexpected_hint`` appended, in
+    the file's order), then per key of the file a non-tensor, another shape, a floating tensor
+    where the model has an integer one (or the reverse), NaN/inf values, float64 values beyond
+    float32's range (the loaders store float32), and last a key the file lacks. Nothing is loaded
+    here: the caller loads after this returns, so a refused file changes no weight.
+    """
+    for key in state:
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r}{unexpected_hint}")
+    for key, got in state.items():
+        ref = expected[key]
+        if not isinstance(got, Tensor):
+            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}"
+            )
+        if ref.is_floating_point() != got.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} has dtype {got.dtype}, expected {ref.dtype}")
+        bad = non_finite(got)
+        if bad is not None:
+            raise CheckpointError(
+                f"{source}: {key!r} holds {bad[0]} non-finite values ({bad[1]}); the file is "
+                "damaged or the training diverged: use an earlier checkpoint"
+            )
+        if got.dtype == torch.float64 and bool((got.abs() > torch.finfo(torch.float32).max).any()):
+            raise CheckpointError(
+                f"{source}: {key!r} holds values beyond float32's range (overflow to inf); the "
+                "file is damaged or the training diverged"
+            )
+    for key in expected:
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     """Metadata and tensors of a safetensors file, or raise CheckpointError."""
     from safetensors import safe_open

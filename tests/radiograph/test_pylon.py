@@ -84,6 +84,10 @@ def test_partial_and_mismatched_files_are_refused(tmp_path) -> None:
     typed = dict(state)
     typed["net.encoder.bn1.weight"] = torch.ones(64, dtype=torch.int64)
     _refused(tmp_path, typed, r"'net\.encoder\.bn1\.weight' has dtype torch\.int64")
+    poisoned = dict(state)
+    poisoned["net.encoder.bn1.weight"] = state["net.encoder.bn1.weight"].clone()
+    poisoned["net.encoder.bn1.weight"][3] = float("inf")
+    _refused(tmp_path, poisoned, r"'net\.encoder\.bn1\.weight' holds 1 non-finite values \(inf\)")
     _refused(tmp_path, {"fc.weight": torch.zeros(2, 2)}, "not a PYLON checkpoint")
     (tmp_path / "junk.pth").write_bytes(b"not a model at all")
     with pytest.raises(CheckpointError):
