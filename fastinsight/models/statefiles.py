@@ -6,6 +6,7 @@ it knows nothing of architectures, so it sits below them and imports none of the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,6 +51,19 @@ def non_finite(t: Tensor) -> tuple[int, str] | None:
         n for n, hit in (("NaN", bad.isnan().any()), ("inf", bad.isinf().any())) if hit
     )
     return int(bad.numel()), kinds
+
+
+def bad_tensor(named: Iterable[tuple[str, object]]) -> str | None:
+    """What is wrong with the first of ``(name, value)`` that is not a finite-valued tensor
+    ("X is a T, not a tensor" / "X holds N non-finite values (NaN)"), or None: the check the
+    training-state readers run on weights and optimizer moments."""
+    for name, value in named:
+        if not isinstance(value, Tensor):
+            return f"{name} is a {type(value).__name__}, not a tensor"
+        bad = non_finite(value)
+        if bad is not None:
+            return f"{name} holds {bad[0]} non-finite values ({bad[1]})"
+    return None
 
 
 def check_state(

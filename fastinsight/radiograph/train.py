@@ -29,7 +29,7 @@ from torch import Tensor
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.inputs import check_input_path
-from fastinsight.models.statefiles import non_finite
+from fastinsight.models.statefiles import bad_tensor
 from fastinsight.ops.pooling import lse_lba
 
 
@@ -139,12 +139,9 @@ def _read_state(path: Path, cfg: RadiographTrainConfig, device: torch.device) ->
         if not isinstance(moments, dict):
             raise _damaged(path, f"optimizer state {pid!r} is not a dict")
         named += [(f"optimizer['state'][{pid!r}][{k!r}]", v) for k, v in moments.items()]
-    for where, value in named:
-        if not isinstance(value, Tensor):
-            raise _damaged(path, f"{where} is a {type(value).__name__}, not a tensor")
-        bad = non_finite(value)
-        if bad is not None:
-            raise _damaged(path, f"{where} holds {bad[0]} non-finite values ({bad[1]})")
+    problem = bad_tensor(named)
+    if problem is not None:
+        raise _damaged(path, problem)
     return saved
 
 

@@ -21,7 +21,7 @@ from fastinsight.errors import CheckpointError, FastInsightError
 from fastinsight.inputs import check_input_path
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
-from fastinsight.models.statefiles import non_finite
+from fastinsight.models.statefiles import bad_tensor
 from fastinsight.text import dumps_json
 from fastinsight.train.config import TrainConfig
 
@@ -215,12 +215,9 @@ def _check_finite_tensors(tensors: Mapping[Any, Any], where: str, path: Path) ->
     A NaN in the weights or in Adam's moments survives every later step (NaN + x = NaN), so a
     resumed run would train to NaN and only fail epochs later, at the first score written.
     """
-    for key, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise _damaged(path, f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
-        bad = non_finite(value)
-        if bad is not None:
-            raise _damaged(path, f"{where}[{key!r}] holds {bad[0]} non-finite values ({bad[1]})")
+    problem = bad_tensor((f"{where}[{key!r}]", value) for key, value in tensors.items())
+    if problem is not None:
+        raise _damaged(path, problem)
 
 
 def _check_state_layout(state: Mapping[str, Any], path: Path) -> None:
