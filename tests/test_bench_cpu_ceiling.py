@@ -25,7 +25,13 @@ def test_cpu_bench_records_its_ceiling_and_upgrades_old_files(tmp_path) -> None:
     old_row, row = list(csv.DictReader(out.open()))
     assert old_row["official_tiles_per_s"] == "80" and old_row["sgemm_gflop_per_s"] == ""
     assert float(row["sgemm_gflop_per_s"]) > 0 and float(row["ceiling_tiles_per_s"]) > 0
-    # The ceiling bounds the ratio any fp32 implementation can reach against the official code.
+    assert old_row["conv3x3_gflop_per_s"] == "" and float(row["conv3x3_gflop_per_s"]) > 0
+    # The ceiling is the head's FLOPs at the faster of the two measured rates.
+    rate = max(float(row["sgemm_gflop_per_s"]), float(row["conv3x3_gflop_per_s"]))
+    flops = float(row["C"]) * 128 + 128 * 128 + 128 * 64 + 64 * 64 + 64
+    flops = 2 * 196 * (flops + 9 * (128 * 128 + 128 * 64 + 64 * 64 + 64))
+    assert abs(float(row["ceiling_tiles_per_s"]) - rate * 1e9 / flops) <= 0.02 * rate * 1e9 / flops
+    # The ceiling bounds the ratio a direct-convolution fp32 implementation can reach.
     ceiling = float(row["ceiling_tiles_per_s"]) / float(row["official_tiles_per_s"])
     assert abs(float(row["max_ratio_at_ceiling"]) - ceiling) <= 0.01 * ceiling
     assert float(row["max_abs_err"]) <= 1e-5
