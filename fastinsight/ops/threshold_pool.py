@@ -128,14 +128,23 @@ class ThresholdAndPool(nn.Module):
             )
         return otsu_threshold(values, keep, self.otsu_bins)
 
+    def _kernel_param(self) -> float | Tensor:
+        """The kernels' one pooling parameter: SmoothMax's ``a``, LSE-LBA's ``r`` (a ``[K]``
+        tensor), unused (0) by max and mean."""
+        if self.pooling.method == POOL_SMOOTHMAX:
+            return self.pooling.smoothmax_a
+        if self.pooling.method == POOL_LSE_LBA:
+            return self.pooling.sharpness
+        return 0.0
+
     def _pool_fn(self) -> Callable[[Tensor, Tensor | None], Tensor]:
         method, pooling = self.pooling.method, self.pooling
         if self._impl == IMPL_TRITON:
             from fastinsight import kernels
 
             triton: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
-                POOL_SMOOTHMAX: lambda x, m: kernels.smoothmax(x, m, pooling.smoothmax_a),
-                POOL_LSE_LBA: lambda x, m: kernels.lse_lba(x, m, pooling.sharpness),
+                POOL_SMOOTHMAX: lambda x, m: kernels.smoothmax(x, m, self._kernel_param()),
+                POOL_LSE_LBA: lambda x, m: kernels.lse_lba(x, m, self._kernel_param()),
                 POOL_MAX: kernels.masked_max,
                 POOL_MEAN: kernels.masked_mean,
             }
@@ -176,14 +185,9 @@ class ThresholdAndPool(nn.Module):
         """The Triton path: one fused op (statistics, histogram, threshold + pool + finish)."""
         from fastinsight import kernels
 
-        pooling = self.pooling
-        param: float | Tensor = 0.0
-        if pooling.method == POOL_SMOOTHMAX:
-            param = pooling.smoothmax_a
-        elif pooling.method == POOL_LSE_LBA:
-            param = pooling.sharpness
         return kernels.threshold_and_pool(
-            values, mask, pooling.method, param, threshold=self.threshold_method,
+            values, mask, self.pooling.method, self._kernel_param(),
+            threshold=self.threshold_method,
             nbins=self.otsu_bins, pool_input=self.pool_input,
         )  # fmt: skip
 
