@@ -220,18 +220,24 @@ def _reduce_kernel(
 ):  # fmt: skip
     """The reduce layer: ``tokens[N, C, h, w]`` (any strides) -> ``[N*P, COUT]`` activations.
 
-    Program ``(n, b)`` owns cells ``b*BLOCK_M ...`` of tile ``n``, so the cell index is an
-    ``arange`` (contiguous) and NCHW tokens load along the cells, NHWC tokens along the channels.
-    ``VEC`` (> 1): the launcher checked that tile strides, the vector pitch and the data pointer
-    are multiples of ``VEC`` elements, so the loads may be ``VEC`` elements wide (NHWC 16 bytes;
-    NCHW 14 x 14 bf16, a 392-byte channel pitch, 8 bytes).
+    Like the chain layers, programs own ``BLOCK_M`` consecutive cells of the flattened batch
+    (``m = n*P + p``, blocks may span tiles), so no dot rows are wasted on a tile's padding
+    (14 x 14 = 196 cells in 64-cell blocks would otherwise compute 256 rows per tile). The token
+    address of a row is loop-invariant: ``n*stride_xn + p*stride`` (NCHW: cells contiguous, NHWC:
+    channels contiguous, the encoder's ``[N, h*w, C]``), so only the channel offset moves in the
+    K loop. ``VEC`` (> 1): the launcher checked that the tile stride, the cell count or cell
+    pitch and the data pointer are multiples of ``VEC`` elements, so the loads may be ``VEC``
+    elements wide (NHWC 16 bytes; NCHW 14 x 14 bf16, a 392-byte channel pitch, 8 bytes). The
+    rows past ``M`` wrap to the first cells (``m mod M``: every address valid, groups of ``VEC``
+    still contiguous, no row mask on the loads) and their results are not stored.
     """
     P: tl.constexpr = H * W
-    blocks: tl.constexpr = (P + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    n = pid // blocks
-    p = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    p_ok = p < P
+    M = N * P
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    ms = m % M
+    n = ms // P
+    p = ms - n * P
     k = tl.arange(0, BLOCK_K)
     o = tl.arange(0, BLOCK_N)
     tile = n.to(tl.int64) * stride_xn
@@ -255,18 +261,16 @@ def _reduce_kernel(
             if VEC > 1:
                 cols = tl.multiple_of(cols, VEC)
         if C % BLOCK_K == 0:
-            a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=p_ok[:, None], other=0.0)
+            a = tl.load(x_ptr + rows[:, None] + cols[None, :])
             wt = tl.load(w_ptr + kk[:, None] * COUT + o[None, :], mask=(o < COUT)[None, :],
                          other=0.0)  # fmt: skip
         else:
             k_ok = kk < C
-            a = tl.load(x_ptr + rows[:, None] + cols[None, :],
-                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=k_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + kk[:, None] * COUT + o[None, :],
                          mask=k_ok[:, None] & (o < COUT)[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
-    m = n * P + p
-    _epilogue(acc, m, p_ok, n, p, P, bias_ptr, bias_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr,
+    _epilogue(acc, m, m_ok, n, p, P, bias_ptr, bias_ptr, bias_ptr, nw_ptr, nb_ptr, dst_ptr,
               rowstat_ptr, dst_ptr, eps, COUT, BLOCK_N, False, OUT)  # fmt: skip
 
 
@@ -789,7 +793,7 @@ def head_plan(
         vec = token_vector(xc, layout)
         consts = reduce_constexprs(c, (h, w), dims["CR"], _hidden_out(norm), layout, vec, dtype,
                                    precision, cfg)  # fmt: skip
-        launch = _reduce_kernel[(nc * triton.cdiv(cells, cfg.BLOCK_MR),)]
+        launch = _reduce_kernel[(triton.cdiv(m, cfg.BLOCK_MR),)]
         steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
             launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
             z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg)),
