@@ -15,7 +15,10 @@ activations of 32k tiles do not fit); the kernels take the whole batch. Times ar
 device copy (GB/s) and a large bf16 matmul (TFLOP/s); ``roofline_ms`` is the larger of
 bytes / bandwidth and FLOPs / matmul rate, with the minimal bytes (tokens read once, heatmap
 written once, heatmap read once by threshold + pooling). Results go to a CSV with the device,
-versions, shapes and git revision.
+versions, shapes and git revision. ``--layers`` also times each launch of the kernels' head on
+its own, with its bandwidth, TFLOP/s and the L2 traffic its block structure implies
+(``traffic_gb_per_s``, from ``fastinsight.kernels.head.traffic_bytes``): which layer holds the
+time, and whether it moves as many bytes per second as the L2 can serve or is bound elsewhere.
 
     python bench/bench_kernels.py                 # GPU: the full UNI grid -> bench/results/
     python bench/bench_kernels.py --smoke         # CPU, seconds: references + interpreted kernels
@@ -69,6 +72,7 @@ FIELDS = [
     "parity",
     "config",
     "note",
+    "traffic_gb_per_s",
 ]
 # Tiles of the fp32 reference that every provider's head is checked against before it is timed.
 PARITY_TILES = 64
@@ -268,33 +272,16 @@ def make_providers(
     return providers
 
 
-KERNEL_CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K",
-                      "w": "num_warps", "s": "num_stages", "c": "chunk_tiles",
-                      "o": "overlap"}  # fmt: skip
-
-
 def parse_kernel_config(text: str):
-    """``M128-X64-R128-K64-w8-s3`` (any subset, as ``HeadLaunchConfig.describe``) -> config.
+    """``M128-X64-R128-K64-w8-s3`` -> a ``HeadLaunchConfig`` (``fastinsight.kernels.head
+    .parse_config``: M, X, R, K, w, s, c, o, W); a bad text ends the run with its message."""
+    from fastinsight.errors import InputError
+    from fastinsight.kernels.head import parse_config
 
-    M: cells per program of the chain layers, X: of the layers wider than 64 channels, R: of the
-    reduce layer, K: input channels per dot step, w: warps, s: pipeline stages, c: tiles per
-    chunk, o1: each chunk's reduce on a side stream beside the previous chunk's chains.
-    """
-    import dataclasses
-    import re
-
-    from fastinsight.kernels.head import FAST_16BIT
-
-    fields = {}
-    for part in text.split("-"):
-        match = re.fullmatch(r"([MXRKwsco])(\d+)", part)
-        if not match:
-            raise SystemExit(
-                f"bench_kernels: --kernel-config expects e.g. M128-X64-R128-K64-w8-s3, got {text!r}"
-            )
-        key = KERNEL_CONFIG_KEYS[match.group(1)]
-        fields[key] = bool(int(match.group(2))) if key == "overlap" else int(match.group(2))
-    return dataclasses.replace(FAST_16BIT, **fields)
+    try:
+        return parse_config(text)
+    except InputError as err:
+        raise SystemExit(f"bench_kernels: --kernel-config: {err}") from None
 
 
 def _configured_head(weights, text: str) -> Callable:
@@ -498,11 +485,13 @@ def time_layers(model, prov: dict, tokens: torch.Tensor, device, args) -> list[d
         for label, launch, work in steps:
             ms = median_ms(launch, device, args.reps, warmup=False)
             roof = max(work["bytes"] / (copy_gbs * 1e6), work["flops"] / (mm_tflops * 1e9))
+            traffic = work.get("traffic", 0.0) / ms / 1e6
             print(f"{label:36s} {ms:9.4f} ms  {work['bytes'] / ms / 1e6:8.1f} GB/s  "
-                  f"{work['flops'] / ms / 1e9:7.1f} TFLOP/s  {100 * roof / ms:5.1f} % of roofline")  # fmt: skip
+                  f"{work['flops'] / ms / 1e9:7.1f} TFLOP/s  {100 * roof / ms:5.1f} % of roofline  "
+                  f"{traffic:8.1f} GB/s modelled L2 traffic")  # fmt: skip
             rows.append({
                 "provider": "kernels_bf16", "stage": f"layer: {label}", "median_ms": _sig(ms),
-                "gb_per_s": _sig(work["bytes"] / ms / 1e6),
+                "gb_per_s": _sig(work["bytes"] / ms / 1e6), "traffic_gb_per_s": _sig(traffic),
                 "tflop_per_s": _sig(work["flops"] / ms / 1e9), "roofline_ms": _sig(roof),
                 "pct_of_roofline": _sig(100 * roof / ms), "x_slower_than_kernels": "",
                 "parity": "", "note": "one launch timed alone",

@@ -22,8 +22,10 @@ The logic is argparse-free: ``run_check`` returns ``CheckResult`` rows (``as_row
 per row); ``check_command`` prints the table and returns the exit status, and
 ``fastinsight.cli.kernels`` is the thin command line around it.
 
-Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...]`` (the flags
-live in ``fastinsight.cli.kernels``), or ``check_command(arch, only, jobs)`` from Python.
+Usage: ``fastinsight kernels check --arch sm_80,sm_90 [--jobs N] [--only TEXT ...] [--config
+M64-X128-R128-K64-w4-s3-W8 ...]`` (the flags live in ``fastinsight.cli.kernels``; ``--config``
+compiles the 16-bit head's layer kernels in other block configs, e.g. before a GPU sweep runs
+them), or ``check_command(arch, only, jobs, configs)`` from Python.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+from fastinsight.errors import InputError
 
 # Shared memory one block may use (bytes): sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -279,16 +283,20 @@ def compile_one(spec, arch: int) -> CheckResult:
     )
 
 
-def all_specs():
-    """Every kernel variant the package can launch (official head architecture)."""
+def all_specs(configs: tuple[str, ...] = ()):
+    """Every kernel variant the package can launch (official head architecture); with
+    ``configs`` (``HeadLaunchConfig.describe`` texts), the 16-bit head's layer kernels in those
+    block configs instead."""
     from . import head, reduce
 
+    if configs:
+        return head.compile_specs(configs=tuple(head.parse_config(c) for c in configs))
     return head.compile_specs() + reduce.compile_specs()
 
 
 def _job(args):
-    index, arch = args
-    return compile_one(all_specs()[index], arch)
+    index, arch, configs = args
+    return compile_one(all_specs(configs)[index], arch)
 
 
 def format_table(results: list[CheckResult]) -> str:
@@ -321,9 +329,11 @@ def format_table(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) -> list[CheckResult]:
+def run_check(
+    archs: list[int], only: list[str] | None = None, jobs: int = 1, configs: tuple[str, ...] = ()
+) -> list[CheckResult]:
     """Compile the variants (those matching any ``only`` text, or all) for every arch."""
-    specs = all_specs()
+    specs = all_specs(configs)
     wanted = [o.lower() for o in only or []]
 
     def selected(spec) -> bool:
@@ -331,7 +341,7 @@ def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) ->
         return not wanted or any(w in name for w in wanted)
 
     work = [
-        (i, arch)
+        (i, arch, configs)
         for arch in archs
         for i, spec in enumerate(specs)
         if selected(spec) and (spec.archs is None or arch in spec.archs)
@@ -342,10 +352,23 @@ def run_check(archs: list[int], only: list[str] | None = None, jobs: int = 1) ->
     return [_job(w) for w in work]
 
 
-def check_command(arch: str = "sm_80,sm_90", only: list[str] | None = None, jobs: int = 1) -> int:
+def check_command(
+    arch: str = "sm_80,sm_90",
+    only: list[str] | None = None,
+    jobs: int = 1,
+    configs: list[str] | None = None,
+) -> int:
     """``fastinsight kernels check`` without argparse: compile, print the table, return the exit
     status (0 when every variant passes, 1 when one fails, 2 on a usage problem)."""
     archs = _parse_arch(arch)
+    try:
+        from .head import parse_config
+
+        for text in configs or []:
+            parse_config(text)
+    except InputError as err:
+        print(f"fastinsight kernels check: --config: {err}", file=sys.stderr)
+        return 2
     if not archs:
         print(f"fastinsight kernels check: --arch expects e.g. sm_80,sm_90; got {arch!r}",
               file=sys.stderr)  # fmt: skip
@@ -360,7 +383,7 @@ def check_command(arch: str = "sm_80,sm_90", only: list[str] | None = None, jobs
         print("fastinsight kernels check: Triton is not installed", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results = run_check(archs, only, max(1, jobs))
+    results = run_check(archs, only, max(1, jobs), tuple(configs or ()))
     if not results:
         print(f"fastinsight kernels check: no variant matches --only {only}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ class HeadLaunchConfig:
     launch sequence (bounds the activation memory). ``overlap`` runs each chunk's reduce (memory
     bound) on a side CUDA stream while the previous chunk's chains (compute bound) run, with
     the reduce's outputs double-buffered (an option to measure: not a default yet).
+    ``num_warps_wide`` (0: ``num_warps``) the warps of the reduce and of the layers wider than
+    64 channels, so those may take larger blocks (``BLOCK_MW``, ``BLOCK_MR``) than the narrow
+    layers: each program streams the layer's whole weight matrix (the reduce's 256 KB in bf16)
+    once per block of cells, so a block twice as tall halves that traffic (``traffic_bytes``).
     """
 
     BLOCK_M: int = 128
@@ -96,16 +101,26 @@ class HeadLaunchConfig:
     num_stages: int = 3
     chunk_tiles: int = 4096
     overlap: bool = False
+    num_warps_wide: int = 0
 
     def describe(self) -> str:
-        """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>`` and ``-o1`` where not default."""
+        """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>``, ``-o1`` and ``-W<warps>`` where
+        not default."""
         text = (
             f"M{self.BLOCK_M}-X{self.BLOCK_MW}-R{self.BLOCK_MR}-K{self.BLOCK_K}-w{self.num_warps}"
             f"-s{self.num_stages}"
         )
         if self.chunk_tiles != HeadLaunchConfig.chunk_tiles:
             text += f"-c{self.chunk_tiles}"
-        return text + ("-o1" if self.overlap else "")
+        text += "-o1" if self.overlap else ""
+        return text + (f"-W{self.num_warps_wide}" if self.num_warps_wide else "")
+
+    def warps(self, cout: int, wide: bool) -> int:
+        """Warps of a layer with ``cout`` outputs (``wide``: the reduce, or ``cout`` > 64). The
+        K-class layers (``cout`` <= 16) run at most 4 (8 spill on sm_80)."""
+        if 0 < cout <= 16:
+            return min(4, self.num_warps)
+        return (self.num_warps_wide or self.num_warps) if wide else self.num_warps
 
 
 # One config per compute type; ``fastinsight kernels check`` proves every variant compiles for
@@ -144,6 +159,36 @@ def arch_config(key: str, arch: int) -> HeadLaunchConfig:
     if key in ("bf16", "fp16") and arch < HOPPER:
         return AMPERE_16BIT
     return GPU_CONFIGS[key]
+
+
+CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K", "w": "num_warps",
+               "s": "num_stages", "c": "chunk_tiles", "o": "overlap", "W": "num_warps_wide"}  # fmt: skip
+
+
+def parse_config(text: str, base: HeadLaunchConfig = FAST_16BIT) -> HeadLaunchConfig:
+    """``M128-X64-R128-K64-w8-s3`` (any subset of ``describe``'s fields, over ``base``) -> config.
+
+    M: cells per program of the chain layers, X: of the layers wider than 64 channels, R: of the
+    reduce layer, K: input channels per dot step, w: warps, s: pipeline stages, c: tiles per
+    chunk, o1: each chunk's reduce on a side stream beside the previous chunk's chains, W: warps
+    of the reduce and the wide layers. Raises ``InputError`` naming the first bad part.
+    """
+    fields: dict[str, object] = {}
+    for part in text.split("-"):
+        match = re.fullmatch(r"([MXRKwscoW])(\d+)", part)
+        if not match:
+            raise InputError(
+                f"a kernel config is e.g. M64-X128-R128-K64-w4-s3-W8; {part!r} in {text!r} is "
+                f"not one of {', '.join(k + '<n>' for k in CONFIG_KEYS)}"
+            )
+        key, value = CONFIG_KEYS[match.group(1)], int(match.group(2))
+        if key != "overlap" and key != "num_warps_wide" and value < 1:
+            raise InputError(f"{part!r} in the kernel config {text!r} must be at least 1")
+        powers = ("BLOCK_M", "BLOCK_MW", "BLOCK_MR", "BLOCK_K", "num_warps", "num_warps_wide")
+        if key in powers and value & (value - 1):
+            raise InputError(f"{part!r} in the kernel config {text!r} must be a power of two")
+        fields[key] = bool(value) if key == "overlap" else value
+    return dataclasses.replace(base, **fields)
 
 
 def launch_config(
@@ -675,10 +720,9 @@ def conv_constexprs(grid: tuple[int, int], ks: int, cin: int, cout: int, in_fold
     }
 
 
-def _options(cfg: HeadLaunchConfig, cout: int = 0) -> dict[str, object]:
-    """Launch options; the K-class layers (``cout <= 16``) run 4 warps (8 spill on sm_80)."""
-    warps = min(4, cfg.num_warps) if 0 < cout <= 16 else cfg.num_warps
-    return {"num_warps": warps, "num_stages": 1, "enable_fp_fusion": True}
+def _options(cfg: HeadLaunchConfig, cout: int, wide: bool) -> dict[str, object]:
+    """Launch options of a layer (``HeadLaunchConfig.warps``)."""
+    return {"num_warps": cfg.warps(cout, wide), "num_stages": 1, "enable_fp_fusion": True}
 
 
 def _hidden_out(norm: str) -> int:
@@ -688,8 +732,29 @@ def _hidden_out(norm: str) -> int:
 # Cells per chunk of the plan: a 128-channel bf16 activation of 2^20 cells is 256 MB.
 MAX_CHUNK_CELLS = 1 << 20
 
-# A launch of the plan: (label, launch(), {"flops": ..., "bytes": ...} the minimal work it does).
+# A launch of the plan: (label, launch(), {"flops": ..., "bytes": ...} the minimal work it does,
+# "traffic": what its programs load and store by the model of ``traffic_bytes``).
 Step = tuple[str, Callable[[], object], dict[str, float]]
+
+
+def traffic_bytes(
+    m: int, block_m: int, taps: int, cin: int, cout: int, size: int,
+    tables: int, out_size: int,
+) -> float:  # fmt: skip
+    """Bytes a layer launch moves between L2 (or HBM) and the SMs, by its block structure.
+
+    Each of the ``cdiv(m, block_m)`` programs loads its cells' inputs (``block_m * taps * cin``
+    elements of ``size`` bytes: a 3x3 layer reads each neighbour once per tap), the layer's whole
+    weight matrix (``taps * cin * cout``), ``tables`` fp32 ``[block_m, cout]`` per-position tables
+    (folded norm, bias, output gamma), and stores ``block_m * cout`` values of ``out_size``
+    bytes. The weights are read per program, so their share falls as ``1 / block_m``: with
+    64-cell blocks the bf16 3x3 128 -> 128 layer moves ~4.6 KB of weights per cell beside 2.3 KB
+    of activations. A launch that takes more time than this traffic at the device's L2
+    bandwidth is not limited by it.
+    """
+    programs = -(-m // block_m)
+    per_program = block_m * (taps * cin * size + cout * (4 * tables + out_size))
+    return float(programs * (per_program + taps * cin * cout * size))
 
 
 def _chain_steps(
@@ -714,17 +779,24 @@ def _chain_steps(
                 layer.bias, layer.nw if layer.nw is not None else dummy,
                 layer.nb if layer.nb is not None else dummy, dst, rowstat, d, m, float(eps))  # fmt: skip
         launch = _conv_kernel[(triton.cdiv(m, consts["BLOCK_M"]),)]
-        opts = {**consts, **_options(cfg, layer.cout)}
+        opts = {**consts, **_options(cfg, layer.cout, layer.cout > 64)}
         label = f"{name}{i} {layer.ks}x{layer.ks} {layer.cin}->{layer.cout}"
         size = z.element_size()
+        # Tables: bias (+ conv(gamma) when folded) in, gamma out (tile norm); the logits layer
+        # D is read again by the gate.
+        tables = 1 + fold + (mode == OUT_TILE) + (mode == OUT_GATE)
+        out_size = 4 if last else size
         work = {"flops": 2.0 * m * layer.ks**2 * layer.cin * layer.cout,
-                "bytes": float(m * (layer.cin + layer.cout) * size)}  # fmt: skip
+                "bytes": float(m * (layer.cin + layer.cout) * size),
+                "traffic": traffic_bytes(m, consts["BLOCK_M"], layer.ks**2, layer.cin,
+                                         layer.cout, size, tables, out_size)}  # fmt: skip
         steps.append((label, functools.partial(launch, *args, **opts), work))
         if not last and fold:
             stats = _tile_stats_kernel[(m // cells,)]
             steps.append((f"{name}{i} tile statistics", functools.partial(
                 stats, rowstat, stat, float(eps), P=cells, COUT=layer.cout,
-                BLOCK=min(1024, next_pow2(cells)), num_warps=4), {"flops": 0.0, "bytes": m * 8.0}))  # fmt: skip
+                BLOCK=min(1024, next_pow2(cells)), num_warps=4),
+                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0}))  # fmt: skip
             stat_in = stat
         src = dst
     return steps
@@ -796,14 +868,17 @@ def head_plan(
         launch = _reduce_kernel[(triton.cdiv(m, cfg.BLOCK_MR),)]
         steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
             launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
-            z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg)),
+            z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg, dims["CR"], True)),
             {"flops": 2.0 * m * c * dims["CR"],
-             "bytes": float(m * (c + dims["CR"]) * xc.element_size())}))  # fmt: skip
+             "bytes": float(m * (c + dims["CR"]) * xc.element_size()),
+             "traffic": traffic_bytes(m, cfg.BLOCK_MR, 1, c, dims["CR"], xc.element_size(),
+                                      1 + (norm == "tile"), xc.element_size())}))  # fmt: skip
         if norm == "tile":
             stats = _tile_stats_kernel[(nc,)]
             steps.append(("reduce tile statistics", functools.partial(
                 stats, zstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
-                BLOCK=min(1024, next_pow2(cells)), num_warps=4), {"flops": 0.0, "bytes": m * 8.0}))  # fmt: skip
+                BLOCK=min(1024, next_pow2(cells)), num_warps=4),
+                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0}))  # fmt: skip
         outc = out[n0 : n0 + nc]
         common = (bufs, rowstat, stat, d, outc)
         steps += _chain_steps(head, head.detect, z, stat_z, *common, OUT_LOGITS, m, eps,
@@ -928,20 +1003,24 @@ def _chain_variants(dims: dict[str, int]) -> list[tuple[str, int, int, int, bool
     return out
 
 
-def compile_specs(dims: dict[str, int] | None = None,
-                  grid: tuple[int, int] = (14, 14)) -> list[KernelSpec]:  # fmt: skip
+def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (14, 14),
+                  configs: tuple[HeadLaunchConfig, ...] = ()) -> list[KernelSpec]:  # fmt: skip
     """Every layer-kernel variant the launcher can launch on a GPU for one architecture and grid.
 
     Token vectors: NHWC with and without 16-byte alignment; NCHW with the vector the grid allows
-    (4 for 14 x 14) and without.
+    (4 for 14 x 14) and without. ``configs``: instead, the bf16 and fp16 variants in these block
+    configs on every architecture (what ``fastinsight kernels check --config`` compiles).
     """
     dims = dims or OFFICIAL_DIMS
     cells = grid[0] * grid[1]
     specs = []
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    variants = [(key, cfg, None) for key, cfg in GPU_CONFIGS.items() if key not in ("bf16", "fp16")]
-    for key in ("bf16", "fp16"):
-        variants += [(key, FAST_16BIT, (HOPPER,)), (key, AMPERE_16BIT, (80, 86, 89))]
+    if configs:
+        variants = [(key, cfg, None) for cfg in configs for key in ("bf16", "fp16")]
+    else:
+        variants = [(k, cfg, None) for k, cfg in GPU_CONFIGS.items() if k not in ("bf16", "fp16")]
+        for key in ("bf16", "fp16"):
+            variants += [(key, FAST_16BIT, (HOPPER,)), (key, AMPERE_16BIT, (80, 86, 89))]
     for key, cfg, archs in variants:
         tname = key.split("-")[0]
         dtype = dtypes[tname]
@@ -964,7 +1043,7 @@ def compile_specs(dims: dict[str, int] | None = None,
                         kernel=f"{__name__}:_reduce_kernel",
                         variant=f"{key}, {norm} norm, reduce, {layout_name}, vec {vec}",
                         config=cfg.describe(), signature=sig, constexprs=consts,
-                        options=_options(cfg), needs_tensor_cores=tensor_cores, archs=archs,
+                        options=_options(cfg, dims["CR"], True), needs_tensor_cores=tensor_cores, archs=archs,
                     ))  # fmt: skip
             for name, ks, cin, cout, last in _chain_variants(dims):
                 out = (OUT_LOGITS if ks == 1 else OUT_GATE) if last else hidden
@@ -976,9 +1055,9 @@ def compile_specs(dims: dict[str, int] | None = None,
                     kernel=f"{__name__}:_conv_kernel",
                     variant=f"{key}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} {OUT_NAMES[out]}",
                     config=cfg.describe(), signature=sig, constexprs=consts,
-                    options=_options(cfg, cout), needs_tensor_cores=tensor_cores, archs=archs,
+                    options=_options(cfg, cout, cout > 64), needs_tensor_cores=tensor_cores, archs=archs,
                 ))  # fmt: skip
-    for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}):
+    for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}) if not configs else ():
         specs.append(KernelSpec(
             kernel=f"{__name__}:_tile_stats_kernel", variant=f"tile statistics, {cout} channels",
             config="B256-w4", signature=_signature(_tile_stats_kernel, {}),

@@ -20,6 +20,12 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         help="only variants whose kernel/variant/config text contains this (repeatable)",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="compile the bf16/fp16 head layer kernels in this block config instead of the "
+        "defaults, e.g. M64-X128-R128-K64-w4-s3-W8 (repeatable)",
+    )
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -27,4 +33,4 @@ def run_check(args: argparse.Namespace) -> int:
     2 on a usage problem."""
     from fastinsight.kernels.check import check_command
 
-    return check_command(args.arch, args.only, args.jobs)
+    return check_command(args.arch, args.only, args.jobs, args.config)

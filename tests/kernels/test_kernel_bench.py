@@ -68,6 +68,8 @@ def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
     # 4 + 4 chain convolutions and 7 tile-statistics launches with the tile norm.
     layers = [r for r in everything if r["stage"].startswith("layer: ")]
     assert len(layers) == 16 and all(float(r["median_ms"]) > 0 for r in layers)
+    # Each launch also reports the L2 traffic its blocks imply (kernels.head.traffic_bytes).
+    assert all(float(r["traffic_gb_per_s"]) > 0 for r in layers)
     assert any("context0 3x3" in r["stage"] for r in layers)
     assert all(r["layout"] == "nhwc" for r in layers)
     for r in rows:
@@ -105,3 +107,8 @@ def test_kernel_config_parses() -> None:
     assert bench_kernels.parse_kernel_config(chunked.describe()) == chunked
     with pytest.raises(SystemExit):
         bench_kernels.parse_kernel_config("M64-Q3")
+    wide = bench_kernels.parse_kernel_config("M64-X128-R128-K64-w4-s3-W8")
+    assert wide.num_warps_wide == 8 and wide.describe() == "M64-X128-R128-K64-w4-s3-W8"
+    for bad in ("M48", "M0", "w3", "M64-"):
+        with pytest.raises(SystemExit, match="kernel-config"):
+            bench_kernels.parse_kernel_config(bad)

@@ -67,6 +67,20 @@ def test_check_rejects_bad_arch_and_interpreter() -> None:
     )
 
 
+def test_check_compiles_other_block_configs() -> None:
+    """``--config``: the 16-bit layer kernels in a sweep's block config, before a GPU runs it."""
+    proc = run_check(
+        "--arch", "sm_90", "--config", "M64-X128-R128-K64-w4-s3-W8",
+        "--only", "bf16, tile norm, context0", "--only", "bf16, tile norm, context1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("_conv_kernel ")]
+    assert len(rows) == 2 and all("M64-X128-R128-K64-w4-s3-W8" in r for r in rows), rows
+    bad = run_check("--arch", "sm_90", "--config", "M64-Q3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "'Q3'" in bad.stderr
+
+
 def test_check_table_flags_spills() -> None:
     from fastinsight.kernels.check import CheckResult, format_table
 

@@ -234,20 +234,25 @@ def test_interpreter_refuses_bf16() -> None:
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the GPU block configs through the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_gpu_block_configs_in_interpreter(dtype) -> None:
-    """The blocks the GPU launches (several cell blocks and output blocks per layer, the Chan
-    merge across blocks, padded rows clamped) give the same heatmap as the reference."""
+@pytest.mark.parametrize("config", ["default", "M64-X128-R128-K64-w4-s3-W8"])
+def test_gpu_block_configs_in_interpreter(dtype, config) -> None:
+    """The blocks the GPU launches (several cell blocks and output blocks per layer, blocks that
+    span two tiles, the Chan merge across blocks, rows past the batch wrapped and not stored)
+    give the same heatmap as the reference."""
     from fastinsight.kernels.head import (
         GPU_CONFIGS,
         compute_key,
         flatten_weights,
         insight_head_launch,
+        parse_config,
     )
 
     n, c, grid, k = 2, 64, (14, 14), 3
     model = make_model(c, k, grid, "tile")
     x = torch.randn(n, c, *grid)
     cfg = GPU_CONFIGS[compute_key(dtype, "ieee")]
+    if config != "default":
+        cfg = parse_config(config, cfg)
     with torch.no_grad():
         ref64 = insight_head_reference(
             x.double(), copy_as(model, torch.float64, "cpu").head_weights()
@@ -260,3 +265,23 @@ def test_gpu_block_configs_in_interpreter(dtype) -> None:
             bound = lowp_bound(dtype, max_err(insight_head_reference(x.to(dtype), w), ref64))
     assert out.dtype == torch.float32
     assert max_err(out, ref64) <= bound
+
+
+def test_layer_warps_and_traffic_model() -> None:
+    """``num_warps_wide`` applies to the reduce and the layers wider than 64 channels, never to
+    the K-class layers; the traffic model charges each program the whole weight matrix."""
+    from fastinsight.kernels.head import FAST_16BIT, parse_config, traffic_bytes
+
+    cfg = parse_config("M64-X128-R128-K64-w4-s3-W8")
+    assert cfg.warps(128, True) == 8 and cfg.warps(64, False) == 4 and cfg.warps(3, False) == 4
+    assert FAST_16BIT.warps(128, True) == FAST_16BIT.num_warps == 4
+    # 3x3 128 -> 128 in bf16 over 1000 cells in 64-cell blocks: 16 programs, each 64 * 9 * 128
+    # input values, the 1152 x 128 weights, 3 fp32 tables and the bf16 output of 64 x 128.
+    per_program = 64 * (9 * 128 * 2 + 128 * (3 * 4 + 2)) + 9 * 128 * 128 * 2
+    assert traffic_bytes(1000, 64, 9, 128, 128, 2, 3, 2) == 16 * per_program
+    # Taller blocks: fewer copies of the weights, the same per-cell bytes.
+    weights = 9 * 128 * 128 * 2
+    saved = traffic_bytes(1024, 64, 9, 128, 128, 2, 3, 2) - traffic_bytes(
+        1024, 128, 9, 128, 128, 2, 3, 2
+    )
+    assert saved == (16 - 8) * weights
