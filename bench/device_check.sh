@@ -266,7 +266,7 @@ hook volume 30
 # chunk's chains (-c1024 alone separates the chunk size's own effect); -W8: the reduce and the
 # 128-wide layers at 8 warps, so they can take 128-cell blocks (half the weight traffic per cell,
 # kernels.head.traffic_bytes) while the 64-wide layers keep 64-cell blocks of 4 warps.
-CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s3-c1024-o1 M64-X64-R64-K64-w4-s3-c2048-o1 M64-X64-R64-K64-w4-s3-c1024 M64-X64-R64-K64-w4-s4 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w4-s3-W8 M64-X128-R128-K64-w4-s3-W8 M128-X64-R128-K64-w8-s3}
+CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s3-c1024-o1 M64-X64-R64-K64-w4-s3-c2048-o1 M64-X64-R64-K64-w4-s3-c1024 M64-X64-R64-K64-w4-s4 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w4-s3-W8 M64-X128-R128-K64-w4-s3-W8 M128-X128-R128-K64-w4-s3-W8 M128-X64-R128-K64-w8-s3}
 if [[ $DRY -eq 1 ]]; then
   KCFG=(--smoke --grid 4 4 --channels 64 --classes 1)
   CONFIGS="M64-X64-R64-K64-w4-s1-W8"
@@ -274,7 +274,7 @@ else
   KCFG=(--tiles 8192 --classes 3)
 fi
 # shellcheck disable=SC2086  # CONFIGS is a word list on purpose
-run_step kernel_config 120 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
+run_step kernel_config 150 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
   --providers kernels_bf16 --kernel-config $CONFIGS --csv "$OUT/kernels.csv"
 
 rm -rf "$OUT/.shadow"
