@@ -148,3 +148,28 @@ def test_head_overlapped_streams_match_sequential(norm) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, insight_head_launch(x, params, norm, w.eps, "ieee", base))
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["M64-X128-R128-K64-w4-s3-W8", "M128-X128-R128-K64-w4-s3-W8", "M64-X64-R64-K128-w4-s3"],
+)
+def test_head_sweep_configs_match_reference(config) -> None:
+    """The block configs ``device_check.sh`` sweeps (taller blocks of more warps for the reduce
+    and the wide layers, 128-channel K steps) give the reference's heatmap in bf16."""
+    from fastinsight.kernels.head import flatten_weights, insight_head_launch, parse_config
+
+    n, c, grid = 37, 1024, (14, 14)
+    model = make_model(c, 3, grid, "tile")
+    base = torch.randn(n, c, *grid)
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            base.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        w = copy_as(model, torch.bfloat16, "cuda").head_weights()
+        x = base.to(device="cuda", dtype=torch.bfloat16)
+        params = [p.detach() for p in flatten_weights(w)]
+        out = insight_head_launch(x, params, "tile", w.eps, "ieee", parse_config(config))
+        torch.cuda.synchronize()
+        bound = lowp_bound(torch.bfloat16, max_err(insight_head_reference(x, w), ref64))
+        assert max_err(out, ref64) <= bound
