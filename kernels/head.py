@@ -930,7 +930,11 @@ def run_plan(steps: list[Step]) -> None:
             launch()
         return
     main = torch.cuda.current_stream()
-    side = torch.cuda.Stream(device=main.device)
+    # High priority: the block scheduler hands SM slots freed by the chain kernel's programs to
+    # the reduce first, so memory-bound and compute-bound programs share the SMs. At equal
+    # priority it would dispatch the earlier launch's (tens of thousands of) programs first and
+    # the two kernels would only meet in its tail.
+    side = torch.cuda.Stream(device=main.device, priority=-1)
     start = torch.cuda.Event()
     start.record(main)
     side.wait_event(start)  # the tokens and buffers are ready on the main stream
