@@ -460,15 +460,21 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             rows += block
             if profile and n == max(args.tiles):
                 profile_kernels(providers["kernels_bf16"], tokens)
-            if args.layers and "kernels_bf16" in providers and n == max(args.tiles):
-                layer_rows = time_layers(model, providers["kernels_bf16"], tokens, device, args)
-                write_csv([{**block[0], **r} for r in layer_rows], args.csv)
+            if args.layers and n == max(args.tiles):
+                # Every kernels provider (each block config of a sweep): which config suits
+                # which layer.
+                for name in [p for p in providers if p.startswith("kernels_bf16")]:
+                    layer_rows = time_layers(model, name, providers[name], tokens, device, args)
+                    write_csv([{**block[0], **r} for r in layer_rows], args.csv)
             tokens = mask = torch.empty(0)
     return rows
 
 
-def time_layers(model, prov: dict, tokens: torch.Tensor, device, args) -> list[dict[str, object]]:
-    """Each launch of the kernels' head timed on its own: where the head's time goes."""
+def time_layers(
+    model, name: str, prov: dict, tokens: torch.Tensor, device, args
+) -> list[dict[str, object]]:
+    """Each launch of the kernels' head (provider ``name``) timed on its own: where the head's
+    time goes."""
     from fastinsight.kernels import head as khead
 
     x = tokens.to(prov["dtype"])
@@ -481,8 +487,13 @@ def time_layers(model, prov: dict, tokens: torch.Tensor, device, args) -> list[d
         _, steps = khead.head_plan(x, params, w.norm, w.eps, "ieee", cfg)
         for _, launch, _ in steps:  # compile every kernel, in order (each reads what came before)
             launch()
-        print("# per-launch time of the kernels' head")
-        for label, launch, work in steps:
+        # The first chunk's launches (the others repeat them on other tiles): a sweep of
+        # small-chunk configs would otherwise time hundreds of launches.
+        first = [step for step in steps if step[2].get("chunk", 0) == 0]
+        chunks = 1 + max(step[2].get("chunk", 0) for step in steps)
+        print(f"# per-launch time of the kernels' head ({name}, config {prov['config']}; "
+              f"chunk 1 of {chunks})")  # fmt: skip
+        for label, launch, work in first:
             ms = median_ms(launch, device, args.reps, warmup=False)
             roof = max(work["bytes"] / (copy_gbs * 1e6), work["flops"] / (mm_tflops * 1e9))
             traffic = work.get("traffic", 0.0) / ms / 1e6
@@ -490,11 +501,12 @@ def time_layers(model, prov: dict, tokens: torch.Tensor, device, args) -> list[d
                   f"{work['flops'] / ms / 1e9:7.1f} TFLOP/s  {100 * roof / ms:5.1f} % of roofline  "
                   f"{traffic:8.1f} GB/s modelled L2 traffic")  # fmt: skip
             rows.append({
-                "provider": "kernels_bf16", "stage": f"layer: {label}", "median_ms": _sig(ms),
+                "provider": name, "config": prov["config"], "stage": f"layer: {label}",
+                "median_ms": _sig(ms),
                 "gb_per_s": _sig(work["bytes"] / ms / 1e6), "traffic_gb_per_s": _sig(traffic),
                 "tflop_per_s": _sig(work["flops"] / ms / 1e9), "roofline_ms": _sig(roof),
                 "pct_of_roofline": _sig(100 * roof / ms), "x_slower_than_kernels": "",
-                "parity": "", "note": "one launch timed alone",
+                "parity": "", "note": f"one launch timed alone (chunk 1 of {chunks})",
             })  # fmt: skip
     return rows
 

@@ -275,7 +275,7 @@ else
 fi
 # shellcheck disable=SC2086  # CONFIGS is a word list on purpose
 run_step kernel_config 150 "$OUT/kernels.csv" "$PY" bench/bench_kernels.py "${KCFG[@]}" \
-  --providers kernels_bf16 --kernel-config $CONFIGS --csv "$OUT/kernels.csv"
+  --providers kernels_bf16 --kernel-config $CONFIGS --layers --csv "$OUT/kernels.csv"
 
 rm -rf "$OUT/.shadow"
 log "== done in $(($(date +%s) - START))s; CSVs in $OUT"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = "env install tests kernels"
+STEPS = "env install tests kernels kernel_config"
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -51,6 +51,9 @@ def test_dry_run_writes_every_step_and_csv(dry_run: Path) -> None:
         assert float(row["seconds"]) >= 0
     # NCHW: 3 providers x 3 stages; NHWC: the kernels' 3 stages + 16 per-launch rows (--layers).
     assert int(steps["kernels"]["csv_rows"]) == 9 + 3 + 16
+    # The block-config sweep appends to the same file (one config at smoke size): 3 stages and
+    # its 16 per-launch rows.
+    assert int(steps["kernel_config"]["csv_rows"]) == 9 + 3 + 16 + 3 + 16
     tests = _rows(dry_run / "tests.csv")
     assert tests and tests[-1]["test"] == "summary"
     assert (dry_run / "device_check.log").read_text().count("== ") >= 2 * len(steps)
@@ -60,6 +63,8 @@ def test_dry_run_writes_every_step_and_csv(dry_run: Path) -> None:
 
 def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
     everything = _rows(dry_run / "kernels.csv")
+    sweep = [r for r in everything if r["config"] not in ("", "default")]
+    everything = [r for r in everything if r not in sweep]
     rows = [r for r in everything if not r["stage"].startswith("layer: ")]
     assert {r["provider"] for r in rows} == {"eager_bf16", "compile_bf16", "kernels_bf16"}
     assert {r["stage"] for r in rows} == {"head", "threshold_pool", "total"}
@@ -79,6 +84,11 @@ def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
     kernel_total = [r for r in rows if r["provider"] == "kernels_bf16" and r["stage"] == "total"]
     assert float(kernel_total[0]["x_slower_than_kernels"]) == 1.0
     assert "dynamic=False" in next(r for r in rows if r["provider"] == "compile_bf16")["note"]
+    # The sweep's rows name their block config, per-launch rows included (-W8 parsed and run).
+    assert {r["config"] for r in sweep} == {"M64-X64-R64-K64-w4-s1-W8"}
+    sweep_layers = [r for r in sweep if r["stage"].startswith("layer: ")]
+    assert len(sweep_layers) == 16 and all(r["parity"] == "" for r in sweep_layers)
+    assert all(r["parity"] == "ok" for r in sweep if r not in sweep_layers)
 
 
 def test_dry_run_usage_errors() -> None:
