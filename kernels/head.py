@@ -91,6 +91,9 @@ class HeadLaunchConfig:
     64 channels, so those may take larger blocks (``BLOCK_MW``, ``BLOCK_MR``) than the narrow
     layers: each program streams the layer's whole weight matrix (the reduce's 256 KB in bf16)
     once per block of cells, so a block twice as tall halves that traffic (``traffic_bytes``).
+    ``half_tables``: the per-position tables of the 16-bit heads (folded norm ``conv(gamma)``,
+    bias, output gamma; a third of the modelled traffic) in fp16 instead of fp32, converted to
+    fp32 as the epilogue loads them (an option to measure: the bench checks parity first).
     """
 
     BLOCK_M: int = 128
@@ -102,6 +105,7 @@ class HeadLaunchConfig:
     chunk_tiles: int = 4096
     overlap: bool = False
     num_warps_wide: int = 0
+    half_tables: bool = False
 
     def describe(self) -> str:
         """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>``, ``-o1`` and ``-W<warps>`` where
@@ -113,7 +117,12 @@ class HeadLaunchConfig:
         if self.chunk_tiles != HeadLaunchConfig.chunk_tiles:
             text += f"-c{self.chunk_tiles}"
         text += "-o1" if self.overlap else ""
-        return text + (f"-W{self.num_warps_wide}" if self.num_warps_wide else "")
+        text += f"-W{self.num_warps_wide}" if self.num_warps_wide else ""
+        return text + ("-T1" if self.half_tables else "")
+
+    def table_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The per-position tables' dtype for compute dtype ``dtype`` (fp32 heads: always fp32)."""
+        return torch.float16 if self.half_tables and dtype != torch.float32 else torch.float32
 
     def warps(self, cout: int, wide: bool) -> int:
         """Warps of a layer with ``cout`` outputs (``wide``: the reduce, or ``cout`` > 64). The
@@ -162,7 +171,8 @@ def arch_config(key: str, arch: int) -> HeadLaunchConfig:
 
 
 CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K", "w": "num_warps",
-               "s": "num_stages", "c": "chunk_tiles", "o": "overlap", "W": "num_warps_wide"}  # fmt: skip
+               "s": "num_stages", "c": "chunk_tiles", "o": "overlap", "W": "num_warps_wide",
+               "T": "half_tables"}  # fmt: skip
 
 
 def parse_config(text: str, base: HeadLaunchConfig = FAST_16BIT) -> HeadLaunchConfig:
@@ -171,23 +181,25 @@ def parse_config(text: str, base: HeadLaunchConfig = FAST_16BIT) -> HeadLaunchCo
     M: cells per program of the chain layers, X: of the layers wider than 64 channels, R: of the
     reduce layer, K: input channels per dot step, w: warps, s: pipeline stages, c: tiles per
     chunk, o1: each chunk's reduce on a side stream beside the previous chunk's chains, W: warps
-    of the reduce and the wide layers. Raises ``InputError`` naming the first bad part.
+    of the reduce and the wide layers, T1: fp16 per-position tables. Raises ``InputError`` naming
+    the first bad part.
     """
     fields: dict[str, object] = {}
     for part in text.split("-"):
-        match = re.fullmatch(r"([MXRKwscoW])(\d+)", part)
+        match = re.fullmatch(r"([MXRKwscoWT])(\d+)", part)
         if not match:
             raise InputError(
                 f"a kernel config is e.g. M64-X128-R128-K64-w4-s3-W8; {part!r} in {text!r} is "
                 f"not one of {', '.join(k + '<n>' for k in CONFIG_KEYS)}"
             )
         key, value = CONFIG_KEYS[match.group(1)], int(match.group(2))
-        if key != "overlap" and key != "num_warps_wide" and value < 1:
+        flags = ("overlap", "half_tables")
+        if key not in flags and key != "num_warps_wide" and value < 1:
             raise InputError(f"{part!r} in the kernel config {text!r} must be at least 1")
         powers = ("BLOCK_M", "BLOCK_MW", "BLOCK_MR", "BLOCK_K", "num_warps", "num_warps_wide")
         if key in powers and value & (value - 1):
             raise InputError(f"{part!r} in the kernel config {text!r} must be a power of two")
-        fields[key] = bool(value) if key == "overlap" else value
+        fields[key] = bool(value) if key in flags else value
     return dataclasses.replace(base, **fields)
 
 
@@ -223,9 +235,9 @@ def _epilogue(
     if IN_FOLD:
         mu = tl.load(stat_in_ptr + 2 * n, mask=m_ok, other=0.0)
         rstd = tl.load(stat_in_ptr + 2 * n + 1, mask=m_ok, other=0.0)
-        bnw = tl.load(bnw_ptr + table, mask=ok, other=0.0)
+        bnw = tl.load(bnw_ptr + table, mask=ok, other=0.0).to(tl.float32)
         y = rstd[:, None] * (y - mu[:, None] * bnw)
-    y += tl.load(bias_ptr + table, mask=ok, other=0.0)
+    y += tl.load(bias_ptr + table, mask=ok, other=0.0).to(tl.float32)
     rows = m.to(tl.int64)[:, None] * COUT + o[None, :]
     if OUT == 0 or OUT == 1:
         # Exact (erf) GELU, as nn.GELU() and the official code.
@@ -235,7 +247,7 @@ def _epilogue(
         dev = tl.where(ok, g - mean[:, None], 0.0)
         m2 = tl.sum(dev * dev, axis=1)
         if OUT == 0:
-            gamma = tl.load(nw_ptr + table, mask=ok, other=0.0)
+            gamma = tl.load(nw_ptr + table, mask=ok, other=0.0).to(tl.float32)
             tl.store(dst_ptr + rows, (g * gamma).to(dst_ptr.dtype.element_ty), mask=ok)
             tl.store(rowstat_ptr + 2 * m.to(tl.int64), mean, mask=m_ok)
             tl.store(rowstat_ptr + 2 * m.to(tl.int64) + 1, m2, mask=m_ok)
@@ -487,7 +499,7 @@ def _folded_tables(
 
 def _pack_layer(
     w: Tensor, b: Tensor, norm_in: tuple[Tensor, Tensor] | None, norm_out: tuple[Tensor, Tensor] | None,
-    norm: str, cells: int, dtype: torch.dtype,
+    norm: str, cells: int, dtype: torch.dtype, table_dtype: torch.dtype = torch.float32,
 ) -> PackedLayer:  # fmt: skip
     cout, cin, kh, kw = w.shape
     weight = w.detach().permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).to(dtype).contiguous()
@@ -502,22 +514,29 @@ def _pack_layer(
             nw = _per_position(norm_out[0])
         else:
             nw, nb = (t.detach().to(torch.float32).contiguous() for t in norm_out)
+    if table_dtype != torch.float32:  # the [P, cout] tables only (the channel affine stays fp32)
+        bias = bias.to(table_dtype)
+        bnw = bnw.to(table_dtype) if bnw is not None else None
+        nw = nw.to(table_dtype) if nw is not None and norm == "tile" else nw
     return PackedLayer(kh, cin, cout, aligned(weight), bias, bnw, nw, nb)
 
 
 def pack_head(
-    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype
-) -> PackedHead:
-    """The 32 tensors of ``flatten_weights`` -> a ``PackedHead`` for ``grid`` in ``dtype``."""
+    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype,
+    table_dtype: torch.dtype = torch.float32,
+) -> PackedHead:  # fmt: skip
+    """The 32 tensors of ``flatten_weights`` -> a ``PackedHead`` for ``grid`` in ``dtype``, its
+    per-position tables in ``table_dtype``."""
     cells = grid[0] * grid[1]
     rw, rb, rnw, rnb = params[:4]
-    reduce = _pack_layer(rw, rb, None, (rnw, rnb), norm, cells, dtype)
+    reduce = _pack_layer(rw, rb, None, (rnw, rnb), norm, cells, dtype, table_dtype)
     chains = []
     for chain in _chains(params):
         layers, norm_in = [], (rnw, rnb)
         for i, layer in enumerate(chain):
             norm_out = (layer[2], layer[3]) if i < 3 else None
-            layers.append(_pack_layer(layer[0], layer[1], norm_in, norm_out, norm, cells, dtype))
+            layers.append(_pack_layer(layer[0], layer[1], norm_in, norm_out, norm, cells, dtype,
+                                      table_dtype))  # fmt: skip
             norm_in = norm_out
         chains.append(tuple(layers))
     return PackedHead(reduce, chains[0], chains[1], norm, grid)
@@ -532,8 +551,9 @@ def _versions(params: list[Tensor]) -> tuple[int, ...] | None:
 
 
 def packed_head(
-    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype
-) -> PackedHead:
+    params: list[Tensor], norm: str, grid: tuple[int, int], dtype: torch.dtype,
+    table_dtype: torch.dtype = torch.float32,
+) -> PackedHead:  # fmt: skip
     """``pack_head``, cached on where the parameters live and their version counters.
 
     Inference pays the packing (a few small convolutions in float64) once; an in-place update
@@ -542,12 +562,12 @@ def packed_head(
     other tensors while an entry could still match.
     """
     versions = _versions(params)
-    key = (dtype, norm, grid,
+    key = (dtype, table_dtype, norm, grid,
            *((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()) for t in params))  # fmt: skip
     hit = _PACK_CACHE.get(key)
     if hit is not None and versions is not None and hit[1] == versions:
         return hit[2]
-    packed = pack_head(params, norm, grid, dtype)
+    packed = pack_head(params, norm, grid, dtype, table_dtype)
     if versions is not None:
         if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
             _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
@@ -739,21 +759,21 @@ Step = tuple[str, Callable[[], object], dict[str, float]]
 
 def traffic_bytes(
     m: int, block_m: int, taps: int, cin: int, cout: int, size: int,
-    tables: int, out_size: int,
+    tables: int, out_size: int, table_size: int = 4,
 ) -> float:  # fmt: skip
     """Bytes a layer launch moves between L2 (or HBM) and the SMs, by its block structure.
 
     Each of the ``cdiv(m, block_m)`` programs loads its cells' inputs (``block_m * taps * cin``
     elements of ``size`` bytes: a 3x3 layer reads each neighbour once per tap), the layer's whole
-    weight matrix (``taps * cin * cout``), ``tables`` fp32 ``[block_m, cout]`` per-position tables
-    (folded norm, bias, output gamma), and stores ``block_m * cout`` values of ``out_size``
+    weight matrix (``taps * cin * cout``), ``tables`` ``[block_m, cout]`` per-position tables of
+    ``table_size`` bytes (folded norm, bias, output gamma; the gate's fp32 logits), and stores ``block_m * cout`` values of ``out_size``
     bytes. The weights are read per program, so their share falls as ``1 / block_m``: with
     64-cell blocks the bf16 3x3 128 -> 128 layer moves ~4.6 KB of weights per cell beside 2.3 KB
     of activations. A launch that takes more time than this traffic at the device's L2
     bandwidth is not limited by it.
     """
     programs = -(-m // block_m)
-    per_program = block_m * (taps * cin * size + cout * (4 * tables + out_size))
+    per_program = block_m * (taps * cin * size + cout * (table_size * tables + out_size))
     return float(programs * (per_program + taps * cin * cout * size))
 
 
@@ -782,14 +802,15 @@ def _chain_steps(
         opts = {**consts, **_options(cfg, layer.cout, layer.cout > 64)}
         label = f"{name}{i} {layer.ks}x{layer.ks} {layer.cin}->{layer.cout}"
         size = z.element_size()
-        # Tables: bias (+ conv(gamma) when folded) in, gamma out (tile norm); the logits layer
-        # D is read again by the gate.
-        tables = 1 + fold + (mode == OUT_TILE) + (mode == OUT_GATE)
-        out_size = 4 if last else size
+        # Tables: bias (+ conv(gamma) when folded) in, gamma out (tile norm). The last layers
+        # write fp32, and the gate also reads the fp32 logits D.
+        tables = 1 + fold + (mode == OUT_TILE)
+        out_size = (8 if mode == OUT_GATE else 4) if last else size
         work = {"flops": 2.0 * m * layer.ks**2 * layer.cin * layer.cout,
                 "bytes": float(m * (layer.cin + layer.cout) * size),
                 "traffic": traffic_bytes(m, consts["BLOCK_M"], layer.ks**2, layer.cin,
-                                         layer.cout, size, tables, out_size)}  # fmt: skip
+                                         layer.cout, size, tables, out_size,
+                                         layer.bias.element_size())}  # fmt: skip
         steps.append((label, functools.partial(launch, *args, **opts), work))
         if not last and fold:
             stats = _tile_stats_kernel[(m // cells,)]
@@ -830,7 +851,7 @@ def head_plan(
     if INTERPRET and tokens.dtype == torch.bfloat16:
         raise InputError("the Triton interpreter has no bfloat16 dots; test bf16 on a GPU")
     dtype = tokens.dtype
-    head = packed_head(params, norm, (h, w), dtype)
+    head = packed_head(params, norm, (h, w), dtype, cfg.table_dtype(dtype))
     x = aligned(tokens)
     layout = token_layout(x)
     # fp32 whatever the tokens: bf16 keeps ~8 bits, coarser than a 256-bin Otsu histogram over
@@ -872,7 +893,8 @@ def head_plan(
             {"flops": 2.0 * m * c * dims["CR"],
              "bytes": float(m * (c + dims["CR"]) * xc.element_size()),
              "traffic": traffic_bytes(m, cfg.BLOCK_MR, 1, c, dims["CR"], xc.element_size(),
-                                      1 + (norm == "tile"), xc.element_size())}))  # fmt: skip
+                                      1 + (norm == "tile"), xc.element_size(),
+                                      red.bias.element_size())}))  # fmt: skip
         if norm == "tile":
             stats = _tile_stats_kernel[(nc,)]
             steps.append(("reduce tile statistics", functools.partial(
@@ -1033,6 +1055,13 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
         tensor_cores = key in ("bf16", "fp16", "fp32-tf32")
         for norm in ("tile", "channel"):
             hidden = _hidden_out(norm)
+            # The per-position tables' pointers (fp16 with ``half_tables``; the channel norm's
+            # per-channel affine stays fp32).
+            tables: dict[str, str] = {}
+            if cfg.table_dtype(dtype) == torch.float16:
+                tables = {"bias_ptr": "*fp16", "bnw_ptr": "*fp16"}
+                if norm == "tile":
+                    tables.update(nw_ptr="*fp16", nb_ptr="*fp16")
             for layout, layout_name in LAYOUT_NAMES.items():
                 size = torch.finfo(dtype).bits // 8
                 widest = 16 // size
@@ -1042,7 +1071,8 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                 for vec in sorted({1, widest} if layout != LAYOUT_STRIDED else {1}):
                     consts = reduce_constexprs(dims["C"], grid, dims["CR"], hidden, layout, vec,
                                                dtype, precision, cfg)  # fmt: skip
-                    sig = _signature(_reduce_kernel, {"x_ptr": act, "w_ptr": act, "dst_ptr": act})
+                    sig = _signature(_reduce_kernel, {"x_ptr": act, "w_ptr": act, "dst_ptr": act,
+                                                      **tables})  # fmt: skip
                     specs.append(KernelSpec(
                         kernel=f"{__name__}:_reduce_kernel",
                         variant=f"{key}, {norm} norm, reduce, {layout_name}, vec {vec}",
@@ -1054,7 +1084,8 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                 consts = conv_constexprs(grid, ks, cin, cout, norm == "tile", out, dtype,
                                          precision, cfg)  # fmt: skip
                 dst = "*fp32" if last else act
-                sig = _signature(_conv_kernel, {"src_ptr": act, "w_ptr": act, "dst_ptr": dst})
+                sig = _signature(_conv_kernel, {"src_ptr": act, "w_ptr": act, "dst_ptr": dst,
+                                                **tables})  # fmt: skip
                 specs.append(KernelSpec(
                     kernel=f"{__name__}:_conv_kernel",
                     variant=f"{key}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} {OUT_NAMES[out]}",

@@ -85,7 +85,7 @@ def test_dry_run_kernel_rows_are_parity_checked(dry_run: Path) -> None:
     assert float(kernel_total[0]["x_slower_than_kernels"]) == 1.0
     assert "dynamic=False" in next(r for r in rows if r["provider"] == "compile_bf16")["note"]
     # The sweep's rows name their block config, per-launch rows included (-W8 parsed and run).
-    assert {r["config"] for r in sweep} == {"M64-X64-R64-K64-w4-s1-W8"}
+    assert {r["config"] for r in sweep} == {"M64-X64-R64-K64-w4-s1-W8-T1"}
     sweep_layers = [r for r in sweep if r["stage"].startswith("layer: ")]
     assert len(sweep_layers) == 16 and all(r["parity"] == "" for r in sweep_layers)
     assert all(r["parity"] == "ok" for r in sweep if r not in sweep_layers)
@@ -119,6 +119,8 @@ def test_kernel_config_parses() -> None:
         bench_kernels.parse_kernel_config("M64-Q3")
     wide = bench_kernels.parse_kernel_config("M64-X128-R128-K64-w4-s3-W8")
     assert wide.num_warps_wide == 8 and wide.describe() == "M64-X128-R128-K64-w4-s3-W8"
+    half = bench_kernels.parse_kernel_config("M64-X64-R64-K64-w4-s3-T1")
+    assert half.half_tables and bench_kernels.parse_kernel_config(half.describe()) == half
     for bad in ("M48", "M0", "w3", "M64-"):
         with pytest.raises(SystemExit, match="kernel-config"):
             bench_kernels.parse_kernel_config(bad)

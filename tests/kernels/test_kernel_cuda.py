@@ -152,11 +152,18 @@ def test_head_overlapped_streams_match_sequential(norm) -> None:
 
 @pytest.mark.parametrize(
     "config",
-    ["M64-X128-R128-K64-w4-s3-W8", "M128-X128-R128-K64-w4-s3-W8", "M64-X64-R64-K128-w4-s3"],
+    [
+        "M64-X128-R128-K64-w4-s3-W8",
+        "M128-X128-R128-K64-w4-s3-W8",
+        "M64-X64-R64-K128-w4-s3",
+        "M64-X64-R64-K64-w4-s3-T1",
+        "M64-X128-R128-K64-w4-s3-W8-T1",
+    ],
 )
 def test_head_sweep_configs_match_reference(config) -> None:
     """The block configs ``device_check.sh`` sweeps (taller blocks of more warps for the reduce
-    and the wide layers, 128-channel K steps) give the reference's heatmap in bf16."""
+    and the wide layers, 128-channel K steps, fp16 tables) give the reference's heatmap in
+    bf16."""
     from fastinsight.kernels.head import flatten_weights, insight_head_launch, parse_config
 
     n, c, grid = 37, 1024, (14, 14)

@@ -234,7 +234,9 @@ def test_interpreter_refuses_bf16() -> None:
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the GPU block configs through the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("config", ["default", "M64-X128-R128-K64-w4-s3-W8"])
+@pytest.mark.parametrize(
+    "config", ["default", "M64-X128-R128-K64-w4-s3-W8", "M64-X64-R64-K64-w4-s3-T1"]
+)
 def test_gpu_block_configs_in_interpreter(dtype, config) -> None:
     """The blocks the GPU launches (several cell blocks and output blocks per layer, blocks that
     span two tiles, the Chan merge across blocks, rows past the batch wrapped and not stored)
@@ -285,3 +287,32 @@ def test_layer_warps_and_traffic_model() -> None:
         1024, 128, 9, 128, 128, 2, 3, 2
     )
     assert saved == (16 - 8) * weights
+    # fp16 tables (half_tables): the table bytes halve, nothing else moves.
+    full = traffic_bytes(1000, 64, 9, 128, 128, 2, 3, 2)
+    assert full - traffic_bytes(1000, 64, 9, 128, 128, 2, 3, 2, table_size=2) == 16 * 64 * 128 * 6
+
+
+@pytest.mark.parametrize("norm", ["tile", "channel"])
+def test_half_tables_pack_fp16_tables_for_16bit_heads(norm) -> None:
+    """``half_tables`` (``-T1``): the [P, cout] tables in fp16 for 16-bit heads, the same values
+    to fp16 rounding; fp32 heads keep fp32 tables; the channel norm's affine stays fp32."""
+    from fastinsight.kernels.head import flatten_weights, pack_head, parse_config
+
+    cfg = parse_config("M64-X64-R64-K64-w4-s3-T1")
+    assert cfg.half_tables and cfg.describe().endswith("-T1")
+    assert cfg.table_dtype(torch.float16) == cfg.table_dtype(torch.bfloat16) == torch.float16
+    assert cfg.table_dtype(torch.float32) == torch.float32
+    model = make_model(64, 3, (4, 4), norm)
+    params = [p.detach() for p in flatten_weights(model.head_weights())]
+    full = pack_head(params, norm, (4, 4), torch.float16)
+    half = pack_head(params, norm, (4, 4), torch.float16, torch.float16)
+    for a, b in zip((full.reduce, *full.detect, *full.context),
+                    (half.reduce, *half.detect, *half.context), strict=True):  # fmt: skip
+        assert b.bias.dtype == torch.float16 and b.bias.shape == a.bias.shape == (16, a.cout)
+        torch.testing.assert_close(b.bias.float(), a.bias, rtol=2**-10, atol=0)
+        if a.bnw is not None:
+            assert b.bnw.dtype == torch.float16
+            torch.testing.assert_close(b.bnw.float(), a.bnw, rtol=2**-10, atol=0)
+        if a.nw is not None:
+            assert b.nw.dtype == (torch.float16 if norm == "tile" else torch.float32)
+        assert b.weight.dtype == a.weight.dtype == torch.float16
