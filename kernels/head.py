@@ -13,8 +13,9 @@ the roofline and slower than ``torch.compile``): every convolution is one implic
 *all* cells of the batch, ``M = N*P`` rows, with large pipelined blocks
 (``BLOCK_M x COUT x BLOCK_K``, ``num_stages`` deep), so the tensor cores see long K loops:
 
-- ``_reduce_kernel`` reads the tokens once, in any layout: programs own blocks of one tile's cells,
-  so NCHW (cells contiguous) and NHWC (channels contiguous, the encoder's ``[N, h*w, C]``) both
+- ``_reduce_kernel`` reads the tokens once, in any layout: programs own blocks of consecutive
+  cells of the batch (a block may span two tiles; no rows are spent on a tile's padding), and
+  NCHW (cells contiguous) and NHWC (channels contiguous, the encoder's ``[N, h*w, C]``) both
   load as wide vectors. The 3x3 layers (``_conv_kernel``) walk one flattened K loop over
   ``(tap, input channel)``; a tap's A rows are the neighbour cells with row and column clamped
   to the tile, which *is* the replication padding.
@@ -82,7 +83,7 @@ class HeadLaunchConfig:
     ``BLOCK_M`` cells per program of the chain layers (the dots' M; the dots' N is the layer's
     whole output width), ``BLOCK_MW`` the same for layers wider than 64 channels (their
     epilogue holds several ``[BLOCK_M, cout]`` fp32 tables), ``BLOCK_MR`` cells per program of
-    the reduce layer (blocks of one tile), ``BLOCK_K`` input channels per dot step,
+    the reduce layer, ``BLOCK_K`` input channels per dot step,
     ``num_stages`` the software-pipelining depth of the K loops, ``chunk_tiles`` tiles per
     launch sequence (bounds the activation memory). ``overlap`` runs each chunk's reduce (memory
     bound) on a side CUDA stream while the previous chunk's chains (compute bound) run, with
@@ -92,8 +93,9 @@ class HeadLaunchConfig:
     layers: each program streams the layer's whole weight matrix (the reduce's 256 KB in bf16)
     once per block of cells, so a block twice as tall halves that traffic (``traffic_bytes``).
     ``half_tables``: the per-position tables of the 16-bit heads (folded norm ``conv(gamma)``,
-    bias, output gamma; a third of the modelled traffic) in fp16 instead of fp32, converted to
-    fp32 as the epilogue loads them (an option to measure: the bench checks parity first).
+    bias, output gamma; about a quarter of the modelled traffic) in fp16 instead of fp32,
+    converted to fp32 as the epilogue loads them (an option to measure: the bench checks parity
+    first).
     """
 
     BLOCK_M: int = 128
