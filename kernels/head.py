@@ -177,6 +177,16 @@ CONFIG_KEYS = {"M": "BLOCK_M", "X": "BLOCK_MW", "R": "BLOCK_MR", "K": "BLOCK_K",
                "T": "half_tables"}  # fmt: skip
 
 
+# (lowest, highest, power of two) of each field: a dot needs at least 16 rows and 16 input
+# channels; warps as Triton launches them (0 for ``W``: as ``w``); flags 0 or 1.
+_CONFIG_RANGES = {
+    "BLOCK_M": (16, 1024, True), "BLOCK_MW": (16, 1024, True), "BLOCK_MR": (16, 1024, True),
+    "BLOCK_K": (16, 256, True), "num_warps": (1, 32, True), "num_warps_wide": (0, 32, True),
+    "num_stages": (1, 8, False), "chunk_tiles": (1, 1 << 20, False), "overlap": (0, 1, False),
+    "half_tables": (0, 1, False),
+}  # fmt: skip
+
+
 def parse_config(text: str, base: HeadLaunchConfig = FAST_16BIT) -> HeadLaunchConfig:
     """``M128-X64-R128-K64-w8-s3`` (any subset of ``describe``'s fields, over ``base``) -> config.
 
@@ -195,13 +205,12 @@ def parse_config(text: str, base: HeadLaunchConfig = FAST_16BIT) -> HeadLaunchCo
                 f"not one of {', '.join(k + '<n>' for k in CONFIG_KEYS)}"
             )
         key, value = CONFIG_KEYS[match.group(1)], int(match.group(2))
-        flags = ("overlap", "half_tables")
-        if key not in flags and key != "num_warps_wide" and value < 1:
-            raise InputError(f"{part!r} in the kernel config {text!r} must be at least 1")
-        powers = ("BLOCK_M", "BLOCK_MW", "BLOCK_MR", "BLOCK_K", "num_warps", "num_warps_wide")
-        if key in powers and value & (value - 1):
-            raise InputError(f"{part!r} in the kernel config {text!r} must be a power of two")
-        fields[key] = bool(value) if key in flags else value
+        low, high, power = _CONFIG_RANGES[key]
+        if not low <= value <= high or (power and value & (value - 1)):
+            what = f"{'a power of two ' if power else ''}from {low} to {high}"
+            what = f"0 or a power of two up to {high}" if power and low == 0 else what
+            raise InputError(f"{part!r} in the kernel config {text!r}: must be {what}")
+        fields[key] = bool(value) if key in ("overlap", "half_tables") else value
     return dataclasses.replace(base, **fields)
 
 

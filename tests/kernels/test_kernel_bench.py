@@ -121,6 +121,6 @@ def test_kernel_config_parses() -> None:
     assert wide.num_warps_wide == 8 and wide.describe() == "M64-X128-R128-K64-w4-s3-W8"
     half = bench_kernels.parse_kernel_config("M64-X64-R64-K64-w4-s3-T1")
     assert half.half_tables and bench_kernels.parse_kernel_config(half.describe()) == half
-    for bad in ("M48", "M0", "w3", "M64-"):
+    for bad in ("M48", "M0", "M8", "w3", "W3", "w64", "K512", "s9", "c0", "o2", "T2", "M64-"):
         with pytest.raises(SystemExit, match="kernel-config"):
             bench_kernels.parse_kernel_config(bad)
