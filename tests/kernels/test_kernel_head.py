@@ -316,3 +316,29 @@ def test_half_tables_pack_fp16_tables_for_16bit_heads(norm) -> None:
         if a.nw is not None:
             assert b.nw.dtype == (torch.float16 if norm == "tile" else torch.float32)
         assert b.weight.dtype == a.weight.dtype == torch.float16
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the fp16-table option through the interpreter")
+@pytest.mark.parametrize("norm", ["tile", "channel"])
+def test_half_tables_head_matches_reference(norm) -> None:
+    """``-T1`` end to end in fp16: both norms (the channel norm keeps its affine in fp32), within
+    the fp16 parity bound."""
+    from fastinsight.kernels.head import (
+        INTERPRETER_CONFIG,
+        flatten_weights,
+        insight_head_launch,
+        parse_config,
+    )
+
+    n, c, grid, k = 3, 64, (4, 4), 3
+    model = make_model(c, k, grid, norm)
+    x = torch.randn(n, c, *grid)
+    cfg = parse_config("T1", INTERPRETER_CONFIG)
+    with torch.no_grad():
+        ref64 = insight_head_reference(
+            x.double(), copy_as(model, torch.float64, "cpu").head_weights()
+        )
+        w = copy_as(model, torch.float16, "cpu").head_weights()
+        out = insight_head_launch(x.half(), flatten_weights(w), norm, 1e-5, "ieee", cfg)
+        bound = lowp_bound(torch.float16, max_err(insight_head_reference(x.half(), w), ref64))
+    assert max_err(out, ref64) <= bound
