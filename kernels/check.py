@@ -291,7 +291,12 @@ def all_specs(configs: tuple[str, ...] = ()):
 
     if configs:
         return head.compile_specs(configs=tuple(head.parse_config(c) for c in configs))
-    return head.compile_specs() + reduce.compile_specs()
+    # Every compute type on UNI's 14 x 14 grid; the bf16 heads (the fast path) on the other grids
+    # the models use.
+    other_grids = [
+        spec for grid in head.GRIDS[1:] for spec in head.compile_specs(grid=grid, keys=("bf16",))
+    ]
+    return head.compile_specs() + other_grids + reduce.compile_specs()
 
 
 def _job(args):

@@ -1040,13 +1040,20 @@ def _chain_variants(dims: dict[str, int]) -> list[tuple[str, int, int, int, bool
     return out
 
 
+# The grids the models use (spec): UNI's 14 x 14, patch-14 encoders at 224 px, CT slices.
+GRIDS = ((14, 14), (16, 16), (37, 37))
+
+
 def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (14, 14),
-                  configs: tuple[HeadLaunchConfig, ...] = ()) -> list[KernelSpec]:  # fmt: skip
+                  configs: tuple[HeadLaunchConfig, ...] = (),
+                  keys: tuple[str, ...] | None = None) -> list[KernelSpec]:  # fmt: skip
     """Every layer-kernel variant the launcher can launch on a GPU for one architecture and grid.
 
     Token vectors: NHWC with and without 16-byte alignment; NCHW with the vector the grid allows
     (4 for 14 x 14) and without. ``configs``: instead, the bf16 and fp16 variants in these block
     configs on every architecture (what ``fastinsight kernels check --config`` compiles).
+    ``keys``: only these compute keys (``bf16``, ``fp32-ieee``, ...). Grids other than 14 x 14
+    name themselves after the key (``bf16 37x37, tile norm, ...``).
     """
     dims = dims or OFFICIAL_DIMS
     cells = grid[0] * grid[1]
@@ -1058,6 +1065,8 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
         variants = [(k, cfg, None) for k, cfg in GPU_CONFIGS.items() if k not in ("bf16", "fp16")]
         for key in ("bf16", "fp16"):
             variants += [(key, FAST_16BIT, (HOPPER,)), (key, AMPERE_16BIT, (80, 86, 89))]
+    variants = [v for v in variants if keys is None or v[0] in keys]
+    where = "" if grid == (14, 14) else f" {grid[0]}x{grid[1]}"
     for key, cfg, archs in variants:
         tname = key.split("-")[0]
         dtype = dtypes[tname]
@@ -1086,7 +1095,7 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                                                       **tables})  # fmt: skip
                     specs.append(KernelSpec(
                         kernel=f"{__name__}:_reduce_kernel",
-                        variant=f"{key}, {norm} norm, reduce, {layout_name}, vec {vec}",
+                        variant=f"{key}{where}, {norm} norm, reduce, {layout_name}, vec {vec}",
                         config=cfg.describe(), signature=sig, constexprs=consts,
                         options=_options(cfg, dims["CR"], True), needs_tensor_cores=tensor_cores, archs=archs,
                     ))  # fmt: skip
@@ -1099,13 +1108,15 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                                                 **tables})  # fmt: skip
                 specs.append(KernelSpec(
                     kernel=f"{__name__}:_conv_kernel",
-                    variant=f"{key}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} {OUT_NAMES[out]}",
+                    variant=f"{key}{where}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} "
+                            f"{OUT_NAMES[out]}",
                     config=cfg.describe(), signature=sig, constexprs=consts,
                     options=_options(cfg, cout, cout > 64), needs_tensor_cores=tensor_cores, archs=archs,
                 ))  # fmt: skip
     for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}) if not configs else ():
         specs.append(KernelSpec(
-            kernel=f"{__name__}:_tile_stats_kernel", variant=f"tile statistics, {cout} channels",
+            kernel=f"{__name__}:_tile_stats_kernel",
+            variant=f"tile statistics{where}, {cout} channels",
             config="B256-w4", signature=_signature(_tile_stats_kernel, {}),
             constexprs={"P": cells, "COUT": cout, "BLOCK": min(1024, next_pow2(cells))},
             options={"num_warps": 4, "num_stages": 1},

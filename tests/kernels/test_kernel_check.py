@@ -48,7 +48,7 @@ def test_check_compiles_without_spills_quick() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FASTINSIGHT_FULL_KERNEL_CHECK") != "1",
-    reason="compiles all ~90 variants (minutes on 2 cores): set FASTINSIGHT_FULL_KERNEL_CHECK=1, "
+    reason="compiles all ~460 variants (minutes on 2 cores): set FASTINSIGHT_FULL_KERNEL_CHECK=1, "
     "or run `fastinsight kernels check --arch sm_80,sm_90` as its own CI step",
 )
 def test_check_every_variant() -> None:
@@ -65,6 +65,27 @@ def test_check_rejects_bad_arch_and_interpreter() -> None:
     assert (
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 2
     )
+
+
+def test_check_covers_every_grid_the_models_use() -> None:
+    """The bf16 head also compiles for the patch-14 (16 x 16) and CT (37 x 37) grids."""
+    # Listed in a process without TRITON_INTERPRET (the check needs compilable kernels).
+    code = (
+        "from fastinsight.kernels.check import all_specs\n"
+        "for s in all_specs(): print(s.kernel, s.variant)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0, listed.stderr
+    names = listed.stdout.splitlines()
+    for grid in ("16x16", "37x37"):
+        ours = [n for n in names if f"bf16 {grid}," in n or f"statistics {grid}," in n]
+        assert any("_reduce_kernel" in n for n in ours) and any("context0" in n for n in ours)
+        assert any("_tile_stats_kernel" in n for n in ours)
+    proc = run_check("--arch", "sm_90", "--only", "bf16 37x37, tile norm, context0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("_conv_kernel "))
+    assert "wgmma" in row and "37x37" in row
 
 
 def test_check_compiles_other_block_configs() -> None:
