@@ -9,7 +9,9 @@ instructions inside loops (``STL``/``LDL`` between a label and a backward branch
 SASS from the bundled ``nvdisasm``), shared memory, the tensor-core
 instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80, counted in the PTX) and the
 global loads by width (``ld.global`` vectors, ``cp.async`` and TMA bulk copies, in bytes per
-thread: 16 B is a fully vectorised load). The exit status is non-zero if a variant fails to
+thread: 16 B is a fully vectorised load), with ``src ld`` the widest of the loads whose address
+derives from the kernel's first pointer: the token stream of the reduce, the activations of a
+chain layer (``source_load_widths``, a taint walk over the PTX). The exit status is non-zero if a variant fails to
 compile, spills inside a loop (or spills at all when the SASS cannot be read), needs more shared
 memory than the architecture has, or is a 16-bit (or TF32) head config whose dots compiled to no
 tensor-core instruction (spec section 6). Spills are a defect to fix in the kernel or its
@@ -60,6 +62,7 @@ class CheckResult:
     tensor_core_ops: int = -1  # wgmma + mma instructions in the PTX
     tensor_core_kind: str = ""  # e.g. "wgmma m64n64k16" (the most frequent shape)
     widest_load_bytes: int = -1  # per thread, over ld.global / cp.async / bulk copies
+    source_load_bytes: int = -1  # the same over the loads from the first pointer (the tokens)
     loads_by_width: str = ""  # e.g. "16B:12 2B:8 cp.async16B:4"
     needs_tensor_cores: bool = False
     loop_spills: int = -1  # STL/LDL inside loops in the SASS; -1 = SASS not available
@@ -95,6 +98,61 @@ _CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global(?:\.[a
 _BULK = re.compile(r"\bcp\.async\.bulk(?:\.tensor)?\.[^\s;]*global")
 _WGMMA = re.compile(r"\bwgmma\.mma_async(?:\.sp)?\.sync\.aligned\.(m\d+n\d+k\d+)")
 _MMA = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)")
+
+
+_PTX_INSTR = re.compile(r"^(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+(.*?);?$")
+_PTX_REG = re.compile(r"%\w+")
+_PTX_ADDRESS = re.compile(r"\[\s*(%\w+)")
+_PARAM0 = re.compile(r"\bld\.param\.[busf]64\s+(%\w+),\s*\[\w+_param_0\]")
+
+
+def _load_width(line: str) -> int:
+    """Bytes per thread of a global load (``ld.global`` or ``cp.async``) in a PTX line, or 0."""
+    m = _LD_GLOBAL.search(line)
+    if m:
+        return int(m.group(1) or 1) * _PTX_BYTES.get(m.group(2), int(m.group(2)) // 8)
+    m = _CP_ASYNC.search(line)
+    return int(m.group(1), 0) if m else 0
+
+
+def source_load_widths(ptx: str) -> dict[int, int]:
+    """Global loads whose address derives from the kernel's first pointer parameter (the token
+    grid of the reduce, the activations of a chain layer, the values of a pooling kernel):
+    ``{bytes per thread: count}``.
+
+    The register the first parameter is loaded into taints every register computed from it
+    (to a fixed point, so loop-carried pointers count); a load's address register decides. Data
+    read from memory is not an address derived from the pointer, so loads do not propagate.
+    """
+    lines = [line.strip() for line in ptx.splitlines()]
+    tainted = {m.group(1) for line in lines if (m := _PARAM0.search(line))}
+    if not tainted:
+        return {}
+    flows = []  # (destination, sources) of every non-memory instruction
+    for line in lines:
+        m = _PTX_INSTR.match(line)
+        if not m or m.group(1).split(".")[0] in ("ld", "st", "cp", "wgmma", "mma", "bar", "bra"):
+            continue
+        regs = _PTX_REG.findall(m.group(2))
+        if len(regs) >= 2:
+            flows.append((regs[0], set(regs[1:])))
+    changed = True
+    while changed:
+        changed = False
+        for dst, srcs in flows:
+            if dst not in tainted and srcs & tainted:
+                tainted.add(dst)
+                changed = True
+    widths: dict[int, int] = {}
+    for line in lines:
+        nbytes = _load_width(line)
+        if not nbytes:
+            continue
+        # cp.async names its shared destination first: the source is the second address.
+        address = _PTX_ADDRESS.search(line.split(",", 1)[1] if "cp.async" in line else line)
+        if address and address.group(1) in tainted:
+            widths[nbytes] = widths.get(nbytes, 0) + 1
+    return widths
 
 
 def ptx_stats(ptx: str) -> dict[str, object]:
@@ -135,10 +193,12 @@ def ptx_stats(ptx: str) -> dict[str, object]:
     def order(item: tuple[str, int]) -> tuple[int, int]:
         return (-int(re.sub(r"\D", "", item[0]) or 0), -item[1])
 
+    source = source_load_widths(ptx)
     return {
         "tensor_core_ops": sum(shapes.values()),
         "tensor_core_kind": max(shapes, key=lambda k: shapes[k]) if shapes else "",
         "widest_load_bytes": widest,
+        "source_load_bytes": max(source, default=0),
         "loads_by_width": " ".join(f"{k}:{v}" for k, v in sorted(widths.items(), key=order)),
     }
 
@@ -306,7 +366,7 @@ def _job(args):
 
 def format_table(results: list[CheckResult]) -> str:
     header = ("kernel", "variant", "config", "arch", "regs", "spill B", "smem B", "tensor cores",
-              "widest ld", "global loads", "s", "status")  # fmt: skip
+              "widest ld", "src ld", "global loads", "s", "status")  # fmt: skip
     rows = [
         (
             r.kernel,
@@ -318,6 +378,7 @@ def format_table(results: list[CheckResult]) -> str:
             str(r.shared_bytes) if r.shared_bytes >= 0 else "-",
             f"{r.tensor_core_ops} {r.tensor_core_kind}".strip() if r.tensor_core_ops >= 0 else "-",
             f"{r.widest_load_bytes}B" if r.widest_load_bytes >= 0 else "-",
+            f"{r.source_load_bytes}B" if r.source_load_bytes > 0 else "-",
             r.loads_by_width or "-",
             f"{r.seconds:.1f}",
             r.verdict + (f": {r.error}" if r.error else ""),

@@ -18,6 +18,23 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
 
 
+def table_rows(stdout: str) -> list[dict[str, str]]:
+    """The check's table as dicts, columns cut where the header's dashes say."""
+    lines = stdout.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    spans, start = [], 0
+    for dashes in lines[rule].split("  "):
+        spans.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+    header = [lines[rule - 1][a:b].strip() for a, b in spans]
+    body = [line for line in lines[rule + 1 :] if line.strip() and not line.startswith(" ")]
+    return [
+        dict(zip(header, (line[a:b].strip() for a, b in spans), strict=True))
+        for line in body
+        if line[:1] == "_"
+    ]
+
+
 def test_check_compiles_without_spills_quick() -> None:
     """The head's token reduce and largest 3x3 layer, and every threshold/pooling kernel, for
     both architectures."""
@@ -43,6 +60,11 @@ def test_check_compiles_without_spills_quick() -> None:
     sm90 = next(h for h in conv if " sm_90 " in h)
     assert " mma m16n8k16" in sm80 and " wgmma m64n" in sm90
     assert "cp.async16B:" in sm90
+    # "src ld": the widest load of the token stream itself (the reduce's first pointer): the
+    # channels-last tokens load 16 bytes per thread.
+    table = table_rows(proc.stdout)
+    reduce_rows = [r for r in table if r["kernel"] == "_reduce_kernel"]
+    assert len(reduce_rows) == 2 and all(r["src ld"] == "16B" for r in reduce_rows), reduce_rows
 
 
 @pytest.mark.slow
@@ -164,6 +186,32 @@ def test_ptx_stats_counts_tensor_cores_and_load_widths() -> None:
     assert widths == {"16B": "1", "8B": "1", "2B": "1", "cp.async16B": "1", "cp.async8B": "1"}
     scalar = ptx_stats("ld.global.b16 { %rs1 }, [ %rd2 + 0 ];\nfma.rn.f32 %f1, %f2, %f3, %f4;")
     assert scalar["tensor_core_ops"] == 0 and scalar["widest_load_bytes"] == 2
+
+
+def test_source_load_widths_follow_the_first_pointer() -> None:
+    """Only loads whose address derives from parameter 0 count, through arithmetic and a
+    loop-carried register; a load's data does not propagate the taint."""
+    from fastinsight.kernels.check import ptx_stats, source_load_widths
+
+    ptx = """
+    ld.param.b64 %rd1, [_k_param_0];
+    ld.param.b64 %rd2, [_k_param_1];
+    add.s64 %rd3, %rd1, %rd9;
+    cp.async.ca.shared.global [ %r1 + 0 ], [ %rd3 + 0 ], 0x8, %r2;
+    cp.async.cg.shared.global [ %r3 + 0 ], [ %rd2 + 0 ], 0x10, %r2;
+    mov.b64 %rd5, %rd4;
+    ld.global.b16 { %rs1 }, [ %rd5 + 0 ];
+    ld.global.b64 %rd7, [ %rd3 + 0 ];
+    ld.global.v4.b32 { %r4, %r5, %r6, %r7 }, [ %rd7 + 0 ];
+    @%p1 add.s64 %rd4, %rd3, 64;
+    cp.async.commit_group;
+    """
+    # The 8-byte cp.async and the 8-byte ld from %rd3, and the 2-byte load through %rd4 (set
+    # from %rd3 later in the text: a loop-carried pointer); not the 16-byte copy from param 1,
+    # nor the vector load whose address was read from memory.
+    assert source_load_widths(ptx) == {8: 2, 2: 1}
+    assert ptx_stats(ptx)["source_load_bytes"] == 8
+    assert source_load_widths("ld.global.b32 %r1, [ %rd1 + 0 ];") == {}
 
 
 def test_check_fails_a_16_bit_head_without_tensor_cores() -> None:
