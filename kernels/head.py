@@ -110,8 +110,8 @@ class HeadLaunchConfig:
     half_tables: bool = False
 
     def describe(self) -> str:
-        """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>``, ``-o1`` and ``-W<warps>`` where
-        not default."""
+        """``M64-X64-R64-K64-w4-s3``, then ``-c<chunk_tiles>``, ``-o1``, ``-W<warps>`` and
+        ``-T1`` where not default."""
         text = (
             f"M{self.BLOCK_M}-X{self.BLOCK_MW}-R{self.BLOCK_MR}-K{self.BLOCK_K}-w{self.num_warps}"
             f"-s{self.num_stages}"
