@@ -6,6 +6,7 @@ they map onto ``fastinsight.volume``. ``fastinsight predict`` hands CT inputs / 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastinsight.volume.run import predict_file
@@ -63,7 +64,9 @@ def wants_ct(input_path: str | None, model_path: str | None) -> bool:
     return model_path is not None and is_volume_model(model_path)
 
 
-def run_predict_from_slide_args(args: argparse.Namespace, model_path: str) -> int:
+def run_predict_from_slide_args(
+    args: argparse.Namespace, model_path: str | os.PathLike[str]
+) -> int:
     """``fastinsight predict SCAN --model M --out heatmap.nii.gz``: the CT pipeline."""
     from fastinsight.errors import InputError
 
@@ -87,7 +90,7 @@ def run_predict_from_slide_args(args: argparse.Namespace, model_path: str) -> in
             "CT: give the scan and the heatmap to write: fastinsight predict scan.nii.gz "
             "--model M --out heatmap.nii.gz"
         )
-    args.input, args.model = args.slide, model_path
+    args.input, args.model = args.slide, os.fspath(model_path)
     return run_predict(args)
 
 

@@ -187,10 +187,10 @@ def _open_for_features(
         try:
             slide_mpp = reader.mpp
         except SlideError:
-            slide_mpp = file_mpp(feats)
-            if slide_mpp is None:
+            recorded = file_mpp(feats)
+            if recorded is None:
                 raise
-            source = "the feature file's magnification"
+            slide_mpp, source = recorded, "the feature file's magnification"
         info = {
             "path": str(slide),
             "vendor": reader.vendor,
@@ -217,24 +217,25 @@ def _slide_geometry(
             check_recorded_geometry(feats, slide, size, slide_mpp, source)
         return size, slide_mpp, thumb, info
     recorded = file_mpp(feats)
-    slide_mpp = mpp or recorded
+    known_mpp = mpp or recorded
     mpp_source = "given" if mpp else "file attributes"
     if mpp and not ignore_file_geometry:
         check_recorded_geometry(feats, None, (0, 0), mpp, "--mpp")
     patch = feats.patch_size_l0
-    if slide_mpp is None and patch:
+    if known_mpp is None and patch:
         # The tiles were cut at the model's training geometry (e.g. 224 px at 0.5 um/px), so a
         # level-0 tile of `patch` px spans tile_size_px * target_mpp micrometres.
         tile_px = feats.tile_size_px or cfg.tile_size_px
-        slide_mpp = tile_px * cfg.target_mpp / patch
+        known_mpp = tile_px * cfg.target_mpp / patch
         mpp_source = (
             f"derived: {tile_px} px tiles at the model's {cfg.target_mpp} um/px over {patch} "
             "level-0 px; pass --mpp or --slide if the features were cut otherwise"
         )
-    if slide_mpp is None:
+    if known_mpp is None:
         raise SlideError(
             f"{feats.source}: the level-0 mpp is unknown; pass --slide SLIDE or --mpp (level 0)"
         )
+    slide_mpp = known_mpp
     if feats.level0_size is not None:  # TRIDENT level0_width/height; CLAM level_dim
         size = feats.level0_size
     else:

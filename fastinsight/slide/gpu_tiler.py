@@ -79,12 +79,13 @@ class DeviceJpegTiler:
         x1, y1 = math.ceil(lx + side) + 1, math.ceil(ly + side) + 1
         return x0, y0, x1, y1, lx - x0, ly - y0, side
 
-    def _segments_of(self, win: tuple[int, ...]) -> list[int]:
+    def _segments_of(self, win: tuple[float, ...]) -> list[int]:
+        """The level's JPEG segments the window ``(x0, y0, x1, y1, ...)`` overlaps."""
         x0, y0, x1, y1 = (
-            max(win[0], 0),
-            max(win[1], 0),
-            min(win[2], self._lvl_w),
-            min(win[3], self._lvl_h),
+            max(int(win[0]), 0),
+            max(int(win[1]), 0),
+            min(int(win[2]), self._lvl_w),
+            min(int(win[3]), self._lvl_h),
         )
         if x0 >= x1 or y0 >= y1:
             return []
@@ -135,9 +136,9 @@ class DeviceJpegTiler:
         import torch
         import torch.nn.functional as F
 
-        keys = [i for i, s in streams.items() if s is not None]
+        present = {i: s for i, s in streams.items() if s is not None}
         decoded = dict(
-            zip(keys, decode_jpeg_batch([streams[i] for i in keys], self.device), strict=True)
+            zip(present, decode_jpeg_batch(list(present.values()), self.device), strict=True)
         )
         wins = [self._window(t) for t in chunk]
         hmax = max(w[3] - w[1] for w in wins)
