@@ -463,11 +463,39 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             if args.layers and n == max(args.tiles):
                 # Every kernels provider (each block config of a sweep): which config suits
                 # which layer.
+                swept: list[dict[str, object]] = []
                 for name in [p for p in providers if p.startswith("kernels_bf16")]:
                     layer_rows = time_layers(model, name, providers[name], tokens, device, args)
-                    write_csv([{**block[0], **r} for r in layer_rows], args.csv)
+                    write_csv(
+                        [{**block[0], **{k: v for k, v in r.items() if k != "cells"}}
+                         for r in layer_rows],
+                        args.csv,
+                    )  # fmt: skip
+                    swept += layer_rows
+                if len({r["config"] for r in swept}) > 1:
+                    print_fastest_per_layer(swept)
             tokens = mask = torch.empty(0)
     return rows
+
+
+def print_fastest_per_layer(rows: list[dict[str, object]]) -> None:
+    """For each launch of a sweep's per-launch rows: the fastest config and its time, beside the
+    first config's (the default). Configs with other chunk sizes time other cell counts, so
+    they are compared by time per cell."""
+    by_stage: dict[str, list[dict[str, object]]] = {}
+    for r in rows:
+        by_stage.setdefault(str(r["stage"]), []).append(r)
+    first = str(rows[0]["config"])
+    print(f"# fastest config per launch (against {first}; time per million cells)")
+    for stage, group in by_stage.items():
+
+        def per_cell(r: dict[str, object]) -> float:
+            return float(r["median_ms"]) / float(r["cells"]) * 1e6  # type: ignore[arg-type]
+
+        best = min(group, key=per_cell)
+        base = next((r for r in group if r["config"] == first), best)
+        print(f"{stage.removeprefix('layer: '):36s} {per_cell(best):8.3f} ms  {best['config']}"
+              f"  ({per_cell(base) / per_cell(best):.2f}x the first)")  # fmt: skip
 
 
 def time_layers(
@@ -507,6 +535,7 @@ def time_layers(
                 "tflop_per_s": _sig(work["flops"] / ms / 1e9), "roofline_ms": _sig(roof),
                 "pct_of_roofline": _sig(100 * roof / ms), "x_slower_than_kernels": "",
                 "parity": "", "note": f"one launch timed alone (chunk 1 of {chunks})",
+                "cells": work["cells"],
             })  # fmt: skip
     return rows
 

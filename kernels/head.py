@@ -764,7 +764,8 @@ def _hidden_out(norm: str) -> int:
 MAX_CHUNK_CELLS = 1 << 20
 
 # A launch of the plan: (label, launch(), {"flops": ..., "bytes": ...} the minimal work it does,
-# "traffic": what its programs load and store by the model of ``traffic_bytes``).
+# "traffic": what its programs load and store by the model of ``traffic_bytes``, "cells": how
+# many cells it covers).
 Step = tuple[str, Callable[[], object], dict[str, float]]
 
 
@@ -817,7 +818,7 @@ def _chain_steps(
         # write fp32, and the gate also reads the fp32 logits D.
         tables = 1 + fold + (mode == OUT_TILE)
         out_size = (8 if mode == OUT_GATE else 4) if last else size
-        work = {"flops": 2.0 * m * layer.ks**2 * layer.cin * layer.cout,
+        work = {"flops": 2.0 * m * layer.ks**2 * layer.cin * layer.cout, "cells": m,
                 "bytes": float(m * (layer.cin + layer.cout) * size),
                 "traffic": traffic_bytes(m, consts["BLOCK_M"], layer.ks**2, layer.cin,
                                          layer.cout, size, tables, out_size,
@@ -828,7 +829,7 @@ def _chain_steps(
             steps.append((f"{name}{i} tile statistics", functools.partial(
                 stats, rowstat, stat, float(eps), P=cells, COUT=layer.cout,
                 BLOCK=min(1024, next_pow2(cells)), num_warps=4),
-                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0}))  # fmt: skip
+                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0, "cells": m}))  # fmt: skip
             stat_in = stat
         src = dst
     return steps
@@ -901,7 +902,7 @@ def head_plan(
         steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
             launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
             z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg, dims["CR"], True)),
-            {"flops": 2.0 * m * c * dims["CR"],
+            {"flops": 2.0 * m * c * dims["CR"], "cells": m,
              "bytes": float(m * (c + dims["CR"]) * xc.element_size()),
              "traffic": traffic_bytes(m, cfg.BLOCK_MR, 1, c, dims["CR"], xc.element_size(),
                                       1 + (norm == "tile"), xc.element_size(),
@@ -911,7 +912,7 @@ def head_plan(
             steps.append(("reduce tile statistics", functools.partial(
                 stats, zstat, stat_z, float(eps), P=cells, COUT=dims["CR"],
                 BLOCK=min(1024, next_pow2(cells)), num_warps=4),
-                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0}))  # fmt: skip
+                {"flops": 0.0, "bytes": m * 8.0, "traffic": m * 16.0, "cells": m}))  # fmt: skip
         outc = out[n0 : n0 + nc]
         common = (bufs, rowstat, stat, d, outc)
         steps += _chain_steps(head, head.detect, z, stat_z, *common, OUT_LOGITS, m, eps,

@@ -124,3 +124,24 @@ def test_kernel_config_parses() -> None:
     for bad in ("M48", "M0", "M8", "w3", "W3", "w64", "K512", "s9", "c0", "o2", "T2", "M64-"):
         with pytest.raises(SystemExit, match="kernel-config"):
             bench_kernels.parse_kernel_config(bad)
+
+
+def test_fastest_config_per_launch_compares_time_per_cell(capsys) -> None:
+    """The sweep's summary: per launch, the config with the least time per cell (chunk sizes
+    differ between configs), and its speed-up over the first config."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    rows = [
+        {"stage": "layer: context0 3x3 128->128", "config": "A", "median_ms": 2.0, "cells": 1000},
+        {"stage": "layer: context0 3x3 128->128", "config": "B", "median_ms": 1.5, "cells": 500},
+        {"stage": "layer: reduce nhwc vec 8", "config": "A", "median_ms": 1.0, "cells": 1000},
+        {"stage": "layer: reduce nhwc vec 8", "config": "B", "median_ms": 0.4, "cells": 500},
+    ]
+    bench_kernels.print_fastest_per_layer(rows)
+    out = capsys.readouterr().out.splitlines()
+    # context0: B takes 3.0 ms per 1000 cells against A's 2.0, so A stays; the reduce: B 0.8.
+    assert "context0 3x3 128->128" in out[1] and "  A  (1.00x the first)" in out[1]
+    assert "reduce nhwc vec 8" in out[2] and "  B  (1.25x the first)" in out[2]
