@@ -47,6 +47,7 @@ from pathlib import Path
 
 from fastinsight.errors import FastInsightError, OutputError
 from fastinsight.inputs import file_kind
+from fastinsight.signals import deferred
 
 # errno values that mean "this output cannot be stored here", whatever wrote it.
 _SPACE_ERRNOS = frozenset(
@@ -126,15 +127,17 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
             f"the folder of output {shown!r} does not exist; create {str(parent)!r} or "
             "choose another path"
         )
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fastinsight-", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot create files in {str(parent)!r} for output {shown!r} "
-            f"({exc.strerror or exc}); choose another path"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
+    # Created and removed with Ctrl-C / SIGTERM held back: a run stopped here leaves no probe.
+    with deferred():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".fastinsight-", suffix=".probe", dir=parent)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create files in {str(parent)!r} for output {shown!r} "
+                f"({exc.strerror or exc}); choose another path"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
     return target
 
 
@@ -280,15 +283,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = check_writable(path)
     prefix, suffix = _temp_affixes(target)
+    tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
-    except OSError as exc:
-        if is_out_of_space(exc):
-            raise _space_error(target, exc) from None
-        raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        # Ctrl-C / SIGTERM held back until ``tmp`` names the file, so the cleanup below sees
+        # every temp file it must remove (a signal delivered on unblocking lands inside this try).
+        with deferred():
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+            except OSError as exc:
+                if is_out_of_space(exc):
+                    raise _space_error(target, exc) from None
+                raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+            os.close(fd)
+            tmp = Path(tmp_name)
         yield tmp
         _sync(tmp)
         # mkstemp creates 0600 (and some writers recreate the file): give the result the mode
@@ -300,8 +307,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         if isinstance(exc, Exception) and not isinstance(exc, FastInsightError):
             if is_out_of_space(exc):
                 raise _space_error(target, exc) from None

@@ -64,6 +64,37 @@ def rearm_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (main thread).
+
+    For the few statements between creating a file and the code that removes it on failure: a
+    signal handled in between (Python runs handlers between any two bytecodes) would leave the
+    file behind. Within the block both signals are only recorded; at its end the previous
+    handlers are restored and each recorded signal is raised again, so it is delayed by
+    microseconds, never lost. (Blocking the signal with ``pthread_sigmask`` would not do: the
+    kernel hands a process-wide signal to any thread that does not block it, and Python then
+    runs the handler in the main thread all the same.) Elsewhere a no-op: handlers are the main
+    thread's.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
 def interrupt_exit_code(exc: BaseException) -> int:
     """143 for SIGTERM, 130 for Ctrl-C."""
     return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
@@ -73,6 +104,7 @@ __all__ = [
     "EXIT_SIGINT",
     "EXIT_SIGTERM",
     "Terminated",
+    "deferred",
     "handle_sigterm",
     "interrupt_exit_code",
     "rearm_sigterm",

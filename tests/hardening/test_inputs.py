@@ -140,3 +140,52 @@ def test_rearm_after_a_library_replaced_the_handler() -> None:
         assert signal.getsignal(signal.SIGTERM) is ours
     rearm_sigterm()  # outside the block: leaves the handler alone
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_deferred_holds_sigterm_until_the_block_ends() -> None:
+    """``signals.deferred``: a SIGTERM sent inside the block is delivered when it ends, not
+    lost and not earlier (without it, the handler would interrupt the sleep)."""
+    import signal as signal_module
+
+    from fastinsight.signals import deferred
+
+    done = []
+    with pytest.raises(Terminated), handle_sigterm():
+        with deferred():
+            os.kill(os.getpid(), signal_module.SIGTERM)
+            time.sleep(0.05)
+            done.append("block")
+        time.sleep(1)  # the handler runs before this ends
+        done.append("after")
+    assert done == ["block"]
+
+
+@pytest.mark.parametrize("where", ["probe", "temp file"])
+def test_sigterm_right_after_a_file_is_created_leaves_nothing(
+    tmp_path: Path, monkeypatch, where
+) -> None:
+    """A SIGTERM that arrives the instant ``mkstemp`` has made the writability probe or the
+    atomic temp file still unwinds with nothing left in the folder."""
+    import signal as signal_module
+    import tempfile
+
+    from fastinsight.atomic import atomic_path, check_writable
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_sigterm(*args, **kwargs):
+        made = real(*args, **kwargs)
+        if where in ("probe" if made[1].endswith(".probe") else "temp file",):
+            os.kill(os.getpid(), signal_module.SIGTERM)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_sigterm)
+    target = tmp_path / "report.json"
+    with pytest.raises(Terminated), handle_sigterm():
+        if where == "probe":
+            check_writable(target)
+        else:
+            with atomic_path(target) as tmp:
+                tmp.write_text("{}")
+        time.sleep(1)
+    assert list(tmp_path.iterdir()) == []
