@@ -274,7 +274,7 @@ def make_providers(
 
 def parse_kernel_config(text: str):
     """``M128-X64-R128-K64-w8-s3`` -> a ``HeadLaunchConfig`` (``fastinsight.kernels.head
-    .parse_config``: M, X, R, K, w, s, c, o, W); a bad text ends the run with its message."""
+    .parse_config``: M, X, R, K, w, s, c, o, W, T); a bad text ends the run with its message."""
     from fastinsight.errors import InputError
     from fastinsight.kernels.head import parse_config
 

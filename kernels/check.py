@@ -11,10 +11,10 @@ instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80, counted in th
 global loads by width (``ld.global`` vectors, ``cp.async`` and TMA bulk copies, in bytes per
 thread: 16 B is a fully vectorised load), with ``src ld`` the widest of the loads whose address
 derives from the kernel's first pointer: the token stream of the reduce, the activations of a
-chain layer (``source_load_widths``, a taint walk over the PTX). The exit status is non-zero if a variant fails to
-compile, spills inside a loop (or spills at all when the SASS cannot be read), needs more shared
-memory than the architecture has, or is a 16-bit (or TF32) head config whose dots compiled to no
-tensor-core instruction (spec section 6). Spills are a defect to fix in the kernel or its
+chain layer (``source_load_widths``, a taint walk over the PTX). The exit status is non-zero if
+a variant fails to compile, spills inside a loop (or spills at all when the SASS cannot be
+read), needs more shared memory than the architecture has, or is a 16-bit (or TF32) head config
+whose dots compiled to no tensor-core instruction (spec section 6). Spills are a defect to fix in the kernel or its
 config, not to hide: the one exception, shown as ``ok (N B spilled outside loops)``, is a
 value ptxas parks in local memory once per program outside every loop (the fused threshold +
 pooling kernel keeps a lane predicate from its prologue reductions to its finish reductions:
@@ -106,13 +106,19 @@ _PTX_ADDRESS = re.compile(r"\[\s*(%\w+)")
 _PARAM0 = re.compile(r"\bld\.param\.[busf]64\s+(%\w+),\s*\[\w+_param_0\]")
 
 
-def _load_width(line: str) -> int:
-    """Bytes per thread of a global load (``ld.global`` or ``cp.async``) in a PTX line, or 0."""
+def _global_load(line: str) -> tuple[int, str] | None:
+    """The global load in a PTX line: (bytes per thread, kind) with kind ``16B`` (``ld.global``),
+    ``cp.async8B`` or ``bulk`` (a TMA / bulk copy, counted as 16: its width is a whole box);
+    None for any other line."""
     m = _LD_GLOBAL.search(line)
     if m:
-        return int(m.group(1) or 1) * _PTX_BYTES.get(m.group(2), int(m.group(2)) // 8)
+        nbytes = int(m.group(1) or 1) * _PTX_BYTES.get(m.group(2), int(m.group(2)) // 8)
+        return nbytes, f"{nbytes}B"
     m = _CP_ASYNC.search(line)
-    return int(m.group(1), 0) if m else 0
+    if m:
+        nbytes = int(m.group(1), 0)
+        return nbytes, f"cp.async{nbytes}B"
+    return (16, "bulk") if _BULK.search(line) else None
 
 
 def source_load_widths(ptx: str) -> dict[int, int]:
@@ -145,9 +151,10 @@ def source_load_widths(ptx: str) -> dict[int, int]:
                 changed = True
     widths: dict[int, int] = {}
     for line in lines:
-        nbytes = _load_width(line)
-        if not nbytes:
+        load = _global_load(line)
+        if load is None:
             continue
+        nbytes = load[0]
         # cp.async names its shared destination first: the source is the second address.
         address = _PTX_ADDRESS.search(line.split(",", 1)[1] if "cp.async" in line else line)
         if address and address.group(1) in tainted:
@@ -167,21 +174,10 @@ def ptx_stats(ptx: str) -> dict[str, object]:
     widest = 0
     for line in ptx.splitlines():
         line = line.strip()
-        if not line or line.startswith("//"):
+        load = None if line.startswith("//") else _global_load(line)
+        if load is None:
             continue
-        m = _LD_GLOBAL.search(line)
-        if m:
-            nbytes = int(m.group(1) or 1) * _PTX_BYTES.get(m.group(2), int(m.group(2)) // 8)
-            key = f"{nbytes}B"
-        else:
-            m = _CP_ASYNC.search(line)
-            if m:
-                nbytes = int(m.group(1), 0)
-                key = f"cp.async{nbytes}B"
-            elif _BULK.search(line):
-                nbytes, key = 16, "bulk"
-            else:
-                continue
+        nbytes, key = load
         widths[key] = widths.get(key, 0) + 1
         widest = max(widest, nbytes)
     shapes: dict[str, int] = {}

@@ -744,16 +744,22 @@ def conv_constexprs(grid: tuple[int, int], ks: int, cin: int, cout: int, in_fold
         "KS": ks,
         "IN_FOLD": in_fold,
         "OUT": out,
-        "BLOCK_M": cfg.BLOCK_MW if cout > 64 else cfg.BLOCK_M,
+        "BLOCK_M": cfg.BLOCK_MW if _wide(cout) else cfg.BLOCK_M,
         "BLOCK_K": _block_k(cin, cfg),
         "STAGES": cfg.num_stages,
         "PRECISION": _precision(dtype, precision, in_fold),
     }
 
 
-def _options(cfg: HeadLaunchConfig, cout: int, wide: bool) -> dict[str, object]:
-    """Launch options of a layer (``HeadLaunchConfig.warps``)."""
-    return {"num_warps": cfg.warps(cout, wide), "num_stages": 1, "enable_fp_fusion": True}
+def _wide(cout: int) -> bool:
+    """Layers wider than 64 channels take ``BLOCK_MW`` cells (and ``num_warps_wide`` warps)."""
+    return cout > 64
+
+
+def _options(cfg: HeadLaunchConfig, cout: int, reduce: bool = False) -> dict[str, object]:
+    """Launch options of a layer (``HeadLaunchConfig.warps``: the reduce counts as wide)."""
+    warps = cfg.warps(cout, reduce or _wide(cout))
+    return {"num_warps": warps, "num_stages": 1, "enable_fp_fusion": True}
 
 
 def _hidden_out(norm: str) -> int:
@@ -778,8 +784,8 @@ def traffic_bytes(
     Each of the ``cdiv(m, block_m)`` programs loads its cells' inputs (``block_m * taps * cin``
     elements of ``size`` bytes: a 3x3 layer reads each neighbour once per tap), the layer's whole
     weight matrix (``taps * cin * cout``), ``tables`` ``[block_m, cout]`` per-position tables of
-    ``table_size`` bytes (folded norm, bias, output gamma; the gate's fp32 logits), and stores ``block_m * cout`` values of ``out_size``
-    bytes. The weights are read per program, so their share falls as ``1 / block_m``: with
+    ``table_size`` bytes (folded norm, bias, output gamma), and stores ``block_m * cout`` values
+    of ``out_size`` bytes (the gate counts its read of the fp32 logits there too). The weights are read per program, so their share falls as ``1 / block_m``: with
     64-cell blocks the bf16 3x3 128 -> 128 layer moves ~4.6 KB of weights per cell beside 2.3 KB
     of activations. A launch that takes more time than this traffic at the device's L2
     bandwidth is not limited by it.
@@ -811,7 +817,7 @@ def _chain_steps(
                 layer.bias, layer.nw if layer.nw is not None else dummy,
                 layer.nb if layer.nb is not None else dummy, dst, rowstat, d, m, float(eps))  # fmt: skip
         launch = _conv_kernel[(triton.cdiv(m, consts["BLOCK_M"]),)]
-        opts = {**consts, **_options(cfg, layer.cout, layer.cout > 64)}
+        opts = {**consts, **_options(cfg, layer.cout)}
         label = f"{name}{i} {layer.ks}x{layer.ks} {layer.cin}->{layer.cout}"
         size = z.element_size()
         # Tables: bias (+ conv(gamma) when folded) in, gamma out (tile norm). The last layers
@@ -901,7 +907,7 @@ def head_plan(
         launch = _reduce_kernel[(triton.cdiv(m, cfg.BLOCK_MR),)]
         steps.append((f"reduce {LAYOUT_NAMES[layout]} vec {vec}", functools.partial(
             launch, xc, red.weight, red.bias, red.nw, red.nb if red.nb is not None else red.nw,
-            z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg, dims["CR"], True)),
+            z, zstat, nc, *xc.stride(), float(eps), **consts, **_options(cfg, dims["CR"], reduce=True)),
             {"flops": 2.0 * m * c * dims["CR"], "cells": m,
              "bytes": float(m * (c + dims["CR"]) * xc.element_size()),
              "traffic": traffic_bytes(m, cfg.BLOCK_MR, 1, c, dims["CR"], xc.element_size(),
@@ -1098,7 +1104,7 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                         kernel=f"{__name__}:_reduce_kernel",
                         variant=f"{key}{where}, {norm} norm, reduce, {layout_name}, vec {vec}",
                         config=cfg.describe(), signature=sig, constexprs=consts,
-                        options=_options(cfg, dims["CR"], True), needs_tensor_cores=tensor_cores, archs=archs,
+                        options=_options(cfg, dims["CR"], reduce=True), needs_tensor_cores=tensor_cores, archs=archs,
                     ))  # fmt: skip
             for name, ks, cin, cout, last in _chain_variants(dims):
                 out = (OUT_LOGITS if ks == 1 else OUT_GATE) if last else hidden
@@ -1112,7 +1118,7 @@ def compile_specs(dims: dict[str, int] | None = None, grid: tuple[int, int] = (1
                     variant=f"{key}{where}, {norm} norm, {name} {ks}x{ks} {cin}->{cout} "
                             f"{OUT_NAMES[out]}",
                     config=cfg.describe(), signature=sig, constexprs=consts,
-                    options=_options(cfg, cout, cout > 64), needs_tensor_cores=tensor_cores, archs=archs,
+                    options=_options(cfg, cout), needs_tensor_cores=tensor_cores, archs=archs,
                 ))  # fmt: skip
     for cout in sorted({dims["CR"], dims["W1"], dims["W2"], dims["W3"]}) if not configs else ():
         specs.append(KernelSpec(
