@@ -6,7 +6,8 @@ What each kind goes through (in this order):
   ``apply_modality_lut``) -> VOI LUT or window (``apply_voi_lut``, the file's first window) ->
   linear map of the VOI output range to 0..255 (of the data's min..max when the file has no VOI)
   -> inverted when ``PhotometricInterpretation`` is MONOCHROME1 (so bone is bright). Compressed
-  transfer syntaxes are decoded by whichever pydicom pixel handler is installed.
+  pixel data is decoded by pydicom's plugins and ``fastinsight.dicom_codecs`` (JPEG lossless,
+  12-bit JPEG, JPEG-LS, JPEG 2000, HTJ2K).
 - **PNG/TIFF/JPEG** (Pillow): 8-bit grey as is; 16-bit grey scaled by its bit depth
   (``v * 255 / 65535``, rounded) so the stored contrast is kept; colour is refused unless every
   channel is equal (a grey picture saved as RGB).
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fastinsight.dicom_codecs import pixel_array
 from fastinsight.errors import InputError
 
 # Modalities whose pixels are cross-sections or functional maps, not projection radiographs.
@@ -36,11 +38,6 @@ NOT_RADIOGRAPH = {
     "NM": "nuclear-medicine image",
 }
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-# Decoder packages pydicom can use, named in the error when none decodes a file.
-DECODER_HINT = (
-    "install a pydicom pixel decoder for it, e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
-    "pylibjpeg-openjpeg` (JPEG, JPEG-LS, JPEG 2000) or `pip install python-gdcm`"
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,22 +95,6 @@ def _spacing(ds: Any) -> tuple[float, float] | None:
     return None
 
 
-def _decode(ds: Any, p: Path) -> np.ndarray:
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    syntax_name = getattr(syntax, "name", str(syntax))
-    try:
-        return np.asarray(ds.pixel_array)
-    except (NotImplementedError, RuntimeError, ValueError, ImportError) as exc:
-        text = str(exc)
-        if any(w in text.lower() for w in ("plugin", "handler", "decoder", "missing", "install")):
-            raise InputError(
-                f"{str(p)!r}: no installed pydicom decoder handles its transfer syntax "
-                f"{syntax_name!r}; {DECODER_HINT}"
-            ) from None
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise InputError(f"{str(p)!r}: cannot decode its pixel data ({first})") from None
-
-
 def _read_dicom(p: Path) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -141,7 +122,7 @@ def _read_dicom(p: Path) -> Radiograph:
             f"{str(p)!r} holds {frames} frames; a radiograph is one frame (split the file first)"
         )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    stored = _decode(ds, p)
+    stored = pixel_array(ds, repr(str(p)))
     if stored.ndim == 3:
         stored = _grey_from_colour(stored, p, photometric)
     elif photometric not in ("MONOCHROME1", "MONOCHROME2"):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fastinsight.dicom_codecs import pixel_array
 from fastinsight.errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -299,10 +300,7 @@ def read_dicom_series(
     data = np.empty((cols, rows, len(slices)), dtype=np.float32)
     for k, s in enumerate(slices):
         ds = pydicom.dcmread(str(s.path))
-        try:
-            px = ds.pixel_array
-        except Exception as exc:
-            raise InputError(f"cannot decode the pixels of {str(s.path)!r}: {exc}") from exc
+        px = pixel_array(ds, repr(str(s.path)))
         if px.ndim != 2:
             raise InputError(
                 f"{str(s.path)!r} holds {px.shape} pixels; only single-frame CT images are read"

@@ -24,8 +24,9 @@ from fastinsight.errors import FastInsightError
 
 REPO = Path(__file__).resolve().parents[2]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
-# Flags of other programs that fastinsight runs (cuobjdump), not of fastinsight.
-EXTERNAL_FLAGS = {"--dump-resource-usage"}
+# Flags of other programs that fastinsight runs (cuobjdump) or tells users to run (GDCM's
+# gdcmconv), not of fastinsight.
+EXTERNAL_FLAGS = {"--dump-resource-usage", "--raw"}
 
 
 def _cli():

@@ -80,23 +80,22 @@ def test_real_chest_cr_and_its_jpeg2000_copy() -> None:
     spine = r.image[600:900, 880:960].mean()
     assert lung < spine
     if j2k is not None:
-        try:
-            other = read_radiograph(j2k)
-        except InputError as exc:
-            assert "pip install" in str(exc)
-        else:  # JPEG 2000 lossless ("I" = irreversible here, so close, not equal)
-            assert np.abs(other.image.astype(int) - r.image.astype(int)).mean() < 2.0
+        other = read_radiograph(j2k)  # JPEG 2000 ("I" = irreversible here: close, not equal)
+        assert np.abs(other.image.astype(int) - r.image.astype(int)).mean() < 2.0
 
 
-def test_missing_decoder_names_the_package() -> None:
+def test_jpeg_ls_file_from_another_tool_reads() -> None:
+    """A 16-bit near-lossless JPEG-LS file (not one pydicom decodes without extra packages)."""
     data = pytest.importorskip("pydicom.data")
-    path = data.get_testdata_file("JPEGLSNearLossless_16.dcm")
-    import importlib.util
-
-    if importlib.util.find_spec("pylibjpeg") or importlib.util.find_spec("gdcm"):
-        pytest.skip("a JPEG-LS decoder is installed here")
-    with pytest.raises(InputError, match="pip install pylibjpeg"):
-        read_radiograph(path)
+    try:
+        path = data.get_testdata_file("JPEGLSNearLossless_16.dcm")
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(f"pydicom test file unavailable: {exc}")
+    if path is None:
+        pytest.skip("pydicom's JPEGLSNearLossless_16.dcm is not installed")
+    r = read_radiograph(path)
+    assert r.facts["transfer_syntax"].startswith("JPEG-LS")
+    assert r.image.min() == 0 and r.image.max() == 255  # min-max mapped, not a flat failure
 
 
 def test_cubic_resize_matches_keys_kernel_on_a_ramp() -> None:

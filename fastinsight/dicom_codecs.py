@@ -1,0 +1,202 @@
+"""Compressed DICOM pixel data that pydicom alone cannot decode, decoded with imagecodecs.
+
+Out of the box pydicom decodes uncompressed and RLE pixel data itself and JPEG baseline / JPEG
+2000 through Pillow. The syntaxes clinical archives use most for radiographs and CT are not among
+them: **JPEG lossless** (process 14, selection value 1 or any predictor), **12-bit JPEG
+extended** and **JPEG-LS**, plus **HTJ2K**; for those pydicom wants pylibjpeg-libjpeg (GPL),
+GDCM or pyjpegls. imagecodecs, already a dependency for slide tiles, carries the codecs:
+libjpeg-turbo 3 (8- and 12-bit lossy, 2-16-bit lossless JPEG), CharLS (JPEG-LS) and OpenJPEG
+(JPEG 2000 and HTJ2K).
+
+:func:`install` adds one decoding plugin, ``"fastinsight-imagecodecs"``, to pydicom's decoder of
+each of those transfer syntaxes. It goes *after* the plugins pydicom already has, so pydicom tries
+it only when they are not installed or fail on a file. The plugin follows pydicom's plugin
+contract (``is_available``, ``DECODER_DEPENDENCIES``, a frame function); pydicom itself then does
+what it does for every plugin: the pixel representation, the sign of JPEG-LS / JPEG 2000 samples,
+unused high bits, YBR to RGB.
+
+Readers take pixels through :func:`pixel_array`, which installs the plugin (idempotent and
+thread-safe) and turns every failure into one :class:`~fastinsight.errors.InputError` line that
+names the file and the transfer syntax.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from fastinsight.errors import InputError
+
+PLUGIN = "fastinsight-imagecodecs"
+
+# Transfer syntax UIDs (DICOM PS3.6 annex A), by codec family.
+JPEG_LOSSY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")  # baseline 8-bit, extended 12
+JPEG_LOSSLESS = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")  # process 14, its SV1
+JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+JPEG_2000 = (
+    "1.2.840.10008.1.2.4.90",  # lossless only
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless, RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+)
+SYNTAXES = JPEG_LOSSY + JPEG_LOSSLESS + JPEG_LS + JPEG_2000
+
+# pydicom's plugin contract: what the plugin needs, per transfer syntax.
+DECODER_DEPENDENCIES = {syntax: ("numpy", "imagecodecs") for syntax in SYNTAXES}
+
+# EOI (JPEG, JPEG-LS) and EOC (JPEG 2000) are the same two bytes; a fragment may pad after it.
+END_OF_IMAGE = b"\xff\xd9"
+
+_lock = threading.Lock()
+_installed = False
+
+
+def _codec(name: str) -> bool:
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    codec = getattr(imagecodecs, name, None)
+    return bool(getattr(codec, "available", False))
+
+
+def is_available(syntax: str) -> bool:
+    """pydicom's plugin contract: whether imagecodecs can decode ``syntax`` here."""
+    if syntax in JPEG_LOSSY:
+        return _codec("JPEG8")
+    if syntax in JPEG_LOSSLESS:
+        return _codec("JPEG8") or _codec("LJPEG") or _codec("JPEGSOF3")
+    if syntax in JPEG_LS:
+        return _codec("JPEGLS")
+    if syntax in JPEG_2000:
+        return _codec("JPEG2K") or _codec("HTJ2K")
+    return False
+
+
+def _first_that_decodes(src: bytes, names: tuple[str, ...]) -> np.ndarray:
+    """The first of imagecodecs' ``<name>_decode`` functions that decodes ``src``."""
+    import imagecodecs
+
+    errors = []
+    for name in names:
+        func = getattr(imagecodecs, f"{name}_decode", None)
+        codec = getattr(imagecodecs, name.upper(), None)
+        if func is None or not getattr(codec, "available", False):
+            continue
+        try:
+            return np.asarray(func(src))
+        except Exception as exc:  # each codec raises its own error type
+            errors.append(f"{name}: {exc}")
+    raise ValueError("; ".join(errors) or "no imagecodecs codec for this transfer syntax")
+
+
+def decode_frame(src: bytes, runner: Any) -> bytes:
+    """pydicom's plugin contract: one encoded frame -> its raw samples.
+
+    ``runner`` is pydicom's ``DecodeRunner``; its options are set to describe what is returned:
+    the container size the codec chose (8 or 16 bits: the codestream's precision, as pydicom's
+    own plugins do, so it sign-extends JPEG-LS and JPEG 2000 samples itself), colour samples
+    interleaved by pixel, and RGB where the codec already converted from YCbCr.
+    """
+    syntax = str(runner.transfer_syntax)
+    photometric = str(runner.photometric_interpretation)
+    if END_OF_IMAGE not in bytes(src[-8:]):
+        # libjpeg-turbo and OpenJPEG decode a cut-off codestream "successfully", filling the lost
+        # part with zeros; no scan data can hold the end marker (stuffing forbids 0xFF 0xD9), so
+        # its absence is a reliable sign of a truncated frame.
+        raise ValueError("the frame's codestream has no end-of-image marker (truncated file?)")
+    if syntax in JPEG_LS:
+        arr = _first_that_decodes(src, ("jpegls",))
+    elif syntax in JPEG_2000:
+        arr = _first_that_decodes(src, ("jpeg2k", "htj2k"))
+        if photometric in ("YBR_ICT", "YBR_RCT"):
+            # OpenJPEG undoes the codestream's colour transform itself.
+            runner.set_option("photometric_interpretation", "RGB")
+    elif syntax in JPEG_LOSSLESS:
+        arr = _first_that_decodes(src, ("jpeg8", "ljpeg", "jpegsof3"))
+    else:
+        arr = _first_that_decodes(src, ("jpeg8",))
+        if arr.ndim == 3 and photometric.startswith("YBR_FULL"):
+            # libjpeg-turbo converts lossy YCbCr JPEGs to RGB as it decodes.
+            runner.set_option("photometric_interpretation", "RGB")
+    if arr.dtype.itemsize not in (1, 2) or arr.dtype.kind not in "ui":
+        raise ValueError(f"the codestream decoded to {arr.dtype} samples; expected 8 or 16 bits")
+    rows, cols = int(runner.rows), int(runner.columns)
+    samples = int(runner.samples_per_pixel)
+    expected = (rows, cols) if samples == 1 else (rows, cols, samples)
+    if arr.shape != expected:
+        raise ValueError(
+            f"the codestream holds {arr.shape} samples but the dataset says {expected}"
+        )
+    runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
+    if samples > 1:
+        runner.set_option("planar_configuration", 0)  # every codec here returns [rows, cols, s]
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def install() -> None:
+    """Add the imagecodecs plugin to pydicom's decoders of :data:`SYNTAXES` (once)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        from pydicom.pixels.decoders.base import get_decoder
+
+        for syntax in SYNTAXES:
+            try:
+                decoder = get_decoder(syntax)
+            except (NotImplementedError, ValueError, KeyError):
+                continue  # a pydicom that does not know this syntax
+            if PLUGIN in decoder.available_plugins or PLUGIN in getattr(
+                decoder, "_unavailable", {}
+            ):
+                continue
+            decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
+        _installed = True
+
+
+SUPPORTED = (
+    "uncompressed, deflated, RLE, JPEG (baseline, 12-bit extended, lossless), JPEG-LS, "
+    "JPEG 2000 and HTJ2K"
+)
+
+
+def pixel_array(ds: Any, name: str) -> np.ndarray:
+    """``ds.pixel_array`` with the imagecodecs plugin installed.
+
+    Raises InputError, one line naming ``name`` (the file) and the transfer syntax, when no
+    decoder here handles the syntax or the pixel data does not decode (truncated, corrupt, or
+    not what the header says).
+    """
+    install()
+    try:
+        return np.asarray(ds.pixel_array)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, AttributeError,
+            EOFError, OSError, ImportError, MemoryError) as exc:  # fmt: skip
+        text = str(exc)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = f"{getattr(syntax, 'name', syntax)}"
+        if syntax is not None and syntax_name != str(syntax):
+            syntax_name += f" ({syntax})"
+        if "No pixel data decoders" in text or "missing dependencies" in text:
+            raise InputError(
+                f"{name}: no decoder here handles its transfer syntax {syntax_name}; fastinsight "
+                f"reads {SUPPORTED} pixel data: convert the file first (e.g. `gdcmconv --raw` "
+                "or dcmtk's `dcmdjpeg`)"
+            ) from None
+        raise InputError(
+            f"{name}: cannot decode its {syntax_name} pixel data ({_first_reason(text, exc)})"
+        ) from None
+
+
+def _first_reason(text: str, exc: BaseException) -> str:
+    """The first plugin's own message from pydicom's multi-line "all plugins failed" text."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "raised by all available plugins" in lines[0]:
+        return "; ".join(lines[1:3])[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -1,0 +1,248 @@
+"""Compressed DICOM pixel data: JPEG lossless, 12-bit JPEG, JPEG-LS, JPEG 2000 and HTJ2K decode.
+
+The files are written here the way PACS and converters write them (an encapsulated codestream
+per frame, made by imagecodecs' encoders), and pydicom's own test files from other tools are read
+when installed. Lossless syntaxes must give back exactly the stored samples, signed and unsigned,
+at the bit depths radiographs and CT use; both readers (radiograph, CT series) must read them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastinsight import dicom_codecs
+from fastinsight.errors import InputError
+from fastinsight.radiograph.io import read_radiograph
+from fastinsight.volume.io import read_volume
+from tests.radiograph.images import picture, write_dicom
+from tests.volume.ct_testutil import write_dicom_series
+
+imagecodecs = pytest.importorskip("imagecodecs")
+pydicom = pytest.importorskip("pydicom")
+
+
+def _pattern(values: np.ndarray, bits: int) -> np.ndarray:
+    """Stored samples as the codec sees them: the low ``bits`` bits (two's complement if signed)."""
+    return (values.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint16)
+
+
+def _encode(syntax: str, values: np.ndarray, bits: int) -> bytes:
+    u = _pattern(values, bits)
+    if bits <= 8:
+        u = u.astype(np.uint8)
+    if syntax == "1.2.840.10008.1.2.4.70":
+        return imagecodecs.jpeg8_encode(u, lossless=True, bitspersample=bits, predictor=1)
+    if syntax == "1.2.840.10008.1.2.4.57":
+        return imagecodecs.jpeg8_encode(u, lossless=True, bitspersample=bits, predictor=7)
+    if syntax == "1.2.840.10008.1.2.4.51":
+        return imagecodecs.jpeg8_encode(u, level=100, bitspersample=bits)
+    if syntax == "1.2.840.10008.1.2.4.80":
+        return imagecodecs.jpegls_encode(u)
+    if syntax == "1.2.840.10008.1.2.4.81":
+        return imagecodecs.jpegls_encode(u, level=2)
+    if syntax == "1.2.840.10008.1.2.4.201":
+        return imagecodecs.htj2k_encode(u)
+    if syntax == "1.2.840.10008.1.2.4.90":
+        signed = values.min() < 0
+        data = values.astype(np.int16) if signed else u
+        return imagecodecs.jpeg2k_encode(data, level=0, codecformat="J2K", bitspersample=bits)
+    raise AssertionError(syntax)
+
+
+def write_compressed(
+    path: Path,
+    values: np.ndarray,
+    syntax: str,
+    *,
+    bits: int,
+    signed: bool,
+    modality: str = "CR",
+    codestream: bytes | None = None,
+) -> Path:
+    """One frame, encapsulated in ``syntax`` (explicit VR little endian, as PS3.5 wants)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = int(signed)
+    frame = codestream if codestream is not None else _encode(syntax, values, bits)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def _samples(shape: tuple[int, int], bits: int, signed: bool, seed: int = 0) -> np.ndarray:
+    """Smooth content with noise over the whole range of ``bits`` (signed or not)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    wave = 0.5 + 0.45 * np.sin(xx / 7.0) * np.cos(yy / 5.0) + rng.normal(0, 0.02, shape)
+    values = np.rint(lo + np.clip(wave, 0, 1) * (hi - lo)).astype(np.int64)
+    values[0, 0], values[-1, -1] = lo, hi  # both ends of the range
+    return values
+
+
+LOSSLESS = [
+    ("1.2.840.10008.1.2.4.70", 8, False),
+    ("1.2.840.10008.1.2.4.70", 12, False),
+    ("1.2.840.10008.1.2.4.70", 16, False),
+    ("1.2.840.10008.1.2.4.70", 12, True),
+    ("1.2.840.10008.1.2.4.70", 16, True),
+    ("1.2.840.10008.1.2.4.57", 12, False),
+    ("1.2.840.10008.1.2.4.80", 12, False),
+    ("1.2.840.10008.1.2.4.80", 16, True),
+    # (imagecodecs' JPEG-LS encoder writes 16-bit precision, so no signed 12-bit JPEG-LS here;
+    # pydicom's own MR_small_jpeg_ls_lossless.dcm covers signed JPEG-LS from another tool)
+    ("1.2.840.10008.1.2.4.201", 12, False),
+    ("1.2.840.10008.1.2.4.90", 16, True),
+]
+
+
+@pytest.mark.parametrize(("syntax", "bits", "signed"), LOSSLESS)
+def test_lossless_syntaxes_give_back_the_stored_samples(tmp_path, syntax, bits, signed) -> None:
+    values = _samples((37, 53), bits, signed)
+    path = write_compressed(tmp_path / "x.dcm", values, syntax, bits=bits, signed=signed)
+    dicom_codecs.install()
+    decoded = pydicom.dcmread(path).pixel_array
+    assert decoded.dtype.kind == ("i" if signed else "u")
+    np.testing.assert_array_equal(decoded.astype(np.int64), values)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "bits", "tol"),
+    [("1.2.840.10008.1.2.4.51", 12, 64), ("1.2.840.10008.1.2.4.81", 12, 2)],
+)
+def test_lossy_syntaxes_decode_close_to_the_samples(tmp_path, syntax, bits, tol) -> None:
+    values = _samples((40, 48), bits, False)
+    path = write_compressed(tmp_path / "x.dcm", values, syntax, bits=bits, signed=False)
+    dicom_codecs.install()
+    decoded = pydicom.dcmread(path).pixel_array.astype(np.int64)
+    assert decoded.shape == values.shape
+    assert np.abs(decoded - values).max() <= tol
+    assert np.corrcoef(decoded.ravel(), values.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80"])
+def test_radiograph_reader_reads_compressed_files_like_uncompressed(tmp_path, syntax) -> None:
+    stored = picture().astype(np.int64) * 16 + 7  # 12-bit CR values
+    plain = read_radiograph(write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12))
+    packed = read_radiograph(
+        write_compressed(tmp_path / "packed.dcm", stored, syntax, bits=12, signed=False)
+    )
+    np.testing.assert_array_equal(packed.image, plain.image)
+    assert packed.facts["transfer_syntax"] != plain.facts["transfer_syntax"]
+
+
+def test_ct_series_in_jpeg_lossless_reads_like_uncompressed(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1024, 2000, (24, 20, 5)).astype(np.float32)
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    write_dicom_series(tmp_path / "plain", hu, affine, prefix="a")
+    # The same series with every slice's pixels as JPEG lossless SV1 (signed 16-bit samples).
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for f in sorted((tmp_path / "plain").iterdir()):
+        ds = pydicom.dcmread(f)
+        values = ds.pixel_array.astype(np.int64)
+        frame = _encode("1.2.840.10008.1.2.4.70", values, 16)
+        from pydicom.encaps import encapsulate
+
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(str(packed / f.name), enforce_file_format=True)
+    a, b = read_volume(tmp_path / "plain"), read_volume(packed)
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    np.testing.assert_array_equal(b.data, hu)
+
+
+def test_other_tools_files_decode_where_installed() -> None:
+    """pydicom's test files, written by other tools (dcmtk, GDCM, ...): compressed copies of an
+    uncompressed file decode to exactly its samples."""
+    from pydicom.data import get_testdata_file
+
+    pairs = [
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+    ]
+    dicom_codecs.install()
+    checked = 0
+    for packed, plain in pairs:
+        try:
+            a, b = get_testdata_file(packed), get_testdata_file(plain)
+        except Exception:  # pydicom-data not installed and no network: nothing to read
+            continue
+        if a is None or b is None:
+            continue
+        np.testing.assert_array_equal(
+            pydicom.dcmread(a).pixel_array, pydicom.dcmread(b).pixel_array, err_msg=packed
+        )
+        checked += 1
+    for name in ("JPGLosslessP14SV1_1s_1f_8b.dcm", "JPEG-LL.dcm", "JPEG-lossy.dcm"):
+        try:
+            path = get_testdata_file(name)
+        except Exception:
+            path = None
+        if path is None:
+            continue
+        arr = pydicom.dcmread(path).pixel_array
+        assert arr.ndim == 2 and arr.size > 1000 and arr.max() > arr.min(), name
+        checked += 1
+    if not checked:
+        pytest.skip("pydicom's compressed test files are not installed")
+
+
+def test_corrupt_codestream_is_one_clear_line(tmp_path) -> None:
+    values = _samples((32, 32), 12, False)
+    good = _encode("1.2.840.10008.1.2.4.70", values, 12)
+    bad = good[: len(good) // 3]  # a truncated frame
+    path = write_compressed(
+        tmp_path / "bad.dcm", values, "1.2.840.10008.1.2.4.70", bits=12, signed=False,
+        codestream=bad,
+    )  # fmt: skip
+    with pytest.raises(InputError) as info:
+        read_radiograph(path)
+    assert "\n" not in str(info.value) and "bad.dcm" in str(info.value)
+
+
+def test_syntax_nobody_decodes_names_it(tmp_path) -> None:
+    values = _samples((16, 16), 8, False)
+    mpeg2 = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no still-image decoder
+    path = write_compressed(
+        tmp_path / "video.dcm", values, mpeg2, bits=8, signed=False, codestream=b"\0\0\1\xb3" * 8
+    )
+    with pytest.raises(InputError, match="MPEG2") as info:
+        read_radiograph(path)
+    assert "\n" not in str(info.value)
+
+
+def test_install_is_idempotent_and_goes_after_pydicoms_own_plugins() -> None:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    dicom_codecs.install()
+    dicom_codecs.install()
+    for syntax in dicom_codecs.SYNTAXES:
+        plugins = list(get_decoder(syntax)._available)  # in the order pydicom tries them
+        assert plugins.count(dicom_codecs.PLUGIN) == 1, syntax
+        assert plugins[-1] == dicom_codecs.PLUGIN, syntax
