@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastinsight.cohort.layout import LOCK_NAME, SUMMARY_NAME
+from fastinsight.dicom import is_whole_slide_image
 from fastinsight.errors import InputError
 from fastinsight.inputs import allow_long_csv_fields
 
@@ -130,7 +131,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortSlide]:
 
 
 def discover_slides(spec: str | os.PathLike[str]) -> list[CohortSlide]:
-    """SLIDES as a folder (its slide files, by ending), a glob (every file it matches), a
+    """SLIDES as a folder (its slide files, by ending, and its DICOM WSI subfolders), a glob (every file it matches), a
     manifest ``.csv`` (see :func:`read_manifest`) or one slide file. Ids must be unique."""
     text = os.path.expanduser(str(spec))
     p = Path(text)
@@ -142,14 +143,24 @@ def discover_slides(spec: str | os.PathLike[str]) -> list[CohortSlide]:
             and not f.name.startswith(".")
             and f.name.lower().endswith(SLIDE_EXTENSIONS)
         )
-        if not files:
+        # DICOM whole-slide images are folders (one file per level): each subfolder holding
+        # one is a slide, named by the subfolder; a folder that is one DICOM WSI is one slide.
+        dicom_dirs = sorted(
+            d
+            for d in p.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and is_whole_slide_image(d)
+        )
+        if not files and not dicom_dirs and is_whole_slide_image(p):
+            dicom_dirs = [p]
+        if not files and not dicom_dirs:
             raise InputError(
-                f"no slide files in folder {text!r} (looked for {', '.join(SLIDE_EXTENSIONS)}); "
-                "pass a glob such as 'dir/*.ext' or a manifest CSV for other names"
+                f"no slide files in folder {text!r} (looked for {', '.join(SLIDE_EXTENSIONS)} "
+                "and DICOM whole-slide image folders); pass a glob such as 'dir/*.ext' or a "
+                "manifest CSV for other names"
             )
         slides = [
             CohortSlide(check_slide_id(default_slide_id(f), str(f)), f.absolute()) for f in files
-        ]
+        ] + [CohortSlide(check_slide_id(d.name, str(d)), d.absolute()) for d in dicom_dirs]
     elif p.is_file() and p.suffix.lower() == ".csv":
         slides = read_manifest(p)
     elif p.is_file():

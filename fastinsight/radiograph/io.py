@@ -6,7 +6,7 @@ What each kind goes through (in this order):
   ``apply_modality_lut``) -> VOI LUT or window (``apply_voi_lut``, the file's first window) ->
   linear map of the VOI output range to 0..255 (of the data's min..max when the file has no VOI)
   -> inverted when ``PhotometricInterpretation`` is MONOCHROME1 (so bone is bright). Compressed
-  pixel data is decoded by pydicom's plugins and ``fastinsight.dicom_codecs`` (JPEG lossless,
+  pixel data is decoded by pydicom's plugins and ``fastinsight.dicom`` (JPEG lossless,
   12-bit JPEG, JPEG-LS, JPEG 2000, HTJ2K).
 - **PNG/TIFF/JPEG** (Pillow): 8-bit grey as is; 16-bit grey scaled by its bit depth
   (``v * 255 / 65535``, rounded) so the stored contrast is kept; colour is refused unless every
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.dicom_codecs import pixel_array
+from fastinsight.dicom import pixel_array
 from fastinsight.errors import InputError
 
 # Modalities whose pixels are cross-sections or functional maps, not projection radiographs.

@@ -4,9 +4,9 @@
 (:class:`~fastinsight.slide.direct.DirectTiffReader`: tiled TIFF family -- SVS, generic TIFF,
 OME-TIFF -- read by ``pread`` and decoded in parallel threads), ``"tifffile"`` (the same files
 through tifffile's seek-and-read path), ``"openslide"`` (vendor formats: Hamamatsu ndpi, MIRAX
-mrxs, Leica scn, Ventana bif, ...). ``"auto"`` takes, for a TIFF, the direct reader unless
-OpenSlide sees more levels or an mpp the TIFF view lacks (see :func:`open_slide`), and otherwise
-OpenSlide, then tifffile.
+mrxs, Leica scn, Ventana bif, DICOM WSI given as its folder or any of its files, ...).
+``"auto"`` takes, for a TIFF, the direct reader unless OpenSlide sees more levels or an mpp the
+TIFF view lacks (see :func:`open_slide`), and otherwise OpenSlide, then tifffile.
 
 Coordinates follow openslide-python: ``read_region(l0_x, l0_y, level, lvl_w, lvl_h)`` takes the
 top-left corner in level-0 pixels and the size in pixels of ``level``. Pixels outside the slide
@@ -1079,6 +1079,9 @@ def open_slide(
       SubIFDs (one level and no mpp for OpenSlide) therefore goes to the direct reader with the
       mpp from the OME-XML. Anything else goes to OpenSlide, then tifffile.
 
+    A DICOM whole-slide image is given as its folder or any of its files; OpenSlide opens the
+    largest level's file (:func:`fastinsight.dicom.whole_slide_file`) and finds the others.
+
     ``mpp`` overrides the file's pixel size (the ``--mpp`` flag). With ``validate`` (the
     default) a truncated or undecodable file fails here.
 
@@ -1090,8 +1093,8 @@ def open_slide(
         raise InputError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
     if not path.exists():
         raise SlideError(f"slide file {_slide_name(path)} does not exist; check the path")
-    if path.is_dir():
-        raise SlideError(f"slide path {_slide_name(path)} is a folder; pass the slide file itself")
+    if path.is_dir() or path.suffix.lower() in (".dcm", ".dicom") or _is_dicom(path):
+        path = _dicom_slide_file(path)
 
     kinds: dict[str, type[SlideReader]] = {
         "openslide": OpenSlideReader,
@@ -1139,7 +1142,8 @@ def open_slide(
     what = "; ".join(attempts)
     raise SlideError(
         f"cannot read slide {_slide_name(path)} ({what}); expected a whole-slide image that "
-        "OpenSlide or tifffile reads (svs, ndpi, mrxs, scn, bif, tiled TIFF, OME-TIFF); "
+        "OpenSlide or tifffile reads (svs, ndpi, mrxs, scn, bif, DICOM WSI, tiled TIFF, "
+        "OME-TIFF); "
         "if it is one, the copy may be truncated or corrupt"
     )
 
@@ -1166,6 +1170,36 @@ def _choose_reader(opened: list[SlideReader]) -> SlideReader:
     if other.file_mpp is not None and direct.file_mpp is None:
         return other
     return direct
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_slide_file(path: Path) -> Path:
+    """The file OpenSlide opens for a DICOM whole-slide image given as a folder or any of its
+    files (OpenSlide finds the other pyramid levels beside it)."""
+    from fastinsight.dicom import whole_slide_file
+
+    try:
+        found = whole_slide_file(path)
+    except InputError as exc:
+        raise SlideError(str(exc)) from None
+    if found is not None:
+        return found
+    if path.is_dir():
+        raise SlideError(
+            f"slide path {_slide_name(path)} is a folder without a DICOM whole-slide image; pass "
+            "the slide file itself (or the folder of a DICOM WSI)"
+        )
+    raise SlideError(
+        f"{_slide_name(path)} is a DICOM file but not a whole-slide image (VL Whole Slide "
+        "Microscopy); radiographs and CT series take a radiograph or CT model"
+    )
 
 
 def _is_tiff(path: Path) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.dicom_codecs import pixel_array
+from fastinsight.dicom import pixel_array
 from fastinsight.errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -103,15 +103,19 @@ def predict_file(
 
 
 def is_volume_input(path: str | Path) -> bool:
-    """True for inputs this pipeline reads: a NIfTI file, a DICOM folder or file.
+    """True for inputs this pipeline reads: a NIfTI file, a DICOM folder or file (not a DICOM
+    whole-slide image).
 
     For dispatch from a generic ``predict`` command.
     """
+    from fastinsight.dicom import is_whole_slide_image
     from fastinsight.volume.io import _looks_dicom, is_nifti
 
     p = Path(path)
     if is_nifti(p):
         return True
+    if is_whole_slide_image(p):
+        return False  # a DICOM whole-slide image: the slide pipeline reads it
     if p.is_dir():
         return any(_looks_dicom(f) for f in list(p.rglob("*"))[:50] if f.is_file())
     return p.suffix.lower() == ".dcm" or (p.is_file() and _looks_dicom(p))

@@ -376,3 +376,67 @@ def test_outputs_never_overwrite_inputs_and_flags_are_checked_first(
         assert text in capsys.readouterr().err, extra
     assert slide.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["self.svs"]
+
+
+# ---------------------------------------------------------------------------- DICOM whole slides
+def _svs_as_dicom_wsi(slides_dir: Path, folder: Path, *, jpeg: bool) -> tuple[list[Path], float]:
+    from tests.support.dicom_wsi import write_dicom_wsi
+
+    with openslide.OpenSlide(str(slides_dir / "CMU-1-Small-Region.svs")) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+        mpp = float(s.properties["openslide.mpp-x"])
+    return write_dicom_wsi(folder, rgb, mpp=mpp, downsamples=(1,), jpeg=jpeg), mpp
+
+
+def test_dicom_wsi_folder_or_file_predicts_like_the_slide(
+    slides_dir, tiny_model_path, tmp_path
+) -> None:
+    """The real SVS written as a DICOM WSI (uncompressed, so the same pixels): its folder and its
+    file both go to the slide pipeline (not the CT one) and give the SVS's answer and geometry."""
+    import json
+
+    files, mpp = _svs_as_dicom_wsi(slides_dir, tmp_path / "wsi", jpeg=False)
+    scores = {}
+    for name, slide in (
+        ("svs", slides_dir / "CMU-1-Small-Region.svs"),
+        ("folder", tmp_path / "wsi"),
+        ("file", files[0]),
+    ):
+        report = tmp_path / f"{name}.json"
+        rc = _predict(slide, "--model", tiny_model_path, "--out", tmp_path / f"{name}.tif",
+                      "--report", report, "--scores", tmp_path / f"{name}.npz")  # fmt: skip
+        assert rc == 0, name
+        data = json.loads(report.read_text())
+        scores[name] = data["scores"]["tumour"]
+        _check_heatmap(tmp_path / f"{name}.tif", tmp_path / f"{name}.npz", scores[name])
+        assert read_scores_sidecar(tmp_path / f"{name}.npz").grid.slide_mpp == pytest.approx(mpp)
+    assert scores["folder"] == pytest.approx(scores["svs"], abs=1e-5)
+    assert scores["file"] == scores["folder"]
+
+
+def test_dicom_wsi_jpeg_pyramid_reads_through_openslide(slides_dir, tmp_path) -> None:
+    from fastinsight.slide import open_slide
+
+    files, mpp = _svs_as_dicom_wsi(slides_dir, tmp_path / "wsi", jpeg=True)
+    with (
+        open_slide(files[0]) as r,
+        openslide.OpenSlide(str(slides_dir / "CMU-1-Small-Region.svs")) as s,
+    ):
+        assert r.backend == "openslide" and r.dimensions == s.dimensions
+        assert r.file_mpp == pytest.approx((mpp, mpp))
+        got = r.read_region(500, 700, 0, 256, 256).astype(int)
+        want = np.asarray(s.read_region((500, 700), 0, (256, 256)).convert("RGB")).astype(int)
+        assert np.abs(got - want).mean() < 4  # JPEG re-encoded at quality 95
+
+
+def test_dicom_folder_problems_are_one_line(slides_dir, tiny_model_path, tmp_path) -> None:
+    from tests.support.dicom_wsi import write_dicom_wsi
+
+    rgb = np.full((300, 300, 3), 200, np.uint8)
+    write_dicom_wsi(tmp_path / "two" / "a", rgb, downsamples=(1,))
+    write_dicom_wsi(tmp_path / "two" / "b", rgb, downsamples=(1,))
+    code, line = _bad(tmp_path, tmp_path / "two", tiny_model_path)
+    assert code != 0 and "2 DICOM whole-slide images" in line
+    (tmp_path / "empty").mkdir()
+    code, line = _bad(tmp_path, tmp_path / "empty", tiny_model_path)
+    assert code != 0 and "folder" in line

@@ -1,6 +1,11 @@
-"""Compressed DICOM pixel data that pydicom alone cannot decode, decoded with imagecodecs.
+"""DICOM for all three modalities: compressed pixel data, and whole-slide images told apart.
 
-Out of the box pydicom decodes uncompressed and RLE pixel data itself and JPEG baseline / JPEG
+**Whole-slide images.** A DICOM WSI (VL Whole Slide Microscopy Image Storage, one file per
+pyramid level in one folder) is a slide, not a CT series: :func:`whole_slide_file` says whether a
+file or folder holds one and names the file of its largest level, which OpenSlide opens (it finds
+the other levels beside it).
+
+**Compressed pixel data.** Out of the box pydicom decodes uncompressed and RLE pixel data itself and JPEG baseline / JPEG
 2000 through Pillow. The syntaxes clinical archives use most for radiographs and CT are not among
 them: **JPEG lossless** (process 14, selection value 1 or any predictor), **12-bit JPEG
 extended** and **JPEG-LS**, plus **HTJ2K**; for those pydicom wants pylibjpeg-libjpeg (GPL),
@@ -15,6 +20,7 @@ contract (``is_available``, ``DECODER_DEPENDENCIES``, a frame function); pydicom
 what it does for every plugin: the pixel representation, the sign of JPEG-LS / JPEG 2000 samples,
 unused high bits, YBR to RGB.
 
+Importing this module loads neither numpy nor pydicom (the cohort's slide list uses it).
 Readers take pixels through :func:`pixel_array`, which installs the plugin (idempotent and
 thread-safe) and turns every failure into one :class:`~fastinsight.errors.InputError` line that
 names the file and the transfer syntax.
@@ -22,14 +28,24 @@ names the file and the transfer syntax.
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any
-
-import numpy as np
+import warnings
+from typing import TYPE_CHECKING, Any
 
 from fastinsight.errors import InputError
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
+
 PLUGIN = "fastinsight-imagecodecs"
+
+WSM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+# Folders are searched this deep / this wide for a whole-slide image's files.
+WSI_SCAN_DEPTH = 2
+WSI_SCAN_FILES = 2000
 
 # Transfer syntax UIDs (DICOM PS3.6 annex A), by codec family.
 JPEG_LOSSY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")  # baseline 8-bit, extended 12
@@ -79,6 +95,7 @@ def is_available(syntax: str) -> bool:
 def _first_that_decodes(src: bytes, names: tuple[str, ...]) -> np.ndarray:
     """The first of imagecodecs' ``<name>_decode`` functions that decodes ``src``."""
     import imagecodecs
+    import numpy as np
 
     errors = []
     for name in names:
@@ -101,6 +118,8 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
     own plugins do, so it sign-extends JPEG-LS and JPEG 2000 samples itself), colour samples
     interleaved by pixel, and RGB where the codec already converted from YCbCr.
     """
+    import numpy as np
+
     syntax = str(runner.transfer_syntax)
     photometric = str(runner.photometric_interpretation)
     if END_OF_IMAGE not in bytes(src[-8:]):
@@ -173,6 +192,8 @@ def pixel_array(ds: Any, name: str) -> np.ndarray:
     decoder here handles the syntax or the pixel data does not decode (truncated, corrupt, or
     not what the header says).
     """
+    import numpy as np
+
     install()
     try:
         return np.asarray(ds.pixel_array)
@@ -200,3 +221,119 @@ def _first_reason(text: str, exc: BaseException) -> str:
     if len(lines) > 1 and "raised by all available plugins" in lines[0]:
         return "; ".join(lines[1:3])[:300]
     return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
+    """``(SeriesInstanceUID, pixels in the level)`` of a DICOM WSI pyramid-level file, or None.
+
+    Reads the header only (never pixels); label and overview images are not pyramid levels.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe: a bad header just means "not a level"
+            if fh.read(132)[128:132] != b"DICM":
+                return None
+            fh.seek(0)
+            ds = pydicom.dcmread(
+                fh,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "SOPClassUID",
+                    "ImageType",
+                    "SeriesInstanceUID",
+                    "TotalPixelMatrixColumns",
+                    "TotalPixelMatrixRows",
+                ],
+            )
+    except (OSError, InvalidDicomError, ValueError, EOFError, KeyError, TypeError):
+        return None
+    if str(ds.get("SOPClassUID", "")) != WSM_SOP_CLASS:
+        return None
+    kind = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if len(kind) > 2 and kind[2] not in ("VOLUME", "THUMBNAIL"):
+        return None  # LABEL / OVERVIEW
+    try:
+        size = int(ds.get("TotalPixelMatrixColumns", 0)) * int(ds.get("TotalPixelMatrixRows", 0))
+    except (TypeError, ValueError):
+        size = 0
+    return str(ds.get("SeriesInstanceUID", "")), size
+
+
+def whole_slide_file(path: os.PathLike[str] | str) -> Path | None:
+    """The file to open of the DICOM whole-slide image that ``path`` is or holds, else None.
+
+    ``path`` may be one file of the image (any level; its folder holds the others) or the folder
+    (searched :data:`WSI_SCAN_DEPTH` levels deep). Returns the file of the image's largest level;
+    None when there is no whole-slide image there (a CT series, a TIFF, ...). A folder with
+    several whole-slide images (series) raises InputError naming them: pass one file instead.
+    """
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    only: str | None = None
+    if p.is_file():
+        found = _wsi_level(p)
+        if found is None:
+            return None
+        only = found[0]
+        candidates = sorted(f for f in p.parent.iterdir() if f.is_file())
+    elif p.is_dir():
+        candidates = []
+        for root, dirs, files in os.walk(p):
+            depth = len(Path(root).relative_to(p).parts)
+            dirs[:] = sorted(dirs) if depth < WSI_SCAN_DEPTH else []
+            candidates += [Path(root) / f for f in sorted(files)]
+            if len(candidates) >= WSI_SCAN_FILES:
+                break
+    else:
+        return None
+    largest: dict[str, tuple[int, Path]] = {}
+    for f in candidates[:WSI_SCAN_FILES]:
+        level = _wsi_level(f)
+        if level is None or (only is not None and level[0] != only):
+            continue
+        series, size = level
+        if series not in largest or size > largest[series][0]:
+            largest[series] = (size, f)
+    if p.is_file() and only not in largest:
+        return p  # its folder listing failed to show it again: open the file given
+    if len(largest) > 1:
+        names = ", ".join(sorted(str(f) for _, f in largest.values())[:4])
+        raise InputError(
+            f"{str(p)!r} holds {len(largest)} DICOM whole-slide images (series); pass one file "
+            f"of the one to read, e.g. one of: {names}"
+        )
+    return next(iter(largest.values()))[1] if largest else None
+
+
+def is_whole_slide_image(path: os.PathLike[str] | str) -> bool:
+    """Cheap test for dispatch: ``path`` is a DICOM WSI file, or a folder whose first DICOM files
+    (up to 8, :data:`WSI_SCAN_DEPTH` deep) include one."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _wsi_level(p) is not None
+    if not p.is_dir():
+        return False
+    seen = 0
+    for root, dirs, files in os.walk(p):
+        depth = len(Path(root).relative_to(p).parts)
+        dirs[:] = sorted(dirs) if depth < WSI_SCAN_DEPTH else []
+        for name in sorted(files):
+            f = Path(root) / name
+            try:
+                with open(f, "rb") as fh:
+                    if fh.read(132)[128:132] != b"DICM":
+                        continue
+            except OSError:
+                continue
+            if _wsi_level(f) is not None:
+                return True
+            seen += 1
+            if seen >= 8:
+                return False
+    return False

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastinsight import dicom_codecs
+from fastinsight import dicom
 from fastinsight.errors import InputError
 from fastinsight.radiograph.io import read_radiograph
 from fastinsight.volume.io import read_volume
@@ -120,7 +120,7 @@ LOSSLESS = [
 def test_lossless_syntaxes_give_back_the_stored_samples(tmp_path, syntax, bits, signed) -> None:
     values = _samples((37, 53), bits, signed)
     path = write_compressed(tmp_path / "x.dcm", values, syntax, bits=bits, signed=signed)
-    dicom_codecs.install()
+    dicom.install()
     decoded = pydicom.dcmread(path).pixel_array
     assert decoded.dtype.kind == ("i" if signed else "u")
     np.testing.assert_array_equal(decoded.astype(np.int64), values)
@@ -133,7 +133,7 @@ def test_lossless_syntaxes_give_back_the_stored_samples(tmp_path, syntax, bits, 
 def test_lossy_syntaxes_decode_close_to_the_samples(tmp_path, syntax, bits, tol) -> None:
     values = _samples((40, 48), bits, False)
     path = write_compressed(tmp_path / "x.dcm", values, syntax, bits=bits, signed=False)
-    dicom_codecs.install()
+    dicom.install()
     decoded = pydicom.dcmread(path).pixel_array.astype(np.int64)
     assert decoded.shape == values.shape
     assert np.abs(decoded - values).max() <= tol
@@ -186,7 +186,7 @@ def test_other_tools_files_decode_where_installed() -> None:
         ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
         ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
     ]
-    dicom_codecs.install()
+    dicom.install()
     checked = 0
     for packed, plain in pairs:
         try:
@@ -240,9 +240,59 @@ def test_syntax_nobody_decodes_names_it(tmp_path) -> None:
 def test_install_is_idempotent_and_goes_after_pydicoms_own_plugins() -> None:
     from pydicom.pixels.decoders.base import get_decoder
 
-    dicom_codecs.install()
-    dicom_codecs.install()
-    for syntax in dicom_codecs.SYNTAXES:
+    dicom.install()
+    dicom.install()
+    for syntax in dicom.SYNTAXES:
         plugins = list(get_decoder(syntax)._available)  # in the order pydicom tries them
-        assert plugins.count(dicom_codecs.PLUGIN) == 1, syntax
-        assert plugins[-1] == dicom_codecs.PLUGIN, syntax
+        assert plugins.count(dicom.PLUGIN) == 1, syntax
+        assert plugins[-1] == dicom.PLUGIN, syntax
+
+
+# ------------------------------------------------------------------- DICOM whole-slide images
+def _wsi(folder: Path, **kw) -> list[Path]:
+    from tests.support.dicom_wsi import write_dicom_wsi
+
+    rgb = np.full((520, 600, 3), 210, np.uint8)
+    rgb[100:300, 150:400] = (150, 60, 140)
+    return write_dicom_wsi(folder, rgb, **kw)
+
+
+def test_whole_slide_file_finds_the_largest_level(tmp_path) -> None:
+    files = _wsi(tmp_path / "study" / "series", downsamples=(4, 1, 2), extra_series_file=True)
+    level0 = files[1]
+    assert dicom.whole_slide_file(files[0]) == level0  # any level's file -> the largest
+    assert dicom.whole_slide_file(tmp_path / "study" / "series") == level0
+    assert dicom.whole_slide_file(tmp_path) == level0  # two folders up (a PACS export tree)
+    assert dicom.whole_slide_file(tmp_path / "study" / "series" / "note.dcm") is None
+    assert dicom.is_whole_slide_image(tmp_path / "study")
+    assert not dicom.is_whole_slide_image(tmp_path / "study" / "series" / "note.dcm")
+
+
+def test_whole_slide_file_refuses_two_slides_and_ignores_other_dicoms(tmp_path) -> None:
+    _wsi(tmp_path / "a", downsamples=(1,))
+    _wsi(tmp_path / "b", downsamples=(1,))
+    with pytest.raises(InputError, match="2 DICOM whole-slide images"):
+        dicom.whole_slide_file(tmp_path)
+    rng = np.random.default_rng(0)
+    write_dicom_series(tmp_path / "ct", rng.normal(0, 50, (8, 8, 3)), np.eye(4))
+    assert dicom.whole_slide_file(tmp_path / "ct") is None
+    assert not dicom.is_whole_slide_image(tmp_path / "ct")
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # broken header
+    assert dicom.whole_slide_file(tmp_path / "junk.dcm") is None
+
+
+def test_dispatch_sends_dicom_slides_to_slides_and_ct_to_ct(tmp_path) -> None:
+    from fastinsight.cohort import discover_slides
+    from fastinsight.volume.run import is_volume_input
+
+    files = _wsi(tmp_path / "cohort" / "slideA")
+    _wsi(tmp_path / "cohort" / "slideB", downsamples=(1,))
+    write_dicom_series(tmp_path / "ct", np.zeros((8, 8, 3)), np.eye(4))
+    assert not is_volume_input(tmp_path / "cohort" / "slideA")
+    assert not is_volume_input(files[0])
+    assert is_volume_input(tmp_path / "ct")
+    slides = discover_slides(tmp_path / "cohort")
+    assert [s.slide_id for s in slides] == ["slideA", "slideB"]
+    assert [s.path for s in discover_slides(tmp_path / "cohort" / "slideA")] == [
+        (tmp_path / "cohort" / "slideA").absolute()
+    ]
