@@ -143,7 +143,56 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
 @dataclass(frozen=True)
 class _Slice:
     path: Path
-    ds: Any  # pydicom Dataset without pixels
+    ds: Any  # pydicom Dataset without pixels (for a frame: its merged functional groups)
+    frame: int | None = None  # index in a multi-frame (enhanced) file's pixel data
+
+    @property
+    def label(self) -> str:
+        """The file's name, and the frame's number (from 1) in a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
+
+
+# Per-frame attributes of an enhanced (multi-frame) image: functional group -> attributes.
+_FRAME_GROUPS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+}
+
+
+def _frames(path: Path, ds: Any) -> list[_Slice]:
+    """A multi-frame (enhanced CT) file as one slice per frame, each with the geometry and
+    rescale of its shared and per-frame functional groups (per-frame wins); other files as
+    themselves."""
+    from pydicom.dataset import Dataset
+
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if count <= 1 or per_frame is None:
+        return [_Slice(path, ds)]
+    if len(per_frame) != count:
+        raise InputError(
+            f"{str(path)!r} has {count} frames but {len(per_frame)} per-frame functional groups; "
+            "the file is damaged"
+        )
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    out = []
+    for index, groups in enumerate(per_frame):
+        frame = Dataset()
+        for key in ("Modality", "SeriesInstanceUID", "SeriesDescription", "Rows", "Columns"):
+            if key in ds:
+                frame[key] = ds[key]
+        for source in (ds, shared, groups):
+            for group, keys in _FRAME_GROUPS.items():
+                items = source.get(group) if source is not ds else [source]
+                if not items:
+                    continue
+                for key in keys:
+                    if key in items[0]:
+                        frame[key] = items[0][key]
+        out.append(_Slice(path, frame, index))
+    return out
 
 
 def _float_list(ds: Any, key: str, n: int, path: Path) -> np.ndarray:
@@ -174,7 +223,7 @@ def _scan_folder(folder: Path) -> dict[str, list[_Slice]]:
         if "PixelData" not in ds and "Rows" not in ds:
             continue  # DICOMDIR, structured reports, ...
         uid = str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
-        series.setdefault(uid, []).append(_Slice(path, ds))
+        series.setdefault(uid, []).extend(_frames(path, ds))
     return series
 
 
@@ -184,7 +233,8 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any
     for uid, slices in _scan_folder(Path(folder)).items():
         ds = slices[0].ds
         out[uid] = {
-            "files": len(slices),
+            "files": len({s.path for s in slices}),
+            "slices": len(slices),
             "modality": str(ds.get("Modality", "")),
             "description": str(ds.get("SeriesDescription", "")),
         }
@@ -202,7 +252,8 @@ def read_dicom_series(
     ``folder`` holds one series, or several and ``series_uid`` picks one (a folder mixing series
     without it is refused, listing them). Refused too: a non-CT modality, slices of different
     size or orientation, gantry tilt, uneven slice spacing, duplicate positions.
-    HU = stored value * RescaleSlope + RescaleIntercept, per file.
+    HU = stored value * RescaleSlope + RescaleIntercept, per file. An enhanced (multi-frame) CT
+    file counts as one slice per frame, placed and rescaled by its functional groups.
     """
     import pydicom
 
@@ -245,17 +296,17 @@ def read_dicom_series(
     for s in slices[1:]:
         if not np.allclose(_float_list(s.ds, "ImageOrientationPatient", 6, s.path), iop, atol=1e-4):
             raise InputError(
-                f"series {series_uid}: {s.path.name} has another ImageOrientationPatient than "
-                f"{slices[0].path.name}; a volume needs one orientation"
+                f"series {series_uid}: {s.label} has another ImageOrientationPatient than "
+                f"{slices[0].label}; a volume needs one orientation"
             )
         if (int(s.ds.Rows), int(s.ds.Columns)) != (rows, cols):
             raise InputError(
-                f"series {series_uid}: {s.path.name} is {s.ds.Rows} x {s.ds.Columns} px, "
-                f"{slices[0].path.name} {rows} x {cols}; a volume needs one slice size"
+                f"series {series_uid}: {s.label} is {s.ds.Rows} x {s.ds.Columns} px, "
+                f"{slices[0].label} {rows} x {cols}; a volume needs one slice size"
             )
         if not np.allclose(_float_list(s.ds, "PixelSpacing", 2, s.path), spacing, rtol=1e-4):
             raise InputError(
-                f"series {series_uid}: {s.path.name} has another PixelSpacing; refusing to mix"
+                f"series {series_uid}: {s.label} has another PixelSpacing; refusing to mix"
             )
     r, c = iop[:3], iop[3:]
     normal = np.cross(r, c)
@@ -272,7 +323,7 @@ def read_dicom_series(
     if len(slices) > 1:
         gaps = np.diff(dist)
         if np.any(gaps < 1e-3):
-            dup = slices[int(np.argmin(gaps)) + 1].path.name
+            dup = slices[int(np.argmin(gaps)) + 1].label
             raise InputError(
                 f"series {series_uid}: two slices share one position (e.g. {dup}); the folder "
                 "holds duplicates or several acquisitions — keep one"
@@ -296,17 +347,22 @@ def read_dicom_series(
     else:
         thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
         step = normal * float(thick)
-    # Pixels and HU: read each file once more, with pixels.
+    # Pixels and HU: read each file once more, with pixels (a multi-frame file once for all its
+    # frames, which may lie anywhere in the sorted order).
     data = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    decoded: dict[Path, np.ndarray] = {}
     for k, s in enumerate(slices):
-        ds = pydicom.dcmread(str(s.path))
-        px = pixel_array(ds, repr(str(s.path)))
+        if s.path not in decoded:
+            px_all = pixel_array(pydicom.dcmread(str(s.path)), repr(str(s.path)))
+            decoded = {s.path: px_all}  # frames of one file are usually contiguous
+        px = decoded[s.path] if s.frame is None else decoded[s.path][s.frame]
         if px.ndim != 2:
             raise InputError(
-                f"{str(s.path)!r} holds {px.shape} pixels; only single-frame CT images are read"
+                f"{str(s.path)!r} holds {px.shape} pixels without per-frame positions; a CT "
+                "file is one slice, or an enhanced CT with functional groups"
             )
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
         hu = px.astype(np.float64) * slope + intercept
         data[:, :, k] = hu.T  # voxel axis 0 = columns (along r), axis 1 = rows (along c)
     lps = np.eye(4)
@@ -321,7 +377,8 @@ def read_dicom_series(
         "path": str(root),
         "series_uid": series_uid,
         "series_in_folder": len(groups),
-        "files": len(slices),
+        "files": len({s.path for s in slices}),
+        "slices": len(slices),
         "modality": modality,
         "description": str(first.get("SeriesDescription", "")),
         "notes": [],

@@ -76,6 +76,90 @@ def write_dicom_series(
     return series_uid
 
 
+def write_enhanced_ct(
+    path: Path,
+    hu: np.ndarray,
+    affine_ras: np.ndarray,
+    *,
+    shuffle_seed: int | None = 0,
+    jpeg_lossless: bool = False,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+) -> Path:
+    """The volume as ONE enhanced CT file (Enhanced CT Image Storage, as current scanners
+    export): frames in shuffled order, each placed by its PlanePositionSequence; orientation,
+    spacing and rescale in the shared functional groups. ``jpeg_lossless`` encapsulates every
+    frame as JPEG lossless SV1."""
+    from pydicom.dataset import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
+    a0, a1, a2 = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    dc, dr = float(np.linalg.norm(a0)), float(np.linalg.norm(a1))
+    nz = hu.shape[2]
+    order = list(range(nz))
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70" if jpeg_lossless else ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality, ds.PatientID = "CT", "SYNTH"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = nz
+    ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    orient, measures, rescale = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*(a0 / dc), *(a1 / dr))]
+    measures.PixelSpacing = [f"{dr:.6f}", f"{dc:.6f}"]
+    measures.SliceThickness = f"{float(np.linalg.norm(a2)):.6f}"
+    rescale.RescaleSlope, rescale.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+    rescale.RescaleType = "HU"
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [orient]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames, per_frame = [], []
+    for k in order:
+        position, content, item = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * a2]
+        content.InStackPositionNumber = k + 1
+        item.PlanePositionSequence = [position]
+        item.FrameContentSequence = [content]
+        per_frame.append(item)
+        frames.append(
+            np.rint((hu[:, :, k].T.astype(np.float64) - intercept) / slope).astype(np.int16)
+        )
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    if jpeg_lossless:
+        import imagecodecs
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate(
+            [
+                imagecodecs.jpeg8_encode(
+                    np.ascontiguousarray(f).view(np.uint16),
+                    lossless=True,
+                    bitspersample=16,
+                    predictor=1,
+                )
+                for f in frames
+            ]
+        )
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = np.stack(frames).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
 def read_back(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(str(path))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from ct_testutil import write_dicom_series
+from ct_testutil import write_dicom_series, write_enhanced_ct
 
 from fastinsight.errors import InputError
 from fastinsight.volume.io import read_dicom_series, read_nifti, read_volume, write_nifti
@@ -48,6 +48,34 @@ def test_dicom_series_shuffled_equals_nifti(tmp_path: Path, ct) -> None:
     np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
     assert vol.facts["series_uid"] == uid and vol.facts["files"] == 6
     assert vol.orientation == "RAS"
+
+
+@pytest.mark.parametrize("jpeg_lossless", [False, True])
+def test_enhanced_multiframe_ct_equals_the_classic_series(
+    tmp_path: Path, ct, jpeg_lossless
+) -> None:
+    """One enhanced CT file (frames shuffled, placed by their functional groups; optionally JPEG
+    lossless frames) reads like the one-file-per-slice series: same HU, same affine."""
+    path = write_enhanced_ct(tmp_path / "e" / "ct.dcm", *(ct.hu, ct.affine),
+                             shuffle_seed=5, jpeg_lossless=jpeg_lossless)  # fmt: skip
+    for vol in (read_volume(tmp_path / "e"), read_volume(path)):
+        np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
+        np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+        assert vol.facts["files"] == 1 and vol.facts["slices"] == 6
+
+
+def test_enhanced_ct_with_a_repeated_frame_position_is_refused(tmp_path: Path, ct) -> None:
+    import pydicom
+
+    path = write_enhanced_ct(tmp_path / "ct.dcm", ct.hu, ct.affine, shuffle_seed=None)
+    ds = pydicom.dcmread(path)
+    groups = ds.PerFrameFunctionalGroupsSequence
+    groups[3].PlanePositionSequence[0].ImagePositionPatient = (
+        groups[2].PlanePositionSequence[0].ImagePositionPatient
+    )
+    ds.save_as(str(path))
+    with pytest.raises(InputError, match=r"share one position \(e.g. ct.dcm frame \d\)"):
+        read_volume(path)
 
 
 def test_dicom_rescale_slope_intercept(tmp_path: Path, ct) -> None:
