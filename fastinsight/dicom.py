@@ -110,6 +110,38 @@ def _first_that_decodes(src: bytes, names: tuple[str, ...]) -> np.ndarray:
     raise ValueError("; ".join(errors) or "no imagecodecs codec for this transfer syntax")
 
 
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def codestream_size(src: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` a JPEG / JPEG-LS / JPEG 2000 codestream declares in its header (SOF or
+    SIZ marker), read without decoding; None when the header does not say (or is not found)."""
+    data = bytes(src[:65536])
+    if data[:2] == b"\xff\xd8":  # JPEG family: walk the marker segments up to the frame header
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker in _JPEG_SOF and pos + 9 <= len(data):
+                rows = int.from_bytes(data[pos + 5 : pos + 7], "big")
+                cols = int.from_bytes(data[pos + 7 : pos + 9], "big")
+                return (rows, cols) if rows else None  # 0 rows: set later by a DNL marker
+            if marker == 0xDA or length < 2:
+                return None
+            pos += 2 + length
+        return None
+    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 box)
+    if at < 0 or at + 24 > len(data):
+        return None
+    x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
+    return (y - y0, x - x0) if x > x0 and y > y0 else None
+
+
 def decode_frame(src: bytes, runner: Any) -> bytes:
     """pydicom's plugin contract: one encoded frame -> its raw samples.
 
@@ -127,6 +159,14 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
         # part with zeros; no scan data can hold the end marker (stuffing forbids 0xFF 0xD9), so
         # its absence is a reliable sign of a truncated frame.
         raise ValueError("the frame's codestream has no end-of-image marker (truncated file?)")
+    rows, cols = int(runner.rows), int(runner.columns)
+    declared = codestream_size(src)
+    if declared is not None and declared != (rows, cols):
+        # Checked before decoding: a small file must not make the codec allocate a huge image.
+        raise ValueError(
+            f"the codestream is {declared[0]} x {declared[1]} px but the dataset says "
+            f"{rows} x {cols}"
+        )
     if syntax in JPEG_LS:
         arr = _first_that_decodes(src, ("jpegls",))
     elif syntax in JPEG_2000:
@@ -143,7 +183,6 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
             runner.set_option("photometric_interpretation", "RGB")
     if arr.dtype.itemsize not in (1, 2) or arr.dtype.kind not in "ui":
         raise ValueError(f"the codestream decoded to {arr.dtype} samples; expected 8 or 16 bits")
-    rows, cols = int(runner.rows), int(runner.columns)
     samples = int(runner.samples_per_pixel)
     expected = (rows, cols) if samples == 1 else (rows, cols, samples)
     if arr.shape != expected:

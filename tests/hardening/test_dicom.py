@@ -226,6 +226,46 @@ def test_corrupt_codestream_is_one_clear_line(tmp_path) -> None:
     assert "\n" not in str(info.value) and "bad.dcm" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.201"]
+)
+def test_codestream_larger_than_the_header_says_is_refused_before_decoding(
+    tmp_path, syntax
+) -> None:
+    """A decompression bomb's shape: a 32 x 32 dataset carrying a 3000 x 2000 codestream."""
+    big = _encode(syntax, np.zeros((3000, 2000), np.int64), 12)
+    assert dicom.codestream_size(big) == (3000, 2000)
+    path = write_compressed(tmp_path / "bomb.dcm", np.zeros((32, 32), np.int64), syntax,
+                            bits=12, signed=False, codestream=big)  # fmt: skip
+    with pytest.raises(InputError, match="3000 x 2000 px but the dataset says 32 x 32"):
+        read_radiograph(path)
+
+
+def test_codestream_size_reads_other_tools_headers() -> None:
+    from pydicom.encaps import generate_frames
+
+    names = ["JPGLosslessP14SV1_1s_1f_8b.dcm", "MR_small_jpeg_ls_lossless.dcm", "US1_J2KR.dcm"]
+    checked = 0
+    for name in names:
+        try:
+            from pydicom.data import get_testdata_file
+
+            path = get_testdata_file(name)
+        except Exception:
+            path = None
+        if path is None:
+            continue
+        ds = pydicom.dcmread(path)
+        frame = next(
+            generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))
+        )
+        assert dicom.codestream_size(frame) == (ds.Rows, ds.Columns), name
+        checked += 1
+    if not checked:
+        pytest.skip("pydicom's compressed test files are not installed")
+    assert dicom.codestream_size(b"\xff\xd8\xff") is None and dicom.codestream_size(b"") is None
+
+
 def test_syntax_nobody_decodes_names_it(tmp_path) -> None:
     values = _samples((16, 16), 8, False)
     mpeg2 = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no still-image decoder
