@@ -38,6 +38,8 @@ NOT_RADIOGRAPH = {
     "NM": "nuclear-medicine image",
 }
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# The largest picture read (Pillow's own decompression-bomb limit); chest films are ~5-20 MP.
+MAX_PIXELS = 178_956_970
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +124,10 @@ def _read_dicom(p: Path) -> Radiograph:
             f"{str(p)!r} holds {frames} frames; a radiograph is one frame (split the file first)"
         )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    try:
+        _check_size(p, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    except (TypeError, ValueError):
+        raise InputError(f"{str(p)!r}: its Rows / Columns are not numbers") from None
     stored = pixel_array(ds, repr(str(p)))
     if stored.ndim == 3:
         stored = _grey_from_colour(stored, p, photometric)
@@ -184,14 +190,29 @@ def _grey_from_colour(arr: np.ndarray, p: Path, what: str) -> np.ndarray:
 # ================================================================================ PNG/JPEG/TIFF
 
 
+def _check_size(p: Path, height: int, width: int) -> None:
+    """Refuse, before decoding, a picture larger than any radiograph (a decompression bomb)."""
+    if height * width > MAX_PIXELS:
+        raise InputError(
+            f"{str(p)!r} is {width} x {height} px ({height * width / 1e6:.0f} MP); a radiograph "
+            f"is at most {MAX_PIXELS / 1e6:.0f} MP: refusing to decode it (a decompression bomb?)"
+        )
+
+
 def _read_picture(p: Path) -> Radiograph:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(p) as im:
+            _check_size(p, im.height, im.width)  # from the header, before any pixel is decoded
             im.load()
             mode, fmt = im.mode, im.format
             arr = np.asarray(im.convert("RGBA") if mode == "P" else im)
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{str(p)!r} declares an image larger than {MAX_PIXELS:,} pixels; a radiograph is "
+            "at most a few tens of megapixels (a decompression bomb?)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(
             f"{str(p)!r} is not an image fastinsight can read (PNG, JPEG, TIFF or DICOM): {exc}"

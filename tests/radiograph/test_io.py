@@ -107,3 +107,25 @@ def test_cubic_resize_matches_keys_kernel_on_a_ramp() -> None:
     assert cubic_resize_u8(ramp, (8, 64)) is not ramp and np.array_equal(
         cubic_resize_u8(ramp, (8, 64)), ramp
     )
+
+
+@pytest.mark.parametrize("side", [(20000, 20000), (14000, 13000)])
+def test_decompression_bomb_pictures_are_refused_before_decoding(tmp_path, side) -> None:
+    """A 50 KB PNG declaring 400 MP (Pillow's hard limit) or 182 MP (its warning band): one
+    InputError, nothing decoded."""
+    path = tmp_path / "bomb.png"
+    Image.new("1", side).save(path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match="decompression bomb"):
+        read_radiograph(path)
+
+
+def test_dicom_declaring_a_giant_image_is_refused(tmp_path) -> None:
+    import pydicom
+
+    path = write_dicom(tmp_path / "big.dcm", np.zeros((8, 8), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 30000
+    ds.save_as(str(path))
+    with pytest.raises(InputError, match="30000 x 30000 px"):
+        read_radiograph(path)
