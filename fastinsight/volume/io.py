@@ -113,6 +113,31 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+# The most voxels a volume may declare (2^31: 8 GiB as float32, a 1024 x 1024 x 2048 scan);
+# checked from the header before any voxel is read.
+MAX_VOXELS = 2**31
+
+
+def _check_nifti_size(p: Path, img: Any) -> None:
+    """Refuse from the header alone a volume too large to be a CT scan, or an uncompressed file
+    shorter than its header says (truncated), before nibabel allocates anything."""
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"{str(p)!r} declares {' x '.join(map(str, shape))} voxels ({voxels:,}), more than "
+            f"any CT scan this reads ({MAX_VOXELS:,}); refusing to load it"
+        )
+    if p.name.lower().endswith(".nii"):
+        itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+        needed = int(img.header["vox_offset"]) + voxels * itemsize
+        have = p.stat().st_size
+        if have < needed:
+            raise InputError(
+                f"{str(p)!r} is truncated: its header needs {needed:,} bytes, the file has {have:,}"
+            )
+
+
 def read_nifti(path: str | os.PathLike[str]) -> Volume:
     """A NIfTI-1/2 file (``.nii`` / ``.nii.gz``) as a :class:`Volume` (scl_slope/inter applied).
 
@@ -125,8 +150,13 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         raise InputError(f"volume file {str(p)!r} does not exist")
     try:
         img: Any = nib.load(str(p))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises many kinds for damaged files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {str(p)!r} as NIfTI ({msg})") from exc
+    _check_nifti_size(p, img)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {str(p)!r} as NIfTI ({msg})") from exc
     notes = []

@@ -181,3 +181,25 @@ def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "slide.svs").write_bytes(b"II*\0")
     assert not is_volume_input(tmp_path / "e" / "slide.svs") and not is_volume_input(tmp_path / "e")
+
+
+@pytest.mark.parametrize("name", ["bomb.nii", "bomb.nii.gz"])
+def test_nifti_declaring_a_giant_volume_is_refused_from_the_header(tmp_path: Path, name) -> None:
+    """A 1 KB file whose header claims 3000^3 voxels (54 GB of int16): one line, nothing read."""
+    import gzip
+
+    hdr = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4)).header.copy()
+    hdr.set_data_shape((3000, 3000, 3000))
+    payload = hdr.binaryblock + b"\0" * 4 + b"\0" * 1024
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(payload) if name.endswith(".gz") else payload)
+    with pytest.raises(InputError, match="3000 x 3000 x 3000 voxels"):
+        read_volume(path)
+
+
+def test_truncated_nifti_is_refused_before_reading(tmp_path: Path) -> None:
+    write_nifti(np.zeros((20, 20, 10)), np.eye(4), tmp_path / "a.nii", dtype=np.int16)
+    full = (tmp_path / "a.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(full[: len(full) - 1000])
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(tmp_path / "cut.nii")
