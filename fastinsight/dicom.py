@@ -33,6 +33,7 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from fastinsight.codestreams import codestream_size
 from fastinsight.errors import InputError
 
 if TYPE_CHECKING:
@@ -108,38 +109,6 @@ def _first_that_decodes(src: bytes, names: tuple[str, ...]) -> np.ndarray:
         except Exception as exc:  # each codec raises its own error type
             errors.append(f"{name}: {exc}")
     raise ValueError("; ".join(errors) or "no imagecodecs codec for this transfer syntax")
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
-
-
-def codestream_size(src: bytes) -> tuple[int, int] | None:
-    """``(rows, columns)`` a JPEG / JPEG-LS / JPEG 2000 codestream declares in its header (SOF or
-    SIZ marker), read without decoding; None when the header does not say (or is not found)."""
-    data = bytes(src[:65536])
-    if data[:2] == b"\xff\xd8":  # JPEG family: walk the marker segments up to the frame header
-        pos = 2
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker in _JPEG_SOF and pos + 9 <= len(data):
-                rows = int.from_bytes(data[pos + 5 : pos + 7], "big")
-                cols = int.from_bytes(data[pos + 7 : pos + 9], "big")
-                return (rows, cols) if rows else None  # 0 rows: set later by a DNL marker
-            if marker == 0xDA or length < 2:
-                return None
-            pos += 2 + length
-        return None
-    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 box)
-    if at < 0 or at + 24 > len(data):
-        return None
-    x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
-    return (y - y0, x - x0) if x > x0 and y > y0 else None
 
 
 def decode_frame(src: bytes, runner: Any) -> bytes:

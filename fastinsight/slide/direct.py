@@ -48,6 +48,7 @@ from fastinsight.slide.readers import (
     _slide_name,
     _TileCache,
     _to_rgb,
+    check_tile_fits,
     register_backend,
 )
 
@@ -215,6 +216,8 @@ class DirectTiffReader(TiffFileReader):
         if data is None:
             return None
         page = self._pages[level]
+        tile_h = int(page.tilelength) if page.is_tiled else int(page.rowsperstrip)
+        check_tile_fits(data, tile_h, int(page.tilewidth or page.imagewidth), index, self._path)
         tables = page.jpegtables or b""
         body = data[2:] if data[:2] == b"\xff\xd8" else data  # drop the tile's own SOI
         head = b"\xff\xd8"
@@ -263,6 +266,7 @@ class DirectTiffReader(TiffFileReader):
         data = self.segment_bytes(level, index)
         if data is None:  # sparse tile: background
             return np.full((seg_h, seg_w, 3), 255, dtype=np.uint8)
+        check_tile_fits(data, seg_h, seg_w, index, self._path)
         try:
             if int(page.compression) == _JPEG:
                 import imagecodecs

@@ -500,6 +500,8 @@ class TiffFileReader(SlideReader):
                         f"{page.imagewidth}x{page.imagelength} level ends past the end of the "
                         "file; re-copy the file"
                     )
+            if data is not None:
+                check_tile_fits(data, seg_h, seg_w, i, self._path)
             try:
                 seg, _, _ = page.decode(data, i, **kwargs)
             except Exception as exc:
@@ -1170,6 +1172,19 @@ def _choose_reader(opened: list[SlideReader]) -> SlideReader:
     if other.file_mpp is not None and direct.file_mpp is None:
         return other
     return direct
+
+
+def check_tile_fits(data: bytes, seg_h: int, seg_w: int, index: int, path: Path) -> None:
+    """Refuse, before decoding, a tile whose codestream declares more pixels than its segment
+    (a corrupt or hostile file: a few bytes asking the codec for gigabytes)."""
+    from fastinsight.codestreams import check_fits
+
+    declared = check_fits(data, seg_h, seg_w)
+    if declared is not None:
+        raise SlideError(
+            f"tile {index} of slide {_slide_name(path)} declares a {declared[1]} x {declared[0]} "
+            f"px image in a {seg_w} x {seg_h} px tile; the file is corrupt (refusing to decode it)"
+        )
 
 
 def _is_dicom(path: Path) -> bool:

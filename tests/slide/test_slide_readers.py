@@ -300,3 +300,50 @@ def test_array_reader_geometry() -> None:
     assert reader.best_level_for_downsample(1.9) == 0
     with pytest.raises(InputError):
         ArrayReader(np.zeros((4, 4), dtype=np.uint8))
+
+
+def _bomb_tile(tile: np.ndarray, rows: int, cols: int) -> bytes:
+    """A valid JPEG of ``tile`` whose frame header (SOF) is patched to claim rows x cols."""
+    import imagecodecs
+
+    data = bytearray(imagecodecs.jpeg8_encode(tile, level=90))
+    pos = 2
+    while data[pos + 1] not in (0xC0, 0xC1, 0xC2):
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    data[pos + 5 : pos + 9] = rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("backend", ["direct", "tifffile"])
+def test_tile_declaring_a_giant_image_is_refused_before_decoding(tmp_path: Path, backend) -> None:
+    """One tile of a JPEG TIFF claims 20000 x 30000 px (1.8 GB of RGB for the codec to allocate):
+    reading it is one SlideError naming the tile; the honest tiles still read."""
+    import imagecodecs
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    tiles = [
+        imagecodecs.jpeg8_encode(img[y : y + 256, x : x + 256], level=90)
+        for y in (0, 256)
+        for x in (0, 256)
+    ]
+    tiles[3] = _bomb_tile(img[256:, 256:], 20000, 30000)
+    path = tmp_path / "bomb.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(iter(tiles), shape=(512, 512, 3), dtype=np.uint8, tile=(256, 256),
+                  compression="jpeg", photometric="rgb", resolution=(20000, 20000),
+                  resolutionunit="CENTIMETER")  # fmt: skip
+    reader = open_slide(path, backend=backend, validate=False)
+    try:
+        first = reader.read_region(0, 0, 0, 256, 256)
+        assert first.shape == (256, 256, 3) and abs(float(first.mean()) - 150) < 10
+        with pytest.raises(SlideError, match=r"tile 3 .* declares a 30000 x 20000 px image"):
+            reader.read_region(256, 256, 0, 256, 256)
+        if backend == "direct":  # the bytes handed to nvJPEG / torchvision by --decode device
+            assert reader.jpeg_stream(0, 0) is not None
+            with pytest.raises(SlideError, match="declares a 30000 x 20000 px image"):
+                reader.jpeg_stream(0, 3)
+    finally:
+        reader.close()
+    with pytest.raises(SlideError, match="declares a 30000 x 20000 px image"):
+        open_slide(path, backend=backend)  # validation reads the last tile
