@@ -175,11 +175,19 @@ def test_ct_series_in_jpeg_lossless_reads_like_uncompressed(tmp_path, monkeypatc
     np.testing.assert_array_equal(b.data, hu)
 
 
+def _testdata(name: str) -> str | None:
+    """One of pydicom's test files (other tools wrote them), or None where it is not installed."""
+    from pydicom.data import get_testdata_file
+
+    try:
+        return get_testdata_file(name)
+    except Exception:  # pydicom-data not installed and no network
+        return None
+
+
 def test_other_tools_files_decode_where_installed() -> None:
     """pydicom's test files, written by other tools (dcmtk, GDCM, ...): compressed copies of an
     uncompressed file decode to exactly its samples."""
-    from pydicom.data import get_testdata_file
-
     pairs = [
         ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
         ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
@@ -189,10 +197,7 @@ def test_other_tools_files_decode_where_installed() -> None:
     dicom.install()
     checked = 0
     for packed, plain in pairs:
-        try:
-            a, b = get_testdata_file(packed), get_testdata_file(plain)
-        except Exception:  # pydicom-data not installed and no network: nothing to read
-            continue
+        a, b = _testdata(packed), _testdata(plain)
         if a is None or b is None:
             continue
         np.testing.assert_array_equal(
@@ -200,10 +205,7 @@ def test_other_tools_files_decode_where_installed() -> None:
         )
         checked += 1
     for name in ("JPGLosslessP14SV1_1s_1f_8b.dcm", "JPEG-LL.dcm", "JPEG-lossy.dcm"):
-        try:
-            path = get_testdata_file(name)
-        except Exception:
-            path = None
+        path = _testdata(name)
         if path is None:
             continue
         arr = pydicom.dcmread(path).pixel_array
@@ -247,12 +249,7 @@ def test_codestream_size_reads_other_tools_headers() -> None:
     names = ["JPGLosslessP14SV1_1s_1f_8b.dcm", "MR_small_jpeg_ls_lossless.dcm", "US1_J2KR.dcm"]
     checked = 0
     for name in names:
-        try:
-            from pydicom.data import get_testdata_file
-
-            path = get_testdata_file(name)
-        except Exception:
-            path = None
+        path = _testdata(name)
         if path is None:
             continue
         ds = pydicom.dcmread(path)
