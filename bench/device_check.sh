@@ -267,8 +267,10 @@ hook volume 30
 # 128-wide layers at 8 warps, so they can take 128-cell blocks (half the weight traffic per cell,
 # kernels.head.traffic_bytes) while the 64-wide layers keep 64-cell blocks of 4 warps; -T1: the
 # per-position tables in fp16 (about a quarter of the modelled traffic; 255 -> 188 registers in
-# the 128-wide layers). Each config is parity-checked before it is timed.
-CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s3-c1024-o1 M64-X64-R64-K64-w4-s3-c1024 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w4-s3-W8 M64-X128-R128-K64-w4-s3-W8 M128-X128-R128-K64-w4-s3-W8 M64-X64-R64-K64-w4-s3-T1 M64-X128-R128-K64-w4-s3-W8-T1 M128-X64-R128-K64-w8-s3}
+# the 128-wide layers); -X256-R256-W16: the hypothesis pushed to its end, 256-cell blocks of 16
+# warps (a quarter of the default's weight passes; one program per SM; `kernels check`: 128
+# registers, no spill in the loops). Each config is parity-checked before it is timed.
+CONFIGS=${KERNEL_CONFIGS:-M64-X64-R64-K64-w4-s3 M64-X64-R64-K64-w4-s3-c1024-o1 M64-X64-R64-K64-w4-s3-c1024 M64-X64-R64-K128-w4-s3 M64-X64-R128-K64-w4-s3-W8 M64-X128-R128-K64-w4-s3-W8 M128-X128-R128-K64-w4-s3-W8 M64-X64-R64-K64-w4-s3-T1 M64-X128-R128-K64-w4-s3-W8-T1 M64-X256-R256-K64-w4-s3-W16-T1}
 if [[ $DRY -eq 1 ]]; then
   KCFG=(--smoke --grid 4 4 --channels 64 --classes 1)
   CONFIGS="M64-X64-R64-K64-w4-s1-W8-T1"

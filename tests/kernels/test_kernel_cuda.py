@@ -158,6 +158,7 @@ def test_head_overlapped_streams_match_sequential(norm) -> None:
         "M64-X64-R64-K128-w4-s3",
         "M64-X64-R64-K64-w4-s3-T1",
         "M64-X128-R128-K64-w4-s3-W8-T1",
+        "M64-X256-R256-K64-w4-s3-W16-T1",
     ],
 )
 def test_head_sweep_configs_match_reference(config) -> None:

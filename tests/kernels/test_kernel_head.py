@@ -235,7 +235,13 @@ def test_interpreter_refuses_bf16() -> None:
 @pytest.mark.skipif(not INTERPRET, reason="runs the GPU block configs through the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize(
-    "config", ["default", "M64-X128-R128-K64-w4-s3-W8", "M64-X64-R64-K64-w4-s3-T1"]
+    "config",
+    [
+        "default",
+        "M64-X128-R128-K64-w4-s3-W8",
+        "M64-X64-R64-K64-w4-s3-T1",
+        "M64-X256-R256-K64-w4-s3-W16-T1",
+    ],
 )
 def test_gpu_block_configs_in_interpreter(dtype, config) -> None:
     """The blocks the GPU launches (several cell blocks and output blocks per layer, blocks that
