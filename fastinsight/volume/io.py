@@ -28,6 +28,7 @@ import numpy as np
 
 from fastinsight.dicom import pixel_array
 from fastinsight.errors import InputError
+from fastinsight.inputs import check_allocation
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice spacing and on the offset's angle to the normal. Scanners write
@@ -128,8 +129,9 @@ def _check_nifti_size(p: Path, img: Any) -> None:
             f"{str(p)!r} declares {' x '.join(map(str, shape))} voxels ({voxels:,}), more than "
             f"any CT scan this reads ({MAX_VOXELS:,}); refusing to load it"
         )
+    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    check_allocation(voxels * (4 + itemsize), f"{str(p)!r} ({' x '.join(map(str, shape))})")
     if p.name.lower().endswith(".nii"):
-        itemsize = np.dtype(img.header.get_data_dtype()).itemsize
         needed = int(img.header["vox_offset"]) + voxels * itemsize
         have = p.stat().st_size
         if have < needed:
@@ -379,6 +381,7 @@ def read_dicom_series(
         step = normal * float(thick)
     # Pixels and HU: read each file once more, with pixels (a multi-frame file once for all its
     # frames, which may lie anywhere in the sorted order).
+    check_allocation(cols * rows * len(slices) * 4, f"series {series_uid} ({len(slices)} slices)")
     data = np.empty((cols, rows, len(slices)), dtype=np.float32)
     decoded: dict[Path, np.ndarray] = {}
     for k, s in enumerate(slices):

@@ -203,3 +203,19 @@ def test_truncated_nifti_is_refused_before_reading(tmp_path: Path) -> None:
     (tmp_path / "cut.nii").write_bytes(full[: len(full) - 1000])
     with pytest.raises(InputError, match="truncated"):
         read_volume(tmp_path / "cut.nii")
+
+
+def test_series_declaring_more_voxels_than_memory_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Headers that claim 40000 x 40000 px slices (tiny files): refused before allocating."""
+    import pydicom
+
+    import fastinsight.inputs
+
+    write_dicom_series(tmp_path / "s", np.zeros((8, 8, 3)), np.eye(4))
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.Rows = ds.Columns = 40000
+        ds.save_as(str(f))
+    monkeypatch.setattr(fastinsight.inputs, "memory_bytes", lambda: 8 << 30)
+    with pytest.raises(InputError, match="GiB of memory"):
+        read_volume(tmp_path / "s")
