@@ -201,7 +201,7 @@ def _frames(path: Path, ds: Any) -> list[_Slice]:
 
     count = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if count <= 1 or per_frame is None:
+    if per_frame is None:
         return [_Slice(path, ds)]
     if len(per_frame) != count:
         raise InputError(
@@ -388,7 +388,9 @@ def read_dicom_series(
         if s.path not in decoded:
             px_all = pixel_array(pydicom.dcmread(str(s.path)), repr(str(s.path)))
             decoded = {s.path: px_all}  # frames of one file are usually contiguous
-        px = decoded[s.path] if s.frame is None else decoded[s.path][s.frame]
+        px = decoded[s.path]
+        if s.frame is not None and px.ndim == 3:
+            px = px[s.frame]  # (a one-frame file decodes to a 2-D image: that frame)
         if px.ndim != 2:
             raise InputError(
                 f"{str(s.path)!r} holds {px.shape} pixels without per-frame positions; a CT "

@@ -64,6 +64,14 @@ def test_enhanced_multiframe_ct_equals_the_classic_series(
         assert vol.facts["files"] == 1 and vol.facts["slices"] == 6
 
 
+def test_one_frame_enhanced_ct_file(tmp_path: Path, ct) -> None:
+    """An enhanced CT of a single frame: geometry only in its functional groups."""
+    path = write_enhanced_ct(tmp_path / "one.dcm", ct.hu[:, :, :1], ct.affine)
+    vol = read_volume(path)
+    np.testing.assert_array_equal(vol.data, ct.hu[:, :, :1].astype(np.float32))
+    np.testing.assert_allclose(vol.affine[:3, 3], ct.affine[:3, 3], atol=1e-5)
+
+
 def test_enhanced_ct_with_a_repeated_frame_position_is_refused(tmp_path: Path, ct) -> None:
     import pydicom
 
