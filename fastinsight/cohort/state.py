@@ -25,7 +25,7 @@ from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path
 from fastinsight.cohort.layout import LOCK_NAME, MARKER_NAME, OLD_INFIX, PARTIAL_SUFFIX, partial_dir
 from fastinsight.cohort.slides import CohortSlide
-from fastinsight.errors import OutputError
+from fastinsight.errors import FastInsightError, OutputError
 from fastinsight.fileformat import file_sha256
 from fastinsight.text import dumps_json
 
@@ -48,6 +48,20 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
             fh.seek(max(_MIB, size - _MIB))
             h.update(fh.read(_MIB))
     return f"{size}:{h.hexdigest()[:32]}"
+
+
+def slide_fingerprint(path: str | os.PathLike[str]) -> str:
+    """:func:`file_fingerprint` of a slide: of its file, or for a DICOM whole-slide image given as
+    a folder, of its largest level's file (the others are its downsamples)."""
+    p = Path(path)
+    if p.is_dir():
+        from fastinsight.dicom import whole_slide_file
+
+        found = whole_slide_file(p)
+        if found is None:
+            raise OSError(f"{str(p)!r} holds no DICOM whole-slide image")
+        p = found
+    return file_fingerprint(p)
 
 
 def options_hash(options: CohortOptions, mpp: float | None, encoder_weights_id: str | None) -> str:
@@ -111,8 +125,8 @@ def check_complete(
         if file_sha256(f) != meta.get("sha256"):
             return None, f"output {name} has another sha256 than recorded"
     try:
-        fingerprint = file_fingerprint(job.slide.path)
-    except OSError:
+        fingerprint = slide_fingerprint(job.slide.path)
+    except (OSError, FastInsightError):
         return None, "slide file unreadable"
     if marker.get("slide_fingerprint") != fingerprint:
         return None, "slide file changed"
@@ -204,6 +218,7 @@ __all__ = [
     "SlideJob",
     "check_complete",
     "file_fingerprint",
+    "slide_fingerprint",
     "options_hash",
     "remove_partials",
     "write_marker",

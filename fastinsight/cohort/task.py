@@ -22,7 +22,7 @@ import torch
 
 from fastinsight.cohort.layout import partial_dir, slide_dir
 from fastinsight.cohort.options import CohortOptions
-from fastinsight.cohort.state import SlideJob, _install, file_fingerprint, write_marker
+from fastinsight.cohort.state import SlideJob, _install, slide_fingerprint, write_marker
 from fastinsight.cohort.summary import SlideOutcome, _one_line
 from fastinsight.encoders import build_encoder
 from fastinsight.errors import FastInsightError
@@ -154,7 +154,10 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
 
     try:
         # Fingerprint before reading: a file replaced during the run does not pass as this one.
-        fingerprint = file_fingerprint(slide.path) if slide.path.is_file() else ""
+        try:
+            fingerprint = slide_fingerprint(slide.path)
+        except (OSError, FastInsightError):
+            fingerprint = ""  # unreadable: _predict says what is wrong with the slide
         result = _predict(model_box, job, plan)
         return _write(result, job, plan, fingerprint)
     except FastInsightError as exc:

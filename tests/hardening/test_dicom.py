@@ -333,3 +333,19 @@ def test_dispatch_sends_dicom_slides_to_slides_and_ct_to_ct(tmp_path) -> None:
     assert [s.path for s in discover_slides(tmp_path / "cohort" / "slideA")] == [
         (tmp_path / "cohort" / "slideA").absolute()
     ]
+
+
+def test_cohort_fingerprints_a_dicom_slide_by_its_largest_level(tmp_path) -> None:
+    """Resuming a cohort must recognise a finished DICOM WSI folder (a folder has no bytes of
+    its own: the largest level's file stands for the slide) and notice when it is replaced."""
+    from fastinsight.cohort.state import file_fingerprint, slide_fingerprint
+
+    files = _wsi(tmp_path / "slide", downsamples=(4, 1))
+    assert slide_fingerprint(tmp_path / "slide") == file_fingerprint(files[1])
+    assert slide_fingerprint(files[1]) == file_fingerprint(files[1])
+    before = slide_fingerprint(tmp_path / "slide")
+    _wsi(tmp_path / "slide", downsamples=(4, 1), jpeg=False)  # re-exported in place
+    assert slide_fingerprint(tmp_path / "slide") != before
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError):
+        slide_fingerprint(tmp_path / "empty")
