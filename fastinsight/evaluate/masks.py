@@ -123,6 +123,14 @@ def _read_mask_level(path: Path, ds0_of: Any, cell_size_l0: float) -> tuple[np.n
         for candidate in levels:
             if ds0 * w0 / candidate[1] <= cell_size_l0 * (1 + 1e-6):
                 chosen = candidate
+        from fastinsight.inputs import check_allocation
+
+        level = chosen[2]
+        check_allocation(
+            int(np.prod(level.shape, dtype=object)) * np.dtype(level.dtype).itemsize,
+            f"mask TIFF {str(path)!r} ({chosen[1]} x {chosen[0]} px at its coarsest usable "
+            "level; save the mask with a pyramid or at a lower resolution)",
+        )
         plane = _plane(chosen[2].asarray(), chosen[3])
     if plane.ndim != 2:
         raise InputError(f"mask TIFF {str(path)!r} has image shape {plane.shape}; expected [H, W]")

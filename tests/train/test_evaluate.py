@@ -128,6 +128,26 @@ def test_mask_tiff_pyramid_picks_a_fine_enough_level(tmp_path: Path) -> None:
         read_mask_tiff(plain, _pred("x", np.zeros((20, 40), np.float32)))
 
 
+def test_mask_tiff_too_large_for_memory_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """A single-level 60000 x 40000 mask (a few KB of empty tiles on disk, 2.4 GB to read): one
+    InputError saying what to do, before anything is allocated."""
+    import fastinsight.inputs
+
+    path = tmp_path / "giant.tif"
+    import zlib
+
+    empty = zlib.compress(bytes(512 * 512))  # one zlib tile of zeros, written for every tile
+    count = -(-60000 // 512) * -(-40000 // 512)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(iter([empty] * count), shape=(60000, 40000), dtype=np.uint8, tile=(512, 512),
+                  compression="zlib")  # fmt: skip
+    assert path.stat().st_size < 50_000_000
+    monkeypatch.setattr(fastinsight.inputs, "memory_bytes", lambda: 2 << 30)
+    target = _pred("x", np.zeros((300, 200), np.float32), cell=200.0, slide_size_l0=(40000, 60000))
+    with pytest.raises(InputError, match="save the mask with a pyramid"):
+        read_mask_tiff(path, target)
+
+
 # --------------------------------------------------------------------------------------------
 # GeoJSON
 # --------------------------------------------------------------------------------------------
