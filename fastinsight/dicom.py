@@ -5,13 +5,13 @@ pyramid level in one folder) is a slide, not a CT series: :func:`whole_slide_fil
 file or folder holds one and names the file of its largest level, which OpenSlide opens (it finds
 the other levels beside it).
 
-**Compressed pixel data.** Out of the box pydicom decodes uncompressed and RLE pixel data itself and JPEG baseline / JPEG
-2000 through Pillow. The syntaxes clinical archives use most for radiographs and CT are not among
-them: **JPEG lossless** (process 14, selection value 1 or any predictor), **12-bit JPEG
-extended** and **JPEG-LS**, plus **HTJ2K**; for those pydicom wants pylibjpeg-libjpeg (GPL),
-GDCM or pyjpegls. imagecodecs, already a dependency for slide tiles, carries the codecs:
-libjpeg-turbo 3 (8- and 12-bit lossy, 2-16-bit lossless JPEG), CharLS (JPEG-LS) and OpenJPEG
-(JPEG 2000 and HTJ2K).
+**Compressed pixel data.** Out of the box pydicom decodes uncompressed and RLE pixel data itself,
+and JPEG baseline / JPEG 2000 through Pillow. The syntaxes clinical archives use most for
+radiographs and CT are not among them: **JPEG lossless** (process 14, selection value 1 or any
+predictor), **12-bit JPEG extended** and **JPEG-LS**, plus **HTJ2K**; for those pydicom wants
+pylibjpeg-libjpeg (GPL), GDCM or pyjpegls. imagecodecs, already a dependency for slide tiles,
+carries the codecs: libjpeg-turbo 3 (8- and 12-bit lossy, 2-16-bit lossless JPEG), CharLS (JPEG-LS)
+and OpenJPEG (JPEG 2000 and HTJ2K).
 
 :func:`install` adds one decoding plugin, ``"fastinsight-imagecodecs"``, to pydicom's decoder of
 each of those transfer syntaxes. It goes *after* the plugins pydicom already has, so pydicom tries
@@ -124,9 +124,9 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
     syntax = str(runner.transfer_syntax)
     photometric = str(runner.photometric_interpretation)
     if END_OF_IMAGE not in bytes(src[-8:]):
-        # libjpeg-turbo and OpenJPEG decode a cut-off codestream "successfully", filling the lost
-        # part with zeros; no scan data can hold the end marker (stuffing forbids 0xFF 0xD9), so
-        # its absence is a reliable sign of a truncated frame.
+        # libjpeg-turbo and OpenJPEG decode a cut-off codestream without an error, inventing the
+        # lost part; no scan data can hold the end marker (stuffing forbids 0xFF 0xD9), so its
+        # absence is a reliable sign of a truncated frame.
         raise ValueError("the frame's codestream has no end-of-image marker (truncated file?)")
     rows, cols = int(runner.rows), int(runner.columns)
     declared = codestream_size(src)

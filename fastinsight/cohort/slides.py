@@ -131,8 +131,9 @@ def read_manifest(path: str | os.PathLike[str]) -> list[CohortSlide]:
 
 
 def discover_slides(spec: str | os.PathLike[str]) -> list[CohortSlide]:
-    """SLIDES as a folder (its slide files, by ending, and its DICOM WSI subfolders), a glob (every file it matches), a
-    manifest ``.csv`` (see :func:`read_manifest`) or one slide file. Ids must be unique."""
+    """SLIDES as a folder (its slide files, by ending, and its DICOM WSI subfolders), a glob
+    (every file it matches), a manifest ``.csv`` (see :func:`read_manifest`) or one slide file.
+    Ids must be unique."""
     text = os.path.expanduser(str(spec))
     p = Path(text)
     if p.is_dir():
