@@ -33,6 +33,7 @@ import numpy as np
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import BackendError, InputError, OutputError, ParityError
+from fastinsight.text import loads_json
 
 from ._onnx_io import check_onnx_initializers_finite
 
@@ -111,7 +112,7 @@ class EngineInfo:
 
     @classmethod
     def from_json(cls, text: str) -> EngineInfo:
-        data = json.loads(text)
+        data = loads_json(text)
         data["profile"] = [
             ProfileShapes(p["name"], tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
             for p in data["profile"]
@@ -128,7 +129,13 @@ def read_engine_info(plan: str | os.PathLike[str]) -> EngineInfo | None:
     path = sidecar_path(plan)
     if not path.is_file():
         return None
-    return EngineInfo.from_json(path.read_text())
+    try:
+        return EngineInfo.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(
+            f"{str(path)!r} is not the sidecar `fastinsight export tensorrt` writes "
+            f"({type(exc).__name__}: {str(exc)[:120]}); rebuild the engine"
+        ) from None
 
 
 def check_tile_range(min_tiles: int, opt_tiles: int, max_tiles: int) -> None:

@@ -26,7 +26,6 @@ This module has no model code in it (house rule: the slide side knows nothing of
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -42,6 +41,7 @@ from torch import Tensor
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_coordinates
 from fastinsight.slide.placement import lattice_rc, one_grid_rc, place_tiles
+from fastinsight.text import loads_json
 
 LAYOUTS: tuple[str, ...] = ("insight", "clam", "trident")
 H5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".he5")
@@ -71,8 +71,8 @@ def decode_attr(value: Any) -> Any:
             return None
         if text[:1] in "{[":
             try:
-                return json.loads(text)
-            except json.JSONDecodeError:
+                return loads_json(text)
+            except ValueError:
                 return value
     return value
 

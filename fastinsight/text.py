@@ -79,9 +79,18 @@ def clean_json(value: Any, where: str = "report", nan_as_null: bool = False) -> 
     return clean_text(str(value))
 
 
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` that fails only with ValueError: bad JSON, bad UTF-8, or nesting deeper
+    than Python's parser recurses (``[[[[...`` of a hostile file raises RecursionError there)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
+
+
 def dumps_json(value: Any, where: str = "report", nan_as_null: bool = False, **kw: Any) -> str:
     """``json.dumps`` of ``clean_json(value)``: always valid, strict JSON (``allow_nan=False``)."""
     return json.dumps(clean_json(value, where, nan_as_null), allow_nan=False, **kw)
 
 
-__all__ = ["ascii_text", "clean_json", "clean_text", "display_path", "dumps_json"]
+__all__ = ["ascii_text", "clean_json", "clean_text", "display_path", "dumps_json", "loads_json"]

@@ -27,7 +27,7 @@ from fastinsight.cohort.layout import LOCK_NAME, MARKER_NAME, OLD_INFIX, PARTIAL
 from fastinsight.cohort.slides import CohortSlide
 from fastinsight.errors import FastInsightError, OutputError
 from fastinsight.fileformat import file_sha256
-from fastinsight.text import dumps_json
+from fastinsight.text import dumps_json, loads_json
 
 if TYPE_CHECKING:
     from fastinsight.cohort.options import CohortOptions
@@ -102,7 +102,7 @@ def check_complete(
     if not marker_path.is_file():
         return None, "no completion marker"
     try:
-        marker = json.loads(marker_path.read_text())
+        marker = loads_json(marker_path.read_text())
     except (OSError, ValueError):
         return None, "unreadable completion marker"
     if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:

@@ -22,7 +22,6 @@ every key carries them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import weights_format
+from fastinsight.text import loads_json
 
 PathLike = str | os.PathLike[str]
 
@@ -226,7 +226,7 @@ def resolve_weights_path(path: PathLike, *, what: str, expect: tuple[str, ...] =
     cfg_path = p / "config.json"
     if expect and cfg_path.is_file():
         try:
-            cfg = json.loads(cfg_path.read_text())
+            cfg = loads_json(cfg_path.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"cannot read {str(cfg_path)!r} ({_first_line(exc)}); fetch the snapshot again"

@@ -3,7 +3,6 @@ QuPath GeoJSON polygons (rasterised at cell centres or supersampled), found by s
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from fastinsight.errors import InputError
 from fastinsight.evaluate.io import EvalInput
+from fastinsight.text import loads_json
 
 GT_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".geojson", ".json")
 RESAMPLE: tuple[str, ...] = ("nearest", "area")
@@ -228,10 +228,10 @@ def read_geojson_polygons(
     """
     p = Path(path).expanduser()
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = loads_json(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"GeoJSON file {str(p)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {str(p)!r} as GeoJSON: {exc}") from exc
     if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
         feats = data.get("features", [])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastinsight.errors import CheckpointError
+from fastinsight.text import loads_json
 
 Norm = Literal["tile", "channel"]
 Pooling = Literal["smoothmax", "lse_lba", "max", "mean"]
@@ -118,8 +119,8 @@ class InsightConfig:
     def from_json(cls, text: str) -> InsightConfig:
         """Parse a config written by ``to_json``; every field is checked (types, ranges, NaN)."""
         try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as exc:
+            raw = loads_json(text)
+        except (ValueError, TypeError) as exc:
             raise CheckpointError(f"model config is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"model config must be a JSON object, got {type(raw).__name__}")

@@ -25,6 +25,7 @@ from fastinsight.errors import CheckpointError, InputError
 from fastinsight.models.config import class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.statefiles import check_state, read_safetensors
+from fastinsight.text import loads_json
 
 FAMILY_KEY = "fastinsight.family"
 
@@ -90,8 +91,8 @@ class RadiographConfig:
     def from_json(cls: type[C], text: str) -> C:
         """Parse ``to_json``'s text; a wrong family or an unknown field is a CheckpointError."""
         try:
-            raw: Any = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as exc:
+            raw: Any = loads_json(text)
+        except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{cls.LABEL} config is not valid JSON: {exc}") from None
         if not isinstance(raw, dict) or raw.pop("family", None) != cls.FAMILY:
             raise CheckpointError(

@@ -47,6 +47,7 @@ from fastinsight.errors import InputError
 from fastinsight.slide.colormap import COLORMAPS, colorize
 from fastinsight.slide.grid import TileGrid
 from fastinsight.slide.pyramid import write_pyramid_tiff
+from fastinsight.text import loads_json
 
 Encoding = Literal["score", "rgb"]
 
@@ -348,7 +349,9 @@ def read_scores_sidecar(path: str | os.PathLike[str]) -> ScoresSidecar:
             scores = data["scores"]
             mask = data["mask"]
             names = tuple(str(x) for x in data["class_names"])
-            record = json.loads(str(data["geometry"]))
+            record = loads_json(str(data["geometry"]))
+            if not isinstance(record, dict) or not isinstance(record.get("grid"), dict):
+                raise ValueError("its geometry record is not a JSON object with a grid")
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(
             f"{str(p)!r} is not a fastinsight scores sidecar ({exc}); expected an .npz written by "

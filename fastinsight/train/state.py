@@ -22,7 +22,7 @@ from fastinsight.inputs import check_input_path
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.models.statefiles import bad_tensor
-from fastinsight.text import dumps_json
+from fastinsight.text import dumps_json, loads_json
 from fastinsight.train.config import TrainConfig
 
 STATE_FORMAT = "fastinsight.train/1"
@@ -306,7 +306,7 @@ def _check_resume(
     state: Mapping[str, Any], cfg: TrainConfig, mcfg: InsightConfig, path: Path
 ) -> None:
     try:
-        old = json.loads(state["train_config"])
+        old = loads_json(state["train_config"])
         saved_mcfg = InsightConfig.from_json(state["model_config"])
     except (ValueError, FastInsightError) as exc:
         raise _damaged(path, f"its settings do not parse ({str(exc)[:200]})") from None

@@ -31,6 +31,7 @@ from fastinsight.models.checkpoints import (
 )
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
+from fastinsight.text import loads_json
 from fastinsight.volume.model import CrossSliceInsight, slice_context_of
 from fastinsight.volume.preprocess import PreprocessOptions
 
@@ -65,10 +66,12 @@ class VolumeModelInfo:
     @classmethod
     def from_json(cls, text: str) -> VolumeModelInfo:
         try:
-            raw = json.loads(text)
+            raw = loads_json(text)
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             raw["window"] = tuple(raw.get("window", (-1000.0, 400.0)))
             return cls(**raw)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise CheckpointError(f"bad {VOLUME_KEY} metadata in the model file: {exc}") from exc
 
 
