@@ -19,6 +19,7 @@ from fastinsight.radiograph.predict import (
 )
 from fastinsight.slide.heatmap_tiff import decode_scores
 from tests.radiograph.images import picture, write_dicom, write_png
+from tests.support.dicom_codestreams import write_compressed
 
 NAMES = ("Nodule", "Mass", "Effusion")
 
@@ -48,6 +49,9 @@ def test_same_picture_in_every_format_gives_the_same_heatmap(tmp_path, model_pat
         write_png(tmp_path / "b.png", wide),
         write_dicom(tmp_path / "c.dcm", 65535 - wide, photometric="MONOCHROME1"),
         write_dicom(tmp_path / "d.dcm", wide, window=(32767.5, 65536)),
+        # the same 16-bit samples as PACS archives store them: JPEG lossless, JPEG-LS
+        write_compressed(tmp_path / "e.dcm", wide, "1.2.840.10008.1.2.4.70", bits=16, signed=False),
+        write_compressed(tmp_path / "f.dcm", wide, "1.2.840.10008.1.2.4.80", bits=16, signed=False),
     ]
     model = load_radiograph_model(model_path, device="cpu")
     results = list(predict_radiographs(paths, model))
