@@ -133,14 +133,19 @@ def memory_bytes() -> int:
         return 0
 
 
+def allocation_limit() -> int:
+    """The most bytes one input may take in memory: 80 % of physical memory (1 TiB if unknown)."""
+    total = memory_bytes()
+    return int(total * 0.8) if total else 1 << 40
+
+
 def check_allocation(nbytes: int, what: str, error: type[FastInsightError] = InputError) -> None:
     """Refuse to allocate ``nbytes`` for ``what`` when it exceeds 80 % of physical memory.
 
     A file can declare a dataset of terabytes in a few bytes of header; reading it would be a
     MemoryError (a traceback) at best and the OOM killer at worst.
     """
-    total = memory_bytes()
-    limit = int(total * 0.8) if total else 1 << 40
+    limit = allocation_limit()
     if nbytes > limit:
         raise error(
             f"{what} would need {nbytes / 2**30:.1f} GiB of memory, more than the "
@@ -175,6 +180,7 @@ __all__ = [
     "CSV_FIELD_LIMIT",
     "allow_long_csv_fields",
     "MAX_SLIDE_SIDE_PX",
+    "allocation_limit",
     "check_allocation",
     "check_coordinates",
     "memory_bytes",

@@ -3,6 +3,7 @@ QuPath GeoJSON polygons (rasterised at cell centres or supersampled), found by s
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,12 +37,19 @@ def resample_mask(
 
     Shapes: mask ``[Hm, Wm]`` bool whose pixel (r, c) covers level-0 px ``(c, r) * downsample``
     onwards -> ``[H, W]`` bool. ``nearest``: the mask pixel under each cell centre; ``area``: the
-    cell is positive when at least ``area_fraction`` of the mask pixels under it are.
+    cell is positive when at least ``area_fraction`` of the mask pixels under it are. A float
+    mask holds each (block) pixel's lesion fraction: ``nearest`` takes the block under the centre
+    when at least half of it is lesion, ``area`` weighs every block by its fraction.
     Cells beyond the mask image are negative.
     """
     if method not in RESAMPLE:
         raise InputError(f"resample must be one of {RESAMPLE}, got {method!r}")
-    m = np.asarray(mask, dtype=bool)
+    m = np.asarray(mask)
+    fractions = m.dtype.kind == "f"  # a block-reduced mask: each pixel's lesion fraction
+    if fractions and method == "nearest":
+        m = m >= 0.5
+    elif not fractions:
+        m = m.astype(bool, copy=False)
     hh, ww = grid_shape
     hm, wm = m.shape
     if method == "nearest":
@@ -53,8 +61,9 @@ def resample_mask(
         out[np.ix_(vy, vx)] = m[np.ix_(iy[vy], ix[vx])]
         return out
     # area: integral image over each cell's footprint in mask pixels
-    integral = np.zeros((hm + 1, wm + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(m, axis=0, dtype=np.int64), axis=1)
+    kind = np.float64 if fractions else np.int64
+    integral = np.zeros((hm + 1, wm + 1), dtype=kind)
+    integral[1:, 1:] = np.cumsum(np.cumsum(m, axis=0, dtype=kind), axis=1)
     ey = _cell_edges(hh, origin_l0[1], cell_size_l0) / downsample
     ex = _cell_edges(ww, origin_l0[0], cell_size_l0) / downsample
     y0 = np.clip(np.floor(ey[:-1] + 1e-9).astype(np.int64), 0, hm)
@@ -84,10 +93,16 @@ def _plane(arr: np.ndarray, axes: str) -> np.ndarray:
     return a
 
 
-def _read_mask_level(path: Path, ds0_of: Any, cell_size_l0: float) -> tuple[np.ndarray, int, int]:
+def _read_mask_level(
+    path: Path, ds0_of: Any, cell_size_l0: float, values: Sequence[int] | None
+) -> tuple[np.ndarray, int, int, tuple[int, int], int]:
     """Open a mask TIFF, pick the coarsest level still at least as fine as a heatmap cell, read it.
 
-    ``ds0_of(h0, w0)`` gives the finest level's level-0 downsample. Returns (plane, h0, w0).
+    ``ds0_of(h0, w0)`` gives the finest level's level-0 downsample. Returns (positive, h0, w0,
+    (h, w) of the level read, block): ``positive`` the level's lesion pixels (bool), or, for a
+    level too large for memory (a single-level level-0 mask of a whole slide), the lesion
+    fraction of each ``block`` x ``block`` block, read segment by segment (``block`` = 1 when
+    read whole).
     """
     import tifffile
 
@@ -123,18 +138,61 @@ def _read_mask_level(path: Path, ds0_of: Any, cell_size_l0: float) -> tuple[np.n
         for candidate in levels:
             if ds0 * w0 / candidate[1] <= cell_size_l0 * (1 + 1e-6):
                 chosen = candidate
-        from fastinsight.inputs import check_allocation
+        from fastinsight.inputs import allocation_limit
 
-        level = chosen[2]
-        check_allocation(
-            int(np.prod(level.shape, dtype=object)) * np.dtype(level.dtype).itemsize,
-            f"mask TIFF {str(path)!r} ({chosen[1]} x {chosen[0]} px at its coarsest usable "
-            "level; save the mask with a pyramid or at a lower resolution)",
-        )
-        plane = _plane(chosen[2].asarray(), chosen[3])
+        h, w, level, axes = chosen
+        nbytes = int(np.prod(level.shape, dtype=object)) * np.dtype(level.dtype).itemsize
+        if nbytes * 2 > allocation_limit():  # the level and its positive mask
+            cell_px = cell_size_l0 / (ds0 * w0 / w)  # a heatmap cell in this level's pixels
+            fraction, block = _stream_fraction(path, level, h, w, values, cell_px)
+            return fraction, h0, w0, (h, w), block
+        plane = _plane(level.asarray(), axes)
     if plane.ndim != 2:
         raise InputError(f"mask TIFF {str(path)!r} has image shape {plane.shape}; expected [H, W]")
-    return plane, h0, w0
+    positive = np.isin(plane, list(values)) if values else plane != 0
+    return positive, h0, w0, positive.shape, 1
+
+
+# Bytes per block of a streamed mask: its lesion count, its fraction and resample_mask's integral.
+_STREAM_BYTES_PER_BLOCK = 24
+
+
+def _stream_fraction(
+    path: Path, level: Any, h: int, w: int, values: Sequence[int] | None, cell_px: float
+) -> tuple[np.ndarray, int]:
+    """The lesion fraction of each ``block`` x ``block`` block of a mask level too large to read
+    whole, from its tiles or strips one at a time. ``block`` is the smallest that fits in a
+    quarter of the memory limit, and at most half a heatmap cell (else the level is refused)."""
+    from fastinsight.inputs import allocation_limit
+
+    page = getattr(level, "keyframe", level)
+    budget = allocation_limit() // 4
+    block = max(1, math.ceil(math.sqrt(h * w * _STREAM_BYTES_PER_BLOCK / max(budget, 1))))
+    if block > max(1.0, cell_px / 2) or int(getattr(page, "planarconfig", 1)) == 2:
+        raise InputError(
+            f"mask TIFF {str(path)!r} ({w} x {h} px at its coarsest usable level) is too large "
+            "to read here; save the mask with a pyramid or at a lower resolution"
+        )
+    hb, wb = -(-h // block), -(-w // block)
+    counts = np.zeros((hb, wb), dtype=np.float64)
+    for seg, index, _ in page.segments():
+        if seg is None or index[1] != 0:
+            continue  # a sparse (empty) segment, or a plane past the first of an extra axis
+        y0, x0 = int(index[2]), int(index[3])
+        arr = np.asarray(seg)[0]  # [rows, cols, samples] of the segment
+        arr = arr.max(axis=-1) if arr.shape[-1] > 1 else arr[..., 0]
+        arr = arr[: h - y0, : w - x0]  # edge segments are padded to the full tile size
+        pos = (np.isin(arr, list(values)) if values else arr != 0).astype(np.int64)
+        rows = (y0 + np.arange(pos.shape[0])) // block
+        cols = (x0 + np.arange(pos.shape[1])) // block
+        r_at = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+        c_at = np.r_[0, np.flatnonzero(np.diff(cols)) + 1]
+        sums = np.add.reduceat(np.add.reduceat(pos, r_at, axis=0), c_at, axis=1)
+        counts[np.ix_(rows[r_at], cols[c_at])] += sums
+    # Pixels per block (the last row and column of blocks may be cut by the level's edge).
+    bh = np.minimum(block, h - np.arange(hb) * block)
+    bw = np.minimum(block, w - np.arange(wb) * block)
+    return counts / np.outer(bh, bw), block
 
 
 def read_mask_tiff(
@@ -176,16 +234,19 @@ def read_mask_tiff(
             )
         return ds_x
 
-    plane, h0, w0 = _read_mask_level(p, ds0_of, target.cell_size_l0)
-    positive = np.isin(plane, list(values)) if values else plane != 0
-    ds_level = ds0_of(h0, w0) * w0 / plane.shape[1]
-    out = resample_mask(positive, ds_level, (hh, ww), target.cell_size_l0, target.origin_l0, method)
+    positive, h0, w0, (h, w), block = _read_mask_level(p, ds0_of, target.cell_size_l0, values)
+    ds_level = ds0_of(h0, w0) * w0 / w
+    out = resample_mask(
+        positive, ds_level * block, (hh, ww), target.cell_size_l0, target.origin_l0, method
+    )
     info = {
         "source": str(p),
-        "mask_level_size": [int(plane.shape[1]), int(plane.shape[0])],
+        "mask_level_size": [int(w), int(h)],
         "mask_downsample_l0": ds_level,
         "scale": how,
     }
+    if block > 1:
+        info["streamed_block_px"] = block
     return out, info
 
 

@@ -128,22 +128,46 @@ def test_mask_tiff_pyramid_picks_a_fine_enough_level(tmp_path: Path) -> None:
         read_mask_tiff(plain, _pred("x", np.zeros((20, 40), np.float32)))
 
 
-def test_mask_tiff_too_large_for_memory_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
-    """A single-level 60000 x 40000 mask (a few KB of empty tiles on disk, 2.4 GB to read): one
-    InputError saying what to do, before anything is allocated."""
+def _single_level_mask(path: Path, mask: np.ndarray, tile: int = 256) -> None:
+    tifffile.imwrite(path, mask, tile=(tile, tile), compression="zlib")
+
+
+@pytest.mark.parametrize("method", ["area", "nearest"])
+def test_mask_too_large_for_memory_is_streamed_in_blocks(
+    tmp_path: Path, monkeypatch, method: str
+) -> None:
+    """A single-level mask that does not fit in memory is read tile by tile into per-block lesion
+    fractions; the cells come out as when the whole level is read."""
     import fastinsight.inputs
 
-    path = tmp_path / "giant.tif"
-    import zlib
+    mask = np.zeros((3000, 2000), np.uint8)
+    mask[600:1400, 300:1100] = 255  # cell-aligned lesion (cells of 100 px)
+    yy, xx = np.mgrid[0:3000, 0:2000]
+    mask[((yy - 2200) ** 2 + (xx - 1400) ** 2) < 330**2] = 128  # a disc: edges inside cells
+    path = tmp_path / "single.tif"
+    _single_level_mask(path, mask)
+    target = _pred("x", np.zeros((30, 20), np.float32), cell=100.0, slide_size_l0=(2000, 3000))
+    whole, info = read_mask_tiff(path, target, method=method)
+    assert "streamed_block_px" not in info
+    monkeypatch.setattr(fastinsight.inputs, "memory_bytes", lambda: 8 << 20)  # 8 MiB
+    streamed, info2 = read_mask_tiff(path, target, method=method)
+    assert info2["streamed_block_px"] > 1 and info2["mask_level_size"] == [2000, 3000]
+    assert info2["mask_downsample_l0"] == info["mask_downsample_l0"]
+    assert streamed[6:14, 3:11].all() and not streamed[:6].any()
+    # The disc's rim cells may flip where a block straddles a cell edge: at most a few.
+    assert int((streamed != whole).sum()) <= 4
+    # Values pick lesion classes in the streamed path too.
+    only_disc, _ = read_mask_tiff(path, target, method=method, values=[128])
+    assert not only_disc[6:14, 3:11].any() and only_disc[22, 14]
 
-    empty = zlib.compress(bytes(512 * 512))  # one zlib tile of zeros, written for every tile
-    count = -(-60000 // 512) * -(-40000 // 512)
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(iter([empty] * count), shape=(60000, 40000), dtype=np.uint8, tile=(512, 512),
-                  compression="zlib")  # fmt: skip
-    assert path.stat().st_size < 50_000_000
-    monkeypatch.setattr(fastinsight.inputs, "memory_bytes", lambda: 2 << 30)
-    target = _pred("x", np.zeros((300, 200), np.float32), cell=200.0, slide_size_l0=(40000, 60000))
+
+def test_mask_too_large_even_in_blocks_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import fastinsight.inputs
+
+    path = tmp_path / "big.tif"
+    _single_level_mask(path, np.zeros((2000, 2000), np.uint8))
+    monkeypatch.setattr(fastinsight.inputs, "memory_bytes", lambda: 64 << 10)  # 64 KiB
+    target = _pred("x", np.zeros((20, 20), np.float32), cell=100.0, slide_size_l0=(2000, 2000))
     with pytest.raises(InputError, match="save the mask with a pyramid"):
         read_mask_tiff(path, target)
 
