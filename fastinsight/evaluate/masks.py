@@ -1,5 +1,9 @@
 """Ground truth onto the heatmap grid: mask TIFFs (resampled by ``nearest`` or ``area``) and
-QuPath GeoJSON polygons (rasterised at cell centres or supersampled), found by slide id."""
+QuPath GeoJSON polygons (rasterised at cell centres or supersampled), found by slide id.
+
+A mask TIFF is read at its coarsest pyramid level still as fine as a heatmap cell; a level too
+large for memory (a single-level level-0 mask) is read tile by tile into per-block lesion
+fractions instead, blocks of at most half a cell."""
 
 from __future__ import annotations
 
