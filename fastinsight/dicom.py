@@ -28,6 +28,7 @@ names the file and the transfer syntax.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import warnings
@@ -37,6 +38,7 @@ from fastinsight.codestreams import codestream_size
 from fastinsight.errors import InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     import numpy as np
@@ -231,6 +233,25 @@ def _first_reason(text: str, exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def has_preamble(path: os.PathLike[str] | str) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after the 128-byte preamble (an unreadable file: False)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """The files in ``folder`` and its subfolders down to :data:`WSI_SCAN_DEPTH`, sorted."""
+    from pathlib import Path
+
+    for root, dirs, files in os.walk(folder):
+        depth = len(Path(root).relative_to(folder).parts)
+        dirs[:] = sorted(dirs) if depth < WSI_SCAN_DEPTH else []
+        yield from (Path(root) / name for name in sorted(files))
+
+
 def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
     """``(SeriesInstanceUID, pixels in the level)`` of a DICOM WSI pyramid-level file, or None.
 
@@ -239,14 +260,13 @@ def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if not has_preamble(path):
+        return None
     try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a probe: a bad header just means "not a level"
-            if fh.read(132)[128:132] != b"DICM":
-                return None
-            fh.seek(0)
             ds = pydicom.dcmread(
-                fh,
+                path,
                 stop_before_pixels=True,
                 specific_tags=[
                     "SOPClassUID",
@@ -289,13 +309,7 @@ def whole_slide_file(path: os.PathLike[str] | str) -> Path | None:
         only = found[0]
         candidates = sorted(f for f in p.parent.iterdir() if f.is_file())
     elif p.is_dir():
-        candidates = []
-        for root, dirs, files in os.walk(p):
-            depth = len(Path(root).relative_to(p).parts)
-            dirs[:] = sorted(dirs) if depth < WSI_SCAN_DEPTH else []
-            candidates += [Path(root) / f for f in sorted(files)]
-            if len(candidates) >= WSI_SCAN_FILES:
-                break
+        candidates = list(itertools.islice(_files_under(p), WSI_SCAN_FILES))
     else:
         return None
     largest: dict[str, tuple[int, Path]] = {}
@@ -327,21 +341,5 @@ def is_whole_slide_image(path: os.PathLike[str] | str) -> bool:
         return _wsi_level(p) is not None
     if not p.is_dir():
         return False
-    seen = 0
-    for root, dirs, files in os.walk(p):
-        depth = len(Path(root).relative_to(p).parts)
-        dirs[:] = sorted(dirs) if depth < WSI_SCAN_DEPTH else []
-        for name in sorted(files):
-            f = Path(root) / name
-            try:
-                with open(f, "rb") as fh:
-                    if fh.read(132)[128:132] != b"DICM":
-                        continue
-            except OSError:
-                continue
-            if _wsi_level(f) is not None:
-                return True
-            seen += 1
-            if seen >= 8:
-                return False
-    return False
+    dicoms = (f for f in _files_under(p) if has_preamble(f))
+    return any(_wsi_level(f) is not None for f in itertools.islice(dicoms, 8))

@@ -207,14 +207,10 @@ def run(args: argparse.Namespace) -> int:
         # Whole-slide formats are files (mrxs: its index file) or a DICOM WSI's folder; a FIFO is
         # never opened.
         slide_path = check_input_path(slide, "slide", SlideError, allow_dir=True)
-        if slide_path.is_dir():
-            from fastinsight.dicom import is_whole_slide_image
+        if slide_path.is_dir():  # checked before the model and encoder are loaded
+            from fastinsight.slide.readers import dicom_slide_file
 
-            if not is_whole_slide_image(slide_path):
-                raise SlideError(
-                    f"slide {str(slide_path)!r} is a folder; pass the slide file itself (a "
-                    "folder is read only when it holds a DICOM whole-slide image)"
-                )
+            dicom_slide_file(slide_path)
     if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(
             f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "

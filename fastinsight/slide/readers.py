@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from fastinsight.dicom import has_preamble
 from fastinsight.errors import InputError, SlideError
 from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 
@@ -1095,8 +1096,8 @@ def open_slide(
         raise InputError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
     if not path.exists():
         raise SlideError(f"slide file {_slide_name(path)} does not exist; check the path")
-    if path.is_dir() or path.suffix.lower() in (".dcm", ".dicom") or _is_dicom(path):
-        path = _dicom_slide_file(path)
+    if path.is_dir() or path.suffix.lower() in (".dcm", ".dicom") or has_preamble(path):
+        path = dicom_slide_file(path)
 
     kinds: dict[str, type[SlideReader]] = {
         "openslide": OpenSlideReader,
@@ -1187,17 +1188,10 @@ def check_tile_fits(data: bytes, seg_h: int, seg_w: int, index: int, path: Path)
         )
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
-def _dicom_slide_file(path: Path) -> Path:
+def dicom_slide_file(path: Path) -> Path:
     """The file OpenSlide opens for a DICOM whole-slide image given as a folder or any of its
-    files (OpenSlide finds the other pyramid levels beside it)."""
+    files (OpenSlide finds the other pyramid levels beside it); SlideError when ``path`` holds
+    none."""
     from fastinsight.dicom import whole_slide_file
 
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.dicom import pixel_array
+from fastinsight.dicom import has_preamble, pixel_array
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_allocation
 
@@ -114,23 +114,14 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-# The most voxels a volume may declare (2^31: 8 GiB as float32, a 1024 x 1024 x 2048 scan);
-# checked from the header before any voxel is read.
-MAX_VOXELS = 2**31
-
-
 def _check_nifti_size(p: Path, img: Any) -> None:
-    """Refuse from the header alone a volume too large to be a CT scan, or an uncompressed file
-    shorter than its header says (truncated), before nibabel allocates anything."""
+    """Refuse from the header alone a volume too large for this machine's memory, or an
+    uncompressed file shorter than its header says (truncated), before nibabel allocates."""
     shape = tuple(int(n) for n in img.header.get_data_shape())
     voxels = math.prod(shape)
-    if voxels > MAX_VOXELS:
-        raise InputError(
-            f"{str(p)!r} declares {' x '.join(map(str, shape))} voxels ({voxels:,}), more than "
-            f"any CT scan this reads ({MAX_VOXELS:,}); refusing to load it"
-        )
     itemsize = np.dtype(img.header.get_data_dtype()).itemsize
-    check_allocation(voxels * (4 + itemsize), f"{str(p)!r} ({' x '.join(map(str, shape))})")
+    # The stored values and their float32 copy.
+    check_allocation(voxels * (4 + itemsize), f"{str(p)!r} ({' x '.join(map(str, shape))} voxels)")
     if p.name.lower().endswith(".nii"):
         needed = int(img.header["vox_offset"]) + voxels * itemsize
         have = p.stat().st_size
@@ -383,12 +374,14 @@ def read_dicom_series(
     # frames, which may lie anywhere in the sorted order).
     check_allocation(cols * rows * len(slices) * 4, f"series {series_uid} ({len(slices)} slices)")
     data = np.empty((cols, rows, len(slices)), dtype=np.float32)
-    decoded: dict[Path, np.ndarray] = {}
+    # The last file decoded, kept for its other frames (a file's frames sort together).
+    read_path: Path | None = None
+    px_all = np.empty(0)
     for k, s in enumerate(slices):
-        if s.path not in decoded:
+        if s.path != read_path:
             px_all = pixel_array(pydicom.dcmread(str(s.path)), repr(str(s.path)))
-            decoded = {s.path: px_all}  # frames of one file are usually contiguous
-        px = decoded[s.path]
+            read_path = s.path
+        px = px_all
         if s.frame is not None and px.ndim == 3:
             px = px[s.frame]  # (a one-frame file decodes to a 2-D image: that frame)
         if px.ndim != 2:
@@ -432,21 +425,12 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
         return read_nifti(p)
     if not p.exists():
         raise InputError(f"input {str(p)!r} does not exist")
-    if p.suffix.lower() == ".dcm" or _looks_dicom(p):
+    if p.suffix.lower() == ".dcm" or has_preamble(p):
         return _read_single_dicom(p, series_uid)
     raise InputError(
         f"{str(p)!r} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder/file; pass a "
         "CT volume"
     )
-
-
-def _looks_dicom(p: Path) -> bool:
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
 
 
 def _read_single_dicom(p: Path, series_uid: str | None) -> Volume:

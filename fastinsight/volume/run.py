@@ -108,8 +108,8 @@ def is_volume_input(path: str | Path) -> bool:
 
     For dispatch from a generic ``predict`` command.
     """
-    from fastinsight.dicom import is_whole_slide_image
-    from fastinsight.volume.io import _looks_dicom, is_nifti
+    from fastinsight.dicom import has_preamble, is_whole_slide_image
+    from fastinsight.volume.io import is_nifti
 
     p = Path(path)
     if is_nifti(p):
@@ -117,5 +117,5 @@ def is_volume_input(path: str | Path) -> bool:
     if is_whole_slide_image(p):
         return False  # a DICOM whole-slide image: the slide pipeline reads it
     if p.is_dir():
-        return any(_looks_dicom(f) for f in list(p.rglob("*"))[:50] if f.is_file())
-    return p.suffix.lower() == ".dcm" or (p.is_file() and _looks_dicom(p))
+        return any(has_preamble(f) for f in list(p.rglob("*"))[:50] if f.is_file())
+    return p.suffix.lower() == ".dcm" or (p.is_file() and has_preamble(p))
