@@ -33,7 +33,7 @@ FIELDS = [
 
 def main(argv: list[str] | None = None) -> int:
     from fastinsight.demo import run_demo
-    from fastinsight.predict.slide import resolve_device
+    from fastinsight.inputs import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default=None)

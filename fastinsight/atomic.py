@@ -316,10 +316,34 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def prepare_outputs(
+    outputs: dict[str, str | os.PathLike[str] | None],
+    inputs: dict[str, str | os.PathLike[str] | None],
+) -> None:
+    """Before hours of work: every output (flag -> path) is writable, no two outputs are the same
+    file, and no output would overwrite an input (the slide, a feature file, the model)."""
+    seen: dict[Path, str] = {}
+    for flag, path in inputs.items():
+        if path is not None:
+            seen[Path(path).expanduser().resolve()] = f"the input {flag}"
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise OutputError(
+                f"{flag} {str(path)!r} is also {seen[resolved]}; writing it would destroy that "
+                "file: choose another output path"
+            )
+        seen[resolved] = f"the output of {flag}"
+        check_writable(path)
+
+
 __all__ = [
     "atomic_outputs",
     "atomic_path",
     "check_writable",
     "is_out_of_space",
+    "prepare_outputs",
     "resolve_output",
 ]

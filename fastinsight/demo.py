@@ -53,12 +53,12 @@ def run_demo(
     """Run the demo; returns (and writes to ``OUT_DIR/report.json``) its summary."""
     from fastinsight.encoders import build_encoder
     from fastinsight.evaluate import evaluate, find_ground_truth, load_predictions, read_labels
+    from fastinsight.inputs import resolve_device
     from fastinsight.predict.slide import (
         Outputs,
         PredictOptions,
         encode_slide,
         predict_slide,
-        resolve_device,
     )
     from fastinsight.synthetic import make_cohort
     from fastinsight.train import Bag, TrainConfig, train_on_bags

@@ -242,6 +242,64 @@ def has_preamble(path: os.PathLike[str] | str) -> bool:
         return False
 
 
+# A DICOM dataset written without the Part 10 preamble (old exports, some PACS dumps) starts
+# with its first element's tag: group 0002 (file meta) or 0008 (identification), little endian.
+_BARE_GROUPS = (b"\x02\x00", b"\x08\x00")
+
+
+def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | None:
+    """The dataset of a DICOM file (without its pixels unless ``pixels``), or None when the file
+    is not DICOM (a README, a hidden file, DICOMDIR's siblings).
+
+    Part 10 files and bare datasets (no preamble; their encoding is recorded as the transfer
+    syntax, so their pixels decode). A Part 10 file that does not parse, or whose image header
+    ends before its size (an image SOP class without Rows), is damaged: InputError naming it,
+    rather than a slice silently missing from its series.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    part10 = head[128:132] == b"DICM"
+    if not part10 and head[:2] not in _BARE_GROUPS:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every lenient fix
+            ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
+    except Exception as exc:  # pydicom raises many kinds for damaged files
+        if not part10:
+            return None  # bytes that only looked like a bare dataset
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{str(path)!r} is a damaged DICOM file ({msg}); remove it or export it again"
+        ) from None
+    sop = UID(str(ds.get("SOPClassUID", "")))
+    if "Rows" not in ds and sop.name.endswith("Image Storage"):
+        if not part10:
+            return None
+        raise InputError(
+            f"{str(path)!r} is a damaged DICOM file: a {sop.name} header that ends before the "
+            "image's size (cut short?); remove it or export it again"
+        )
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        syntax = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+        ds.file_meta = meta if meta is not None else FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
 def _files_under(folder: Path) -> Iterator[Path]:
     """The files in ``folder`` and its subfolders down to :data:`WSI_SCAN_DEPTH`, sorted."""
     from pathlib import Path

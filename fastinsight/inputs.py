@@ -16,8 +16,12 @@ import math
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastinsight.errors import FastInsightError, InputError, SlideError
+from fastinsight.errors import BackendError, FastInsightError, InputError, SlideError
+
+if TYPE_CHECKING:
+    import torch
 
 # Microscopy spans ~0.05 um/px (oil immersion at 100x, super-resolution) to ~100 um/px (a
 # macro photograph); radiographs and CT reach ~1000 um/px. Outside this it is a typo or garbage.
@@ -190,3 +194,21 @@ __all__ = [
     "check_input_path",
     "check_mpp",
 ]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``--device``: None/"auto" -> CUDA when visible, else the CPU; a bad name is an InputError,
+    CUDA asked for on a machine without it a BackendError (one line each, never a traceback)."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
+    return dev

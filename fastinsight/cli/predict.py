@@ -176,15 +176,27 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
     return PredictOptions(**values)
 
 
+def flags_set(args: argparse.Namespace) -> dict[str, str]:
+    """dest -> flag of every ``predict`` option that ``args`` sets away from its default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return {
+        action.dest: action.option_strings[0] if action.option_strings else action.dest
+        for action in parser._actions  # argparse has no public list of a parser's actions
+        if hasattr(args, action.dest) and getattr(args, action.dest) != action.default
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.inputs import check_input_path
-    from fastinsight.predict.slide import class_heatmap_path, prepare_outputs, resolve_device
+    from fastinsight.atomic import prepare_outputs
+    from fastinsight.inputs import check_input_path, resolve_device
+    from fastinsight.predict.slide import class_heatmap_path
 
     if args.class_ is not None and args.all_classes:
         raise InputError("--class and --all-classes exclude each other: pick one class or all")
     if wants_ct(args.slide, args.model or os.environ.get(MODEL_ENV)):
         # A NIfTI file / DICOM folder, or a volume model: the CT pipeline (fastinsight.volume).
-        return run_predict_from_slide_args(args, resolve_model_path(args.model))
+        return run_predict_from_slide_args(args, resolve_model_path(args.model), flags_set(args))
     if not args.slide and not args.features:
         raise InputError(
             "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"

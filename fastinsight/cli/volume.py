@@ -65,21 +65,15 @@ def wants_ct(input_path: str | None, model_path: str | None) -> bool:
 
 
 def run_predict_from_slide_args(
-    args: argparse.Namespace, model_path: str | os.PathLike[str]
+    args: argparse.Namespace, model_path: str | os.PathLike[str], flags_set: dict[str, str]
 ) -> int:
-    """``fastinsight predict SCAN --model M --out heatmap.nii.gz``: the CT pipeline."""
+    """``fastinsight predict SCAN --model M --out heatmap.nii.gz``: the CT pipeline.
+
+    ``flags_set``: dest -> flag of every ``predict`` option set away from its default; one the
+    CT pipeline does not use is refused, not ignored."""
     from fastinsight.errors import InputError
 
-    unused = [
-        flag
-        for flag, value in (
-            ("--features", getattr(args, "features", None)),
-            ("--geojson", getattr(args, "geojson", None)),
-            ("--scores", getattr(args, "scores", None)),
-            ("--mpp", getattr(args, "mpp", None)),
-        )
-        if value
-    ]
+    unused = [flag for dest, flag in flags_set.items() if dest not in _CT_DESTS]
     if unused:
         raise InputError(
             f"{', '.join(unused)} apply to slides, not to CT volumes; drop them (CT writes "
@@ -92,6 +86,13 @@ def run_predict_from_slide_args(
         )
     args.input, args.model = args.slide, os.fspath(model_path)
     return run_predict(args)
+
+
+# ``fastinsight predict`` options the CT pipeline uses; any other one set is refused, not ignored.
+_CT_DESTS = frozenset(
+    {"slide", "out", "model", "encoder", "encoder_weights", "device", "batch_size", "overlay",
+     "report", "series", "lung_mask", "slices", "quiet"}
+)  # fmt: skip
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -39,9 +39,9 @@ import torch
 
 from fastinsight.errors import InputError, SlideError
 from fastinsight.features import SlideFeatures, _as_number, read_features
-from fastinsight.inputs import check_dimensions, check_mpp
+from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
 from fastinsight.models.insight import InsightModel
-from fastinsight.predict.slide import PredictOptions, SlideResult, resolve_device
+from fastinsight.predict.slide import PredictOptions, SlideResult
 from fastinsight.slide import TileGrid, open_slide
 from fastinsight.slide.placement import MAX_SUBDIVISION, Placement, paste, place_tiles
 

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from fastinsight._version import __version__
-from fastinsight.atomic import atomic_path, check_writable
+from fastinsight.atomic import atomic_path
 from fastinsight.context_bands import banded_raw_heatmap
-from fastinsight.errors import BackendError, InputError
-from fastinsight.inputs import check_dimensions, check_mpp
+from fastinsight.errors import InputError
+from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
 from fastinsight.models.insight import InsightModel, non_finite_scores_error
 from fastinsight.ops.reference import tokens_as_grid
 from fastinsight.slide import (
@@ -117,20 +117,6 @@ def class_heatmap_path(out: str | os.PathLike[str], class_name: str | None) -> P
     """``out`` itself, or ``<stem>.<class>.tif`` when every class gets its own file."""
     p = Path(out)
     return p if class_name is None else p.with_name(f"{p.stem}.{class_name}{p.suffix}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
-    return dev
 
 
 def check_compatible(model: InsightModel, encoder: Any) -> None:
@@ -634,28 +620,3 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
         leave=False,
         dynamic_ncols=True,
     )
-
-
-def prepare_outputs(
-    outputs: dict[str, str | os.PathLike[str] | None],
-    inputs: dict[str, str | os.PathLike[str] | None],
-) -> None:
-    """Before hours of work: every output (flag -> path) is writable, no two outputs are the same
-    file, and no output would overwrite an input (the slide, a feature file, the model)."""
-    from fastinsight.errors import OutputError
-
-    seen: dict[Path, str] = {}
-    for flag, path in inputs.items():
-        if path is not None:
-            seen[Path(path).expanduser().resolve()] = f"the input {flag}"
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        resolved = Path(path).expanduser().resolve()
-        if resolved in seen:
-            raise OutputError(
-                f"{flag} {str(path)!r} is also {seen[resolved]}; writing it would destroy that "
-                "file: choose another output path"
-            )
-        seen[resolved] = f"the output of {flag}"
-        check_writable(path)

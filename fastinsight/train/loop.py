@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(name: str) -> torch.device:
-    from fastinsight.predict.slide import resolve_device
+    from fastinsight.inputs import resolve_device
 
     return resolve_device(name)
 

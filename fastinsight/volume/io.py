@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.dicom import has_preamble, pixel_array
+from fastinsight.dicom import has_preamble, pixel_array, read_header
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_allocation
 
@@ -36,6 +36,25 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_RTOL = 0.01
 TILT_TOL = 0.01
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class NiftiGeometry:
+    """Where a NIfTI header puts its voxels, as written: the qform and sform (None where the
+    code is 0), their codes and the voxel sizes (``pixdim``, used when both codes are 0)."""
+
+    qform: np.ndarray | None
+    qform_code: int
+    sform: np.ndarray | None
+    sform_code: int
+    zooms: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, header: Any) -> NiftiGeometry:
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+        zooms = tuple(float(z) for z in header.get_zooms()[:3])
+        return cls(qform, int(qcode), sform, int(scode), zooms)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,9 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # A NIfTI source's geometry header (qform, sform, their codes, voxel sizes): written back
+    # as it was, so every viewer places a heatmap exactly where it places the scan.
+    header: NiftiGeometry | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
@@ -114,21 +136,61 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _check_nifti_size(p: Path, img: Any) -> None:
-    """Refuse from the header alone a volume too large for this machine's memory, or an
-    uncompressed file shorter than its header says (truncated), before nibabel allocates."""
+# A .nii.gz may hold a little more than its header and voxels (padding some writers add).
+_GZIP_SLACK = 1 << 20
+
+
+def _check_nifti_size(p: Path, img: Any) -> int:
+    """Refuse from the header alone a volume too large for this machine's memory, voxels that
+    are not real numbers, or an uncompressed file shorter than its header says (truncated),
+    before nibabel allocates. Returns the bytes the header says the file holds."""
     shape = tuple(int(n) for n in img.header.get_data_shape())
     voxels = math.prod(shape)
-    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    dtype = np.dtype(img.header.get_data_dtype())
+    if dtype.kind not in "biuf":
+        kind = "complex" if dtype.kind == "c" else f"{dtype} (e.g. RGB)"
+        raise InputError(
+            f"{str(p)!r} holds {kind} voxels; a CT volume holds one real value per voxel "
+            "(Hounsfield units)"
+        )
+    itemsize = dtype.itemsize
     # The stored values and their float32 copy.
     check_allocation(voxels * (4 + itemsize), f"{str(p)!r} ({' x '.join(map(str, shape))} voxels)")
+    needed = int(img.header["vox_offset"]) + voxels * itemsize
     if p.name.lower().endswith(".nii"):
-        needed = int(img.header["vox_offset"]) + voxels * itemsize
         have = p.stat().st_size
         if have < needed:
             raise InputError(
                 f"{str(p)!r} is truncated: its header needs {needed:,} bytes, the file has {have:,}"
             )
+    return needed
+
+
+def _gunzip(p: Path, needed: int) -> bytes:
+    """The whole gzip stream of ``p``, its CRC and length checked (nibabel stops reading at the
+    last voxel, so a damaged stream would otherwise give wrong voxels silently), read no further
+    than the header's size plus a little (a gzip bomb is refused, not inflated)."""
+    import gzip
+    import zlib
+
+    limit = needed + _GZIP_SLACK
+    parts, total = [], 0
+    try:
+        with gzip.open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                total += len(chunk)
+                if total > limit:
+                    raise InputError(
+                        f"{str(p)!r} inflates to more than {limit:,} bytes, but its header "
+                        f"describes {needed:,}; the file is damaged or not this volume"
+                    )
+                parts.append(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(
+            f"{str(p)!r} is damaged: its gzip stream does not check out ({exc}); re-export or "
+            "re-download it"
+        ) from None
+    return b"".join(parts)
 
 
 def read_nifti(path: str | os.PathLike[str]) -> Volume:
@@ -146,8 +208,11 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
     except Exception as exc:  # nibabel raises many kinds for damaged files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {str(p)!r} as NIfTI ({msg})") from exc
-    _check_nifti_size(p, img)
+    needed = _check_nifti_size(p, img)
+    raw = _gunzip(p, needed) if p.name.lower().endswith(".gz") else None
     try:
+        if raw is not None:
+            img = type(img).from_bytes(raw)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -158,8 +223,11 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         notes.append("dropped a singleton 4th axis")
     affine = np.asarray(img.affine, dtype=np.float64)
     check_volume(data, affine, str(p))
+    codes = NiftiGeometry.of(img.header)
+    if codes.qform_code == 0 and codes.sform_code == 0:
+        notes.append("qform and sform codes are 0 (orientation unknown); kept in the heatmap")
     facts = {"format": "nifti", "path": str(p), "notes": notes}
-    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, facts)
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, facts, codes)
 
 
 # ------------------------------------------------------------------------------- DICOM
@@ -190,7 +258,13 @@ def _frames(path: Path, ds: Any) -> list[_Slice]:
     themselves."""
     from pydicom.dataset import Dataset
 
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{str(path)!r} has NumberOfFrames {ds.get('NumberOfFrames')!r}, not a number; the "
+            "file is damaged"
+        ) from None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:
         return [_Slice(path, ds)]
@@ -232,32 +306,57 @@ def _float_list(ds: Any, key: str, n: int, path: Path) -> np.ndarray:
     return arr
 
 
-def _scan_folder(folder: Path) -> dict[str, list[_Slice]]:
-    """Every readable DICOM image in ``folder`` (recursively), grouped by SeriesInstanceUID."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def _rescale(s: _Slice, key: str, default: float) -> float:
+    """A slice's RescaleSlope / RescaleIntercept: one finite number (absent or empty: default)."""
+    value = s.ds.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(
+            f"{s.label} has {key} {value!r}; expected one number (the file is damaged or not a "
+            "CT image)"
+        )
+    return number
 
+
+def _scan_folder(
+    folder: Path, *, recursive: bool = True, damaged: list[str] | None = None
+) -> dict[str, list[_Slice]]:
+    """Every DICOM image file in ``folder`` (and its subfolders), grouped by SeriesInstanceUID
+    (whole files: a series' frames are expanded once it is chosen, by :func:`_frames`).
+
+    Files that are not DICOM are skipped. A damaged DICOM file is an InputError naming it (a
+    silently missing end slice would shift the volume), or, given ``damaged``, listed there.
+    """
     series: dict[str, list[_Slice]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    for path in sorted(p for p in files if p.is_file()):
         try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError):
-            continue  # not DICOM (README, DICOMDIR's siblings): skipped
-        if "PixelData" not in ds and "Rows" not in ds:
-            continue  # DICOMDIR, structured reports, ...
+            ds = read_header(path)
+        except InputError:
+            if damaged is None:
+                raise
+            damaged.append(path.name)
+            continue
+        if ds is None or ("PixelData" not in ds and "Rows" not in ds):
+            continue  # not DICOM; DICOMDIR, structured reports, ...
         uid = str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
-        series.setdefault(uid, []).extend(_frames(path, ds))
+        series.setdefault(uid, []).append(_Slice(path, ds))
     return series
 
 
 def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Series in a folder: UID -> number of files, modality, description."""
     out = {}
-    for uid, slices in _scan_folder(Path(folder)).items():
-        ds = slices[0].ds
+    for uid, files in _scan_folder(Path(folder)).items():
+        ds = files[0].ds
         out[uid] = {
-            "files": len({s.path for s in slices}),
-            "slices": len(slices),
+            "files": len(files),
+            "slices": sum(len(_frames(f.path, f.ds)) for f in files),
             "modality": str(ds.get("Modality", "")),
             "description": str(ds.get("SeriesDescription", "")),
         }
@@ -278,12 +377,19 @@ def read_dicom_series(
     HU = stored value * RescaleSlope + RescaleIntercept, per file. An enhanced (multi-frame) CT
     file counts as one slice per frame, placed and rescaled by its functional groups.
     """
-    import pydicom
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise InputError(f"DICOM folder {str(root)!r} does not exist or is not a folder")
-    groups = _scan_folder(root)
+    return _series_volume(_scan_folder(root), root, series_uid, allow_modalities)
+
+
+def _series_volume(
+    groups: dict[str, list[_Slice]],
+    root: Path,
+    series_uid: str | None,
+    allow_modalities: tuple[str, ...],
+) -> Volume:
+    """One series of ``groups`` (found in ``root``) as a :class:`Volume` (see read_dicom_series)."""
     if not groups:
         raise InputError(f"no DICOM image files found in {str(root)!r}")
     if series_uid is not None:
@@ -305,6 +411,7 @@ def read_dicom_series(
         )
     else:
         series_uid, slices = next(iter(groups.items()))
+    slices = [frame for f in slices for frame in _frames(f.path, f.ds)]
     first = slices[0].ds
     modality = str(first.get("Modality", ""))
     if modality not in allow_modalities:
@@ -379,7 +486,10 @@ def read_dicom_series(
     px_all = np.empty(0)
     for k, s in enumerate(slices):
         if s.path != read_path:
-            px_all = pixel_array(pydicom.dcmread(str(s.path)), repr(str(s.path)))
+            full = read_header(s.path, pixels=True)
+            if full is None:  # the file changed since it was scanned
+                raise InputError(f"{str(s.path)!r} is no longer a readable DICOM file")
+            px_all = pixel_array(full, repr(str(s.path)))
             read_path = s.path
         px = px_all
         if s.frame is not None and px.ndim == 3:
@@ -389,8 +499,8 @@ def read_dicom_series(
                 f"{str(s.path)!r} holds {px.shape} pixels without per-frame positions; a CT "
                 "file is one slice, or an enhanced CT with functional groups"
             )
-        slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = _rescale(s, "RescaleSlope", 1.0)
+        intercept = _rescale(s, "RescaleIntercept", 0.0)
         hu = px.astype(np.float64) * slope + intercept
         data[:, :, k] = hu.T  # voxel axis 0 = columns (along r), axis 1 = rows (along c)
     lps = np.eye(4)
@@ -434,37 +544,61 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
 
 
 def _read_single_dicom(p: Path, series_uid: str | None) -> Volume:
-    """One DICOM file: read as a 1-slice series of its own (the folder may hold other series)."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="fastinsight-dcm-") as tmp:
-        # A link (or copy) in an empty folder so only this file's series is seen.
-        target = Path(tmp) / p.name
-        try:
-            os.symlink(p.resolve(), target)
-        except OSError:
-            shutil.copy2(p, target)
-        vol = read_dicom_series(tmp, series_uid)
+    """One DICOM file: its series, from the files beside it (not below: a whole archive is not
+    scanned); an enhanced CT file is a series of its own."""
+    ds = read_header(p)
+    if ds is None:
+        raise InputError(f"{str(p)!r} is not a DICOM file; pass a CT series folder or NIfTI file")
+    uid = str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
+    if series_uid not in (None, uid):
+        raise InputError(
+            f"{str(p)!r} belongs to series {uid}, not {series_uid}; pass the series' folder "
+            "with --series, or a file of that series"
+        )
+    # Damaged files beside it may belong to any series (or none): named in the notes.
+    damaged: list[str] = []
+    groups = _scan_folder(p.parent, recursive=False, damaged=damaged)
+    if uid not in groups:
+        raise InputError(f"{str(p)!r} holds no image (no Rows / PixelData); pass a CT image file")
+    vol = _series_volume({uid: groups[uid]}, p.parent, uid, ("CT",))
     facts = dict(vol.facts)
     facts["path"] = str(p)
+    facts["series_in_folder"] = len(groups)
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+        facts["notes"] = [
+            *facts["notes"],
+            f"skipped {len(damaged)} damaged DICOM file(s) beside it: {shown}",
+        ]
     return Volume(vol.data, vol.affine, facts)
 
 
 def write_nifti(
-    data: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str], *, dtype: Any = np.float32
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = np.float32,
+    header: NiftiGeometry | None = None,
 ) -> None:
-    """Write ``data`` with ``affine`` (sform and qform, code 1 = scanner) atomically."""
+    """Write ``data`` atomically: with ``header`` (a NIfTI source's geometry) its qform, sform,
+    codes and voxel sizes as they were; else ``affine`` as sform and qform, code 1 (scanner).
+    A name ending in ``.gz`` (any case) is gzip-compressed."""
     import nibabel as nib
 
     from fastinsight.atomic import atomic_path
 
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    name = str(path)
+    if header is None:
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    else:
+        img.header.set_zooms(header.zooms + tuple(img.header.get_zooms()[3:]))
+        img.set_qform(header.qform, code=header.qform_code)
+        img.set_sform(header.sform, code=header.sform_code)
+    gz = str(path).lower().endswith(".gz")
     # The temp file must keep the suffix nibabel uses to decide on gzip.
     with atomic_path(path) as tmp:
-        real = tmp.with_name(tmp.name + (".nii.gz" if name.endswith(".gz") else ".nii"))
+        real = tmp.with_name(tmp.name + (".nii.gz" if gz else ".nii"))
         nib.save(img, str(real))
         os.replace(real, tmp)

@@ -174,7 +174,7 @@ class VolumeResult:
     def write_heatmap(self, path: str | os.PathLike[str]) -> None:
         """NIfTI float32 with the input's shape and affine (4-D ``[X, Y, Z, K]`` when K > 1)."""
         data = self.voxels[..., 0] if self.voxels.shape[-1] == 1 else self.voxels
-        write_nifti(data, self.volume.affine, path)
+        write_nifti(data, self.volume.affine, path, header=self.volume.header)
 
     def write_report(self, path: str | os.PathLike[str]) -> None:
         with atomic_path(path) as tmp:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.atomic import check_writable
+from fastinsight.atomic import atomic_outputs, prepare_outputs
 from fastinsight.errors import InputError
 
 
@@ -26,7 +26,13 @@ def _read_mask(path: str, volume: Any) -> np.ndarray:
             f"lung mask {path!r} ({list(mask.shape)}) is not on the scan's voxel grid "
             f"({list(volume.shape)}, same affine); pass the mask made for this scan"
         )
-    return mask.data != 0
+    inside = mask.data != 0
+    if not inside.any():
+        raise InputError(
+            f"lung mask {path!r} is empty (no non-zero voxel); pass the scan's lung mask, or "
+            "--lung-mask auto to compute one"
+        )
+    return inside
 
 
 def predict_file(
@@ -46,20 +52,21 @@ def predict_file(
     log: Any = None,
 ) -> dict[str, Any]:
     """The command as a function; returns the report dict."""
-    import torch
 
+    from fastinsight.inputs import resolve_device
     from fastinsight.volume.checkpoint import load_volume_model
     from fastinsight.volume.io import is_nifti, read_volume
     from fastinsight.volume.predict import VolumeOptions, build_volume_encoder, predict_volume
 
-    outs = [out, overlay, report]
     if not str(out).lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"--out must end in .nii or .nii.gz (a NIfTI heatmap), got {out!r}")
-    for o in outs:
-        if o is not None:
-            check_writable(o)
+    mask_file = lung_mask if lung_mask not in (None, "auto", "none") else None
+    prepare_outputs(
+        {"--out": out, "--overlay": overlay, "--report": report},
+        {"SCAN": input_path, "--model": model_path, "--lung-mask": mask_file},
+    )
     t0 = time.perf_counter()
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(resolve_device(device))
     volume = read_volume(input_path, series)
     model, info = load_volume_model(model_path, device=dev)
     mask = None
@@ -86,11 +93,12 @@ def predict_file(
     )
     result.timings["read_and_load"] = t_read
     result.info["model"] = str(model_path)
-    result.write_heatmap(out)
-    if overlay:
-        result.write_overlay(overlay)
-    if report:
-        result.write_report(report)
+    with atomic_outputs():  # all outputs or none; earlier versions kept on any failure
+        result.write_heatmap(out)
+        if overlay:
+            result.write_overlay(overlay)
+        if report:
+            result.write_report(report)
     rep = result.report()
     if log:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in rep["scores"].items())

@@ -39,13 +39,24 @@ def read_volume_labels(path: str | os.PathLike[str]) -> dict[str, int]:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
     except OSError as exc:
         raise InputError(f"cannot read labels file {str(p)!r}: {exc}") from exc
+    except UnicodeDecodeError:
+        raise InputError(
+            f"labels file {str(p)!r} is not UTF-8 text (a UTF-16 or Latin-1 export?); save it as "
+            "'CSV UTF-8'"
+        ) from None
+    except csv.Error as exc:
+        raise InputError(f"labels file {str(p)!r} is not a readable CSV ({exc})") from None
     if not rows or [h.strip().lower() for h in rows[0][:2]] != ["volume_id", "label"]:
         raise InputError(f"{str(p)!r}: expected a header 'volume_id,label', found {rows[:1]}")
+    if len(rows) < 2:
+        raise InputError(f"{str(p)!r} has no data rows; expected one 'volume_id,0|1' per volume")
     out: dict[str, int] = {}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) < 2 or row[1].strip() not in ("0", "1"):
             raise InputError(f"{str(p)!r} line {line}: expected 'volume_id,0|1', found {row}")
         vid = row[0].strip()
+        if not vid:
+            raise InputError(f"{str(p)!r} line {line}: empty volume_id")
         if vid in out:
             raise InputError(f"{str(p)!r} line {line}: volume {vid!r} is listed twice")
         out[vid] = int(row[1].strip())
@@ -53,8 +64,16 @@ def read_volume_labels(path: str | os.PathLike[str]) -> dict[str, int]:
 
 
 def find_volume(folder: str | os.PathLike[str], volume_id: str) -> Path:
-    """``folder/<id>.nii.gz`` | ``<id>.nii`` | ``<id>/`` (a DICOM series folder)."""
+    """``folder/<id>.nii.gz`` | ``<id>.nii`` | ``<id>/`` (a DICOM series folder). ``volume_id``
+    names something inside ``folder`` (``site1/case7`` is fine; empty, absolute or ``..`` is not:
+    an id never reads the folder itself or a file outside it)."""
     root = Path(folder)
+    rel = Path(volume_id)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts or "\0" in volume_id:
+        raise InputError(
+            f"volume id {volume_id!r} does not name a volume inside {str(root)!r}; ids are file "
+            "or folder names relative to the volumes folder"
+        )
     for cand in (root / f"{volume_id}.nii.gz", root / f"{volume_id}.nii", root / volume_id):
         if cand.exists():
             return cand
@@ -222,14 +241,20 @@ def train_from_folder(
 ) -> InsightModel:
     """Encode every labelled volume of ``volumes`` and train; writes a volume model to ``out``."""
     from fastinsight.atomic import check_writable
+    from fastinsight.inputs import resolve_device
     from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
     from fastinsight.volume.io import read_volume
     from fastinsight.volume.predict import build_volume_encoder, encode_volume
 
+    if Path(out).suffix.lower() != ".safetensors":
+        raise InputError(
+            f"--out {str(out)!r} must end in .safetensors: train-volume writes a fastinsight "
+            "checkpoint (safetensors with its CT recipe)"
+        )
     check_writable(out)
     labels = read_volume_labels(labels_csv)
     paths = {vid: find_volume(volumes, vid) for vid in labels}
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(resolve_device(device))
     enc = build_volume_encoder(
         encoder, tile_size, weights=encoder_weights, device=dev, options=encoder_options
     )

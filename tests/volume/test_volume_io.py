@@ -181,8 +181,11 @@ def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
     write_dicom_series(tmp_path / "d", ct.hu, ct.affine, prefix="a")
     write_dicom_series(tmp_path / "d", ct.hu[:, :, :2], ct.affine, prefix="b")
     one = sorted((tmp_path / "d").glob("b*.dcm"))[0]
-    vol = read_volume(one)  # only that file's slice, though the folder mixes series
-    assert vol.shape == (20, 14, 1) and vol.facts["path"] == str(one)
+    vol = read_volume(one)  # that file's series (both its slices), though the folder mixes two
+    assert vol.shape == (20, 14, 2) and vol.facts["path"] == str(one)
+    np.testing.assert_array_equal(vol.data, read_dicom_series(tmp_path / "d", vol.facts["series_uid"]).data)
+    with pytest.raises(InputError, match="belongs to series"):
+        read_volume(one, series_uid="1.2.3")
     write_nifti(ct.hu, ct.affine, tmp_path / "v.nii.gz")
     assert is_volume_input(tmp_path / "v.nii.gz") and is_volume_input(tmp_path / "d")
     assert is_volume_input(one)
