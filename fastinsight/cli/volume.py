@@ -53,15 +53,31 @@ def add_ct_arguments(p: argparse.ArgumentParser) -> None:
     ct.add_argument("--slices", choices=("all", "middle32"), default=None, help="slice selection")
 
 
+# Checkpoint families (fastinsight.models.checkpoints.LOADERS) that read radiographs.
+RADIOGRAPH_FAMILIES = frozenset({"pylon", "multires"})
+# ``fastinsight predict`` options the CT pipeline uses; any other one set is refused, not ignored.
+_CT_DESTS = frozenset(
+    {"slide", "out", "model", "encoder", "encoder_weights", "device", "batch_size", "overlay",
+     "report", "series", "lung_mask", "slices", "quiet"}
+)  # fmt: skip
+
+
 def wants_ct(input_path: str | None, model_path: str | None) -> bool:
-    """True when ``fastinsight predict`` should run the CT pipeline: a NIfTI / DICOM input, or a
-    volume model (its metadata carries the CT recipe)."""
+    """True when ``fastinsight predict`` should run the CT pipeline: a volume model (its
+    metadata carries the CT recipe), a NIfTI input, or a DICOM input unless the model is a
+    radiograph model (a CR/DX film for PYLON / Yao et al. is DICOM too)."""
+    from fastinsight.models.checkpoints import model_family
     from fastinsight.volume.checkpoint import is_volume_model
+    from fastinsight.volume.io import is_nifti
     from fastinsight.volume.run import is_volume_input
 
-    if input_path and is_volume_input(input_path):
+    if model_path is not None and is_volume_model(model_path):
         return True
-    return model_path is not None and is_volume_model(model_path)
+    if not input_path or not is_volume_input(input_path):
+        return False
+    if is_nifti(input_path) or model_path is None:
+        return True
+    return model_family(model_path) not in RADIOGRAPH_FAMILIES
 
 
 def run_predict_from_slide_args(
@@ -86,13 +102,6 @@ def run_predict_from_slide_args(
         )
     args.input, args.model = args.slide, os.fspath(model_path)
     return run_predict(args)
-
-
-# ``fastinsight predict`` options the CT pipeline uses; any other one set is refused, not ignored.
-_CT_DESTS = frozenset(
-    {"slide", "out", "model", "encoder", "encoder_weights", "device", "batch_size", "overlay",
-     "report", "series", "lung_mask", "slices", "quiet"}
-)  # fmt: skip
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -166,6 +166,19 @@ def register_loader(loader: ModelLoader) -> None:
     LOADERS.insert(0, loader)
 
 
+def model_family(path: str | os.PathLike[str]) -> str | None:
+    """The registered loader that claims ``path`` (``"pylon"``, ``"multires"``,
+    ``"insight-fastinsight"``, ...), without building the model; None when the file cannot be
+    read (the loader then gives the clear error)."""
+    from fastinsight.errors import FastInsightError
+
+    try:
+        ckpt = read_checkpoint(Path(path).expanduser())
+    except (FastInsightError, OSError):
+        return None
+    return next((entry.name for entry in LOADERS if entry.accepts(ckpt)), None)
+
+
 def load_model(
     path: str | os.PathLike[str],
     backend: str = "auto",
@@ -199,6 +212,7 @@ __all__ = [
     "CheckpointFile",
     "ModelLoader",
     "load_model",
+    "model_family",
     "model_identity",
     "read_checkpoint",
     "register_loader",

@@ -1,0 +1,52 @@
+"""`fastinsight predict` picks the pipeline from the model as well as the input: a DICOM film
+with a PYLON model is a radiograph, a DICOM series with a volume model a CT scan."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from fastinsight.cli import main
+from fastinsight.models.checkpoints import model_family
+from fastinsight.models.pylon import PylonConfig, PylonModel, save_pylon
+from tests.radiograph.images import picture, write_dicom
+
+
+@pytest.fixture(scope="module")
+def pylon_file(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = PylonConfig(
+        num_classes=2, stem_width=8, layers=(1, 1, 1, 1), dec_channels=8, class_names=("A", "B")
+    )
+    path = tmp_path_factory.mktemp("m") / "pylon.safetensors"
+    save_pylon(PylonModel(cfg), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["cxr.dcm", "IM0001"])
+def test_dicom_film_with_a_radiograph_model_is_a_radiograph(tmp_path, pylon_file, name) -> None:
+    """The README's `fastinsight predict cxr.dcm --model pylon.pth` used to be sent to the CT
+    pipeline ("--out must end in .nii") because a DICOM input was taken for a CT series."""
+    film = write_dicom(tmp_path / name, picture(120, 100).astype(np.uint16) * 16, bits_stored=12)
+    out = tmp_path / "hm.tif"
+    rc = main(["predict", str(film), "--model", str(pylon_file), "--out", str(out),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    assert tifffile.imread(out).shape == (120, 100)
+    assert json.loads((tmp_path / "hm.json").read_text())["heatmap_class"] in ("A", "B")
+
+
+def test_model_family_names_the_loader(tmp_path, pylon_file) -> None:
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
+
+    insight = tmp_path / "insight.safetensors"
+    InsightModel(InsightConfig(in_dim=16, num_classes=1)).save(str(insight))
+    assert model_family(pylon_file) == "pylon"
+    assert model_family(insight) == "insight-fastinsight"
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert model_family(tmp_path / "junk.pth") is None
