@@ -176,6 +176,21 @@ def predict_options(args: argparse.Namespace, **overrides: Any) -> Any:
     return PredictOptions(**values)
 
 
+def _is_feature_file(path: str) -> bool:
+    """An HDF5 file (``.h5``/``.hdf5`` or the HDF5 signature at its start): features, never a
+    slide. Only regular files are looked at (a FIFO is never opened)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return False
+        if p.suffix.lower() in (".h5", ".hdf5", ".he5"):
+            return True
+        with open(p, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def flags_set(args: argparse.Namespace) -> dict[str, str]:
     """dest -> flag of every ``predict`` option that ``args`` sets away from its default."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -197,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
     if wants_ct(args.slide, args.model or os.environ.get(MODEL_ENV)):
         # A NIfTI file / DICOM folder, or a volume model: the CT pipeline (fastinsight.volume).
         return run_predict_from_slide_args(args, resolve_model_path(args.model), flags_set(args))
+    if args.slide and not args.features and _is_feature_file(args.slide):
+        # `fastinsight predict FEATURES.h5 --model M`: a feature file in the slide's place.
+        args.features, args.slide = args.slide, None
     if not args.slide and not args.features:
         raise InputError(
             "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"

@@ -50,3 +50,39 @@ def test_model_family_names_the_loader(tmp_path, pylon_file) -> None:
     assert model_family(insight) == "insight-fastinsight"
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert model_family(tmp_path / "junk.pth") is None
+
+
+@pytest.mark.parametrize("name", ["slide1.h5", "slide1.features"])
+def test_feature_file_in_the_slide_place_is_read_as_features(tmp_path, name) -> None:
+    """`fastinsight predict FEATURES.h5 --model M` (by suffix or by the HDF5 signature) gives
+    what `--features FEATURES.h5` gives; it used to be opened as a slide."""
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
+    from tests.support.h5_layouts import grid_coords, write_insight
+
+    torch.manual_seed(0)
+    model = tmp_path / "m.safetensors"
+    InsightModel(InsightConfig(in_dim=16, num_classes=1)).save(str(model))
+    rng = np.random.default_rng(0)
+    rc = np.array([[r, c] for r in range(3) for c in range(4)])
+    feats = write_insight(
+        tmp_path / name, rng.normal(size=(len(rc), 16, 14, 14)), grid_coords(rc, 224)
+    )
+    reports = []
+    for k, how in enumerate(([str(feats)], ["--features", str(feats)])):
+        report = tmp_path / f"r{k}.json"
+        args = [
+            "predict",
+            *how,
+            "--model",
+            str(model),
+            "--report",
+            str(report),
+            "--mpp",
+            "0.5",
+            "--patch-size-l0",
+            "224",
+        ]
+        assert main([*args, "--quiet"]) == 0
+        reports.append(json.loads(report.read_text())["scores"])
+    assert reports[0] == reports[1]
