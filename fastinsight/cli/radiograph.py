@@ -24,10 +24,12 @@ model over images and scores boxes; sharing positional arguments would make eith
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from fastinsight.errors import InputError
+from fastinsight.errors import CheckpointError, InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,16 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.atomic import check_writable
+    from fastinsight.atomic import prepare_outputs
     from fastinsight.fileformat import file_sha256
     from fastinsight.radiograph.predict import expand_inputs, load_radiograph_model
 
-    paths = expand_inputs(args.inputs)
-    check_writable(Path(args.out))
+    notes: list[str] = []
+    paths = expand_inputs(args.inputs, notes)
+    print_notes(notes)
+    lists = _list_files(args.inputs)
+    # Before the model loads: the outputs that do not depend on its class names.
+    prepare_outputs(planned_outputs(args, ()), input_paths(paths, args.model, lists))
     model = load_radiograph_model(args.model, device=args.device)
-    return run_with_model(
-        args, paths, model, model_facts(model, args.model, file_sha256(args.model))
-    )
+    facts = model_facts(model, args.model, file_sha256(args.model))
+    return run_with_model(args, paths, model, facts, lists)
 
 
 def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, device: str) -> int:
@@ -77,7 +82,7 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
     ``--device`` and ``--batch-size`` (images per batch, at most 32 here) mean the same.
     """
     from fastinsight.fileformat import file_sha256
-    from fastinsight.radiograph.predict import expand_inputs
+    from fastinsight.radiograph.predict import check_grey_model, expand_inputs
 
     if getattr(args, "features", None):
         raise InputError(
@@ -91,6 +96,7 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
         raise InputError(
             "pass --out heatmap.tif (one image) or --out scores.csv (a folder or glob)"
         )
+    check_grey_model(model, repr(str(model_path)))
     ns = argparse.Namespace(
         out=args.out,
         class_name=getattr(args, "class_", None),
@@ -102,9 +108,72 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
         device=device,
         skip_bad=False,
     )
-    paths = expand_inputs([args.slide])
+    notes: list[str] = []
+    paths = expand_inputs([args.slide], notes)
+    print_notes(notes)
     facts = model_facts(model, str(model_path), file_sha256(model_path))
-    return run_with_model(ns, paths, model, facts)
+    return run_with_model(ns, paths, model, facts, _list_files([args.slide]))
+
+
+def print_notes(notes: list[str]) -> None:
+    """Things the run skipped or could not use, one ``fastinsight: note:`` line each (stderr)."""
+    for note in notes:
+        print(f"fastinsight: note: {note}", file=sys.stderr)
+
+
+def _list_files(items: list[str]) -> list[str]:
+    """The CSV lists among the inputs (inputs too: no output may overwrite one)."""
+    return [i for i in items if Path(i).suffix.lower() == ".csv" and Path(i).expanduser().is_file()]
+
+
+def input_paths(
+    images: list[str], model_path: str | None, lists: list[str] | tuple[str, ...] = ()
+) -> dict[str, str | os.PathLike[str] | None]:
+    """Every file the run reads, keyed the way ``prepare_outputs`` names them in its message."""
+    named: dict[str, str | os.PathLike[str] | None] = {"--model": model_path}
+    for k, listing in enumerate(lists):
+        named[f"CSV list {k + 1}" if len(lists) > 1 else "CSV list"] = listing
+    for k, image in enumerate(images):
+        named[f"image {k + 1}" if len(images) > 1 else "image"] = image
+    return named
+
+
+def heatmap_paths(out: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """``--all-classes``: class -> ``OUT_STEM.<class>.tif``, refusing names whose file names
+    collide after :func:`_safe` ("Pleural thickening" and "Pleural_thickening"), also ignoring
+    case (macOS and Windows folders): one class's heatmap would silently replace the other's."""
+    seen: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    for name in names:
+        stem = _safe(name)
+        other = seen.setdefault(stem.casefold(), name)
+        if other != name:
+            raise CheckpointError(
+                f"the model's classes {other!r} and {name!r} both give the heatmap file name "
+                f"{out.stem}.{stem}{out.suffix}; --all-classes cannot write both: map them one "
+                "at a time with --class NAME and different --out paths"
+            )
+        paths[name] = out.with_name(f"{out.stem}.{stem}{out.suffix}")
+    return paths
+
+
+def planned_outputs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """Flag -> path of every file the run will write (heatmaps per class when ``names`` is given
+    with ``--all-classes``; before the model is loaded, ``names`` is empty)."""
+    out = Path(args.out)
+    if out.suffix.lower() == ".csv":
+        return {"--out": out}
+    planned: dict[str, Any] = {}
+    if args.all_classes:
+        planned.update({f"--out ({n})": q for n, q in heatmap_paths(out, names).items()})
+    else:
+        planned["--out"] = out
+    if not args.no_overlay:
+        planned["--overlay"] = (
+            Path(args.overlay) if args.overlay else out.with_suffix(".overlay.png")
+        )
+    planned["--report"] = Path(args.report) if args.report else out.with_suffix(".json")
+    return planned
 
 
 def model_facts(model: Any, path: str, sha256: str) -> dict[str, Any]:
@@ -125,11 +194,20 @@ def run_with_model(
     paths: list[str],
     model: Any,
     facts: dict[str, Any],
+    lists: list[str] | tuple[str, ...] = (),
 ) -> int:
-    """The command after the model is loaded (``fastinsight predict`` dispatches here too)."""
+    """The command after the model is loaded (``fastinsight predict`` dispatches here too).
+
+    Before any image is read, every output is checked (writable, not an input image, the model
+    or a CSV list, not another output: ``prepare_outputs``); the outputs of one image are then
+    written inside ``atomic_outputs``, so a failure in the last one keeps the previous versions
+    of all of them.
+    """
+    from fastinsight.atomic import atomic_outputs, prepare_outputs
     from fastinsight.radiograph.predict import (
         PredictOptions,
         RadiographResult,
+        check_score_columns,
         predict_radiographs,
         write_heatmap,
         write_json,
@@ -139,14 +217,37 @@ def run_with_model(
 
     out = Path(args.out)
     options = PredictOptions(batch_size=args.batch_size, device=args.device)
-    predict = predict_radiographs
     names = tuple(model.config.names)
-    model_name = f"{model.family} ({Path(facts['model']['path']).name})"
-    if out.suffix.lower() == ".csv":
+    model_path = facts["model"]["path"]
+    model_name = f"{model.family} ({Path(model_path).name})"
+    csv_mode = out.suffix.lower() == ".csv"
+    if csv_mode:
+        check_score_columns(names, f"model {str(model_path)!r}")
+    else:
+        if len(paths) != 1:
+            raise InputError(
+                f"{len(paths)} images given with --out {str(out)!r}; pass --out scores.csv for "
+                "several images, or one image for a heatmap"
+            )
+        if out.suffix.lower() not in (".tif", ".tiff"):
+            raise InputError(
+                f"--out {str(out)!r}: expected a .tif heatmap (or a .csv for many images)"
+            )
+        if args.class_name is not None and args.class_name not in names:
+            raise InputError(
+                f"--class {args.class_name!r} is not one of the model's classes {list(names)}"
+            )
+    outputs = planned_outputs(args, names)
+    prepare_outputs(outputs, input_paths(paths, model_path, lists))
+    if csv_mode:
         rows = []
-        for item in predict(paths, model, options, on_error="yield" if args.skip_bad else "raise"):
+        failed: list[tuple[str, Exception]] = []
+        for item in predict_radiographs(
+            paths, model, options, on_error="yield" if args.skip_bad else "raise"
+        ):
             if isinstance(item, tuple):
                 rows.append({"path": item[0], "error": str(item[1])})
+                failed.append(item)
                 continue
             row: dict[str, Any] = {
                 "path": item.radiograph.path,
@@ -156,41 +257,36 @@ def run_with_model(
             row.update({n: f"{float(s):.6f}" for n, s in zip(names, item.scores, strict=False)})
             rows.append(row)
         write_scores_csv(out, rows, names)
-        print(f"wrote {out} ({len(rows)} images)")
+        if rows and len(failed) == len(rows):
+            # --skip-bad keeps a run going past bad images, but a run where none was read is
+            # a failure: exit non-zero (the CSV, written above, lists every image's error).
+            raise InputError(
+                f"none of the {len(rows)} images could be read (first: {failed[0][0]!r}: "
+                f"{failed[0][1]}); each error is in {str(out)!r}"
+            )
+        note = f", {len(failed)} unreadable (see the error column)" if failed else ""
+        print(f"wrote {out} ({len(rows)} images{note})")
         return 0
-    if len(paths) != 1:
-        raise InputError(
-            f"{len(paths)} images given with --out {str(out)!r}; pass --out scores.csv for "
-            "several images, or one image for a heatmap"
-        )
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise InputError(f"--out {str(out)!r}: expected a .tif heatmap (or a .csv for many images)")
-    result = next(iter(predict(paths, model, options)))
+    result = next(iter(predict_radiographs(paths, model, options)))
     if not isinstance(result, RadiographResult):  # on_error="raise" never yields a failure
         raise result[1]
-    if args.class_name is not None and args.class_name not in names:
-        raise InputError(
-            f"--class {args.class_name!r} is not one of the model's classes {list(names)}"
-        )
     top = int(result.scores.argmax())
     chosen = names.index(args.class_name) if args.class_name is not None else top
-    written = []
-    if args.all_classes:
-        for k, n in enumerate(names):
-            target = out.with_name(f"{out.stem}.{_safe(n)}{out.suffix}")
-            write_heatmap(target, result, k, model_name)
-            written.append(str(target))
-    else:
-        write_heatmap(out, result, chosen, model_name)
-        written.append(str(out))
-    if not args.no_overlay:
-        overlay = Path(args.overlay) if args.overlay else out.with_suffix(".overlay.png")
-        write_radiograph_overlay(overlay, result, chosen)
-        written.append(str(overlay))
-    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    heatmaps = (
+        {names.index(n): outputs[f"--out ({n})"] for n in names}
+        if args.all_classes
+        else {chosen: outputs["--out"]}
+    )
+    overlay = outputs.get("--overlay")
+    written = [str(q) for q in heatmaps.values()] + ([str(overlay)] if overlay else [])
     report = {**result.report(), **facts, "heatmap_class": names[chosen], "heatmaps": written[:]}
-    write_json(report_path, report)
-    written.append(str(report_path))
+    with atomic_outputs():
+        for k, target in heatmaps.items():
+            write_heatmap(target, result, k, model_name)
+        if overlay is not None:
+            write_radiograph_overlay(overlay, result, chosen)
+        write_json(outputs["--report"], report)
+    written.append(str(outputs["--report"]))
     print(f"{names[chosen]}: {float(result.scores[chosen]):.4f}; wrote " + ", ".join(written))
     return 0
 
@@ -258,7 +354,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import csv
     import io
 
-    from fastinsight.atomic import atomic_path, check_writable
+    from fastinsight.atomic import atomic_outputs, atomic_path, prepare_outputs
     from fastinsight.fileformat import file_sha256
     from fastinsight.radiograph.evaluate import (
         evaluate_radiographs,
@@ -272,8 +368,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not Path(args.images).is_dir():
         raise InputError(f"{args.images!r} is not a folder; pass the folder holding the images")
     out_json, out_csv = Path(f"{args.out}.json"), Path(f"{args.out}.csv")
-    check_writable(out_json)
-    check_writable(out_csv)
+    # --out is a prefix: "--out BBox_List_2017" would otherwise overwrite the boxes it reads.
+    prepare_outputs(
+        {"--out (.json)": out_json, "--out (.csv)": out_csv},
+        {"--boxes": args.boxes, "--labels": args.labels, "--model": args.model},
+    )
     boxes = _read_table(read_bbox_list, args.boxes, "--boxes")
     labels = _read_table(read_data_entry, args.labels, "--labels") if args.labels else None
     if not boxes and labels is None:
@@ -287,16 +386,40 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     writer.writeheader()
     writer.writerows(evaluation_rows(metrics))
-    # Both outputs are complete or absent: the CSV is staged first, then the JSON.
-    with atomic_path(out_csv) as tmp:
-        tmp.write_text(buf.getvalue())
-    write_json(out_json, metrics)
+    with atomic_outputs():  # both outputs complete, or both as they were
+        with atomic_path(out_csv) as tmp:
+            tmp.write_text(buf.getvalue(), encoding="utf-8")
+        write_json(out_json, metrics)
+    print_notes(skip_notes(metrics["skipped"], args.images))
     point = metrics["localisation"]["point_accuracy"]
     line = f"{metrics['images']} images; point localisation accuracy micro {point['micro']:.3f}"
     if "auroc" in metrics:
         line += "; AUROC " + ", ".join(f"{c} {v:.3f}" for c, v in metrics["auroc"].items())
     print(f"{line}; wrote {out_json}, {out_csv}")
     return 0
+
+
+def skip_notes(skipped: dict[str, Any], images: str) -> list[str]:
+    """What evaluate-radiographs did not score, as note lines (the counts are in OUT.json)."""
+    notes = []
+    if skipped.get("missing_images"):
+        examples = ", ".join(skipped["missing_examples"])
+        notes.append(
+            f"{skipped['missing_images']} boxed image(s) are not in {images!r} and were skipped, "
+            f"not counted as misses (e.g. {examples})"
+        )
+    renamed = skipped.get("renamed_labels") or {}
+    if renamed:
+        listed = ", ".join(f"{k!r} as {v!r}" for k, v in renamed.items())
+        notes.append(f"read the labels {listed} (another spelling of the model's classes)")
+    unknown = skipped.get("unknown_box_labels") or {}
+    if unknown:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in unknown.items())
+        notes.append(
+            f"box labels the model has no class for were not scored: {listed}; see "
+            "'skipped' in the JSON"
+        )
+    return notes
 
 
 def _safe(name: str) -> str:

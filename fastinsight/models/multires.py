@@ -30,6 +30,7 @@ is re-implemented here).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from fastinsight.models.radiograph_common import (
     read_family_safetensors,
     ready,
     save_radiograph_model,
+    stats_problems,
 )
 from fastinsight.ops.pooling import lse_lba
 
@@ -85,8 +87,13 @@ class MultiResConfig(RadiographConfig):
             problems.append("blocks_per_stage and dense_layers must be >= 1")
         if self.upsample not in ("nearest", "bilinear"):
             problems.append(f"upsample must be 'nearest' or 'bilinear', got {self.upsample!r}")
-        if not self.r0 >= 0:
-            problems.append(f"r0 must be >= 0, got {self.r0}")
+        if not 0 <= self.r0 < math.inf:
+            # r = r0 + exp(beta): an infinite r0 makes LSE-LBA's r * S overflow to NaN scores.
+            problems.append(f"r0 must be finite and >= 0, got {self.r0}")
+        if not 0 < self.prob_eps < 0.5:
+            # the BCE clamp (eps, 1 - eps) is empty for eps >= 0.5
+            problems.append(f"prob_eps must be in (0, 0.5), got {self.prob_eps}")
+        problems += stats_problems(self.mean, self.std)
         if self.image_size < 64 or self.image_size % 64:
             problems.append(f"image_size must be a multiple of 64, got {self.image_size}")
         problems += self.class_problems()

@@ -52,6 +52,8 @@ from fastinsight.models.radiograph_common import (
     read_family_safetensors,
     ready,
     save_radiograph_model,
+    sniff_weights_file,
+    stats_problems,
 )
 from fastinsight.models.statefiles import read_torch_state_dict
 
@@ -96,8 +98,7 @@ class PylonConfig(RadiographConfig):
             problems.append("stem_width, dec_channels and in_channels must be >= 1")
         if self.image_size < SIDE_MULTIPLE or self.image_size % SIDE_MULTIPLE:
             problems.append(f"image_size must be a multiple of 256, got {self.image_size}")
-        if not self.std > 0:
-            problems.append(f"std must be > 0, got {self.std}")
+        problems += stats_problems(self.mean, self.std)
         problems += self.class_problems()
         if problems:
             raise CheckpointError("invalid PYLON config: " + "; ".join(problems))
@@ -344,32 +345,33 @@ def config_from_state_dict(state: dict[str, Tensor], source: str = "state_dict")
     )
 
 
+NET_PREFIX = "net."
+
+
+def with_net_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with PYLON's ``net.`` prefix on every key when none has it.
+
+    The official trainer saves ``model.state_dict()`` (keys ``net.encoder...``); saving the inner
+    network (``model.net.state_dict()``) gives the same tensors without the prefix. Only a
+    state_dict whose every key lacks it is renamed, so a mixed one is still refused key by key.
+    """
+    if state and not any(k.startswith(NET_PREFIX) for k in state):
+        return {NET_PREFIX + k: v for k, v in state.items()}
+    return state
+
+
 def is_pylon_state_dict(state: dict[str, Any]) -> bool:
-    """True when the keys look like PYLON's (for a family sniffer)."""
-    return "net.segmentation_head.0.weight" in state and "net.decoder.pa.mid.0.conv.weight" in state
+    """True when the keys look like PYLON's, with or without ``net.`` (for a family sniffer)."""
+    keys = with_net_prefix(state)
+    return "net.segmentation_head.0.weight" in keys and "net.decoder.pa.mid.0.conv.weight" in keys
 
 
 def pylon_from_state_dict(state: dict[str, Tensor], source: str = "state_dict") -> PylonModel:
     """Build the PYLON the keys describe and load them strictly."""
+    state = with_net_prefix(state)
     model = PylonModel(config_from_state_dict(state, source))
     load_state_checked(model, state, source)
     return model
-
-
-def _sniff(p: Path) -> str:
-    from fastinsight.fileformat import weights_format
-
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(16)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read model file {str(p)!r}: {exc.strerror or exc}") from None
-    fmt = weights_format(head)
-    if fmt is None:
-        raise CheckpointError(
-            f"{str(p)!r} is neither a PyTorch state_dict (.pth/.pkl) nor a safetensors file"
-        )
-    return fmt
 
 
 def load_pylon(
@@ -380,7 +382,7 @@ def load_pylon(
     The model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
     """
     p = Path(path).expanduser()
-    if _sniff(p) == "torch":
+    if sniff_weights_file(p) == "torch":
         model = pylon_from_state_dict(read_torch_state_dict(p), str(p))
     else:
         meta, state = read_family_safetensors(p, PylonConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,10 +105,27 @@ class RadiographConfig:
             raise CheckpointError(
                 f"{cls.LABEL} config has unknown fields {unknown}; upgrade fastinsight"
             )
-        for key in cls.TUPLE_FIELDS:
-            if key in raw:
-                raw[key] = tuple(raw[key])
-        return cls(**raw)
+        try:
+            for key in cls.TUPLE_FIELDS:
+                if key in raw:
+                    raw[key] = tuple(raw[key])
+            return cls(**raw)
+        except (TypeError, ValueError) as exc:  # a value of the wrong JSON type ("std": "x")
+            raise CheckpointError(
+                f"invalid {cls.LABEL} config: a field has a value of the wrong type ({exc})"
+            ) from None
+
+
+def stats_problems(mean: float, std: float) -> list[str]:
+    """The input normalisation ``(u8 / 255 - mean) / std`` must be finite: a NaN mean, or a std
+    that is zero, negative, NaN or infinite, gives NaN or constant inputs and NaN scores with
+    exit 0 (a tampered or hand-edited config is refused at load instead)."""
+    problems = []
+    if not math.isfinite(mean):
+        problems.append(f"mean must be a finite number, got {mean}")
+    if not (math.isfinite(std) and std > 0):
+        problems.append(f"std must be finite and > 0, got {std}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -173,6 +191,30 @@ def read_family_safetensors(path: Path, config_cls: type[RadiographConfig]) -> t
     return meta, state
 
 
+def sniff_weights_file(p: Path) -> str:
+    """``"torch"`` or ``"safetensors"`` by the first bytes, or CheckpointError in radiograph words
+    (the package-wide sniffer's advice names INSIGHT's checkpoints)."""
+    from fastinsight.fileformat import weights_format
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model file {str(p)!r}: {exc.strerror or exc}") from None
+    fmt = weights_format(head)
+    if fmt is None:
+        what = (
+            "is empty"
+            if not head
+            else "is neither a PyTorch state_dict (.pth/.pkl) nor a safetensors file"
+        )
+        raise CheckpointError(
+            f"model file {str(p)!r} {what}; pass the official PYLON state_dict (.pth/.pkl) or a "
+            "fastinsight radiograph .safetensors"
+        )
+    return fmt
+
+
 def ready(model: M, device: str | torch.device | None) -> M:
     """``model`` in eval mode on ``device`` (default: CUDA when available, else CPU)."""
     if device is None:
@@ -211,4 +253,6 @@ __all__ = [
     "read_family_safetensors",
     "ready",
     "save_radiograph_model",
+    "sniff_weights_file",
+    "stats_problems",
 ]

@@ -16,8 +16,9 @@ from fastinsight.errors import CheckpointError
 
 
 def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
-    """``torch.load(weights_only=True)`` a state_dict of tensors (a ``{"state_dict": ...}`` wrapper
-    and DataParallel's ``module.`` prefix are taken off), or raise CheckpointError."""
+    """``torch.load(weights_only=True)`` a state_dict of tensors (a ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper and DataParallel's ``module.`` prefix are taken off), or raise
+    CheckpointError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle/zip/runtime errors of many kinds
@@ -26,8 +27,7 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
             f"cannot load {str(path)!r} as a PyTorch state_dict ({msg}); only plain "
             "state_dicts of tensors are accepted (weights_only=True)"
         ) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = _unwrap(state)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(
             f"{str(path)!r} does not hold a state_dict of tensors (found {type(state).__name__})"
@@ -35,6 +35,25 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
     # Checkpoints saved from nn.DataParallel carry a "module." prefix.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+# Keys under which training scripts nest the weights ({"state_dict": sd, "epoch": 3, ...}), in
+# the order they are tried: Lightning and most scripts write "state_dict", timm-style and
+# DeiT/MAE-style scripts write "model".
+WRAPPER_KEYS = ("state_dict", "model")
+
+
+def _unwrap(state: object) -> object:
+    """The state_dict nested under a :data:`WRAPPER_KEYS` key, else ``state`` itself.
+
+    Only a wrapper whose nested value is a dict is opened, and only when ``state`` is not itself
+    a state_dict of tensors (a model with a parameter literally named ``model`` stays as is)."""
+    if not isinstance(state, dict) or all(isinstance(v, Tensor) for v in state.values()):
+        return state
+    for key in WRAPPER_KEYS:
+        if isinstance(state.get(key), dict):
+            return state[key]
     return state
 
 

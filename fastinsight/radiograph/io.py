@@ -13,14 +13,27 @@ What each kind goes through (in this order):
   channel is equal (a grey picture saved as RGB).
 
 Refused with one line (``InputError``): not an image, a DICOM without pixel data, a multi-frame
-DICOM, a CT/MR/PT/NM slice (``Modality``) given to a radiograph model, a colour picture.
+DICOM, a DICOM whose modality is not a projection radiograph (CT/MR/PT/NM slices, ultrasound,
+segmentations, RT objects, reports, ...: :data:`NOT_RADIOGRAPH`) given to a radiograph model, a
+colour picture, a header value pydicom cannot use (WindowWidth 0, NumberOfFrames "1A"), and
+pixels that are NaN or infinite (float pixel data): a picture scaled with a NaN in it would come
+out black, which a model happily scores.
 ``PixelSpacing`` / ``ImagerPixelSpacing`` is reported when present and non-zero; missing or zero
 spacing (as in the NEMA CR test films) is tolerated and reported as ``None``.
+
+DICOM is told by content, not by name: a Part 10 file (``DICM`` after the preamble) or a bare
+dataset without preamble and file meta (old exports, some PACS dumps) is read through
+:func:`fastinsight.dicom.read_header`, which records the bare dataset's encoding as its transfer
+syntax so its pixels decode. Pictures are shown the way viewers show them: an Adobe CMYK JPEG is
+converted to RGB by Pillow (its channels are stored inverted; taking C as grey gave the
+negative), and the EXIF orientation is applied (``ImageOps.exif_transpose``), so the heatmap and
+overlay line up with what a radiologist sees.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +43,55 @@ import numpy as np
 from fastinsight.dicom import pixel_array
 from fastinsight.errors import InputError
 
-# Modalities whose pixels are cross-sections or functional maps, not projection radiographs.
+# Modalities (DICOM PS3.3 C.7.3.1.1.1 defined terms) whose pixels are not a projection
+# radiograph: cross-sections, functional maps, other kinds of camera, and objects that are not
+# images at all. A deny-list, not an allow-list: CR, DX, RG (radiographic imaging), OT (films
+# converted by a scanner are often "other"), projection X-ray relatives (MG, XA, RF, IO, PX) and
+# a missing or site-specific code stay accepted, as the image itself may well be a chest film.
 NOT_RADIOGRAPH = {
     "CT": "CT slice",
     "MR": "MR slice",
     "PT": "PET slice",
     "NM": "nuclear-medicine image",
+    "US": "ultrasound image",
+    "IVUS": "intravascular ultrasound image",
+    "SEG": "segmentation (a label mask, not an image)",
+    "RTDOSE": "radiotherapy dose grid",
+    "RTSTRUCT": "radiotherapy structure set",
+    "RTPLAN": "radiotherapy plan",
+    "RTRECORD": "radiotherapy treatment record",
+    "RTIMAGE": "radiotherapy portal image",
+    "PLAN": "plan",
+    "REG": "registration object",
+    "FID": "fiducials object",
+    "SR": "structured report",
+    "PR": "presentation state",
+    "KO": "key object selection",
+    "DOC": "document",
+    "SM": "slide microscopy image",
+    "GM": "general microscopy image",
+    "OP": "ophthalmic photograph",
+    "OPT": "ophthalmic tomography image",
+    "OPM": "ophthalmic mapping image",
+    "OAM": "ophthalmic axial measurement",
+    "XC": "external-camera photograph",
+    "ES": "endoscopy image",
+    "ECG": "ECG waveform",
+    "EEG": "EEG waveform",
+    "EMG": "EMG waveform",
+    "HD": "hemodynamic waveform",
+    "RWV": "real-world value map",
+    "OSS": "optical surface scan",
+    "LS": "laser surface scan",
+    "M3D": "3-D model",
 }
+VOLUMES = {"CT", "MR", "PT", "NM"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # The largest picture read (Pillow's own decompression-bomb limit); chest films are ~5-20 MP.
 MAX_PIXELS = 178_956_970
+EXIF_ORIENTATION = 0x0112
+# Pillow modes whose channels are not R, G, B: converted to RGB before the grey check.
+CONVERT_TO_RGB = {"CMYK", "YCbCr", "LAB", "HSV"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,13 +117,21 @@ class Radiograph:
 
 
 def is_dicom(path: Path) -> bool:
-    """A file with the DICOM preamble marker, or a ``.dcm``-like name."""
+    """A DICOM file by content (Part 10 preamble, or a bare dataset that parses), or a file with
+    a ``.dcm``-like name (read as DICOM so a damaged one is refused in DICOM's words)."""
+    from fastinsight.dicom import has_preamble, read_header
+
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        with open(path, "rb"):
+            pass
     except OSError as exc:
         raise InputError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    return head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES
+    if path.suffix.lower() in DICOM_SUFFIXES or has_preamble(path):
+        return True
+    try:
+        return read_header(path) is not None
+    except InputError:
+        return True  # a damaged Part 10 file: _read_dicom refuses it naming the damage
 
 
 def read_radiograph(path: str | os.PathLike[str]) -> Radiograph:
@@ -98,27 +158,107 @@ def _spacing(ds: Any) -> tuple[float, float] | None:
 
 
 def _read_dicom(p: Path) -> Radiograph:
+    """Header checks, then the display pipeline of the module docstring.
+
+    pydicom converts header values when they are first used, so a value it cannot use (IS
+    "1A", WindowWidth 0, a VOI LUT descriptor it does not support) surfaces as ValueError /
+    TypeError / NotImplementedError anywhere below; each becomes one InputError line naming the
+    file (and, under ``--skip-bad``, one row's error instead of a traceback ending the run).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from fastinsight.dicom import has_preamble, read_header
+
+    if has_preamble(p):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                ds = pydicom.dcmread(p)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+            raise InputError(f"{str(p)!r} is not a readable DICOM file ({exc})") from None
+    else:
+        # A bare dataset: read_header records its encoding as the transfer syntax, so its
+        # pixels decode (pydicom alone reads the header, then cannot decode the pixels).
+        ds = read_header(p, pixels=True)
+        if ds is None:
+            raise InputError(
+                f"{str(p)!r} is not a readable DICOM file (no DICM preamble and no dataset at "
+                "its start); pass a DICOM, PNG, JPEG or TIFF radiograph"
+            )
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns on each lenient fix (IS "1A", float input to a VOI LUT, ...): the
+            # value is then either refused below or harmless, never a message for a good run.
+            warnings.simplefilter("ignore", UserWarning)
+            return _dicom_radiograph(p, ds)
+    except (ValueError, TypeError, NotImplementedError, IndexError, KeyError,
+            AttributeError, OverflowError) as exc:  # fmt: skip
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(
+            f"{str(p)!r} has a DICOM header value that cannot be used ({reason}); fix or "
+            "remove the element (e.g. with dcmodify) or export the image again"
+        ) from None
+
+
+def _frames(p: Path, ds: Any) -> int:
+    raw = ds.get("NumberOfFrames", 1)
+    try:
+        return int(str(raw).strip() or 1) if raw is not None else 1
+    except ValueError:
+        raise InputError(
+            f"{str(p)!r}: NumberOfFrames {str(raw)!r} is not a number; fix the header "
+            "(a radiograph is one frame)"
+        ) from None
+
+
+def _check_modality(p: Path, modality: str) -> None:
+    kind = NOT_RADIOGRAPH.get(modality.strip().upper())
+    if kind is not None:
+        raise InputError(
+            f"{str(p)!r} is a {kind} (Modality {modality}); a radiograph model needs a "
+            "projection radiograph (CR, DX, DR)"
+            + ("; use a CT model for volumes" if modality.strip().upper() in VOLUMES else "")
+        )
+
+
+def _voi(p: Path, values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float]:
+    """The file's first VOI LUT or window applied, and the VOI output range.
+
+    Float input to a VOI LUT makes pydicom warn ("may give incorrect results"); the LUT is
+    indexed by truncation either way (what it does for integers, and the values come from
+    integer samples), so the caller silences the warning rather than show it on every good run.
+    """
+    from pydicom.pixels import apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(p, force=p.suffix.lower() in DICOM_SUFFIXES)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-        raise InputError(f"{str(p)!r} is not a readable DICOM file ({exc})") from None
-    modality = str(ds.get("Modality", "") or "")
-    if modality.upper() in NOT_RADIOGRAPH:
+        shown = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        # The VOI output range (where the window saturates): probe the same transform with
+        # values far outside the data, so the map to 0..255 is the file's, not the image's.
+        span = float(values.max() - values.min()) + 1.0
+        probe = np.linspace(values.min() - 4 * span, values.max() + 4 * span, 8193)
+        out = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
+    except (ValueError, TypeError, NotImplementedError, IndexError, AttributeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(
-            f"{str(p)!r} is a {NOT_RADIOGRAPH[modality.upper()]} (Modality {modality}); a "
-            "radiograph model needs a projection radiograph (CR, DX, DR); use a CT model for "
-            "volumes"
-        )
+            f"{str(p)!r}: its VOI LUT / window (WindowCenter {ds.get('WindowCenter')}, "
+            f"WindowWidth {ds.get('WindowWidth')}) is invalid ({reason}); remove it or fix it "
+            "(a window width must be >= 1)"
+        ) from None
+    return shown, float(out.min()), float(out.max())
+
+
+def _dicom_radiograph(p: Path, ds: Any) -> Radiograph:
+    from pydicom.pixels import apply_modality_lut
+
+    modality = str(ds.get("Modality", "") or "")
+    _check_modality(p, modality)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(
             f"{str(p)!r} is a DICOM file without pixel data (SOP class "
             f"{getattr(ds.get('SOPClassUID'), 'name', ds.get('SOPClassUID'))}); pass an image"
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _frames(p, ds)
     if frames != 1:
         raise InputError(
             f"{str(p)!r} holds {frames} frames; a radiograph is one frame (split the file first)"
@@ -138,15 +278,10 @@ def _read_dicom(p: Path) -> Radiograph:
     if stored.ndim != 2 or 0 in stored.shape:
         raise InputError(f"{str(p)!r}: pixel data of shape {stored.shape} is not one 2-D image")
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    _check_finite(p, values)
     has_voi = any(k in ds for k in ("VOILUTSequence", "WindowCenter"))
     if has_voi:
-        shown = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        # The VOI output range (where the window saturates): probe the same transform with
-        # values far outside the data, so the map to 0..255 is the file's, not the image's.
-        span = float(values.max() - values.min()) + 1.0
-        probe = np.linspace(values.min() - 4 * span, values.max() + 4 * span, 8193)
-        out = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
-        lo, hi = float(out.min()), float(out.max())
+        shown, lo, hi = _voi(p, values, ds)
     else:
         shown = values
         lo, hi = float(values.min()), float(values.max())
@@ -166,6 +301,18 @@ def _read_dicom(p: Path) -> Radiograph:
         "body_part": str(ds.get("BodyPartExamined", "") or "") or None,
     }
     return Radiograph(str(p), image, _spacing(ds), facts)
+
+
+def _check_finite(p: Path, values: np.ndarray) -> None:
+    """NaN/inf pixels (Float Pixel Data, a rescale overflow) are refused: one NaN would make the
+    min-max window NaN and the whole picture black, and the model would score that."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        n = int(values.size - np.count_nonzero(finite))
+        raise InputError(
+            f"{str(p)!r}: {n} of its {values.size} pixels are NaN or infinite; the pixel data is "
+            "damaged (replace the non-finite values or export the image again)"
+        )
 
 
 def _to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -200,20 +347,28 @@ def _check_size(p: Path, height: int, width: int) -> None:
 
 
 def _read_picture(p: Path) -> Radiograph:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(p) as im:
             _check_size(p, im.height, im.width)  # from the header, before any pixel is decoded
             im.load()
             mode, fmt = im.mode, im.format
-            arr = np.asarray(im.convert("RGBA") if mode == "P" else im)
+            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            shown = ImageOps.exif_transpose(im) if orientation != 1 else im
+            if mode == "P":
+                shown = shown.convert("RGBA")
+            elif mode in CONVERT_TO_RGB:
+                # Pillow undoes Adobe's inverted CMYK storage and converts YCbCr/LAB/HSV; the
+                # raw channels are not what viewers show (C taken as grey is the negative).
+                shown = shown.convert("RGB")
+            arr = np.asarray(shown)
     except Image.DecompressionBombError:
         raise InputError(
             f"{str(p)!r} declares an image larger than {MAX_PIXELS:,} pixels; a radiograph is "
             "at most a few tens of megapixels (a decompression bomb?)"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
         raise InputError(
             f"{str(p)!r} is not an image fastinsight can read (PNG, JPEG, TIFF or DICOM): {exc}"
         ) from None
@@ -234,7 +389,13 @@ def _read_picture(p: Path) -> Radiograph:
         raise InputError(
             f"{str(p)!r}: pixels of type {arr.dtype} (mode {mode}); expected 8- or 16-bit grey"
         )
-    facts = {"kind": (fmt or p.suffix.lstrip(".")).lower(), "mode": mode, "bits_stored": bits}
+    facts: dict[str, Any] = {
+        "kind": (fmt or p.suffix.lstrip(".")).lower(),
+        "mode": mode,
+        "bits_stored": bits,
+    }
+    if orientation != 1:
+        facts["exif_orientation"] = orientation
     return Radiograph(str(p), np.ascontiguousarray(image), None, facts)
 
 

@@ -52,16 +52,80 @@ class RadiographModel(Protocol):
 def load_radiograph_model(
     path: str | os.PathLike[str], device: str | torch.device | None = None
 ) -> Any:
-    """Load PYLON or the multi-resolution network through the package's checkpoint sniffer."""
-    from fastinsight.models.checkpoints import load_model
+    """Load PYLON or the multi-resolution network through the package's loader table.
 
-    model = load_model(path, device=device)
+    The radiograph families (and any registered before them) are tried; a file none of them
+    claims is explained in radiograph terms (an INSIGHT slide model, a safetensors without
+    fastinsight's config, a state_dict of another network) instead of falling through to
+    INSIGHT's loader, whose advice ("pass an official INSIGHT .pth") is wrong here. A model whose
+    stem wants more than one channel is refused by name (:func:`check_grey_model`).
+    """
+    from fastinsight.inputs import check_input_path
+    from fastinsight.models.checkpoints import LOADERS, CheckpointFile
+    from fastinsight.models.radiograph_common import ready, sniff_weights_file
+    from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
+
+    p = check_input_path(path, "model file", CheckpointError)
+    if sniff_weights_file(p) == "torch":
+        ckpt = CheckpointFile(p, "torch", read_torch_state_dict(p))
+    else:
+        meta, state = read_safetensors(p)
+        ckpt = CheckpointFile(p, "safetensors", state, meta)
+    entry = next((e for e in LOADERS if not e.name.startswith("insight") and e.accepts(ckpt)), None)
+    if entry is None:
+        raise CheckpointError(_not_a_radiograph_model(ckpt))
+    model = entry.load(ckpt, "auto")
     if getattr(model, "modality", None) != "radiograph":
         raise CheckpointError(
-            f"{str(path)!r} holds a {type(model).__name__}, not a radiograph model; pass a "
+            f"{str(p)!r} holds a {type(model).__name__}, not a radiograph model; pass a "
             "PYLON (.pth/.pkl/.safetensors) or multi-resolution (.safetensors) checkpoint"
         )
-    return model
+    check_grey_model(model, repr(str(p)))
+    return ready(model, device)
+
+
+RADIOGRAPH_CHECKPOINTS = (
+    "pass the official PYLON state_dict (.pth/.pkl, keys 'net.encoder...') or a fastinsight "
+    "radiograph .safetensors (PYLON or multi-resolution, saved with its config)"
+)
+
+
+def _not_a_radiograph_model(ckpt: Any) -> str:
+    """Why no radiograph family claims ``ckpt``, in words a radiograph user can act on."""
+    from fastinsight.models.insight import CONFIG_KEY
+
+    name = repr(str(ckpt.path))
+    if ckpt.format == "torch":
+        if "reduce_dimension_block.0.weight" in ckpt.state:
+            return f"{name} is an INSIGHT slide model, not a radiograph model; " + (
+                RADIOGRAPH_CHECKPOINTS
+            )
+        first = next(iter(ckpt.state), "<empty>")
+        return (
+            f"{name} is not a PYLON checkpoint: none of its {len(ckpt.state)} keys is "
+            f"'net.segmentation_head.0.weight' / 'net.decoder.pa.mid.0.conv.weight' (first "
+            f"key {first!r}); " + RADIOGRAPH_CHECKPOINTS
+        )
+    if CONFIG_KEY in ckpt.metadata:
+        return f"{name} is a fastinsight INSIGHT (slide) model, not a radiograph model; " + (
+            RADIOGRAPH_CHECKPOINTS
+        )
+    return (
+        f"{name} is a safetensors file without fastinsight's config (metadata key "
+        f"{CONFIG_KEY!r}), so its architecture is unknown; " + RADIOGRAPH_CHECKPOINTS
+    )
+
+
+def check_grey_model(model: Any, source: str) -> None:
+    """Refuse a model whose stem wants other than one channel: radiographs are read as one grey
+    channel, so such a model would fail on its first batch with a message naming no file."""
+    channels = int(getattr(model.config, "in_channels", 1))
+    if channels != 1:
+        raise CheckpointError(
+            f"{source}: the {getattr(model, 'family', 'radiograph')} model's first convolution "
+            f"takes {channels} channels; fastinsight reads radiographs as one grey channel (the "
+            "official PYLON stem); pass a single-channel checkpoint"
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +207,7 @@ def predict_radiographs(
             f"model family {getattr(model, 'family', type(model).__name__)!r} is not a "
             "radiograph model; pass a PYLON or multi-resolution LSE-LBA checkpoint"
         )
+    check_grey_model(model, f"model {getattr(model, 'family', type(model).__name__)!r}")
     device = torch.device(opts.device) if opts.device else _device_of(model)
     model = model.to(device).eval()
     cfg = model.config
@@ -265,6 +330,7 @@ def write_scores_csv(
     newlines in paths or error messages are quoted as RFC 4180 says, so ``csv.reader`` reads every
     field back as written.
     """
+    check_score_columns(class_names)
     buf = io.StringIO()
     fields = ["path", "width", "height", *class_names, "error"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -275,6 +341,22 @@ def write_scores_csv(
         tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
 
 
+SCORE_CSV_FIXED = ("path", "width", "height", "error")
+
+
+def check_score_columns(class_names: Sequence[str], source: str = "the model") -> None:
+    """Refuse class names equal to a fixed column of the scores CSV: the row dict would hold one
+    value for both (a class ``error`` wrote its score into the error column, or the reverse) and
+    a reader could not tell them apart. Checked before any image is read."""
+    clash = [n for n in class_names if n in SCORE_CSV_FIXED]
+    if clash:
+        raise CheckpointError(
+            f"{source} names a class {clash[0]!r}, which is also a fixed column of the scores "
+            f"CSV {list(SCORE_CSV_FIXED)}; rename the class (save the model with other "
+            "class_names) or predict one image at a time (--out heatmap.tif)"
+        )
+
+
 def _csv_cell(value: Any) -> Any:
     """Text cells as valid Unicode (undecodable bytes as ``\\xNN``); numbers as they are."""
     if isinstance(value, (str, os.PathLike)):
@@ -282,15 +364,23 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def expand_inputs(items: Sequence[str]) -> list[str]:
-    """Files, folders (their images, sorted), globs and CSV lists -> image paths in order."""
+def expand_inputs(items: Sequence[str], notes: list[str] | None = None) -> list[str]:
+    """Files, folders (their images, sorted), globs and CSV lists -> image paths in order.
+
+    A folder gives its files with an image suffix and its DICOM files found by content (PACS and
+    DICOMDIR exports name them ``IM0001``, without suffix), not the DICOMDIR index itself. Files
+    that look like pictures of another format (BMP, GIF, JPEG 2000, ...) are skipped, and a line
+    saying so is appended to ``notes`` (the CLI prints it), so they do not vanish silently.
+    """
     out: list[str] = []
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = _folder_images(p, notes)
             if not found:
-                raise InputError(f"folder {item!r} holds no image ({sorted(IMAGE_SUFFIXES)})")
+                raise InputError(
+                    f"folder {item!r} holds no image ({sorted(IMAGE_SUFFIXES)} or DICOM files)"
+                )
             out += found
         elif p.suffix.lower() == ".csv" and p.is_file():
             out += _paths_from_csv(p)
@@ -304,27 +394,99 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     return out
 
 
+# DICOM's Media Storage Directory (DICOMDIR): an index of the other files, never an image.
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _is_dicom_image_file(f: Path) -> bool:
+    """A Part 10 file or bare dataset that is not a DICOMDIR (a damaged Part 10 file counts, so
+    that reading it names the damage instead of the file vanishing from the run)."""
+    from fastinsight.dicom import read_header
+
+    try:
+        ds = read_header(f)
+    except InputError:
+        return True
+    if ds is None:
+        return False
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    return sop != DICOMDIR_SOP_CLASS and "DirectoryRecordSequence" not in ds
+
+
+def _picture_suffixes() -> set[str]:
+    """Suffixes of picture formats Pillow knows (BMP, GIF, WebP, JPEG 2000, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()} | {".jp2", ".j2k", ".heic"}
+
+
+def _folder_images(folder: Path, notes: list[str] | None) -> list[str]:
+    found: list[str] = []
+    skipped: list[str] = []
+    pictures: set[str] | None = None
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        suffix = f.suffix.lower()
+        # Any other name may be DICOM (IM0001, 1.2.840....320, x.IMA): 132 bytes tell.
+        if suffix in IMAGE_SUFFIXES or _is_dicom_image_file(f):
+            found.append(str(f))
+            continue
+        pictures = _picture_suffixes() if pictures is None else pictures
+        if suffix in pictures:
+            skipped.append(f.name)
+    if skipped and notes is not None:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        notes.append(
+            f"skipped {len(skipped)} file(s) in {str(folder)!r} that are pictures but not PNG, "
+            f"JPEG, TIFF or DICOM ({shown}); convert them to PNG to include them"
+        )
+    return found
+
+
 def _paths_from_csv(p: Path) -> list[str]:
-    with open(p, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        col = next((c for c in PATH_COLUMNS if c in cols), None)
-        if col is None:
-            raise InputError(
-                f"{str(p)!r} has no image column; expected one of {list(PATH_COLUMNS)}, found {cols}"
-            )
-        paths = []
-        for row in reader:
-            q = Path(row[col]).expanduser()
-            paths.append(str(q if q.is_absolute() else p.parent / q))
+    """The image column of a CSV list (UTF-8, a BOM allowed) -> paths relative to the CSV's folder.
+
+    A row too short to reach the column, or with the cell empty, is one InputError naming its
+    line: DictReader gives None for a missing cell, which used to end in a TypeError traceback.
+    """
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            col = next((c for c in PATH_COLUMNS if c in cols), None)
+            if col is None:
+                raise InputError(
+                    f"{str(p)!r} has no image column; expected one of {list(PATH_COLUMNS)}, "
+                    f"found {cols}"
+                )
+            paths = []
+            for row in reader:
+                value = row.get(col)
+                if value is None or not value.strip():
+                    what = "has no cell" if value is None else "has an empty cell"
+                    raise InputError(
+                        f"{str(p)!r} line {reader.line_num} {what} in column {col!r}; every "
+                        "row needs an image path: fix or remove the row"
+                    )
+                q = Path(value.strip()).expanduser()
+                paths.append(str(q if q.is_absolute() else p.parent / q))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{str(p)!r} is not a readable UTF-8 CSV list of images ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
     if not paths:
         raise InputError(f"{str(p)!r} lists no image")
     return paths
 
 
 __all__ = [
+    "SCORE_CSV_FIXED",
     "PredictOptions",
     "RadiographResult",
+    "check_grey_model",
+    "check_score_columns",
     "expand_inputs",
     "load_radiograph_model",
     "predict_radiographs",
