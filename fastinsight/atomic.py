@@ -77,9 +77,12 @@ def resolve_output(path: str | os.PathLike[str]) -> Path:
         except OSError as exc:
             raise _loop_or(exc, given) from None
         candidate = parent / current.name
-        if not candidate.is_symlink():
-            return candidate
-        link = Path(os.readlink(candidate))
+        try:
+            if not candidate.is_symlink():
+                return candidate
+            link = Path(os.readlink(candidate))
+        except OSError as exc:  # a name longer than the file system allows (ENAMETOOLONG)
+            raise _loop_or(exc, given) from None
         current = link if link.is_absolute() else parent / link
         current = Path(os.path.abspath(current))
     raise OutputError(
@@ -93,6 +96,11 @@ def _loop_or(exc: OSError, given: Path) -> OutputError:
         return OutputError(
             f"output {str(given)!r} lies behind a symbolic link loop; fix the link or choose "
             "another path"
+        )
+    if exc.errno == errno.ENAMETOOLONG:
+        return OutputError(
+            f"output path is too long for the file system (a name over 255 bytes?): "
+            f"{str(given)[:80]!r}...; choose a shorter name"
         )
     return OutputError(f"cannot resolve output {str(given)!r}: {exc.strerror or exc}")
 

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastinsight.errors import BackendError, FastInsightError, InputError, SlideError
+from fastinsight.errors import BackendError, ConfigError, FastInsightError, InputError, SlideError
 
 if TYPE_CHECKING:
     import torch
@@ -197,7 +197,7 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``--device``: None/"auto" -> CUDA when visible, else the CPU; a bad name is an InputError,
+    """``--device``: None/"auto" -> CUDA when visible, else the CPU; a bad name is a ConfigError,
     CUDA asked for on a machine without it a BackendError (one line each, never a traceback)."""
     import torch
 
@@ -206,7 +206,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
+        raise ConfigError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(
             "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"

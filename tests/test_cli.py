@@ -51,13 +51,14 @@ def test_errors_are_one_line_without_traceback(tmp_path) -> None:
 
 def test_options_speak_fields_and_the_cli_speaks_flags() -> None:
     from fastinsight.cli.main import error_message
-    from fastinsight.errors import InputError
+    from fastinsight.errors import ConfigError, InputError
     from fastinsight.predict.slide import PredictOptions
 
-    with pytest.raises(InputError, match=r"^batch_size must be >= 1") as err:
+    with pytest.raises(ConfigError, match=r"^batch_size must be >= 1") as err:
         PredictOptions(batch_size=0)
     assert error_message(err.value) == "--batch-size must be >= 1, got 0"
-    with pytest.raises(InputError, match="min_cell_fraction") as err:
+    assert err.value.exit_code == 2  # a flag's value (docs/exit-codes.md), not the input's fault
+    with pytest.raises(ConfigError, match="min_cell_fraction") as err:
         PredictOptions(min_cell_fraction=2.0)
     assert error_message(err.value).startswith("--min-cell-tissue is a fraction")
     # only the fields an error names are rewritten, never other words of the message

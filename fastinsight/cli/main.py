@@ -49,6 +49,7 @@ FIELD_FLAGS: dict[str, str] = {
     "gpus_per_slide": "--gpus-per-slide",
     "max_retries": "--max-retries",
     "num_cpus": "--num-cpus",
+    "class_": "--class",
 }
 
 

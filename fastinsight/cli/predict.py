@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
-from fastinsight.errors import InputError, SlideError
+from fastinsight.errors import ConfigError, InputError, SlideError
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
 from fastinsight.text import clean_text
 
@@ -76,7 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report", help="JSON report: scores, thresholds, model, encoder, geometry, timings"
     )
-    p.add_argument("--scores", help="npz sidecar with the raw float heatmap cells and mask")
+    p.add_argument(
+        "--scores",
+        help="npz sidecar: the float32 heatmap cells (after the Otsu threshold) and tissue mask",
+    )
     add_ct_arguments(p)
     p.add_argument(
         "--profile",
@@ -99,9 +102,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "cannot run); reference = PyTorch",
     )
     p.add_argument(
-        "--batch-size", type=int, default=64, help="tiles per encoder batch (bounds GPU memory)"
+        "--batch-size",
+        type=int,
+        default=64,
+        help="tiles per encoder batch (bounds GPU memory; default %(default)s)",
     )
-    p.add_argument("--num-workers", type=int, default=2, help="tile reading/decoding threads")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="tile reading/decoding threads (default %(default)s)",
+    )
     p.add_argument(
         "--reader",
         default="auto",
@@ -120,16 +131,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--tissue",
         default="brightfield",
         choices=("brightfield", "fluorescence", "all"),
-        help="tissue detection: bright-field H&E, dark-background fluorescence, or every tile",
+        help="tissue detection: bright-field H&E, dark-background fluorescence, or every tile "
+        "(default %(default)s)",
     )
     p.add_argument(
-        "--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a tile"
+        "--min-tissue",
+        type=float,
+        default=0.1,
+        help="minimum tissue fraction of a tile (default %(default)s)",
     )
     p.add_argument(
         "--min-cell-tissue",
         type=float,
         default=0.5,
-        help="minimum tissue fraction of a heatmap cell",
+        help="minimum tissue fraction of a heatmap cell (default %(default)s)",
     )
     p.add_argument(
         "--mpp",
@@ -203,12 +218,12 @@ def flags_set(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinsight.atomic import prepare_outputs
+    from fastinsight.atomic import check_writable, prepare_outputs
     from fastinsight.inputs import check_input_path, resolve_device
-    from fastinsight.predict.slide import class_heatmap_path
+    from fastinsight.predict.slide import class_heatmap_path, pick_class
 
     if args.class_ is not None and args.all_classes:
-        raise InputError("--class and --all-classes exclude each other: pick one class or all")
+        raise ConfigError("--class and --all-classes exclude each other: pick one class or all")
     if wants_ct(args.slide, args.model or os.environ.get(MODEL_ENV)):
         # A NIfTI file / DICOM folder, or a volume model: the CT pipeline (fastinsight.volume).
         return run_predict_from_slide_args(args, resolve_model_path(args.model), flags_set(args))
@@ -216,11 +231,11 @@ def run(args: argparse.Namespace) -> int:
         # `fastinsight predict FEATURES.h5 --model M`: a feature file in the slide's place.
         args.features, args.slide = args.slide, None
     if not args.slide and not args.features:
-        raise InputError(
+        raise ConfigError(
             "give a slide (fastinsight predict SLIDE --out heatmap.tif) or --features H5"
         )
     if not any((args.out, args.overlay, args.geojson, args.report, args.scores)):
-        raise InputError(
+        raise ConfigError(
             "nothing to write: pass --out heatmap.tif (and/or --overlay, --geojson, --report, --scores)"
         )
     check_flags(args)
@@ -241,11 +256,15 @@ def run(args: argparse.Namespace) -> int:
             from fastinsight.slide.readers import dicom_slide_file
 
             dicom_slide_file(slide_path)
-    if args.out and Path(args.out).suffix.lower() not in (".tif", ".tiff"):
-        raise InputError(
-            f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use --overlay "
-            "for a PNG)"
-        )
+    if args.out:
+        check_writable(args.out)  # /dev/null, a folder: the output error, before the name's
+        if Path(args.out).suffix.lower() not in (".tif", ".tiff"):
+            raise ConfigError(
+                f"--out {args.out!r} must end in .tif or .tiff: it is a pyramidal TIFF (use "
+                "--overlay for a PNG)"
+            )
+    if args.class_ is not None:
+        pick_class(model.config.names, args.class_)  # before the work, not after it
     outputs = {
         "--overlay": args.overlay,
         "--geojson": args.geojson,
@@ -331,9 +350,26 @@ def write_outputs(result: Any, args: argparse.Namespace) -> None:
     )
 
 
+# Options that only a --features run reads, and the CT options: set on a slide run, refused
+# (an ignored flag is a user's misunderstanding kept silent).
+_FEATURE_DESTS = frozenset({"snap_to_grid", "ignore_file_geometry", "patches_h5", "patch_size_l0"})
+_CT_ONLY_DESTS = frozenset({"series", "lung_mask", "slices"})
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Flag values and combinations that would fail after the work, refused before it."""
     from fastinsight.inputs import MAX_SLIDE_SIDE_PX, check_input_path, check_mpp
+
+    given = flags_set(args)
+    stray = [flag for dest, flag in given.items() if dest in _CT_ONLY_DESTS]
+    if not args.features:
+        stray += [flag for dest, flag in given.items() if dest in _FEATURE_DESTS]
+    if stray:
+        what = "a feature file" if args.features else "a slide"
+        raise ConfigError(
+            f"{', '.join(stray)}: not used when predicting {what} (CT-only, or for --features "
+            "runs); drop them"
+        )
 
     if args.mpp is not None:
         check_mpp(args.mpp)
@@ -348,7 +384,7 @@ def check_flags(args: argparse.Namespace) -> None:
             check_input_path(args.patches_h5, "patches file", InputError)
         size = args.patch_size_l0
         if size is not None and not (math.isfinite(size) and 1 <= size <= MAX_SLIDE_SIDE_PX):
-            raise InputError(
+            raise ConfigError(
                 f"--patch-size-l0 must be a level-0 tile side in 1..{MAX_SLIDE_SIDE_PX} px, "
                 f"got {size}"
             )

@@ -27,15 +27,11 @@ from fastinsight.encoders import build_encoder
 from fastinsight.errors import InputError, OutputError
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.loading import load_for_predict
-from fastinsight.predict.slide import check_compatible
+from fastinsight.predict.slide import check_compatible, pick_class
 
 
 def _check_class(class_: str | None, names: Sequence[str]) -> None:
-    if class_ is None or class_ in names:
-        return
-    if class_.isdigit() and int(class_) < len(names):
-        return
-    raise InputError(f"unknown class {class_!r}; the model has {list(names)} (or an index)")
+    pick_class(tuple(names), class_)  # ConfigError naming the classes
 
 
 def _check_encoder(config: Any, weights: str | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError
 from fastinsight.predict.slide import PredictOptions
 
 
@@ -34,24 +34,24 @@ class CohortOptions:
 
     def __post_init__(self) -> None:
         if self.encoding not in ("score", "rgb"):
-            raise InputError(
+            raise ConfigError(
                 f"encoding must be 'score' or 'rgb', got {self.encoding!r}", fields=("encoding",)
             )
         if not self.cpus_per_slide > 0:
-            raise InputError(
+            raise ConfigError(
                 f"cpus_per_slide must be > 0, got {self.cpus_per_slide}", fields=("cpus_per_slide",)
             )
         if self.gpus_per_slide is not None and self.gpus_per_slide < 0:
-            raise InputError(
+            raise ConfigError(
                 f"gpus_per_slide must be >= 0, got {self.gpus_per_slide}",
                 fields=("gpus_per_slide",),
             )
         if self.max_retries < 0:
-            raise InputError(
+            raise ConfigError(
                 f"max_retries must be >= 0, got {self.max_retries}", fields=("max_retries",)
             )
         if self.num_cpus is not None and self.num_cpus < 1:
-            raise InputError(f"num_cpus must be >= 1, got {self.num_cpus}", fields=("num_cpus",))
+            raise ConfigError(f"num_cpus must be >= 1, got {self.num_cpus}", fields=("num_cpus",))
 
 
 __all__ = ["CohortOptions"]

@@ -24,7 +24,7 @@ from torch import Tensor
 from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path
 from fastinsight.context_bands import banded_raw_heatmap
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError, InputError
 from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
 from fastinsight.models.insight import InsightModel, non_finite_scores_error
 from fastinsight.ops.reference import tokens_as_grid
@@ -71,11 +71,11 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise InputError(
+            raise ConfigError(
                 f"batch_size must be >= 1, got {self.batch_size}", fields=("batch_size",)
             )
         if self.num_workers < 0:
-            raise InputError(
+            raise ConfigError(
                 f"num_workers must be >= 0, got {self.num_workers}", fields=("num_workers",)
             )
         for name, value in (
@@ -83,11 +83,11 @@ class PredictOptions:
             ("min_cell_fraction", self.min_cell_fraction),
         ):
             if not 0.0 <= value <= 1.0:
-                raise InputError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
+                raise ConfigError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
         if self.mpp is not None:
             check_mpp(self.mpp, "mpp", field="mpp")
         if self.decode not in ("cpu", "device"):
-            raise InputError(
+            raise ConfigError(
                 f"decode is 'cpu' or 'device', got {self.decode!r}", fields=("decode",)
             )
 
@@ -186,6 +186,26 @@ class Outputs:
         )
 
 
+def pick_class(names: tuple[str, ...] | list[str], name_or_index: str | int | None) -> int:
+    """The index of a class given by name or index (``--class``); None is the first class."""
+    if name_or_index is None:
+        return 0
+    text = str(name_or_index)
+    if text in names:
+        return list(names).index(text)
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if 0 <= k < len(names):
+        return k
+    raise ConfigError(
+        f"class_ {text!r} is not a class of the model: it has {list(names)} (names, or an index "
+        f"0..{len(names) - 1})",
+        fields=("class_",),
+    )
+
+
 @dataclass
 class SlideResult:
     """Everything one slide run produced, able to write every output.
@@ -216,18 +236,7 @@ class SlideResult:
         return self.n_tiles / wall if wall > 0 else float("nan")
 
     def class_index(self, name_or_index: str | int | None) -> int:
-        if name_or_index is None:
-            return 0
-        if isinstance(name_or_index, int) or str(name_or_index).isdigit():
-            k = int(name_or_index)
-            if not 0 <= k < len(self.class_names):
-                raise InputError(f"class index {k} out of range 0..{len(self.class_names) - 1}")
-            return k
-        if name_or_index not in self.class_names:
-            raise InputError(
-                f"unknown class {name_or_index!r}; the model has {list(self.class_names)}"
-            )
-        return self.class_names.index(str(name_or_index))
+        return pick_class(self.class_names, name_or_index)
 
     def write_outputs(self, outputs: Outputs) -> list[Path]:
         """Write every output ``outputs`` names, the report last (it records the write time).

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fastinsight.errors import InputError
+from fastinsight.errors import InputError, SlideError
 from fastinsight.slide.levels import LEVEL_TOLERANCE, best_level
 from fastinsight.slide.placement import grid_placement, paste, rc_placement
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 # A slide whose width is a whole number of tiles must not get an extra empty column from
 # floating-point noise.
 _EPS = 1e-9
+# No glass slide is wider than this (standard 75 x 25 mm, whole-mount "giant" slides ~127 x
+# 102 mm). A slide beyond it at its mpp has a wrong mpp (a 72-dpi tag, a typo in --mpp), and its
+# tile grid at the model's resolution could take more memory than the machine has.
+MAX_SLIDE_SIDE_MM = 200.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,13 @@ class TileGrid:
             )
         if self.level < 0:
             raise InputError(f"level must be >= 0; got {self.level}")
+        side_mm = max(self.slide_width, self.slide_height) * self.slide_mpp / 1000.0
+        if side_mm > MAX_SLIDE_SIDE_MM:
+            raise SlideError(
+                f"at {self.slide_mpp:g} um/px the {self.slide_width} x {self.slide_height} px slide "
+                f"is {side_mm:.0f} mm wide, more than any glass slide ({MAX_SLIDE_SIDE_MM:.0f} mm): "
+                "its mpp is wrong; pass the scanner's --mpp (e.g. 0.25 at 40x, 0.5 at 20x)"
+            )
 
     @classmethod
     def for_slide(

@@ -73,9 +73,19 @@ _OME_UNIT_UM = {
     "m": 1e6,
 }
 
-# A resolution tag that gives more than this many micrometres per pixel is a default (72 dpi
-# is 352.8 um/px), not a microscope calibration.
+# A file mpp above this many micrometres per pixel is a default (72 dpi is 352.8 um/px), not a
+# microscope calibration: treated as no mpp, whichever reader or tag gave it.
 _MAX_PLAUSIBLE_MPP = 100.0
+# x and y pixel sizes further apart than this (relative) are refused: the pipeline tiles square
+# pixels, and averaging them would misplace the heatmap by up to this fraction along one axis.
+_MPP_ANISOTROPY_TOL = 0.05
+
+
+def _plausible_mpp(mpp: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``mpp`` when both sides are positive, finite and at most :data:`_MAX_PLAUSIBLE_MPP`."""
+    if mpp is None or not all(math.isfinite(v) and 0 < v <= _MAX_PLAUSIBLE_MPP for v in mpp):
+        return None
+    return mpp
 
 
 def _slide_name(path: Path) -> str:
@@ -190,9 +200,17 @@ class SlideReader(abc.ABC):
 
     @property
     def mpp(self) -> float:
-        """Micrometres per level-0 pixel (the mean of x and y; they agree on real scanners)."""
+        """Micrometres per level-0 pixel: the mean of x and y, which agree on real scanners;
+        pixels more than 5 % from square are refused (``--mpp`` overrides both)."""
         mpp_x, mpp_y = self.mpp_xy
-        return (mpp_x + mpp_y) / 2.0
+        mean = (mpp_x + mpp_y) / 2.0
+        if abs(mpp_x - mpp_y) > _MPP_ANISOTROPY_TOL * mean:
+            raise SlideError(
+                f"slide {_slide_name(self._path)} has non-square pixels ({mpp_x:.4g} x "
+                f"{mpp_y:.4g} um); fastinsight tiles square pixels: resample it, or pass --mpp "
+                "if one of the two values is wrong"
+            )
+        return mean
 
     # ------------------------------------------------------------------------------ levels
     def best_level_for_downsample(
@@ -331,8 +349,8 @@ class OpenSlideReader(SlideReader):
         self._osr_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         mpp_x = _parse_float(self._properties.get("openslide.mpp-x"))
         mpp_y = _parse_float(self._properties.get("openslide.mpp-y"))
-        if mpp_x and mpp_y and mpp_x > 0 and mpp_y > 0:
-            self._file_mpp = (mpp_x, mpp_y)
+        if mpp_x is not None and mpp_y is not None:
+            self._file_mpp = _plausible_mpp((mpp_x, mpp_y))
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
@@ -422,7 +440,8 @@ class TiffFileReader(SlideReader):
         first = pages[0]
         self._vendor = _tiff_vendor(tif)
         self._properties = _tiff_properties(tif, first, self._vendor)
-        self._file_mpp = _tiff_mpp(tif, first)
+        index = next(i for i, s in enumerate(tif.series) if s is main)
+        self._file_mpp = _tiff_mpp(tif, first, index)
         if self._file_mpp is not None:
             self._properties["fastinsight.mpp-x"] = repr(self._file_mpp[0])
             self._properties["fastinsight.mpp-y"] = repr(self._file_mpp[1])
@@ -695,22 +714,28 @@ def _segment_shape(page: Any) -> tuple[int, int]:
     return min(rows, int(page.imagelength)), int(page.imagewidth)
 
 
+class _UnsupportedLayout(SlideError):
+    """A reader parsed the file and found a pixel layout fastinsight does not read (float or
+    16-bit samples, CMYK, a volume): a diagnosis, shown alone rather than beside other readers'
+    guesses."""
+
+
 def _check_page_supported(page: Any, path: Path) -> None:
     dtype = np.dtype(page.dtype) if page.dtype is not None else None
     if dtype != np.uint8:
-        raise SlideError(
+        raise _UnsupportedLayout(
             f"slide {_slide_name(path)} has {dtype} samples; fastinsight reads 8-bit RGB or "
             "grayscale slides; convert it (e.g. with bfconvert or vips) to 8-bit"
         )
     if int(page.imagedepth) != 1:
-        raise SlideError(
+        raise _UnsupportedLayout(
             f"slide {_slide_name(path)} is a volume (ImageDepth > 1); expected a 2-D slide"
         )
     photometric = int(page.photometric)
     spp = int(page.samplesperpixel)
     # 0 MinIsWhite, 1 MinIsBlack, 2 RGB, 6 YCbCr (JPEG decodes it to RGB)
     if photometric not in {0, 1, 2, 6} or spp not in {1, 2, 3, 4}:
-        raise SlideError(
+        raise _UnsupportedLayout(
             f"slide {_slide_name(path)} has photometric {photometric} with {spp} samples; "
             "expected RGB(A) or grayscale; convert it to RGB"
         )
@@ -797,19 +822,20 @@ def _tiff_properties(tif: Any, page: Any, vendor: str) -> dict[str, str]:
     return props
 
 
-def _tiff_mpp(tif: Any, page: Any) -> tuple[float, float] | None:
-    """mpp from OME PhysicalSize, Aperio ``MPP =``, or X/YResolution with ResolutionUnit."""
+def _tiff_mpp(tif: Any, page: Any, series: int = 0) -> tuple[float, float] | None:
+    """mpp from OME PhysicalSize (of Image ``series``), Aperio ``MPP =``, or X/YResolution
+    with ResolutionUnit; an implausible value counts as none (:func:`_plausible_mpp`)."""
     if getattr(tif, "is_ome", False) and tif.ome_metadata:
-        mpp = _ome_mpp(tif.ome_metadata)
+        mpp = _plausible_mpp(_ome_mpp(tif.ome_metadata, series))
         if mpp is not None:
             return mpp
     description = page.description or ""
     match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
     if match:
         value = _parse_float(match.group(1))
-        if value and value > 0:
+        if value is not None and _plausible_mpp((value, value)):
             return (value, value)
-    return _resolution_mpp(page)
+    return _plausible_mpp(_resolution_mpp(page))
 
 
 def _resolution_mpp(page: Any) -> tuple[float, float] | None:
@@ -825,18 +851,20 @@ def _resolution_mpp(page: Any) -> tuple[float, float] | None:
     xres, yres = _rational(xres_tag.value), _rational(yres_tag.value)
     if not xres or not yres or xres <= 0 or yres <= 0:
         return None
-    mpp = (um_per_unit / xres, um_per_unit / yres)
-    if max(mpp) > _MAX_PLAUSIBLE_MPP:
-        return None
-    return mpp
+    return (um_per_unit / xres, um_per_unit / yres)
 
 
-def _ome_mpp(xml: str) -> tuple[float, float] | None:
+def _ome_mpp(xml: str, image: int = 0) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the ``image``-th OME ``Image`` (tifffile's series of the same index:
+    a label or macro image may come first, with its own pixel size)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
-    for elem in root.iter():
+    images = [e for e in root if e.tag.endswith("}Image") or e.tag == "Image"]
+    if not 0 <= image < len(images):
+        return None
+    for elem in images[image]:
         if elem.tag.endswith("Pixels"):
             sizes = []
             for axis in ("X", "Y"):
@@ -1114,6 +1142,7 @@ def open_slide(
     order = [k for k in order if k in kinds]
 
     attempts: list[str] = []
+    diagnosis: str | None = None
     opened: list[SlideReader] = []
     for kind in order:
         if kind == "tifffile" and opened:
@@ -1122,6 +1151,8 @@ def open_slide(
             reader = kinds[kind](path, mpp=mpp)
         except SlideError as exc:
             attempts.append(str(exc))
+            if isinstance(exc, _UnsupportedLayout):
+                diagnosis = diagnosis or str(exc)
             continue
         try:
             if validate:
@@ -1139,7 +1170,10 @@ def open_slide(
             if other is not chosen:
                 other.close()
         return chosen
-    truncated = [a for a in attempts if "truncated" in a]
+    if diagnosis is not None:
+        raise SlideError(diagnosis)
+    # A reader's finding ("is truncated") beats OpenSlide's generic "may be truncated" guess.
+    truncated = [a for a in attempts if "is truncated" in a]
     if truncated:
         raise SlideError(truncated[0])
     what = "; ".join(attempts)

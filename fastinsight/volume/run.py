@@ -122,8 +122,11 @@ def is_volume_input(path: str | Path) -> bool:
     p = Path(path)
     if is_nifti(p):
         return True
-    if is_whole_slide_image(p):
-        return False  # a DICOM whole-slide image: the slide pipeline reads it
-    if p.is_dir():
-        return any(has_preamble(f) for f in list(p.rglob("*"))[:50] if f.is_file())
-    return p.suffix.lower() == ".dcm" or (p.is_file() and has_preamble(p))
+    try:
+        if is_whole_slide_image(p):
+            return False  # a DICOM whole-slide image: the slide pipeline reads it
+        if p.is_dir():
+            return any(has_preamble(f) for f in list(p.rglob("*"))[:50] if f.is_file())
+        return p.suffix.lower() == ".dcm" or (p.is_file() and has_preamble(p))
+    except OSError:  # a name too long, a loop: not a volume; the input check says what it is
+        return False

@@ -47,7 +47,7 @@ from fastinsight.cohort import (  # noqa: E402
     predict_cohort,
     read_summary,
 )
-from fastinsight.errors import InputError  # noqa: E402
+from fastinsight.errors import ConfigError, InputError  # noqa: E402
 from fastinsight.models.checkpoints import load_model, model_identity  # noqa: E402
 from fastinsight.models.config import InsightConfig  # noqa: E402
 from fastinsight.models.insight import InsightModel  # noqa: E402
@@ -642,10 +642,10 @@ def test_sigterm_mid_cohort_keeps_finished_slides_and_the_rerun_completes(
 
 def test_cohort_options_are_checked() -> None:
     # the library names its fields; the CLI shows them as its flags
-    with pytest.raises(InputError, match="cpus_per_slide") as err:
+    with pytest.raises(ConfigError, match="cpus_per_slide") as err:
         CohortOptions(cpus_per_slide=0)
     assert error_message(err.value).startswith("--cpus-per-slide must be > 0")
-    with pytest.raises(InputError, match="max_retries") as err:
+    with pytest.raises(ConfigError, match="max_retries") as err:
         CohortOptions(max_retries=-1)
     assert "--max-retries" in error_message(err.value)
     assert cohort.EXIT_SLIDES_FAILED not in range(2, 8)  # distinct from FastInsightError codes

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from fastinsight.errors import CheckpointError, InputError, SlideError
+from fastinsight.errors import CheckpointError, ConfigError, InputError, SlideError
 from fastinsight.models.checkpoints import CONFIG_KEY, FORMAT_KEY
 from fastinsight.models.insight import InsightModel
 from tests.hardening.conftest import assert_one_error_line, run_cli, run_main, tiny_config
@@ -159,7 +159,7 @@ def test_absurd_patch_size_l0(tmp_path: Path, tiny_model, tiny_features, size, c
         capsys, "predict", "--features", tiny_features, "-m", tiny_model,
         "--patch-size-l0", size, "--report", tmp_path / "r.json",
     )  # fmt: skip
-    assert "--patch-size-l0" in assert_one_error_line(proc, InputError.exit_code)
+    assert "--patch-size-l0" in assert_one_error_line(proc, ConfigError.exit_code)
 
 
 def test_absurd_recorded_slide_size_and_magnification(tmp_path: Path, tiny_model, capsys) -> None:

@@ -366,10 +366,16 @@ def test_outputs_never_overwrite_inputs_and_flags_are_checked_first(
             "would destroy",
         ),
         (["--out", "/proc/fastinsight-x.tif"], 6, "cannot create files"),
-        (["--out", str(tmp_path / "h.png")], 4, "must end in .tif"),
-        (["--out", str(tmp_path / "h.tif"), "--device", "foo"], 4, "not a device"),
-        (["--out", str(tmp_path / "h.tif"), "--min-cell-tissue", "-3"], 4, "fraction"),
-        (["--out", str(tmp_path / "h.tif"), "--class", "tumour", "--all-classes"], 4, "exclude"),
+        (["--out", "/dev/null"], 6, "not a regular file"),
+        # A flag's value (docs/exit-codes.md): exit 2, before any work.
+        (["--out", str(tmp_path / "h.png")], 2, "must end in .tif"),
+        (["--out", str(tmp_path / "h.tif"), "--device", "foo"], 2, "not a device"),
+        (["--out", str(tmp_path / "h.tif"), "--min-cell-tissue", "-3"], 2, "fraction"),
+        (["--out", str(tmp_path / "h.tif"), "--class", "tumour", "--all-classes"], 2, "exclude"),
+        (["--out", str(tmp_path / "h.tif"), "--class", "nosuch"], 2, "is not a class"),
+        (["--out", str(tmp_path / "h.tif"), "--class", "-1"], 2, "is not a class"),
+        (["--out", str(tmp_path / "h.tif"), "--series", "1.2.3"], 2, "--series: not used"),
+        (["--out", str(tmp_path / "h.tif"), "--patch-size-l0", "224"], 2, "not used"),
     ]
     for extra, code, text in cases:
         assert _predict(slide, "--model", tiny_model_path, *extra) == code, extra
