@@ -5,7 +5,9 @@ Shipped as ``fastinsight.export``. Nothing heavy is imported here: ``onnx``, ``o
 
 - :func:`export_head_onnx`, :class:`HeadExportOptions` (``fastinsight.export.head``)
 - :func:`export_encoder_onnx` (``fastinsight.export.encoder``)
-- :func:`verify_head_onnx`, :func:`verify_encoder_onnx` (``fastinsight.export.verify``)
+- :func:`verify_head_onnx`, :func:`verify_encoder_onnx`, and :func:`export_verified_head`,
+  :func:`export_verified_encoder` (export, check, then rename into place)
+  (``fastinsight.export.verify``)
 - :func:`build_engine`, :func:`check_engine` (``fastinsight.export.tensorrt``)
 - :func:`write_triton_repo`, :func:`check_repo` (``fastinsight.export.triton``)
 """
@@ -22,6 +24,8 @@ _EXPORTS = {
     "export_encoder_onnx": "encoder",
     "verify_head_onnx": "verify",
     "verify_encoder_onnx": "verify",
+    "export_verified_head": "verify",
+    "export_verified_encoder": "verify",
     "build_engine": "tensorrt",
     "check_engine": "tensorrt",
     "write_triton_repo": "triton",

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,11 +207,16 @@ def finalize_and_save(
     doc: str,
     forbidden_ops: Iterable[str] = (),
     check: bool = True,
+    before_commit: Callable[[Path], object] | None = None,
 ) -> Path:
     """Stamp metadata, refuse forbidden operators, check and save ``proto`` atomically.
 
     Models over ~1.8 GB keep their weights in ``<name>.data`` beside the graph (ONNX's protobuf
     limit is 2 GB); onnxruntime and TensorRT's parser read it from the same folder.
+
+    ``before_commit(tmp_path)`` runs on the finished file in its temporary folder, before it is
+    renamed into place: a parity check that raises there leaves no file behind and the previous
+    ``out_path`` untouched (a file that fails its check is no output: "nothing destroyed").
     """
     import onnx
 
@@ -251,4 +256,6 @@ def finalize_and_save(
                 raise OutputError(
                     f"the exported ONNX graph fails onnx.checker ({exc}); nothing was written"
                 ) from exc
+        if before_commit is not None:
+            before_commit(path)
     return target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from fastinsight.errors import BackendError, InputError
 
-from .head import DEFAULT_OPSET, PRECISIONS, quiet_exporter
+from .head import DEFAULT_OPSET, PRECISIONS, exporter_failure, quiet_exporter
 
 ENCODER_INPUT = "tiles"
 ENCODER_OUTPUT = "tokens"
@@ -81,8 +82,13 @@ def export_encoder_onnx(
     opset: int = DEFAULT_OPSET,
     *,
     check: bool = True,
+    before_commit: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Export ``encoder`` (a ``fastinsight.encoders.Encoder``) to ``out_path`` atomically."""
+    """Export ``encoder`` (a ``fastinsight.encoders.Encoder``) to ``out_path`` atomically.
+
+    ``before_commit(tmp_path)`` (a parity check) runs on the finished graph before it replaces
+    ``out_path``; if it raises, nothing is written.
+    """
     from fastinsight.atomic import check_writable
 
     from ._onnx_io import check_finite_weights, finalize_and_save
@@ -110,7 +116,7 @@ def export_encoder_onnx(
     t = int(encoder.tile_size_px)  # type: ignore[arg-type]
     example = (torch.randint(0, 256, (2, t, t, 3), dtype=torch.uint8),)
     batch = torch.export.Dim("B", min=1, max=1 << 20)
-    with torch.no_grad(), quiet_exporter():
+    with torch.no_grad(), quiet_exporter(), exporter_failure(f"encoder {name!r}"):
         program = torch.onnx.export(
             wrapper,
             example,
@@ -131,4 +137,5 @@ def export_encoder_onnx(
         doc=f"patch encoder {name}: uint8 tiles [B, H, W, 3] -> tokens [B, C, h, w]",
         forbidden_ops=FORBIDDEN_OPS,
         check=check,
+        before_commit=before_commit,
     )

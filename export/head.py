@@ -30,14 +30,14 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from fastinsight.errors import BackendError, InputError
+from fastinsight.errors import BackendError, FastInsightError, InputError
 from fastinsight.models.insight import InsightModel
 from fastinsight.ops import graph_ops
 from fastinsight.ops.threshold_pool import IMPL_EXPORT, ThresholdAndPool
@@ -174,9 +174,33 @@ class InsightOnnxHead(nn.Module):
         return raw, heatmap.to(raw.dtype), t, scores
 
 
-def _dims(model: InsightModel) -> tuple[int, int, int]:
+def free_grid(model: InsightModel) -> bool:
+    """Whether the graph's grid axes (h, w) are dynamic.
+
+    A channel norm has no fixed grid, and a ``context="slide"`` model takes one stitched slide
+    grid whose size is the slide's, so h and w are free; a per-tile LayerNorm fixes them.
+    """
     cfg = model.config
-    return cfg.in_dim, *cfg.grid_size
+    return cfg.context == "slide" or cfg.norm == "channel"
+
+
+def _dims(model: InsightModel) -> tuple[int, int, int]:
+    """(C, h, w) of the example the graph is traced with.
+
+    Where the grid axes are dynamic the example must not pin them: torch.export specialises a
+    dimension whose example size is 0 or 1 (so a 1 x 1 grid, the CLAM/TRIDENT per-tile vectors of
+    a ``context="slide"`` model, fails with "H = Dim('H', max=1)"), and duck-sizes two dims of
+    equal example size into one symbol (which would force H == W). The example grid is therefore
+    at least 2 x 3 and never square; a fixed grid keeps the model's own size.
+    """
+    cfg = model.config
+    h, w = cfg.grid_size
+    if free_grid(model):
+        h = max(h, 2)
+        w = max(w, 2)
+        if w == h:
+            w += 1
+    return cfg.in_dim, h, w
 
 
 def example_inputs(
@@ -204,11 +228,21 @@ def example_inputs(
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's progress prints and known-harmless warnings."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    # torch._guards and the symbolic-shapes / dynamo loggers print whole tracebacks at ERROR
+    # level before the exception they describe is raised; the exception is reported instead.
+    names = (
+        "torch.onnx",
+        "torch.export",
+        "onnxscript",
+        "torch._guards",
+        "torch._dynamo",
+        "torch.fx.experimental.symbolic_shapes",
+    )
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            lg.setLevel(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with contextlib.redirect_stdout(io.StringIO()):
@@ -216,6 +250,30 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def exporter_failure(what: str) -> Iterator[None]:
+    """Turn a failure inside ``torch.onnx.export`` into one ``BackendError`` line.
+
+    The exporter raises its own exception types (``TorchExportError``, ``UserError``, ...) with
+    messages of hundreds of lines; the CLI would show them as an internal error with a traceback.
+    Nothing has been written when they occur (the file is saved afterwards), so the line says so
+    and keeps the first line of the exporter's reason. ``FastInsightError`` (a bad input seen
+    during the trace) passes through unchanged.
+    """
+    try:
+        yield
+    except FastInsightError:
+        raise
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[0] if lines else "no reason given"
+        raise BackendError(
+            f"torch.onnx.export could not export {what} ({type(exc).__name__}: {reason[:300]}); "
+            "nothing was written: try another --opset or torch/onnxscript version, and report "
+            "it to fastinsight if it persists"
+        ) from exc
 
 
 def _check_exportable(model: InsightModel, options: HeadExportOptions) -> None:
@@ -253,8 +311,7 @@ def build_head_program(model: InsightModel, options: HeadExportOptions) -> objec
     check_finite_weights(wrapper.model, "INSIGHT model", precision=options.precision)
     n_dim = torch.export.Dim("N", min=1, max=1 << 24)
     dyn_tokens: dict[int, object] = {0: n_dim}
-    if cfg.context == "slide" or cfg.norm == "channel":
-        # A channel norm has no fixed grid: h and w are free too.
+    if free_grid(model):
         dyn_tokens.update({2: torch.export.Dim("H", min=1), 3: torch.export.Dim("W", min=1)})
     # Keyed by the wrapper's argument names (the ONNX names come from input_names).
     dynamic_shapes: dict[str, object] = {"tokens": dyn_tokens}
@@ -262,9 +319,9 @@ def build_head_program(model: InsightModel, options: HeadExportOptions) -> objec
         dynamic_shapes["mask"] = {i: d for i, d in dyn_tokens.items() if i == 0} | {
             i - 1: d for i, d in dyn_tokens.items() if i >= 2
         }
-    # N = 2 in the example: torch.export specialises sizes 0 and 1.
+    # N = 2 in the example: torch.export specialises sizes 0 and 1 (see ``_dims`` for h, w).
     example = example_inputs(model, 2, options)
-    with torch.no_grad(), quiet_exporter():
+    with torch.no_grad(), quiet_exporter(), exporter_failure("the INSIGHT head"):
         program = torch.onnx.export(
             wrapper,
             example,
@@ -276,6 +333,8 @@ def build_head_program(model: InsightModel, options: HeadExportOptions) -> objec
             optimize=True,
             verbose=False,
         )
+    if program is None:
+        raise BackendError("torch.onnx.export returned no program; upgrade torch and onnxscript")
     return program
 
 
@@ -304,11 +363,14 @@ def export_head_onnx(
     options: HeadExportOptions | None = None,
     *,
     check: bool = True,
+    before_commit: Callable[[Path], object] | None = None,
 ) -> Path:
     """Export ``model`` to ``out_path`` (atomically) and check the graph.
 
     Returns the path written. Raises InputError for an unsupported model/option combination,
-    BackendError when the export toolchain is missing.
+    BackendError when the export toolchain is missing or fails. ``before_commit(tmp_path)``
+    (a parity check: ``fastinsight.export.verify.export_verified_head``) runs on the finished
+    graph before it replaces ``out_path``; if it raises, nothing is written.
     """
     from fastinsight.atomic import check_writable
 
@@ -325,4 +387,5 @@ def export_head_onnx(
         doc=f"INSIGHT head ({model.config.num_classes} classes), exported by fastinsight",
         forbidden_ops=FORBIDDEN_OPS,
         check=check,
+        before_commit=before_commit,
     )

@@ -392,7 +392,7 @@ def write_triton_repo(
         written: list[Any] = []
         head_onnx = export_head_onnx(model, _slot(work, HEAD), opts)
         if verify:
-            verify_head_onnx(head_onnx, model, options=opts)
+            verify_head_onnx(head_onnx, model, options=opts, shown=f"{target}/{HEAD}")
         head_cfg = onnx_model_config(HEAD, head_onnx, instances=instances, instance_kind=kind)
         _write_model(root, head_cfg, {"model.onnx": head_onnx})
         written.append(head_cfg)
@@ -417,7 +417,7 @@ def write_triton_repo(
         if encoder is not None:
             enc_onnx = export_encoder_onnx(encoder, _slot(work, ENCODER), encoder_precision)
             if verify:
-                verify_encoder_onnx(enc_onnx, encoder)
+                verify_encoder_onnx(enc_onnx, encoder, shown=f"{target}/{ENCODER}")
             enc_cfg = onnx_model_config(
                 ENCODER,
                 enc_onnx,
@@ -447,8 +447,13 @@ def write_triton_repo(
                 post_opts = replace(opts, postprocess_only=True)
                 post_onnx = export_head_onnx(model, _slot(work, POSTPROCESS), post_opts)
                 if verify:
-                    verify_head_onnx(raw_onnx, model, sizes=(1, 7), options=raw_opts)
-                    verify_head_onnx(post_onnx, model, sizes=(1, 7), options=post_opts)
+                    for graph, graph_opts, name in (
+                        (raw_onnx, raw_opts, HEAD_RAW),
+                        (post_onnx, post_opts, POSTPROCESS),
+                    ):
+                        verify_head_onnx(
+                            graph, model, (1, 7), options=graph_opts, shown=f"{target}/{name}"
+                        )
                 raw_cfg = onnx_model_config(
                     HEAD_RAW,
                     raw_onnx,

@@ -152,6 +152,16 @@ def geometry_from_attrs(attrs: Mapping[str, Any], source: str) -> FileGeometry:
         overlap = _as_number(attrs.get("overlap")) or 0.0
         scale = ps_l0 / patch_size if patch_size else 1.0
         step = int(round(ps_l0 - overlap * scale))
+        # TRIDENT's overlap is in px at the target magnification, 0 <= overlap < patch_size.
+        # One that leaves no pitch (or a negative one) is a damaged record, not "no overlap":
+        # falling back to the tile size would stitch the tiles at a pitch the file contradicts.
+        if not math.isfinite(overlap) or overlap < 0 or step <= 0:
+            raise InputError(
+                f"{source}: TRIDENT 'coords' attrs give overlap={overlap:g} for "
+                f"patch_size={patch_size} (patch_size_level0={ps_l0}): a grid pitch of "
+                f"{step} level-0 px; overlap must be >= 0 and below the patch size: the "
+                "attributes are damaged, re-run the extraction"
+            )
         target_mag = _as_number(attrs.get("target_magnification"))
         mpp = 10.0 / target_mag if target_mag and target_mag > 0 else None
         w0, h0 = _as_int(attrs.get("level0_width")), _as_int(attrs.get("level0_height"))
@@ -495,15 +505,38 @@ def _open_h5(path: Path) -> Any:
 
 
 def _dataset(fh: Any, name: str, path: Path) -> Any:
+    """``fh[name]`` as an h5py Dataset, else one ``InputError`` saying what ``name`` is.
+
+    A name can be listed by ``keys()`` and still not be a dataset: a group, a soft link to
+    nothing, or an external link whose file or path is missing; "no dataset 'features' (found
+    ['coords', 'features'])" would contradict itself, so each case is named.
+    """
     import h5py
 
-    obj = fh.get(name)
-    if not isinstance(obj, h5py.Dataset):
+    layout = "expected the official INSIGHT, CLAM or TRIDENT layout with 'features' and 'coords'"
+    link = fh.get(name, getlink=True)
+    if link is None:
         found = sorted(fh.keys())
+        raise InputError(f"{str(path)!r} has no dataset {name!r} (found {found}); {layout}")
+    try:
+        obj = fh.get(name)
+    except (OSError, KeyError, ValueError):
+        obj = None
+    if obj is None:
+        if isinstance(link, h5py.ExternalLink):
+            target = f"{link.path!r} in file {link.filename!r}"
+            what = f"an external link to {target}, which cannot be opened"
+        elif isinstance(link, h5py.SoftLink):
+            what = f"a link to {link.path!r}, which does not exist"
+        else:
+            what = "an object that cannot be opened"
         raise InputError(
-            f"{str(path)!r} has no dataset {name!r} (found {found}); expected the official "
-            "INSIGHT, CLAM or TRIDENT layout with 'features' and 'coords'"
+            f"{str(path)!r}: {name!r} is {what}; store the {name} in the file itself ({layout})"
         )
+    if not isinstance(obj, h5py.Dataset):
+        kind = "a group" if isinstance(obj, h5py.Group) else f"a {type(obj).__name__}"
+        inside = f" (holding {sorted(obj.keys())[:5]})" if isinstance(obj, h5py.Group) else ""
+        raise InputError(f"{str(path)!r}: {name!r} is {kind}{inside}, not a dataset; {layout}")
     return obj
 
 

@@ -90,34 +90,44 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    from fastinsight.export.verify import describe
-
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
     if args.encoder:
         if args.head_only or args.postprocess_only or args.with_mask:
             raise InputError("--head-only/--postprocess-only/--with-mask apply to --model only")
-        from fastinsight.export.encoder import export_encoder_onnx, load_encoder
-        from fastinsight.export.verify import verify_encoder_onnx
+        from fastinsight.export.encoder import load_encoder
+        from fastinsight.export.verify import export_verified_encoder
 
         encoder = load_encoder(args.encoder, args.encoder_weights)
-        path = export_encoder_onnx(encoder, args.out, args.precision, args.opset)
-        print(f"wrote {path} ({describe(path)})")
-        if not args.no_verify:
-            print(verify_encoder_onnx(path, encoder).summary())
+        path, report = export_verified_encoder(
+            encoder, args.out, args.precision, args.opset, verify=not args.no_verify
+        )
+        _report_written(path, report)
         return 0
-    from fastinsight.export.head import export_head_onnx
-    from fastinsight.export.verify import verify_head_onnx
+    from fastinsight.export.verify import export_verified_head
 
     model = _load_model(args.model)
     if getattr(model, "modality", None) == "radiograph":
         return _run_radiograph_onnx(args, model)
     options = _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
-    path = export_head_onnx(model, args.out, options)  # type: ignore[arg-type]
-    print(f"wrote {path} ({describe(path)})")
-    if not args.no_verify:
-        print(verify_head_onnx(path, model, options=options).summary())  # type: ignore[arg-type]
+    path, report = export_verified_head(
+        model,  # type: ignore[arg-type]
+        args.out,
+        options,  # type: ignore[arg-type]
+        verify=not args.no_verify,
+    )
+    _report_written(path, report)
     return 0
+
+
+def _report_written(path: Path, report: object) -> None:
+    """Say "wrote" only once the file is in place: the parity check runs before the rename
+    (``export_verified_*``), so a graph that fails it is neither kept nor announced."""
+    from fastinsight.export.verify import describe
+
+    print(f"wrote {path} ({describe(path)})")
+    if report is not None:
+        print(report.summary())  # type: ignore[attr-defined]
 
 
 def _radiograph_refuses(args: argparse.Namespace, flags: dict[str, bool]) -> None:
@@ -144,9 +154,9 @@ def _run_radiograph_onnx(args: argparse.Namespace, model: object) -> int:
         },
     )
     path = export_radiograph_onnx(model, args.out, opset=args.opset)
+    diffs = None if args.no_verify else verify_radiograph_onnx(model, path)
     print(f"wrote {path} ({describe(path)})")
-    if not args.no_verify:
-        diffs = verify_radiograph_onnx(model, path)
+    if diffs is not None:
         print(
             "onnxruntime vs PyTorch max |diff|: "
             + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())

@@ -12,9 +12,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastinsight.errors import CheckpointError
     from fastinsight.models.checkpoints import load_model, sniff_format
 
-    model = load_model(args.model, backend="reference", device="cpu")
+    try:
+        model = load_model(args.model, backend="reference", device="cpu")
+    except CheckpointError:
+        path = Path(args.model)
+        if path.name.endswith(".train.pt"):
+            # What `fastinsight train` writes beside the model: optimizer moments, history and
+            # split to resume from, not a model (the message would say "not a state_dict").
+            model_path = path.with_name(path.name[: -len(".train.pt")] + ".safetensors")
+            raise CheckpointError(
+                f"{str(path)!r} is a training-resume state written by `fastinsight train` (to "
+                f"resume that run), not a model; the model is {str(model_path)!r}: run "
+                "`fastinsight info` on it"
+            ) from None
+        raise
     cfg = json.loads(model.config.to_json())
     print(
         json.dumps(

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--accumulate", type=int, default=d.accumulate, help="slides per optimizer step")
     t.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--resume", action="store_true", help="continue from <out>.train.pt")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh over a previous run's --out, .train.pt and .metrics.* (without it, "
+        "a fresh run refuses to replace them)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         tile_size_px=args.tile_size,
         mpp=args.mpp,
         resume=args.resume,
+        overwrite=args.overwrite,
         skip_missing=args.skip_missing,
         progress=not args.no_progress,
         log=tqdm.write,

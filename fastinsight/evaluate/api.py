@@ -34,11 +34,26 @@ class _GroundTruth:
     mask_downsample: float | None
     mask_values: Sequence[int] | None
     geojson_classes: Iterable[str] | None
-    cache: dict[tuple[str, int | None], np.ndarray] = field(default_factory=dict)
+    cache: dict[tuple[str, int | None], tuple[np.ndarray, dict[str, Any]]] = field(
+        default_factory=dict
+    )
 
-    def __call__(self, pr: EvalInput, k: int) -> np.ndarray | None:
+    def __call__(self, pr: EvalInput, k: int, *, positive: bool = False) -> np.ndarray | None:
         """Ground truth of class ``k`` on ``pr``'s grid, or None when there is none.
-        Shapes: -> ``[H, W]`` bool."""
+        Shapes: -> ``[H, W]`` bool.
+
+        ``positive``: the slide is labelled positive for ``k``, so a GeoJSON file that yields no
+        polygon for it is refused (``_no_polygon``) rather than scored as "no lesion" (Dice 0).
+        """
+        entry = self._entry(pr, k)
+        if entry is None:
+            return None
+        grid, info = entry
+        if positive and info.get("polygons") == 0:
+            raise _no_polygon(pr.slide_id, self.names[k], info)
+        return grid
+
+    def _entry(self, pr: EvalInput, k: int) -> tuple[np.ndarray, dict[str, Any]] | None:
         if pr.slide_id not in self.files:
             return None
         path = Path(self.files[pr.slide_id])
@@ -51,7 +66,7 @@ class _GroundTruth:
             if key not in self.cache:
                 self.cache[key] = ground_truth_on_grid(
                     path, pr, method=self.resample, geojson_classes=wanted
-                )[0]
+                )
             return self.cache[key]
         if self.gt_k is None:
             raise InputError(
@@ -68,8 +83,25 @@ class _GroundTruth:
                 method=self.resample,
                 mask_downsample=self.mask_downsample,
                 mask_values=self.mask_values,
-            )[0]
+            )
         return self.cache[key]
+
+
+def _no_polygon(slide_id: str, name: str, info: Mapping[str, Any]) -> InputError:
+    """A positive slide whose GeoJSON yields no polygon: say what the file held instead."""
+    held = [f"{info.get('features', 0)} features"]
+    if info.get("null_geometries"):
+        held.append(f"{info['null_geometries']} with geometry null")
+    if info.get("no_area"):
+        held.append(f"{info['no_area']} points, lines or rings under 3 positions")
+    if info.get("classes"):
+        held.append(f"classes {info['classes'][:5]}")
+    return InputError(
+        f"slide {slide_id!r} is positive for {name} but its ground truth {info.get('source')!r} "
+        f"yields no polygon for it ({', '.join(held)}); scoring it would count a Dice of 0: fix "
+        "the annotation (or its classification, or --gt-class), or remove the file to leave "
+        "the slide out of the Dice"
+    )
 
 
 def _check_predictions(predictions: Sequence[EvalInput], labels: Labels) -> None:
@@ -125,7 +157,7 @@ def _score_slide(
     for k in range(len(y)):
         truth: np.ndarray | None = None
         if y[k] == 1:
-            truth = truth_for(pr, k)
+            truth = truth_for(pr, k, positive=True)
             if truth is None and has_gt:
                 notes.append(
                     f"slide {pr.slide_id!r} is positive for {truth_for.names[k]} but has no "

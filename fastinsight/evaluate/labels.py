@@ -27,8 +27,36 @@ class Labels:
         return tuple(self.values)
 
 
+ID_COLUMNS = ("slide_id", "slide", "case_id", "id")
+
+
+def _columns(header: list[str], p: Path) -> tuple[int, int | None, list[int]]:
+    """(slide id column, split column or None, class columns) of a labels CSV header.
+
+    CLAM's dataset CSVs are ``case_id,slide_id,label``: the slides are named by ``slide_id``
+    wherever it stands, and ``case_id`` (a patient, who may have several slides) is neither the
+    id nor a class.
+    """
+    lower = [h.lower() for h in header]
+    id_col = lower.index("slide_id") if "slide_id" in lower else 0
+    if lower[id_col] not in ID_COLUMNS:
+        raise InputError(
+            f"{str(p)!r}: the first column is {header[0]!r}; expected a header "
+            "'slide_id,<class>,...' with the slide ids (file stems) in the first column"
+        )
+    split_col = next((i for i, h in enumerate(lower) if h == "split" and i != id_col), None)
+    skip = {id_col, split_col}
+    class_cols = [i for i, h in enumerate(lower) if i not in skip and h != "case_id"]
+    return id_col, split_col, class_cols
+
+
 def read_labels(path: str | os.PathLike[str]) -> Labels:
-    """Parse a labels CSV (``slide_id,<class>,...``; values 0/1; optional ``split`` column)."""
+    """Parse a labels CSV (``slide_id,<class>,...``; values 0/1; optional ``split`` column).
+
+    The slide ids are the ``slide_id`` column wherever it stands (CLAM's ``case_id,slide_id,
+    label``), else the first column (named ``slide_id``, ``slide``, ``case_id`` or ``id``). A
+    ``case_id`` column beside a ``slide_id`` one is not a class.
+    """
     from fastinsight.inputs import allow_long_csv_fields
 
     p = Path(path).expanduser()
@@ -46,13 +74,7 @@ def read_labels(path: str | os.PathLike[str]) -> Labels:
             "per slide"
         )
     header = [h.strip() for h in rows[0]]
-    if header[0].lower() not in ("slide_id", "slide", "case_id", "id"):
-        raise InputError(
-            f"{str(p)!r}: the first column is {header[0]!r}; expected a header "
-            "'slide_id,<class>,...' with the slide ids (file stems) in the first column"
-        )
-    split_col = next((i for i, h in enumerate(header) if h.lower() == "split" and i > 0), None)
-    class_cols = [i for i in range(1, len(header)) if i != split_col]
+    id_col, split_col, class_cols = _columns(header, p)
     if not class_cols:
         raise InputError(
             f"{str(p)!r}: header {header} has no class column; expected 'slide_id,<class>,...'"
@@ -67,7 +89,7 @@ def read_labels(path: str | os.PathLike[str]) -> Labels:
             raise InputError(
                 f"{str(p)!r} line {line}: {len(row)} fields, the header has {len(header)}"
             )
-        sid = row[0].strip()
+        sid = row[id_col].strip()
         if not sid:
             raise InputError(f"{str(p)!r} line {line}: empty slide id")
         if sid in values:

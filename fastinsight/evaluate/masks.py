@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.errors import InputError
+from fastinsight.errors import FastInsightError, InputError
 from fastinsight.evaluate.io import EvalInput
 from fastinsight.text import loads_json
 
@@ -227,7 +227,18 @@ def read_mask_tiff(
             return float(downsample)
         if target.slide_size_l0 is not None:
             how = "slide width / mask width"
-            return target.slide_size_l0[0] / w0
+            sw, sh = target.slide_size_l0
+            ds_x, ds_y = sw / w0, sh / h0
+            # One mask pixel of slack: a mask of a slide whose side is not a multiple of the
+            # downsample is rounded up or down on each axis.
+            if abs(ds_x - ds_y) > max(0.05 * max(ds_x, ds_y), ds_x / h0, ds_y / w0):
+                raise InputError(
+                    f"mask {str(p)!r} ({w0} x {h0} px) does not have the slide's aspect ratio "
+                    f"({sw} x {sh} px: {ds_x:.4g}x in x but {ds_y:.4g}x in y); is it the mask "
+                    "of this slide? pass its level-0 downsample (--mask-downsample) if it covers "
+                    "only part of the slide"
+                )
+            return ds_x
         how = "estimated from the heatmap extent"
         ds_x = (ww * target.cell_size_l0 + target.origin_l0[0]) / w0
         ds_y = (hh * target.cell_size_l0 + target.origin_l0[1]) / h0
@@ -238,7 +249,17 @@ def read_mask_tiff(
             )
         return ds_x
 
-    positive, h0, w0, (h, w), block = _read_mask_level(p, ds0_of, target.cell_size_l0, values)
+    try:
+        positive, h0, w0, (h, w), block = _read_mask_level(p, ds0_of, target.cell_size_l0, values)
+    except FastInsightError:
+        raise
+    except (OSError, ValueError, RuntimeError, IndexError, KeyError, EOFError) as exc:
+        # tifffile opens a truncated file (the header is intact) and fails only when it reads
+        # the pixels: "failed to read 1806336 bytes, got 601941".
+        raise InputError(
+            f"cannot read mask TIFF {str(p)!r}: {exc}; the file is truncated or damaged: "
+            "write it again"
+        ) from exc
     ds_level = ds0_of(h0, w0) * w0 / w
     out = resample_mask(
         positive, ds_level * block, (hh, ww), target.cell_size_l0, target.origin_l0, method
@@ -254,26 +275,91 @@ def read_mask_tiff(
     return out, info
 
 
-def _rings_of(geometry: Mapping[str, Any]) -> list[list[np.ndarray]]:
-    """Polygons (each a list of rings [M, 2] in level-0 px, exterior first) of a geometry."""
+# Geometry types without an area: skipped (a QuPath export mixes points and lines in).
+_NO_AREA = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString"})
+_NESTING = (
+    "a Polygon is [[[x, y], ...], ...] (rings of positions), a MultiPolygon "
+    "[[[[x, y], ...], ...], ...] (polygons of rings)"
+)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ring(ring: Any, where: str) -> np.ndarray | None:
+    """One linear ring as ``[M, 2]`` float64 level-0 px; None for a ring of under 3 positions
+    (no area). Raises ``InputError`` for anything that is not a list of finite [x, y] numbers."""
+    if not isinstance(ring, list):
+        raise InputError(f"{where}: a ring is {_short(ring)}, not a list of [x, y] positions")
+    if ring and not isinstance(ring[0], list):
+        raise InputError(
+            f"{where}: found {_short(ring[0])} where a position [x, y] was expected; the "
+            f"coordinates miss a nesting level ({_NESTING})"
+        )
+    for pos in ring:
+        if (
+            not isinstance(pos, list)
+            or len(pos) < 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pos[:2])
+        ):
+            raise InputError(f"{where}: position {_short(pos)} is not [x, y] numbers")
+    if len(ring) < 3:
+        return None
+    xy = np.asarray([pos[:2] for pos in ring], dtype=np.float64)
+    if not np.isfinite(xy).all():
+        bad = ring[int(np.flatnonzero(~np.isfinite(xy).all(axis=1))[0])]
+        raise InputError(f"{where}: position {_short(bad)} is not finite (NaN or inf)")
+    return xy
+
+
+def _polygon(coords: Any, where: str) -> list[np.ndarray]:
+    """A Polygon's ``coordinates``: its rings (exterior first), each ``[M, 2]``."""
+    if not isinstance(coords, list):
+        raise InputError(f"{where}: coordinates are {_short(coords)}, not a list of rings")
+    rings = [_ring(r, where) for r in coords]
+    return [r for r in rings if r is not None]
+
+
+def _rings_of(geometry: Mapping[str, Any], where: str) -> list[list[np.ndarray]]:
+    """Polygons (each a list of rings [M, 2] in level-0 px, exterior first) of a geometry.
+
+    Strict: coordinates that are not what the geometry's type says (a missing or extra nesting
+    level, null or text positions, NaN) are an ``InputError`` naming ``where`` (file and
+    feature), never an empty result: an annotation read as nothing would be scored as a
+    ground truth without lesion (Dice 0) without a word.
+    """
     kind = geometry.get("type")
-    coords = geometry.get("coordinates") or []
-    if kind == "Polygon":
-        return [[np.asarray(r, dtype=np.float64)[:, :2] for r in coords if len(r) >= 3]]
-    if kind == "MultiPolygon":
-        return [
-            [np.asarray(r, dtype=np.float64)[:, :2] for r in poly if len(r) >= 3] for poly in coords
-        ]
+    if kind in _NO_AREA:
+        return []  # points and lines have no area
     if kind == "GeometryCollection":
+        parts = geometry.get("geometries")
+        if not isinstance(parts, list):
+            raise InputError(
+                f"{where}: GeometryCollection 'geometries' is {_short(parts)}, not a list"
+            )
         out: list[list[np.ndarray]] = []
-        for g in geometry.get("geometries", []):
-            out += _rings_of(g)
+        for j, g in enumerate(parts):
+            if not isinstance(g, Mapping):
+                raise InputError(f"{where}: geometry {j} of the collection is {_short(g)}")
+            out += _rings_of(g, f"{where}, geometry {j}")
         return out
-    return []  # points and lines have no area
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise InputError(
+            f"{where}: geometry type {_short(kind)} is not a GeoJSON geometry type; expected "
+            "Polygon, MultiPolygon, GeometryCollection (or a point or line, which have no area)"
+        )
+    coords = geometry.get("coordinates")
+    if kind == "Polygon":
+        return [_polygon(coords, where)]
+    if not isinstance(coords, list):
+        raise InputError(f"{where}: coordinates are {_short(coords)}, not a list of polygons")
+    return [_polygon(poly, where) for poly in coords]
 
 
 def _classification_name(props: Mapping[str, Any] | None) -> str | None:
-    if not props:
+    if not isinstance(props, Mapping):
         return None
     c = props.get("classification")
     if isinstance(c, Mapping):
@@ -284,13 +370,32 @@ def _classification_name(props: Mapping[str, Any] | None) -> str | None:
     return str(name) if name is not None else None
 
 
-def read_geojson_polygons(
-    path: str | os.PathLike[str], classes: Iterable[str] | None = None
-) -> list[list[np.ndarray]]:
-    """Polygons of a QuPath GeoJSON export (FeatureCollection, feature list, Feature or geometry).
+def _geojson_features(data: Any, p: Path) -> list[Any]:
+    """The features of a parsed GeoJSON document (FeatureCollection, feature list, Feature or
+    bare geometry)."""
+    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+        feats = data.get("features")
+        if not isinstance(feats, list):
+            raise InputError(
+                f"{str(p)!r}: the FeatureCollection's 'features' is {_short(feats)}, not a list "
+                "of Feature objects"
+            )
+        return feats
+    if isinstance(data, list):
+        return data
+    if isinstance(data, Mapping) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, Mapping) and "coordinates" in data:
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    raise InputError(f"{str(p)!r} is not GeoJSON (no FeatureCollection, Feature or geometry)")
 
-    ``classes`` keeps only features whose classification name is one of them.
-    """
+
+def read_geojson(
+    path: str | os.PathLike[str], classes: Iterable[str] | None = None
+) -> tuple[list[list[np.ndarray]], dict[str, Any]]:
+    """``read_geojson_polygons`` with a summary of what the file held: ``features``,
+    ``null_geometries``, ``no_area`` (points and lines) and ``classes`` (the classification
+    names found), so an annotation that yields no polygon can say why."""
     p = Path(path).expanduser()
     try:
         data = loads_json(p.read_text(encoding="utf-8"))
@@ -298,25 +403,44 @@ def read_geojson_polygons(
         raise InputError(f"GeoJSON file {str(p)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {str(p)!r} as GeoJSON: {exc}") from exc
-    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
-        feats = data.get("features", [])
-    elif isinstance(data, list):
-        feats = data
-    elif isinstance(data, Mapping) and data.get("type") == "Feature":
-        feats = [data]
-    elif isinstance(data, Mapping) and "coordinates" in data:
-        feats = [{"type": "Feature", "geometry": data, "properties": {}}]
-    else:
-        raise InputError(f"{str(p)!r} is not GeoJSON (no FeatureCollection, Feature or geometry)")
+    feats = _geojson_features(data, p)
     keep = None if classes is None else set(classes)
     polys: list[list[np.ndarray]] = []
-    for f in feats:
-        if not isinstance(f, Mapping) or not isinstance(f.get("geometry"), Mapping):
+    summary: dict[str, Any] = {"features": len(feats), "null_geometries": 0, "no_area": 0}
+    found: set[str] = set()
+    for i, f in enumerate(feats):
+        fid = f.get("id") if isinstance(f, Mapping) else None
+        where = f"{str(p)!r} feature {i}" + (f" (id {_short(fid)})" if fid is not None else "")
+        if not isinstance(f, Mapping):
+            raise InputError(f"{where} is {_short(f)}, not a GeoJSON Feature object")
+        geometry = f.get("geometry")
+        if geometry is None:
+            summary["null_geometries"] += 1  # an unlocated feature: valid GeoJSON, no area
             continue
-        if keep is not None and _classification_name(f.get("properties")) not in keep:
-            continue
-        polys += [rings for rings in _rings_of(f["geometry"]) if rings]
-    return polys
+        if not isinstance(geometry, Mapping):
+            raise InputError(f"{where}: geometry is {_short(geometry)}, not a geometry object")
+        # Parsed before the class filter: a malformed feature is an error whatever its class.
+        rings_list = [rings for rings in _rings_of(geometry, where) if rings]
+        if not rings_list:
+            summary["no_area"] += 1
+        name = _classification_name(f.get("properties"))
+        if name is not None:
+            found.add(name)
+        if keep is None or name in keep:
+            polys += rings_list
+    summary["classes"] = sorted(found)
+    return polys, summary
+
+
+def read_geojson_polygons(
+    path: str | os.PathLike[str], classes: Iterable[str] | None = None
+) -> list[list[np.ndarray]]:
+    """Polygons of a QuPath GeoJSON export (FeatureCollection, feature list, Feature or geometry).
+
+    ``classes`` keeps only features whose classification name is one of them. Malformed
+    geometry is an ``InputError`` naming the file and the feature (see ``_rings_of``).
+    """
+    return read_geojson(path, classes)[0]
 
 
 def rasterize_polygons(
@@ -414,9 +538,9 @@ def ground_truth_on_grid(
     """A mask TIFF or GeoJSON file on ``target``'s heatmap grid. Shapes: -> ``[H, W]`` bool."""
     p = Path(path)
     if p.suffix.lower() in (".geojson", ".json"):
-        polys = read_geojson_polygons(p, geojson_classes)
+        polys, summary = read_geojson(p, geojson_classes)
         grid = rasterize_polygons(
             polys, target.grid_shape, target.cell_size_l0, target.origin_l0, method
         )
-        return grid, {"source": str(p), "polygons": len(polys)}
+        return grid, {"source": str(p), "polygons": len(polys), **summary}
     return read_mask_tiff(p, target, downsample=mask_downsample, method=method, values=mask_values)

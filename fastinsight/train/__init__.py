@@ -35,7 +35,8 @@ Modules: config (TrainConfig, FolderOptions), data (Bag, split, model configurat
 loop (epochs), api (train_on_bags, train_from_folder).
 
 May import: ``fastinsight.errors``, ``atomic``, ``inputs``, ``text``, ``ops``, ``models``,
-``features``, ``predict`` (feature-file placement), ``evaluate`` (metrics); never the CLI.
+``features``, ``predict`` (feature-file placement), ``evaluate`` (metrics), ``encoders`` (the
+registry's token dimension, checked against the features); never the CLI.
 """
 
 from __future__ import annotations

@@ -14,14 +14,25 @@ from torch import Tensor
 
 from fastinsight.atomic import check_writable
 from fastinsight.errors import ConfigError, InputError
-from fastinsight.evaluate.labels import read_labels
+from fastinsight.evaluate.labels import Labels, read_labels
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.train.config import FolderOptions, TrainConfig
-from fastinsight.train.data import Bag, build_model_config, items_from_bags, stratified_split
+from fastinsight.train.data import (
+    Bag,
+    build_model_config,
+    items_from_bags,
+    require_both_classes,
+    stratified_split,
+)
 from fastinsight.train.folder import find_slides, slide_items, split_slides
 from fastinsight.train.loop import _fit
-from fastinsight.train.state import EpochMetrics, metrics_paths_for, state_path_for
+from fastinsight.train.state import (
+    EpochMetrics,
+    metrics_paths_for,
+    refuse_previous_run,
+    state_path_for,
+)
 
 
 def train_on_bags(
@@ -40,7 +51,10 @@ def train_on_bags(
     ``bags``: ``Bag`` or ``(tokens, mask, label)`` tuples (see ``Bag`` for shapes; a slide-context
     model takes one stitched grid per slide). Without ``val_bags`` a seeded stratified
     ``config.val_fraction`` of the bags validates. With ``out_path`` the best model, the metrics
-    and the resume state are written as ``train_from_folder`` writes them.
+    and the resume state are written as ``train_from_folder`` writes them (each epoch's set
+    renamed into place together). Unlike ``train_from_folder`` a fresh run replaces existing
+    outputs at ``out_path``: the caller chose the path (the demo rewrites its own folder); call
+    ``fastinsight.train.state.refuse_previous_run`` first to refuse instead.
     Returns the model with the best validation loss (eval mode) and the per-epoch history.
     """
     k = model_config.num_classes
@@ -55,6 +69,12 @@ def train_on_bags(
         tr_ids, va_ids = stratified_split(ids, labs, config.val_fraction, config.seed)
         by_id = {it.slide_id: it for it in all_items}
         train, val = [by_id[s] for s in tr_ids], [by_id[s] for s in va_ids]
+    require_both_classes(
+        {it.slide_id: [int(v) for v in it.labels.tolist()] for it in train},
+        model_config.names,
+        "training bags",
+        "give bags of both labels (and val_bags of their own, or a lower val_fraction)",
+    )
     model, prog = _fit(
         train,
         val,
@@ -94,7 +114,7 @@ def _folder_options(options: FolderOptions | None, fields: Mapping[str, Any]) ->
     if unknown:
         raise ConfigError(
             f"train_from_folder got unknown options {unknown}; expected fields of FolderOptions "
-            f"{sorted(FolderOptions.field_names())} or resume/progress/log",
+            f"{sorted(FolderOptions.field_names())} or resume/overwrite/progress/log",
             fields=tuple(unknown),
         )
     if options is not None and fields:
@@ -106,6 +126,39 @@ def _folder_options(options: FolderOptions | None, fields: Mapping[str, Any]) ->
     return options if options is not None else FolderOptions(**fields)
 
 
+def _check_out(out_path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> Path:
+    """The model path of a run, checked before any work: a ``.safetensors`` name, writable,
+    and not a previous run's unless resumed or overwritten (``refuse_previous_run``)."""
+    out = Path(out_path).expanduser()
+    if out.suffix != ".safetensors":
+        raise InputError(
+            f"--out {str(out_path)!r} must end in .safetensors: training writes a fastinsight "
+            "checkpoint (safetensors + config), with .train.pt and .metrics.* beside it"
+        )
+    check_writable(out)
+    refuse_previous_run(out, resume=resume, overwrite=overwrite)
+    return out
+
+
+def _training_split(
+    ids: list[str], labels: Labels, cfg: TrainConfig
+) -> tuple[list[str], list[str]]:
+    """``split_slides``, then both labels of every class among the *training* slides.
+
+    Done before the features are read (``slide_items`` may read them all), and on the training
+    split rather than the cohort: a split column whose ``train`` rows are one label, or a split
+    that sent a label's only slide to validation, would otherwise train on one label silently.
+    """
+    tr_ids, va_ids = split_slides(ids, labels, cfg)
+    require_both_classes(
+        {s: labels.values[s] for s in tr_ids},
+        labels.class_names,
+        f"training slides ({len(va_ids)} more validate)",
+        "put slides of both labels in the 'train' rows of the split column, or add slides",
+    )
+    return tr_ids, va_ids
+
+
 def train_from_folder(
     features_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -114,6 +167,7 @@ def train_from_folder(
     options: FolderOptions | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **option_fields: Any,
@@ -127,17 +181,12 @@ def train_from_folder(
     ``tile_size_px``, ``mpp``, ``skip_missing``, ``cache``) come as ``options=FolderOptions(...)``
     or as keywords of the same names.
     Writes ``out_path`` (safetensors with the config), ``<out>.train.pt`` (resume state),
-    ``<out>.metrics.csv`` and ``<out>.metrics.json``.
+    ``<out>.metrics.csv``, ``<out>.metrics.json``; a fresh run refuses existing ones unless
+    ``overwrite`` (``refuse_previous_run``).
     """
     cfg = config or TrainConfig()
     opts = _folder_options(options, option_fields)
-    out = Path(out_path).expanduser()
-    if out.suffix != ".safetensors":
-        raise InputError(
-            f"--out {str(out_path)!r} must end in .safetensors: training writes a fastinsight "
-            "checkpoint (safetensors + config), with .train.pt and .metrics.* beside it"
-        )
-    check_writable(out)
+    out = _check_out(out_path, resume=resume, overwrite=overwrite)
     labels = read_labels(labels_csv)
     slides = find_slides(features_dir, labels, opts)
     mcfg = build_model_config(
@@ -148,8 +197,8 @@ def train_from_folder(
         mpp=opts.mpp,
         model_options=opts.model_options,
     )
+    tr_ids, va_ids = _training_split(list(slides.infos), labels, cfg)
     item_of = slide_items(slides, labels, mcfg, opts)
-    tr_ids, va_ids = split_slides(list(item_of), labels, cfg)
     if log:
         log(
             f"{len(tr_ids)} training / {len(va_ids)} validation slides; model: {mcfg.in_dim} ch "

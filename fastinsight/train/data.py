@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastinsight.errors import InputError
+from fastinsight.errors import FastInsightError, InputError
 from fastinsight.features import FeatureFileInfo
 from fastinsight.models.config import InsightConfig
 
@@ -63,7 +63,10 @@ def stratified_split(
     """Seeded split stratified by label pattern; each stratum keeps at least one train slide.
 
     Strata of one slide go to training. When rounding leaves validation empty although
-    ``val_fraction > 0`` and there are >= 2 slides, the largest stratum gives one.
+    ``val_fraction > 0``, the largest stratum of at least two slides gives one; when every
+    stratum is a single slide, validation stays empty (taking the only slide of a label pattern
+    would leave training without it: with one positive and one negative slide, training would
+    see one class).
     """
     if val_fraction <= 0 or len(ids) < 2:
         return list(ids), []
@@ -77,13 +80,64 @@ def stratified_split(
         rng.shuffle(members)
         n_val = min(len(members) - 1, int(math.floor(val_fraction * len(members) + 0.5)))
         val += members[: max(0, n_val)]
-    if not val:
-        biggest = max(sorted(strata), key=lambda k: len(strata[k]))
+    spare = [key for key in sorted(strata) if len(strata[key]) >= 2]
+    if not val and spare:
+        biggest = max(spare, key=lambda k: len(strata[k]))
         members = sorted(strata[biggest])
         val = [members[int(rng.integers(len(members)))]]
     val_set = set(val)
     train = [s for s in ids if s not in val_set]
     return train, [s for s in ids if s in val_set]
+
+
+def require_both_classes(
+    labels: Mapping[str, Sequence[int]],
+    class_names: Sequence[str],
+    what: str,
+    hint: str,
+) -> None:
+    """Every class needs a positive and a negative slide among ``labels`` (slide id -> 0/1 per
+    class), else ``InputError``: a slide-level loss of one label value trains nothing useful.
+
+    ``what`` names the slides (``"training slides"``); ``hint`` says what to change. Checked on
+    the training split itself: a split column or a stratified split can leave the training slides
+    one-sided although the cohort has both.
+    """
+    for k, name in enumerate(class_names):
+        column = [int(v[k]) for v in labels.values()]
+        if len(column) < 2 or min(column) == max(column):
+            side = "positive" if column and column[0] else "negative"
+            raise InputError(
+                f"class {name!r}: the {len(column)} {what} are all {side}; slide-level training "
+                f"needs at least one positive and one negative training slide per class: {hint}"
+            )
+
+
+def check_encoder_dim(encoder: str, in_dim: int) -> None:
+    """Refuse features whose dimension is not what the named registry encoder produces.
+
+    The model records ``encoder``; ``predict`` on a slide builds that encoder and its tokens
+    must have ``in_dim`` channels. A mismatch (``--encoder vit-tiny``, 64 channels, on 16-channel
+    features) trains and saves a model no slide can be predicted with. Names outside the
+    registry (TRIDENT's ``uni_v1``, ``timm:``/``torchscript:`` encoders, free text) are not
+    checked: their dimension is unknown without their files. The encoder is built on the meta
+    device (no memory, no weights) to read its ``embed_dim``.
+    """
+    from fastinsight.encoders import build_encoder, list_encoders
+
+    key = encoder.strip().lower().replace("_", "-")
+    if key not in list_encoders():
+        return
+    try:
+        dim = int(build_encoder(key, device="meta").embed_dim)
+    except FastInsightError:
+        return  # cannot be built here: nothing to compare with
+    if dim != in_dim:
+        raise InputError(
+            f"encoder {encoder!r} gives {dim}-channel tokens but the feature files hold "
+            f"{in_dim}-channel features; a model recording {encoder!r} could not predict any "
+            "slide: pass the --encoder that made the features"
+        )
 
 
 def _consistent(values: Mapping[str, Any], what: str, flag: str) -> Any:
@@ -136,6 +190,7 @@ def build_model_config(
             + " the model must carry (only TRIDENT records them); pass "
             + " ".join(missing)
         )
+    check_encoder_dim(str(enc), int(in_dim))
     vector = grid == (1, 1)
     base: dict[str, Any] = {
         "in_dim": int(in_dim),

@@ -2,7 +2,8 @@
 
 Slides are matched by file stem. Slides of the ``test`` split, slides without tiles and feature
 files without a label are left out (and noted); labelled slides without features are an error
-unless ``skip_missing``. Every class needs a positive and a negative training slide.
+unless ``skip_missing``. Every class needs a positive and a negative slide, in the training
+split too (``train.api``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastinsight.features import (
 )
 from fastinsight.models.config import InsightConfig
 from fastinsight.train.config import CACHE_LIMIT_BYTES, FolderOptions, TrainConfig
-from fastinsight.train.data import _constant, _Item, stratified_split
+from fastinsight.train.data import _constant, _Item, require_both_classes, stratified_split
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,12 @@ def find_slides(
         notes.append(
             f"{len(unlabelled)} feature files have no label and are left out: {unlabelled[:5]}"
         )
-    for k, name in enumerate(labels.class_names):
-        column = [labels.values[s][k] for s in infos]
-        if len(infos) < 2 or min(column) == max(column):
-            raise InputError(
-                f"class {name!r}: the {len(infos)} training slides are all "
-                f"{'positive' if column and column[0] else 'negative'}; slide-level training needs "
-                "at least one positive and one negative slide per class"
-            )
+    require_both_classes(
+        {s: labels.values[s] for s in infos},
+        labels.class_names,
+        "labelled non-test slides with features",
+        "add slides of the missing label",
+    )
     return FolderSlides(files=files, infos=infos, notes=tuple(notes))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastinsight.atomic import check_writable
+from fastinsight.atomic import atomic_outputs, check_writable
 from fastinsight.errors import InputError
 from fastinsight.evaluate.metrics import roc_auc
 from fastinsight.models.config import InsightConfig
@@ -251,10 +251,14 @@ def _fit(
         t0 = time.perf_counter()
         means = _train_epoch(run, train, prog.epoch)
         val_result = _validate(model, val, cfg, dev)
-        rec = _end_epoch(run, prog, means, val_result, time.perf_counter() - t0)
-        if out_path is not None:
-            _save_state(state_path_for(out_path), model, opt, prog, cfg, train_ids, val_ids)
-            write_metrics(prog.history, mcfg.names, *metrics_paths_for(out_path))
+        # The epoch's model (when improved), resume state and metrics are renamed into place
+        # together: an interrupt or a full disk leaves the previous epoch's set, never a model
+        # of one epoch beside the state of another.
+        with atomic_outputs():
+            rec = _end_epoch(run, prog, means, val_result, time.perf_counter() - t0)
+            if out_path is not None:
+                _save_state(state_path_for(out_path), model, opt, prog, cfg, train_ids, val_ids)
+                write_metrics(prog.history, mcfg.names, *metrics_paths_for(out_path))
         if log:
             log(_epoch_line(rec, mcfg.names, cfg, prog.stopped_early))
     if prog.best_state is not None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import CheckpointError, FastInsightError
+from fastinsight.errors import CheckpointError, FastInsightError, OutputError
 from fastinsight.inputs import check_input_path
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
@@ -102,6 +102,26 @@ def state_path_for(out_path: str | os.PathLike[str]) -> Path:
 def metrics_paths_for(out_path: str | os.PathLike[str]) -> tuple[Path, Path]:
     p = Path(out_path)
     return p.with_suffix(".metrics.csv"), p.with_suffix(".metrics.json")
+
+
+def refuse_previous_run(out_path: Path, *, resume: bool, overwrite: bool) -> None:
+    """A fresh run (no ``resume``) must not replace a previous run's outputs unasked.
+
+    The model, its resume state and metrics are rewritten after the first epoch, so a fresh run
+    into an existing ``--out`` that is interrupted (or just worse) would leave a half-trained
+    model where the previous one was, and its resume state gone. Raises ``OutputError`` naming
+    what exists, before any feature is read; ``overwrite`` (``--overwrite``) allows it.
+    """
+    if resume or overwrite:
+        return
+    paths = [out_path, state_path_for(out_path), *metrics_paths_for(out_path)]
+    found = [p.name for p in paths if os.path.lexists(p)]
+    if found:
+        raise OutputError(
+            f"{str(out_path)!r}: a previous training run's outputs exist ({', '.join(found)}); a "
+            "fresh run would replace them after its first epoch: pass --resume to continue "
+            "that run, --overwrite to replace it, or choose another --out"
+        )
 
 
 @dataclass
