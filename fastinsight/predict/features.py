@@ -102,9 +102,15 @@ def feature_placement(feats: SlideFeatures, slide_size: tuple[int, int], snap: b
     if bad.any():
         i = int(np.argmax(bad))
         x, y = (int(v) for v in feats.l0_xy[i])
+        if x < 0 or y < 0:
+            raise InputError(
+                f"{feats.source}: tile {i} has negative level-0 coordinates ({x}, {y}); the "
+                "coords are damaged or not top-left corners in level-0 pixels"
+            )
         raise InputError(
-            f"tile {i} at level-0 ({x}, {y}) lies outside the {slide_size[0]} x {slide_size[1]} "
-            "px slide; is this the right --slide?"
+            f"{feats.source}: tile {i} at level-0 ({x}, {y}) lies outside the {slide_size[0]} x "
+            f"{slide_size[1]} px slide; the features do not belong to this slide (a --slide "
+            "given: is it the right one?)"
         )
     _, counts = np.unique(placement.cell_rc, axis=0, return_counts=True)
     if (counts > 1).any():

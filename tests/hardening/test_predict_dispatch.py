@@ -86,3 +86,19 @@ def test_feature_file_in_the_slide_place_is_read_as_features(tmp_path, name) -> 
         assert main([*args, "--quiet"]) == 0
         reports.append(json.loads(report.read_text())["scores"])
     assert reports[0] == reports[1]
+
+
+def test_negative_feature_coordinates_are_named_as_such(tmp_path, capsys) -> None:
+    """No --slide was given: the message must not ask whether --slide is the right one."""
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.models.insight import InsightModel
+    from tests.support.h5_layouts import write_insight
+
+    model = tmp_path / "m.safetensors"
+    InsightModel(InsightConfig(in_dim=16, num_classes=1)).save(str(model))
+    coords = np.array([[-224, 0], [0, 0], [224, 0]])
+    feats = write_insight(tmp_path / "f.h5", np.ones((3, 16, 14, 14)), coords)
+    rc = main(["predict", "--features", str(feats), "-m", str(model), "--mpp", "0.5",
+               "--patch-size-l0", "224", "--report", str(tmp_path / "r.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 4 and "negative level-0 coordinates" in err and "--slide" not in err
