@@ -170,6 +170,7 @@ def _read_dicom(p: Path) -> Radiograph:
 
     from fastinsight.dicom import has_preamble, read_header
 
+    ds: Any
     if has_preamble(p):
         try:
             with warnings.catch_warnings():

@@ -183,7 +183,9 @@ def test_single_dicom_file_and_input_kind(tmp_path: Path, ct) -> None:
     one = sorted((tmp_path / "d").glob("b*.dcm"))[0]
     vol = read_volume(one)  # that file's series (both its slices), though the folder mixes two
     assert vol.shape == (20, 14, 2) and vol.facts["path"] == str(one)
-    np.testing.assert_array_equal(vol.data, read_dicom_series(tmp_path / "d", vol.facts["series_uid"]).data)
+    np.testing.assert_array_equal(
+        vol.data, read_dicom_series(tmp_path / "d", vol.facts["series_uid"]).data
+    )
     with pytest.raises(InputError, match="belongs to series"):
         read_volume(one, series_uid="1.2.3")
     write_nifti(ct.hu, ct.affine, tmp_path / "v.nii.gz")
