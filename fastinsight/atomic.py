@@ -347,10 +347,41 @@ def prepare_outputs(
         check_writable(path)
 
 
+# Written into every demo folder: a folder holding it is a demo's own and may be run into again;
+# any other non-empty folder is the user's, and no demo writes into it.
+DEMO_MARK = ".fastinsight-demo"
+
+
+def claim_demo_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir``, created if needed and marked as a demo folder; OutputError when it holds
+    files a demo did not write (a demo's model.safetensors or report.json would replace the
+    user's own)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"demo folder {str(out)!r} is a file; pass a new or empty folder")
+    if out.is_dir() and not (out / DEMO_MARK).is_file():
+        foreign = sorted(p.name for p in out.iterdir())
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise OutputError(
+                f"{str(out)!r} holds files a demo did not write ({shown}); pass a new or empty "
+                "folder (a demo only replaces its own earlier run)"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARK).write_text(
+            "written by fastinsight demo; runs into it replace its outputs\n"
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
 __all__ = [
     "atomic_outputs",
     "atomic_path",
     "check_writable",
+    "claim_demo_folder",
     "is_out_of_space",
     "prepare_outputs",
     "resolve_output",

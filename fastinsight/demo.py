@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fastinsight.atomic import atomic_path
-from fastinsight.errors import InputError, OutputError
+from fastinsight.atomic import atomic_path, claim_demo_folder
+from fastinsight.errors import ConfigError
 from fastinsight.models.config import InsightConfig
 from fastinsight.text import dumps_json
 
@@ -64,18 +64,14 @@ def run_demo(
     from fastinsight.train import Bag, TrainConfig, train_on_bags
 
     if epochs < 1:
-        raise InputError(f"--epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if size < 448:
-        raise InputError(f"--size must be at least 448 px (two tiles of 224 px), got {size}")
+        raise ConfigError(f"--size must be at least 448 px (two tiles of 224 px), got {size}")
     if slides < 8 or not 4 <= held_out <= slides - 4:
-        raise InputError(
+        raise ConfigError(
             f"need at least 8 slides and 4..slides-4 held out; got {slides}, {held_out}"
         )
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {str(out)!r}: {exc}") from exc
+    out = claim_demo_folder(out_dir)
     start = time.perf_counter()
     dev = resolve_device(device)
     log(
@@ -117,8 +113,9 @@ def run_demo(
         res.write_outputs(Outputs.folder(d, geojson=True))
     # Scored exactly as `fastinsight evaluate` scores: the cells Otsu kept (threshold 0) against
     # the planted masks resampled to the heatmap grid (a cell is lesion when >= 50% of it is).
+    held_out_ids = {s.slide_id for s in test_slides}  # not a previous run's other slides
     evaluation = evaluate(
-        load_predictions(out / "predictions"),
+        [p for p in load_predictions(out / "predictions") if p.slide_id in held_out_ids],
         read_labels(out / "cohort" / "labels.csv"),
         ground_truth=find_ground_truth(out / "cohort" / "masks"),
         threshold=0.0,

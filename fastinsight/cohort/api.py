@@ -12,7 +12,7 @@ from typing import Any
 
 from fastinsight.cohort.layout import SUMMARY_NAME, slide_dir
 from fastinsight.cohort.options import CohortOptions
-from fastinsight.cohort.ray_backend import _run_jobs
+from fastinsight.cohort.ray_backend import _import_ray, _run_jobs
 from fastinsight.cohort.slides import CohortSlide, check_unique, discover_slides
 from fastinsight.cohort.state import (
     SlideJob,
@@ -100,6 +100,7 @@ def predict_cohort(
     FastInsightError only for what stops the whole cohort (model, manifest, output folder, Ray).
     """
     opts = options or CohortOptions()
+    _import_ray()  # a missing backend is reported before the output folder is touched
     cohort = check_unique(
         list(slides)
         if isinstance(slides, Sequence) and not isinstance(slides, str)

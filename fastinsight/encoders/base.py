@@ -35,6 +35,7 @@ from fastinsight.encoders.weights import (
 )
 from fastinsight.errors import CheckpointError, InputError
 from fastinsight.fileformat import file_sha256
+from fastinsight.models.statefiles import bad_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +370,11 @@ class StateDictEncoder(Encoder):
             optional=self._optional_key,
         )
         kept = self._fill_optional(kept)
+        bad = bad_tensor(kept.items())
+        if bad is not None:  # a NaN weight (or an inf running variance) spoils every token
+            raise CheckpointError(
+                f"{source}: {bad}; the weight file is damaged: pass {self.weights_hint}"
+            )
         on_meta = any(t.is_meta for t in expected.values())
         if on_meta:
             # Assign the file's tensors as the parameters themselves (no second copy); floating

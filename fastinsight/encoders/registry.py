@@ -35,7 +35,7 @@ from fastinsight.encoders.resnet import ResNetTruncConfig, ResNetTruncEncoder
 from fastinsight.encoders.torchscript import TorchScriptEncoder
 from fastinsight.encoders.vit import TimmEncoder, ViTConfig, ViTEncoder
 from fastinsight.encoders.weights import PathLike
-from fastinsight.errors import CheckpointError, InputError
+from fastinsight.errors import CheckpointError, ConfigError
 
 UNI_WEIGHTS_HINT = SPECS["uni"].weights_hint
 RESNET50_WEIGHTS_HINT = (
@@ -169,7 +169,7 @@ def _build_timm(
 ) -> Encoder:
     label = f"timm:{timm_name}"
     if tile_size_px is None:
-        raise InputError(
+        raise ConfigError(
             f"encoder {label!r} needs the tile size its model takes; pass --tile-size "
             "(tile_size_px=...)"
         )
@@ -223,7 +223,7 @@ def _build_dinov2_tiny(
     base = dataclasses.replace(DINOV2_TINY_CONFIG, **overrides)
     tile = _tile_for(tile_size_px, base.tile_size_px)
     if tile < base.patch_size_px or tile % base.patch_size_px:
-        raise InputError(
+        raise ConfigError(
             f"encoder 'dinov2-tiny' takes tiles that are a multiple of 14 px (518 for CT, 70 for "
             f"tests), found {tile}; pass such a tile size"
         )
@@ -348,7 +348,7 @@ def describe_encoders() -> dict[str, str]:
 def _check_options(name: str, kw: dict[str, Any], allowed: tuple[str, ...]) -> None:
     for key in kw:
         if key not in allowed:
-            raise InputError(
+            raise ConfigError(
                 f"unknown option {key!r} for encoder {name!r}; accepted options: "
                 f"{', '.join(allowed)}"
             )
@@ -377,7 +377,7 @@ def build_encoder(
 
     ``device="meta"`` builds the architecture without memory or weights (to inspect key tables).
 
-    Raises InputError (unknown name or option), CheckpointError (missing or foreign weight file),
+    Raises ConfigError (unknown name or option), CheckpointError (missing or foreign weight file),
     BackendError (CUDA asked for but absent).
     """
     dev = check_device(device)
@@ -386,15 +386,15 @@ def build_encoder(
     if low == _TORCHSCRIPT or low.startswith(_TORCHSCRIPT + ":"):
         path = raw[len(_TORCHSCRIPT) + 1 :] if ":" in raw else None
         if path and weights is not None:
-            raise InputError(
+            raise ConfigError(
                 f"encoder {raw!r} names its file and weights={str(weights)!r} names another; "
                 "pass the TorchScript file once"
             )
         path = path or (str(weights) if weights is not None else None)
         if not path:
-            raise InputError("encoder 'torchscript' needs a file; pass --encoder torchscript:PATH")
+            raise ConfigError("encoder 'torchscript' needs a file; pass --encoder torchscript:PATH")
         if tile_size_px is None:
-            raise InputError(
+            raise ConfigError(
                 f"encoder {raw!r} needs the tile size its module takes; pass --tile-size "
                 "(tile_size_px=...), and patch_size_px=... if the output grid is not square"
             )
@@ -403,17 +403,17 @@ def build_encoder(
     if low.startswith(_TIMM + ":"):
         timm_name = raw[len(_TIMM) + 1 :].strip()
         if not timm_name:
-            raise InputError("encoder 'timm:' needs an architecture; pass timm:NAME")
+            raise ConfigError("encoder 'timm:' needs an architecture; pass timm:NAME")
         _check_options(raw, kw, _TIMM_OPTIONS)
         dtype = _default_dtype(dev, dtype)
         return _build_timm(timm_name, weights, tile_size_px, dev, dtype, **kw)
     key = low.replace("_", "-")
     entry = _REGISTRY.get(key)
     if entry is None:
-        raise InputError(f"unknown encoder {raw!r}; expected one of: {', '.join(list_encoders())}")
+        raise ConfigError(f"unknown encoder {raw!r}; expected one of: {', '.join(list_encoders())}")
     _check_options(entry.name, kw, entry.options)
     if kw.get("random_init") and weights is not None:
-        raise InputError(
+        raise ConfigError(
             f"encoder {entry.name!r}: random_init=True and a weights file were both given; "
             "pass one of them"
         )

@@ -391,7 +391,12 @@ class TimmEncoder(StateDictEncoder):
         from fastinsight.encoders.weights import convert_dinov2_hub
 
         if self.is_vit and "mask_token" in state:
-            return convert_dinov2_hub(state, reg_tokens=int(self.trunk.num_reg_tokens))
+            return convert_dinov2_hub(
+                state,
+                reg_tokens=int(self.trunk.num_reg_tokens),
+                encoder=self.name,
+                what=self.weights_hint,
+            )
         return state, []
 
     # ------------------------------------------------------------------------------ running

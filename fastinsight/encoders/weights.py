@@ -43,6 +43,10 @@ WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module")
 
 
 def _sniff(path: Path, what: str) -> str:
+    from fastinsight.inputs import check_input_path
+
+    if path.exists() and not path.is_dir():  # a FIFO or device: refused by stat, never opened
+        check_input_path(path, "encoder weights file", CheckpointError)
     try:
         with open(path, "rb") as fh:
             head = fh.read(16)
@@ -244,7 +248,7 @@ _DINOV2_MLP = re.compile(r"^(blocks\.\d+\.mlp\.)(w12|w3)(\.(?:weight|bias))$")
 
 
 def convert_dinov2_hub(
-    state: dict[str, Tensor], *, reg_tokens: int
+    state: dict[str, Tensor], *, reg_tokens: int, encoder: str = "", what: str = ""
 ) -> tuple[dict[str, Tensor], list[str]]:
     """facebookresearch/dinov2 torch-hub keys -> timm ``VisionTransformer`` keys.
 
@@ -254,16 +258,19 @@ def convert_dinov2_hub(
     ``cls_token' = cls_token + pos_embed[:, :1]``, ``pos_embed' = pos_embed[:, 1:]``,
     ``reg_token = register_tokens``. Without registers the layout already matches. ``mask_token``
     (training only) is dropped; SwiGLU's ``mlp.w12``/``mlp.w3`` become ``mlp.fc1``/``mlp.fc2``.
-    Returns the converted state and a note.
+    Returns the converted state and a note. ``encoder`` / ``what`` (the encoder's name and the
+    file it wants) word the refusal of a register mismatch: the user may have given a DINOv2
+    file to another encoder.
     """
+    wants = f"; encoder {encoder!r} takes {what}" if encoder and what else ""
     out = dict(state)
     out.pop("mask_token", None)
     if "register_tokens" in out:
         regs = out.pop("register_tokens")
         if reg_tokens != regs.shape[1]:
             raise CheckpointError(
-                f"the DINOv2 file has {regs.shape[1]} register tokens, the encoder {reg_tokens}; "
-                "pass the matching checkpoint (e.g. dinov2_vitl14_reg4_pretrain.pth for 4)"
+                f"the weights are a DINOv2 torch-hub file with {regs.shape[1]} register tokens, "
+                f"the encoder has {reg_tokens}{wants or '; pass the matching DINOv2 checkpoint'}"
             )
         pos = out["pos_embed"]
         out["cls_token"] = out["cls_token"] + pos[:, :1]
@@ -271,8 +278,8 @@ def convert_dinov2_hub(
         out["reg_token"] = regs
     elif reg_tokens:
         raise CheckpointError(
-            f"the DINOv2 file has no register tokens but the encoder expects {reg_tokens}; pass "
-            "the '_reg4_' checkpoint (dinov2_vitl14_reg4_pretrain.pth)"
+            f"the weights are a DINOv2 torch-hub file without register tokens, the encoder has "
+            f"{reg_tokens}{wants or '; pass the _reg4_ checkpoint (dinov2_vitl14_reg4_pretrain.pth)'}"
         )
     renamed = {}
     for key, value in out.items():

@@ -116,7 +116,9 @@ def run_radiograph_demo(
         )
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     say = log or (lambda _s: None)
-    out = Path(out_dir).expanduser()
+    from fastinsight.atomic import claim_demo_folder
+
+    out = claim_demo_folder(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     old_threads = torch.get_num_threads()
     if threads is not None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from fastinsight.atomic import atomic_path
-from fastinsight.errors import InputError, OutputError
+from fastinsight.atomic import atomic_path, claim_demo_folder
+from fastinsight.errors import InputError
 from fastinsight.models.config import InsightConfig
 
 DEMO_TILE = 96
@@ -77,11 +77,7 @@ def run_ct_demo(
 
     if volumes < 8 or not 4 <= held_out <= volumes - 4:
         raise InputError(f"need >= 8 volumes and 4..volumes-4 held out; got {volumes}, {held_out}")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {str(out)!r}: {exc}") from exc
+    out = claim_demo_folder(out_dir)
     start = time.perf_counter()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     log(f"[1/4] writing {volumes} synthetic chest CT volumes {list(shape)} to {out / 'cohort'}")

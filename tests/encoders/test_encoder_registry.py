@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastinsight.encoders import Encoder, build_encoder, describe_encoders, list_encoders
-from fastinsight.errors import BackendError, CheckpointError, InputError
+from fastinsight.errors import BackendError, CheckpointError, ConfigError, InputError
 
 TINY = ("vit-tiny", "resnet-tiny", "dinov2-tiny")
 
@@ -34,7 +34,7 @@ def test_list_encoders() -> None:
 
 
 def test_unknown_name_lists_the_names() -> None:
-    with pytest.raises(InputError) as err:
+    with pytest.raises(ConfigError) as err:
         build_encoder("uni3")
     msg = str(err.value)
     assert "unknown encoder 'uni3'" in msg
@@ -47,7 +47,7 @@ def test_names_are_case_and_underscore_insensitive() -> None:
 
 
 def test_unknown_option() -> None:
-    with pytest.raises(InputError, match="unknown option 'depth' for encoder 'uni'"):
+    with pytest.raises(ConfigError, match="unknown option 'depth' for encoder 'uni'"):
         build_encoder("uni", random_init=True, depth=2)
 
 
@@ -76,7 +76,7 @@ def test_resnet50_trunc_without_weights_says_what_to_fetch() -> None:
 
 
 def test_random_init_and_weights_conflict(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="pass one of them"):
+    with pytest.raises(ConfigError, match="pass one of them"):
         build_encoder("resnet50-trunc", tmp_path / "w.pth", random_init=True)
 
 

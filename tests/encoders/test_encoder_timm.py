@@ -30,7 +30,7 @@ from fastinsight.encoders import (
     compile_encoder,
     tokens_to_grid,
 )
-from fastinsight.errors import CheckpointError, InputError
+from fastinsight.errors import CheckpointError, ConfigError, InputError
 
 timm = pytest.importorskip("timm")
 
@@ -242,7 +242,7 @@ def test_dinov2_file_without_registers_is_refused(tmp_path: Path) -> None:
     state.pop("register_tokens")
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match="no register tokens.*reg4"):
+    with pytest.raises(CheckpointError, match="without register tokens.*reg4"):
         build_from_spec(spec, path, depth=1)
 
 
@@ -307,7 +307,7 @@ def test_dinov2_tiny_takes_float_slices_without_normalisation() -> None:
 
 
 def test_dinov2_tiny_rejects_tiles_off_the_patch() -> None:
-    with pytest.raises(InputError, match="multiple of 14"):
+    with pytest.raises(ConfigError, match="multiple of 14"):
         build_encoder("dinov2-tiny", tile_size_px=64)
 
 
@@ -337,7 +337,7 @@ def test_timm_name_cnn_feature_map(tmp_path: Path) -> None:
 def test_timm_name_errors() -> None:
     with pytest.raises(InputError, match="timm has no architecture 'no_such_net'"):
         build_encoder("timm:no_such_net", tile_size_px=32, random_init=True)
-    with pytest.raises(InputError, match="needs the tile size"):
+    with pytest.raises(ConfigError, match="needs the tile size"):
         build_encoder("timm:vit_small_patch16_224", random_init=True)
     with pytest.raises(CheckpointError, match="nothing is downloaded"):
         build_encoder("timm:vit_small_patch16_224", tile_size_px=32)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastinsight.encoders import TorchScriptEncoder, build_encoder
-from fastinsight.errors import CheckpointError, InputError
+from fastinsight.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
 
@@ -141,9 +141,9 @@ def test_missing_file_and_missing_tile_size(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         build_encoder(f"torchscript:{tmp_path / 'nope.pt'}", tile_size_px=32)
     path = save_script(GridNet(), tmp_path / "enc.pt")
-    with pytest.raises(InputError, match="needs the tile size"):
+    with pytest.raises(ConfigError, match="needs the tile size"):
         build_encoder(f"torchscript:{path}")
-    with pytest.raises(InputError, match="needs a file"):
+    with pytest.raises(ConfigError, match="needs a file"):
         build_encoder("torchscript", tile_size_px=32)
-    with pytest.raises(InputError, match="unknown option 'depth'"):
+    with pytest.raises(ConfigError, match="unknown option 'depth'"):
         build_encoder(f"torchscript:{path}", tile_size_px=32, depth=3)
