@@ -87,16 +87,16 @@ def run_predict_from_slide_args(
 
     ``flags_set``: dest -> flag of every ``predict`` option set away from its default; one the
     CT pipeline does not use is refused, not ignored."""
-    from fastinsight.errors import InputError
+    from fastinsight.errors import ConfigError
 
     unused = [flag for dest, flag in flags_set.items() if dest not in _CT_DESTS]
     if unused:
-        raise InputError(
-            f"{', '.join(unused)} apply to slides, not to CT volumes; drop them (CT writes "
-            "--out heatmap.nii.gz, --report, --overlay)"
+        raise ConfigError(
+            f"{', '.join(unused)}: slide options, not used for CT volumes; drop them (CT "
+            "writes --out heatmap.nii.gz, --report, --overlay)"
         )
     if not args.slide or not args.out:
-        raise InputError(
+        raise ConfigError(
             "CT: give the scan and the heatmap to write: fastinsight predict scan.nii.gz "
             "--model M --out heatmap.nii.gz"
         )

@@ -43,6 +43,7 @@ from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import PredictOptions, SlideResult
 from fastinsight.slide import TileGrid, open_slide
+from fastinsight.slide.grid import check_slide_extent
 from fastinsight.slide.placement import MAX_SUBDIVISION, Placement, paste, place_tiles
 
 
@@ -59,6 +60,7 @@ def feature_grid(
     cells = int(feats.tokens.shape[-1]) * subdivision
     tile_px = feats.tile_size_px or 224
     tile_px = max(cells, tile_px - tile_px % cells)
+    check_slide_extent(slide_size[0], slide_size[1], slide_mpp)
     return TileGrid(
         slide_width=slide_size[0],
         slide_height=slide_size[1],

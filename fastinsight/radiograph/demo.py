@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError
 
 DEMO_CLASSES = ("Nodule",)
 DEFAULTS: dict[str, int] = {"n_train": 160, "n_val": 32, "n_test": 40, "epochs": 16}
@@ -110,7 +110,7 @@ def run_radiograph_demo(
     n_test = DEFAULTS["n_test"] if n_test is None else n_test
     epochs = DEFAULTS["epochs"] if epochs is None else epochs
     if min(n_train, n_val, n_test) < 2 or epochs < 1:
-        raise InputError(
+        raise ConfigError(
             f"the radiograph demo needs >= 2 training, validation and held-out pictures and >= 1 "
             f"epoch; got {n_train}, {n_val}, {n_test} and {epochs}"
         )

@@ -399,18 +399,24 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
 def _is_dicom_image_file(f: Path) -> bool:
-    """A Part 10 file or bare dataset that is not a DICOMDIR (a damaged Part 10 file counts, so
-    that reading it names the damage instead of the file vanishing from the run)."""
+    """A Part 10 file or bare dataset holding an image (``Rows``) of a modality that can be a
+    radiograph. A damaged Part 10 file counts, so that reading it names the damage instead of
+    the file vanishing from the run; a DICOMDIR and the non-image objects PACS exports put beside
+    the films (key object selections, presentation states, reports: no ``Rows``), or images of
+    other modalities, are not inputs of a folder."""
     from fastinsight.dicom import read_header
+    from fastinsight.radiograph.io import NOT_RADIOGRAPH
 
     try:
         ds = read_header(f)
     except InputError:
         return True
-    if ds is None:
+    if ds is None or "Rows" not in ds:
         return False
     sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
-    return sop != DICOMDIR_SOP_CLASS and "DirectoryRecordSequence" not in ds
+    if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return False
+    return str(ds.get("Modality", "") or "").strip().upper() not in NOT_RADIOGRAPH
 
 
 def _picture_suffixes() -> set[str]:

@@ -65,6 +65,18 @@ class Tile:
         return (int(round(self.l0_x)), int(round(self.l0_y)))
 
 
+def check_slide_extent(width: int, height: int, mpp: float) -> None:
+    """Refuse a slide whose pixels at ``mpp`` (the file's or ``--mpp``: a real pixel size, not
+    a placeholder) make it wider than :data:`MAX_SLIDE_SIDE_MM`, before its grid is built."""
+    side_mm = max(width, height) * mpp / 1000.0
+    if side_mm > MAX_SLIDE_SIDE_MM:
+        raise SlideError(
+            f"at {mpp:g} um/px the {width} x {height} px slide is {side_mm:.0f} mm wide, more "
+            f"than any glass slide ({MAX_SLIDE_SIDE_MM:.0f} mm): its mpp is wrong; pass the "
+            "scanner's --mpp (e.g. 0.25 at 40x, 0.5 at 20x)"
+        )
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """Square tiles of ``tile_px`` pixels at ``target_mpp`` over a whole slide.
@@ -104,13 +116,6 @@ class TileGrid:
             )
         if self.level < 0:
             raise InputError(f"level must be >= 0; got {self.level}")
-        side_mm = max(self.slide_width, self.slide_height) * self.slide_mpp / 1000.0
-        if side_mm > MAX_SLIDE_SIDE_MM:
-            raise SlideError(
-                f"at {self.slide_mpp:g} um/px the {self.slide_width} x {self.slide_height} px slide "
-                f"is {side_mm:.0f} mm wide, more than any glass slide ({MAX_SLIDE_SIDE_MM:.0f} mm): "
-                "its mpp is wrong; pass the scanner's --mpp (e.g. 0.25 at 40x, 0.5 at 20x)"
-            )
 
     @classmethod
     def for_slide(
@@ -125,6 +130,7 @@ class TileGrid:
         """The grid of ``reader`` (uses its mpp, so a slide without one raises SlideError)."""
         slide_mpp = reader.mpp
         width, height = reader.dimensions
+        check_slide_extent(width, height, slide_mpp)
         if not (math.isfinite(target_mpp) and target_mpp > 0):
             raise InputError(f"target mpp must be a positive number, e.g. 0.5; got {target_mpp!r}")
         level = best_level(reader.level_downsamples, target_mpp / slide_mpp, level_tolerance)

@@ -299,7 +299,8 @@ class SlideReader(abc.ABC):
         self.close()
 
     def __repr__(self) -> str:
-        mpp = f"{self.mpp:.4g}" if self.has_mpp else "none"
+        # mpp_xy, not mpp: a repr must not raise (non-square pixels make .mpp refuse).
+        mpp = "x".join(f"{v:.4g}" for v in sorted(set(self.mpp_xy))) if self.has_mpp else "none"
         return (
             f"{type(self).__name__}({str(self._path)!r}, dimensions={self.dimensions}, "
             f"levels={self.level_count}, mpp={mpp}, vendor={self._vendor!r})"
@@ -826,7 +827,8 @@ def _tiff_mpp(tif: Any, page: Any, series: int = 0) -> tuple[float, float] | Non
     """mpp from OME PhysicalSize (of Image ``series``), Aperio ``MPP =``, or X/YResolution
     with ResolutionUnit; an implausible value counts as none (:func:`_plausible_mpp`)."""
     if getattr(tif, "is_ome", False) and tif.ome_metadata:
-        mpp = _plausible_mpp(_ome_mpp(tif.ome_metadata, series))
+        size = (int(page.imagewidth), int(page.imagelength))
+        mpp = _plausible_mpp(_ome_mpp(tif.ome_metadata, series, size))
         if mpp is not None:
             return mpp
     description = page.description or ""
@@ -854,17 +856,30 @@ def _resolution_mpp(page: Any) -> tuple[float, float] | None:
     return (um_per_unit / xres, um_per_unit / yres)
 
 
-def _ome_mpp(xml: str, image: int = 0) -> tuple[float, float] | None:
-    """PhysicalSizeX/Y of the ``image``-th OME ``Image`` (tifffile's series of the same index:
-    a label or macro image may come first, with its own pixel size)."""
+def _ome_mpp(
+    xml: str, image: int = 0, size: tuple[int, int] | None = None
+) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the OME ``Image`` that is read: the one whose Pixels SizeX x SizeY is
+    ``size`` (the level-0 width and height) when exactly one matches, else the ``image``-th
+    (tifffile's series of that index; tifffile leaves out Images without data in the file, so
+    position alone can point at a label or macro image with its own pixel size)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
     images = [e for e in root if e.tag.endswith("}Image") or e.tag == "Image"]
-    if not 0 <= image < len(images):
+    pixels = [next((p for p in im if p.tag.endswith("Pixels")), None) for im in images]
+    if size is not None:
+        same = [
+            p
+            for p in pixels
+            if p is not None and (p.get("SizeX"), p.get("SizeY")) == tuple(map(str, size))
+        ]
+        if len(same) == 1:
+            pixels, image = same, 0
+    if not 0 <= image < len(pixels) or pixels[image] is None:
         return None
-    for elem in images[image]:
+    for elem in (pixels[image],):
         if elem.tag.endswith("Pixels"):
             sizes = []
             for axis in ("X", "Y"):

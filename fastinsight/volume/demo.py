@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path, claim_demo_folder
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError
 from fastinsight.models.config import InsightConfig
 
 DEMO_TILE = 96
@@ -76,7 +76,9 @@ def run_ct_demo(
     )
 
     if volumes < 8 or not 4 <= held_out <= volumes - 4:
-        raise InputError(f"need >= 8 volumes and 4..volumes-4 held out; got {volumes}, {held_out}")
+        raise ConfigError(f"need >= 8 volumes and 4..volumes-4 held out; got {volumes}, {held_out}")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     out = claim_demo_folder(out_dir)
     start = time.perf_counter()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@ with a PYLON model is a radiograph, a DICOM series with a volume model a CT scan
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,33 @@ def test_negative_feature_coordinates_are_named_as_such(tmp_path, capsys) -> Non
                "--patch-size-l0", "224", "--report", str(tmp_path / "r.json")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 4 and "negative level-0 coordinates" in err and "--slide" not in err
+
+
+def test_a_pacs_folder_reads_its_films_and_passes_over_non_image_objects(
+    tmp_path, pylon_file
+) -> None:
+    """PACS exports put key-object selections and reports (no pixels) beside the films, with
+    extensionless names: they are not inputs, and must not stop the run."""
+    import csv
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    for k in (1, 2):
+        write_dicom(folder / f"IM000{k}", picture(90, 80, seed=k).astype(np.uint16) * 16,
+                    bits_stored=12)  # fmt: skip
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ko = FileDataset(str(folder / "IM0003"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ko.SOPClassUID, ko.Modality = meta.MediaStorageSOPClassUID, "KO"
+    ko.save_as(str(folder / "IM0003"), enforce_file_format=True)
+    out = tmp_path / "scores.csv"
+    rc = main(["predict-radiograph", str(folder), "--model", str(pylon_file), "--out", str(out),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(Path(r["path"]).name for r in rows) == ["IM0001", "IM0002"]

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from slide_testutil import synthetic_slide
+from slide_testutil import synthetic_reader, synthetic_slide
 
 from fastinsight.atomic import check_writable
 from fastinsight.cli import main
 from fastinsight.errors import OutputError, SlideError
-from fastinsight.slide.grid import TileGrid
+from fastinsight.slide.grid import TileGrid, check_slide_extent
 from fastinsight.slide.readers import open_slide
 
 
@@ -74,6 +74,7 @@ def test_non_square_pixels_are_refused_unless_mpp_is_given(tmp_path: Path) -> No
         assert reader.mpp_xy == pytest.approx((0.5, 1.0))
         with pytest.raises(SlideError, match="non-square pixels"):
             _ = reader.mpp
+        assert "mpp=0.5x1" in repr(reader)  # a repr never raises
     with open_slide(path, mpp=0.5) as reader:
         assert reader.mpp == 0.5
 
@@ -81,9 +82,14 @@ def test_non_square_pixels_are_refused_unless_mpp_is_given(tmp_path: Path) -> No
 def test_a_slide_wider_than_any_glass_slide_is_refused() -> None:
     """--mpp 1000 on a 700 px image: 700 mm. Its grid at 0.5 um/px would not fit in memory."""
     with pytest.raises(SlideError, match="700 mm wide"):
-        TileGrid(slide_width=700, slide_height=672, slide_mpp=1000.0)
-    grid = TileGrid(slide_width=150_000, slide_height=50_000, slide_mpp=0.5)  # 75 x 25 mm
-    assert grid.shape == (224, 670)
+        TileGrid.for_slide(synthetic_reader(700, 672, mpp=1000.0))
+    with pytest.raises(SlideError, match="250 mm wide"):
+        check_slide_extent(250_000, 80_000, 1.0)
+    check_slide_extent(150_000, 50_000, 0.5)  # 75 x 25 mm: a glass slide
+    # A grid built with a placeholder mpp (a saved prediction without one) is not a slide's
+    # physical claim: never refused.
+    grid = TileGrid(slide_width=250_000, slide_height=80_000, slide_mpp=1.0)
+    assert grid.n_tiles > 0
 
 
 def test_float_tiff_names_its_sample_format(tmp_path: Path) -> None:
@@ -117,3 +123,35 @@ def test_names_longer_than_the_file_system_allows(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert rc == SlideError.exit_code
     assert err.startswith("fastinsight: error:") and "\n" not in err and "too long" in err
+
+
+def test_ome_mpp_follows_the_image_size_when_tifffile_drops_an_image(tmp_path: Path) -> None:
+    """A label Image whose data lives in a missing companion file: tifffile lists only the main
+    series (index 0), while the XML's Image 0 is the 40 um/px label."""
+    import uuid
+
+    main_id, other = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+
+    def image(i: int, name: str, side: int, mpp: float, file: str, uid: str) -> str:
+        return (
+            f'<Image ID="Image:{i}" Name="{name}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" '
+            f'Type="uint8" SizeX="{side}" SizeY="{side}" SizeC="3" SizeZ="1" SizeT="1" '
+            f'PhysicalSizeX="{mpp}" PhysicalSizeY="{mpp}"><Channel ID="Channel:{i}:0" '
+            f'SamplesPerPixel="3"/><TiffData IFD="0" PlaneCount="1"><UUID FileName="{file}">'
+            f"{uid}</UUID></TiffData></Pixels></Image>"
+        )
+
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/'
+        f'OME/2016-06" UUID="{main_id}">'
+        + image(0, "label", 64, 40.0, "label.ome.tif", other)
+        + image(1, "main", 512, 0.25, "main.ome.tif", main_id)
+        + "</OME>"
+    )
+    path = tmp_path / "main.ome.tif"
+    tifffile.imwrite(
+        path, synthetic_slide(512, 512), tile=(256, 256), photometric="rgb",
+        description=xml.encode(), metadata=None,
+    )  # fmt: skip
+    with open_slide(path, backend="tifffile") as reader:
+        assert reader.mpp == pytest.approx(0.25)
