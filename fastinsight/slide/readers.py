@@ -868,17 +868,26 @@ def _ome_mpp(
     except ET.ParseError:
         return None
     images = [e for e in root if e.tag.endswith("}Image") or e.tag == "Image"]
-    pixels = [next((p for p in im if p.tag.endswith("Pixels")), None) for im in images]
+    found = [next((p for p in im if p.tag.endswith("Pixels")), None) for im in images]
+    pixels = [p for p in found if p is not None]
     if size is not None:
-        same = [
-            p
-            for p in pixels
-            if p is not None and (p.get("SizeX"), p.get("SizeY")) == tuple(map(str, size))
-        ]
+        same = [p for p in pixels if (p.get("SizeX"), p.get("SizeY")) == tuple(map(str, size))]
         if len(same) == 1:
             pixels, image = same, 0
-    if not 0 <= image < len(pixels) or pixels[image] is None:
+        elif len(pixels) != len(found):
+            return None  # an Image without Pixels: positions no longer line up
+    if not 0 <= image < len(pixels):
         return None
+    elem = pixels[image]
+    sizes = []
+    for axis in ("X", "Y"):
+        value = _parse_float(elem.get(f"PhysicalSize{axis}"))
+        unit = elem.get(f"PhysicalSize{axis}Unit", "µm")
+        factor = _OME_UNIT_UM.get(unit)
+        if value is None or value <= 0 or factor is None:
+            return None
+        sizes.append(value * factor)
+    return (sizes[0], sizes[1])
     for elem in (pixels[image],):
         if elem.tag.endswith("Pixels"):
             sizes = []
