@@ -56,8 +56,8 @@ def test_demo_cli_modality_radiograph(tmp_path) -> None:
 
 
 def test_demo_rejects_empty_counts(tmp_path) -> None:
-    from fastinsight.errors import InputError
+    from fastinsight.errors import ConfigError
 
-    with pytest.raises(InputError, match="needs >= 2"):
+    with pytest.raises(ConfigError, match="needs >= 2"):
         run_radiograph_demo(tmp_path / "d", n_train=1, log=None)
     assert not (tmp_path / "d").exists()
