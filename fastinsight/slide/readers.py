@@ -888,18 +888,6 @@ def _ome_mpp(
             return None
         sizes.append(value * factor)
     return (sizes[0], sizes[1])
-    for elem in (pixels[image],):
-        if elem.tag.endswith("Pixels"):
-            sizes = []
-            for axis in ("X", "Y"):
-                value = _parse_float(elem.get(f"PhysicalSize{axis}"))
-                unit = elem.get(f"PhysicalSize{axis}Unit", "µm")
-                factor = _OME_UNIT_UM.get(unit)
-                if value is None or value <= 0 or factor is None:
-                    return None
-                sizes.append(value * factor)
-            return (sizes[0], sizes[1])
-    return None
 
 
 def _rational(value: Any) -> float | None:
