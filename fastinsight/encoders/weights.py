@@ -32,14 +32,13 @@ from torch import Tensor
 
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import weights_format
+from fastinsight.models.statefiles import WRAPPER_KEYS
 from fastinsight.text import loads_json
 
 PathLike = str | os.PathLike[str]
 
 # Prefixes that training frameworks put in front of every key; stripped only when all keys share one.
 KNOWN_PREFIXES: tuple[str, ...] = ("module.", "model.", "backbone.", "encoder.", "trunk.")
-# Dict keys under which training scripts nest the actual state_dict.
-WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module")
 
 
 def _sniff(path: Path, what: str) -> str:

@@ -40,8 +40,9 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
 
 # Keys under which training scripts nest the weights ({"state_dict": sd, "epoch": 3, ...}), in
 # the order they are tried: Lightning and most scripts write "state_dict", timm-style and
-# DeiT/MAE-style scripts write "model".
-WRAPPER_KEYS = ("state_dict", "model")
+# DeiT/MAE-style scripts "model", some DataParallel dumps "module". Encoder weight files are
+# unwrapped by the same keys (fastinsight.encoders.weights imports this tuple).
+WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "module")
 
 
 def _unwrap(state: object) -> object:
