@@ -41,20 +41,30 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 @dataclass(frozen=True)
 class NiftiGeometry:
     """Where a NIfTI header puts its voxels, as written: the qform and sform (None where the
-    code is 0), their codes and the voxel sizes (``pixdim``, used when both codes are 0)."""
+    code is 0), their codes, the voxel sizes (``pixdim``, used when both codes are 0) and the
+    ``xyzt_units`` byte (the unit of all of these: ITK-based viewers such as 3D Slicer scale by
+    it, so a heatmap must carry the scan's)."""
 
     qform: np.ndarray | None
     qform_code: int
     sform: np.ndarray | None
     sform_code: int
     zooms: tuple[float, float, float]
+    xyzt_units: int = 0
 
     @classmethod
     def of(cls, header: Any) -> NiftiGeometry:
         qform, qcode = header.get_qform(coded=True)
         sform, scode = header.get_sform(coded=True)
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
-        return cls(qform, int(qcode), sform, int(scode), zooms)  # type: ignore[arg-type]
+        units = int(np.asarray(header["xyzt_units"]).item())
+        return cls(qform, int(qcode), sform, int(scode), zooms, units)  # type: ignore[arg-type]
+
+    @property
+    def mm_per_unit(self) -> float:
+        """Millimetres per spatial unit of the header (NIfTI codes: 1 metre, 2 mm, 3 micron;
+        0, unknown, is read as mm as ITK and nibabel do)."""
+        return {1: 1000.0, 3: 0.001}.get(self.xyzt_units & 0x07, 1.0)
 
 
 @dataclass(frozen=True)
@@ -221,9 +231,13 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
         notes.append("dropped a singleton 4th axis")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    check_volume(data, affine, str(p))
     codes = NiftiGeometry.of(img.header)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if codes.mm_per_unit != 1.0:  # the Volume's affine is in mm whatever the file's unit
+        affine[:3] *= codes.mm_per_unit
+        unit = "metres" if codes.mm_per_unit > 1 else "microns"
+        notes.append(f"the header's lengths are in {unit}; converted to mm")
+    check_volume(data, affine, str(p))
     if codes.qform_code == 0 and codes.sform_code == 0:
         notes.append("qform and sform codes are 0 (orientation unknown); kept in the heatmap")
     facts = {"format": "nifti", "path": str(p), "notes": notes}
@@ -582,8 +596,8 @@ def write_nifti(
     header: NiftiGeometry | None = None,
 ) -> None:
     """Write ``data`` atomically: with ``header`` (a NIfTI source's geometry) its qform, sform,
-    codes and voxel sizes as they were; else ``affine`` as sform and qform, code 1 (scanner).
-    A name ending in ``.gz`` (any case) is gzip-compressed."""
+    codes, voxel sizes and units as they were; else ``affine`` (mm) as sform and qform, code 1
+    (scanner), units mm. A name ending in ``.gz`` (any case) is gzip-compressed."""
     import nibabel as nib
 
     from fastinsight.atomic import atomic_path
@@ -592,10 +606,12 @@ def write_nifti(
     if header is None:
         img.set_sform(affine, code=1)
         img.set_qform(affine, code=1)
+        img.header.set_xyzt_units(xyz="mm")
     else:
         img.header.set_zooms(header.zooms + tuple(img.header.get_zooms()[3:]))
         img.set_qform(header.qform, code=header.qform_code)
         img.set_sform(header.sform, code=header.sform_code)
+        img.header["xyzt_units"] = header.xyzt_units
     gz = str(path).lower().endswith(".gz")
     # The temp file must keep the suffix nibabel uses to decide on gzip.
     with atomic_path(path) as tmp:

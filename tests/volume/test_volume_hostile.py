@@ -101,6 +101,33 @@ def test_heatmap_header_places_voxels_as_the_scan_does(
         assert any("codes are 0" in n for n in vol.facts["notes"])
 
 
+@pytest.mark.parametrize(("unit", "scale"), [("micron", 1000.0), ("meter", 0.001), ("mm", 1.0)])
+def test_length_units_are_read_as_mm_and_written_back(
+    tmp_path: Path, ct, unit: str, scale: float
+) -> None:
+    """A scan whose header counts in microns or metres: the volume's affine is in mm (what the
+    model's spacing means) and the heatmap keeps the scan's unit byte, so ITK-based viewers
+    (3D Slicer) scale both alike. A DICOM-born heatmap says mm."""
+    img = nib.Nifti1Image(ct.hu.astype(np.int16), None)
+    in_unit = AFFINE.copy()
+    in_unit[:3] *= scale  # the same geometry in the file's unit
+    img.set_qform(in_unit, code=1)
+    img.set_sform(in_unit, code=1)
+    img.header.set_xyzt_units(xyz=unit, t="sec")
+    src = tmp_path / "scan.nii"
+    nib.save(img, str(src))
+    vol = read_nifti(src)
+    np.testing.assert_allclose(vol.affine, AFFINE, rtol=1e-6, atol=1e-6)
+    out = tmp_path / "heat.nii"
+    write_nifti(vol.data, vol.affine, out, header=vol.header)
+    back = nib.load(str(out)).header
+    assert back.get_xyzt_units() == (unit, "sec")
+    np.testing.assert_allclose(back.get_sform(), in_unit, rtol=1e-6)
+    plain = tmp_path / "plain.nii"
+    write_nifti(vol.data, vol.affine, plain)
+    assert nib.load(str(plain)).header.get_xyzt_units()[0] == "mm"
+
+
 def test_uppercase_gz_suffix_is_compressed(tmp_path: Path, ct) -> None:
     out = tmp_path / "H.NII.GZ"
     write_nifti(ct.hu, AFFINE, out)
