@@ -48,10 +48,15 @@ from fastinsight.slide.placement import MAX_SUBDIVISION, Placement, paste, place
 
 
 def feature_grid(
-    feats: SlideFeatures, slide_size: tuple[int, int], slide_mpp: float, subdivision: int = 1
+    feats: SlideFeatures,
+    slide_size: tuple[int, int],
+    slide_mpp: float,
+    subdivision: int = 1,
+    slide_mpp_xy: tuple[float, float] | None = None,
 ) -> TileGrid:
     """A TileGrid whose level-0 tile size is the feature tiles' pitch, with
-    ``cells * subdivision`` raster cells per tile side (see ``fastinsight.slide.placement``)."""
+    ``cells * subdivision`` raster cells per tile side (see ``fastinsight.slide.placement``);
+    ``slide_mpp_xy``: the slide's per-axis mpp where they differ."""
     step = feats.step_l0 or feats.patch_size_l0
     if step is None:
         raise InputError(
@@ -68,6 +73,7 @@ def feature_grid(
         target_mpp=step * slide_mpp / tile_px,
         tile_px=tile_px,
         cells_per_side=cells,
+        slide_mpp_xy=slide_mpp_xy,
     )
 
 
@@ -192,8 +198,10 @@ def _open_for_features(
     TRIDENT file records instead of asking for ``--mpp``."""
     with open_slide(slide, mpp=mpp) as reader:
         source = "--mpp" if mpp else "the slide"
+        mpp_xy: tuple[float, float] | None = None
         try:
             slide_mpp = reader.mpp
+            mpp_xy = reader.mpp_xy
         except SlideError:
             recorded = file_mpp(feats)
             if recorded is None:
@@ -206,6 +214,8 @@ def _open_for_features(
             "mpp_source": source,
             "dimensions": list(reader.dimensions),
         }
+        if mpp_xy is not None and mpp_xy[0] != mpp_xy[1]:
+            info["mpp_xy"] = list(mpp_xy)
         return reader.dimensions, slide_mpp, reader.thumbnail(1024), info, source
 
 
@@ -293,7 +303,10 @@ def predict_features(
         feats, slide, opts.mpp, cfg, ignore_file_geometry
     )
     placement = feature_placement(feats, size, snap)
-    grid = feature_grid(feats, size, slide_mpp, placement.subdivision)
+    mpp_xy = slide_info.get("mpp_xy")
+    grid = feature_grid(
+        feats, size, slide_mpp, placement.subdivision, tuple(mpp_xy) if mpp_xy else None
+    )
     model = model.to(device).eval()
     model.check_device(device)
     if cfg.context == "slide":

@@ -83,6 +83,9 @@ class TileGrid:
 
     ``level``/``level_downsample`` say which pyramid level the tiler reads from (the coarsest
     level not coarser than the target, see :func:`best_level`); :meth:`for_slide` fills them.
+    ``slide_mpp`` is the mean of the slide's x and y mpp (tiles are square);
+    ``slide_mpp_xy`` keeps the two where they differ (within the readers' 5 %), so outputs that
+    state a physical size (the heatmap TIFF's resolution) state each axis's own.
     """
 
     slide_width: int
@@ -93,6 +96,7 @@ class TileGrid:
     cells_per_side: int = 14
     level: int = 0
     level_downsample: float = 1.0
+    slide_mpp_xy: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.slide_width < 1 or self.slide_height < 1:
@@ -116,6 +120,18 @@ class TileGrid:
             )
         if self.level < 0:
             raise InputError(f"level must be >= 0; got {self.level}")
+        if self.slide_mpp_xy is not None:
+            xy = tuple(self.slide_mpp_xy)
+            if len(xy) != 2 or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in xy
+            ):
+                raise InputError(f"slide_mpp_xy must be two positive numbers; got {xy!r}")
+            object.__setattr__(self, "slide_mpp_xy", (float(xy[0]), float(xy[1])))
+
+    @property
+    def mpp_xy(self) -> tuple[float, float]:
+        """Level-0 ``(mpp_x, mpp_y)``: ``slide_mpp_xy`` where known, else ``slide_mpp`` twice."""
+        return self.slide_mpp_xy or (self.slide_mpp, self.slide_mpp)
 
     @classmethod
     def for_slide(
@@ -134,6 +150,7 @@ class TileGrid:
         if not (math.isfinite(target_mpp) and target_mpp > 0):
             raise InputError(f"target mpp must be a positive number, e.g. 0.5; got {target_mpp!r}")
         level = best_level(reader.level_downsamples, target_mpp / slide_mpp, level_tolerance)
+        mpp_xy = reader.mpp_xy
         return cls(
             slide_width=width,
             slide_height=height,
@@ -143,6 +160,7 @@ class TileGrid:
             cells_per_side=cells_per_side,
             level=level,
             level_downsample=reader.level_downsamples[level],
+            slide_mpp_xy=mpp_xy if mpp_xy[0] != mpp_xy[1] else None,
         )
 
     # ---------------------------------------------------------------------------- geometry
@@ -257,11 +275,21 @@ class TileGrid:
             "cells_per_side": int,
             "level": int,
             "level_downsample": float,
+            "slide_mpp_xy": _mpp_pair,
         }
         missing = [k for k in ("slide_width", "slide_height", "slide_mpp") if k not in data]
         if missing:
             raise InputError(f"grid record lacks {missing}; expected the keys of TileGrid")
         return cls(**{k: conv(data[k]) for k, conv in fields.items() if k in data})
+
+
+def _mpp_pair(value: Any) -> tuple[float, float] | None:
+    """A recorded ``slide_mpp_xy``: None, or a pair of numbers (JSON gives a list)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InputError(f"grid record's slide_mpp_xy must be [x, y]; got {value!r}")
+    return (float(value[0]), float(value[1]))
 
 
 def tiles_cell_mask(

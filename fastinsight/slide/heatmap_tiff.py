@@ -59,6 +59,7 @@ class HeatmapGeometry:
     """Where heatmap pixels lie on the slide: ``factor`` level-0 px per heatmap px, from (0, 0).
 
     ``l0_cell_size`` and ``cell_shape`` describe the slide-level cell array the pixels sample.
+    ``slide_mpp_xy``: the slide's per-axis mpp where x and y differ (None: both ``slide_mpp``).
     """
 
     slide_width: int
@@ -67,6 +68,7 @@ class HeatmapGeometry:
     factor: int
     l0_cell_size: float
     cell_shape: tuple[int, int]
+    slide_mpp_xy: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.factor < 1:
@@ -88,6 +90,7 @@ class HeatmapGeometry:
             factor=int(factor),
             l0_cell_size=grid.l0_cell_size,
             cell_shape=grid.cell_shape,
+            slide_mpp_xy=grid.slide_mpp_xy,
         )
 
     @property
@@ -102,6 +105,13 @@ class HeatmapGeometry:
     def hm_mpp(self) -> float:
         """Micrometres per heatmap pixel at level 0 of the TIFF."""
         return self.slide_mpp * self.factor
+
+    @property
+    def hm_mpp_xy(self) -> tuple[float, float]:
+        """``(x, y)`` micrometres per heatmap pixel at level 0: a pixel is ``factor`` slide
+        pixels along each axis, so each axis keeps the slide's own mpp."""
+        x, y = self.slide_mpp_xy or (self.slide_mpp, self.slide_mpp)
+        return (x * self.factor, y * self.factor)
 
     def cell_index(self) -> tuple[np.ndarray, np.ndarray]:
         """The cell each heatmap row and column samples (nearest, at the pixel centre).
@@ -183,14 +193,19 @@ def heatmap_description(
         f"encoding: {code}",
         f"colormap: {colormap if encoding == 'rgb' else 'none (grey levels are the score code)'}",
         f"value range: {vmin:g} {vmax:g}",
-        f"mpp: {geometry.hm_mpp!r}",
+        f"mpp: {_mpp_text(geometry.hm_mpp_xy)}",
         f"level-0 pixels per heatmap pixel: {geometry.factor}",
         f"slide: {slide or 'unknown'} ({geometry.slide_width} x {geometry.slide_height} px at "
-        f"{geometry.slide_mpp!r} um/px)",
+        f"{_mpp_text(geometry.slide_mpp_xy or (geometry.slide_mpp,) * 2)} um/px)",
     ]
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {' '.join(str(value).split())}")
     return "\n".join(" ".join(line.split("\n")) for line in lines)
+
+
+def _mpp_text(xy: tuple[float, float]) -> str:
+    """One value where the axes agree, else ``x x y``."""
+    return repr(xy[0]) if xy[0] == xy[1] else f"{xy[0]!r} x {xy[1]!r}"
 
 
 def write_heatmap_tiff(
@@ -265,7 +280,7 @@ def write_heatmap_tiff(
     write_pyramid_tiff(
         path,
         level0,
-        geometry.hm_mpp,
+        geometry.hm_mpp_xy,
         compression=kwargs["compression"],
         compressionargs=kwargs["compressionargs"],
         description=description,

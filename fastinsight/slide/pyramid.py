@@ -45,7 +45,7 @@ def pyramid_levels(level0: np.ndarray, min_level_size: int = 1024) -> list[np.nd
 def write_pyramid_tiff(
     path: str | os.PathLike[str],
     level0: np.ndarray,
-    mpp: float,
+    mpp: float | tuple[float, float],
     *,
     compression: str = "zlib",
     compressionargs: dict[str, Any] | None = None,
@@ -56,7 +56,7 @@ def write_pyramid_tiff(
     """Write ``level0`` (uint8 ``[h, w]`` or ``[h, w, 3]``) and its /2 pyramid, atomically.
 
     ``levels`` may be given precomputed (level 0 first); otherwise every-other-pixel
-    reductions are made. ``mpp`` is level 0's micrometres per pixel.
+    reductions are made. ``mpp`` is level 0's micrometres per pixel, one value or ``(x, y)``.
     """
     import tifffile
 
@@ -65,7 +65,8 @@ def write_pyramid_tiff(
             f"pyramid TIFF levels must be uint8 [h, w] or [h, w, 3]; got {level0.dtype} "
             f"{level0.shape}"
         )
-    if not (np.isfinite(mpp) and mpp > 0):
+    mpp_x, mpp_y = mpp if isinstance(mpp, tuple) else (mpp, mpp)
+    if not all(np.isfinite(v) and v > 0 for v in (mpp_x, mpp_y)):
         raise InputError(f"mpp must be a positive number; got {mpp!r}")
     photometric = "rgb" if level0.ndim == 3 else "minisblack"
     desc_bytes = tiff_text(description)
@@ -74,14 +75,14 @@ def write_pyramid_tiff(
         try:
             with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
                 for k, data in enumerate(levels):
-                    px_per_cm = 10000.0 / (mpp * 2**k)
+                    res = (10000.0 / (mpp_x * 2**k), 10000.0 / (mpp_y * 2**k))
                     tw.write(
                         data,
                         photometric=photometric,
                         compression=compression,
                         compressionargs=compressionargs or {},
                         tile=(TIFF_TILE, TIFF_TILE),
-                        resolution=(px_per_cm, px_per_cm),
+                        resolution=res,
                         resolutionunit="CENTIMETER",
                         subfiletype=1 if k else 0,
                         description=desc_bytes if k == 0 else None,

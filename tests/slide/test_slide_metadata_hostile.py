@@ -79,6 +79,35 @@ def test_non_square_pixels_are_refused_unless_mpp_is_given(tmp_path: Path) -> No
         assert reader.mpp == 0.5
 
 
+def test_slightly_non_square_pixels_keep_each_axis_in_the_heatmap(tmp_path: Path) -> None:
+    """0.25 x 0.26 um (within the 5 % accepted): the heatmap TIFF's X and Y resolution are each
+    axis's own mpp times the factor, so a viewer aligning by physical size lands every heatmap
+    pixel on the same slide pixels (one averaged value put y 2 % off over the slide)."""
+    pytest.importorskip("openslide")
+    import openslide
+
+    from fastinsight.slide.heatmap_tiff import write_heatmap_tiff
+
+    path = _tiled(
+        tmp_path / "aniso.tif",
+        synthetic_slide(900, 800),
+        resolution=(40000, 10000 / 0.26),
+        resolutionunit=3,
+    )
+    with open_slide(path) as reader:
+        grid = TileGrid.for_slide(reader)
+    assert grid.mpp_xy == pytest.approx((0.25, 0.26))
+    assert TileGrid.from_dict(grid.to_dict()) == grid
+    out = tmp_path / "heat.tif"
+    geometry = write_heatmap_tiff(out, np.full(grid.cell_shape, 0.5), grid)
+    x, y = (v * geometry.factor for v in (0.25, 0.26))
+    with openslide.OpenSlide(str(out)) as hm:
+        assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(x, rel=1e-6)
+        assert float(hm.properties["openslide.mpp-y"]) == pytest.approx(y, rel=1e-6)
+    with tifffile.TiffFile(out) as tif:
+        assert f"mpp: {x!r} x {y!r}" in tif.pages[0].description
+
+
 def test_a_slide_wider_than_any_glass_slide_is_refused() -> None:
     """--mpp 1000 on a 700 px image: 700 mm. Its grid at 0.5 um/px would not fit in memory."""
     with pytest.raises(SlideError, match="700 mm wide"):
