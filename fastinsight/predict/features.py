@@ -318,6 +318,10 @@ def predict_features(
     cells = paste(heat.float(), placement, grid.cell_shape)
     raw_cells = paste(raw.float(), placement, grid.cell_shape)
     mask = np.isfinite(cells).all(axis=0)
+    xy = feats.l0_xy.numpy().astype(np.float64)
+    side = float(feats.patch_size_l0 or feats.step_l0 or placement.pitch_l0)
+    tile_boxes = np.concatenate([xy, xy + side], axis=1)
+    tile_cells = heat.float().cpu().numpy().reshape(feats.num_tiles, heat.shape[1], -1)
     return SlideResult(
         slide_id=feats.slide_id or Path(path).stem,
         slide_path=str(slide or path),
@@ -339,6 +343,8 @@ def predict_features(
         slide_info=slide_info,
         timings={"total": time.perf_counter() - start},
         thumbnail=thumbnail,
+        tile_boxes=tile_boxes,
+        tile_cells=np.ascontiguousarray(tile_cells.transpose(1, 0, 2)),
     )
 
 

@@ -229,6 +229,11 @@ class SlideResult:
     slide_info: dict[str, Any]
     timings: dict[str, float]
     thumbnail: np.ndarray | None = None
+    # Feature-file runs: each tile's level-0 box where the file put it ``[N, 4]`` and its own
+    # thresholded cells ``[K, N, h*w]``, for per-tile outputs (a CLAM file's tiles are not the
+    # grid's). None for slide runs, whose tiles are the grid's.
+    tile_boxes: np.ndarray | None = None
+    tile_cells: np.ndarray | None = None
 
     @property
     def tiles_per_second(self) -> float:
@@ -318,7 +323,12 @@ class SlideResult:
         self, out: str | os.PathLike[str], class_: str | int | None = None, per: str = "tile"
     ) -> int:
         k = self.class_index(class_)
-        return write_geojson(out, self.cells[k], self.grid, per=per, class_name=self.class_names[k])
+        own = {}
+        if per == "tile" and self.tile_boxes is not None and self.tile_cells is not None:
+            own = {"tile_boxes": self.tile_boxes, "tile_values": self.tile_cells[k]}
+        return write_geojson(
+            out, self.cells[k], self.grid, per=per, class_name=self.class_names[k], **own
+        )
 
     def write_sidecar(self, out: str | os.PathLike[str]) -> None:
         write_scores_sidecar(

@@ -6,6 +6,10 @@ reduced from its cells with ``tile_reduce``: ``"max"`` or ``"mean"``). Each feat
 QuPath imports it with File > Import objects and colours it with Measure > Show measurement
 maps. Squares are clipped to the slide. A slide of 15k tiles gives 15k features per tile but
 ~3M per cell: prefer ``per="tile"`` for whole slides and cells for regions.
+
+A slide run's tiles are the grid's. Tiles from a feature file lie where the file put them
+(CLAM: a lattice per tissue contour, not the grid's): ``tile_boxes`` and ``tile_values`` give
+each one its own square and its own cells' values.
 """
 
 from __future__ import annotations
@@ -59,10 +63,15 @@ def heatmap_features(
     color: tuple[int, int, int] = (255, 0, 0),
     object_type: str = "tile",
     ndigits: int = 2,
+    tile_boxes: np.ndarray | None = None,
+    tile_values: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
     """GeoJSON Feature dicts, row-major, for every finite cell (or tile with a finite cell).
 
-    ``tiles`` limits ``per="tile"`` to those tiles. Shapes: ``cells`` float ``grid.cell_shape``.
+    ``tiles`` limits ``per="tile"`` to those tiles. ``tile_boxes`` (with ``tile_values``): the
+    tiles are these level-0 boxes instead of the grid's, in that order, each scored from its own
+    values. Shapes: ``cells`` float ``grid.cell_shape``; ``tile_boxes`` ``[N, 4]`` (x0, y0, x1,
+    y1); ``tile_values`` ``[N, ...]`` (NaN: no tissue).
     """
     arr = np.asarray(cells, dtype=np.float64)
     if arr.shape != grid.cell_shape:
@@ -83,10 +92,22 @@ def heatmap_features(
     def clip(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         return (box[0], box[1], min(box[2], width), min(box[3], height))
 
+    def reduce(values: np.ndarray) -> float:
+        return float(values.max() if tile_reduce == "max" else values.mean())
+
     if per == "cell":
         for r, c in zip(*np.nonzero(np.isfinite(arr)), strict=True):
             box = clip(grid.cell_l0_box(int(r), int(c)))
             yield _feature(box, arr[r, c], classification, object_type, ndigits)
+        return
+    if tile_boxes is not None:
+        boxes = np.asarray(tile_boxes, dtype=np.float64)
+        values = np.asarray(tile_values, dtype=np.float64).reshape(len(boxes), -1)
+        for box, vals in zip(boxes, values, strict=True):
+            vals = vals[np.isfinite(vals)]
+            if vals.size:
+                b = (max(box[0], 0.0), max(box[1], 0.0), box[2], box[3])
+                yield _feature(clip(b), reduce(vals), classification, object_type, ndigits)
         return
     k = grid.cells_per_side
     blocks = (
@@ -98,9 +119,8 @@ def heatmap_features(
     has = finite.any(axis=-1)
     wanted = has if tiles is None else has & _tile_keep(tiles, grid)
     for r, c in zip(*np.nonzero(wanted), strict=True):
-        values = blocks[r, c][finite[r, c]]
-        score = values.max() if tile_reduce == "max" else values.mean()
         tile = grid.tile(int(r), int(c))
+        score = reduce(blocks[r, c][finite[r, c]])
         yield _feature(clip(tile.l0_box), score, classification, object_type, ndigits)
 
 

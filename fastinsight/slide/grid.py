@@ -18,7 +18,7 @@ per-tile grids: the one placement rule of the package.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -266,7 +266,7 @@ class TileGrid:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TileGrid:
-        fields = {
+        fields: dict[str, Callable[[Any], Any]] = {
             "slide_width": int,
             "slide_height": int,
             "slide_mpp": float,

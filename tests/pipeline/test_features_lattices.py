@@ -142,3 +142,33 @@ def test_one_contour_is_exactly_the_single_grid_computation(
         r, c = int((y + 1) // cell), int((x + 1) // cell)
         assert res.cells[0, r, c] == heat[i, 0, 0, 0].item()
         assert res.raw_cells[0, r, c] == raw[i, 0, 0, 0].item()
+
+
+def test_tile_geojson_puts_each_file_tile_where_the_file_put_it(
+    tmp_path: Path, model: InsightModel
+) -> None:
+    """Per-tile GeoJSON of a CLAM run: one square per file tile at its own coordinates (two
+    contour lattices off the grid's), scored from its own cells; not the grid's (0, 0)-anchored
+    tiles, each the max over pieces of up to four real tiles."""
+    import json
+
+    xy = clam_contours(
+        [((1000, 1000), BLOCK_A), ((1000 + 3 * PITCH + 100, 1000 + 37), BLOCK_B)], PITCH
+    )
+    h5, patches, _ = _clam(tmp_path, xy)
+    res = predict_features(h5, model, OPTS, patches_h5=patches)
+    out = tmp_path / "tiles.geojson"
+    assert res.write_geojson(out) == len(xy)
+    features = json.loads(out.read_text())["features"]
+    corners = sorted(tuple(f["geometry"]["coordinates"][0][0]) for f in features)
+    assert corners == sorted((float(x), float(y)) for x, y in xy)
+    for f in features:
+        x0, y0 = f["geometry"]["coordinates"][0][0]
+        x1, y1 = f["geometry"]["coordinates"][0][2]
+        assert (x1 - x0, y1 - y0) == (PITCH, PITCH)
+    by_corner = {tuple(f["geometry"]["coordinates"][0][0]): f for f in features}
+    for i, (x, y) in enumerate(xy):  # 1x1 grids: the tile's score is its one cell
+        score = by_corner[(float(x), float(y))]["properties"]["measurements"]["score"]
+        assert score == pytest.approx(float(res.tile_cells[0, i, 0]))
+    per_cell = tmp_path / "cells.geojson"
+    assert res.write_geojson(per_cell, per="cell") > 0  # cells stay on the raster
