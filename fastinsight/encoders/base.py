@@ -323,6 +323,12 @@ class StateDictEncoder(Encoder):
         """timm architecture names a hub snapshot's ``config.json`` may declare for this encoder."""
         return ()
 
+    def _pos_embed_grid(self) -> tuple[int, int] | None:
+        """``(h, w)`` patch positions of the ``pos_embed`` parameter, for a ViT with an absolute
+        position embedding (a file trained on another grid is resampled to it on load); None for
+        encoders without one."""
+        return None
+
     def _materialize(
         self,
         *,
@@ -351,6 +357,10 @@ class StateDictEncoder(Encoder):
     def load_weights(self, path: PathLike) -> None:
         """Load a weight file strictly (names the first bad key); records path and SHA-256.
 
+        The one change made to a tensor: a ViT position embedding trained on another grid of
+        patch positions is resampled to the encoder's (see :func:`check_state_dict`), with a
+        note in ``load_notes`` (logged at INFO).
+
         Raises CheckpointError for a missing, truncated or foreign file.
         """
         file = resolve_weights_path(path, what=self.weights_hint, expect=self._snapshot_archs())
@@ -368,6 +378,7 @@ class StateDictEncoder(Encoder):
             what=self.weights_hint,
             ignorable=self._ignorable_key,
             optional=self._optional_key,
+            pos_embed_grid=self._pos_embed_grid(),
         )
         kept = self._fill_optional(kept)
         bad = bad_tensor(kept.items())

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fastinsight.encoders.base import IMAGENET_MEAN, IMAGENET_STD, StateDictEncoder
-from fastinsight.encoders.weights import PathLike
+from fastinsight.encoders.weights import PathLike, resample_grid_embed
 from fastinsight.errors import InputError
 
 _TRUNK = "trunk."
@@ -90,9 +90,10 @@ def create_timm_model(timm_name: str, timm_kwargs: dict[str, Any]) -> Any:
 class ViTConfig:
     """Architecture of a timm ``VisionTransformer``. The defaults are UNI's ViT-L/16.
 
-    - ``pos_embed_grid``: side of the grid the position embedding was trained for (224 / 16 = 14
+    - ``pos_embed_grid``: side of the grid the position embedding is built for (224 / 16 = 14
       for UNI); when ``tile_size_px / patch_size_px`` differs, timm resamples it at run time
-      (``dynamic_img_size=True``: bicubic, antialias, prefix entries kept apart).
+      (``dynamic_img_size=True``: bicubic, antialias, prefix entries kept apart). A weight file
+      whose embedding covers another square grid is resampled to this one on load.
     - ``init_values``: LayerScale initial value (UNI: 1e-5); ``None`` builds blocks without
       LayerScale (and without ``ls*.gamma`` keys).
     - ``reg_tokens``: register tokens after the class token (DINOv2-reg, UNI2-h, Virchow2,
@@ -192,19 +193,13 @@ def resample_pos_embed(
     """Resample an absolute position embedding to a new grid, as timm's ``dynamic_img_size`` does.
 
     The patch part is interpolated as an image (bicubic with antialias, in float32); the
-    ``num_prefix`` leading entries (class token; 0 for ``no_embed_class`` models) are kept.
+    ``num_prefix`` leading entries (class token; 0 for ``no_embed_class`` models) are kept. The
+    same resampling as weight loading (:func:`fastinsight.encoders.weights.resample_grid_embed`).
 
     Shapes: ``[1, P + g*g, D]`` -> ``[1, P + h*w, D]``.
     """
-    from timm.layers import resample_abs_pos_embed
-
-    if tuple(new_hw) == (old_grid, old_grid):
-        return pos_embed
-    return resample_abs_pos_embed(
-        pos_embed,
-        new_size=list(new_hw),
-        old_size=[old_grid, old_grid],
-        num_prefix_tokens=num_prefix,
+    return resample_grid_embed(
+        pos_embed, (new_hw[0], new_hw[1]), num_prefix=num_prefix, old_hw=(old_grid, old_grid)
     )
 
 
@@ -216,6 +211,13 @@ class TimmEncoder(StateDictEncoder):
     by a shape-only (meta) forward of one tile. Random initialisation (``seed``, no weights) is
     timm-style and seeded: truncated normal std 0.02 for linear/conv weights and the position
     embedding, std 1e-6 for class and register tokens, LayerScale ``init_values``, norms 1/0.
+
+    Position embedding: the timm model's ``pos_embed`` covers the grid of its ``img_size``
+    (timm's default for the architecture unless ``timm_kwargs`` sets it). A weight file trained on
+    another square grid (timm's DINOv2 weights at 518 px, 37 x 37, in a model built with
+    ``img_size=224``) is resampled to it on load, bicubic with antialiasing, class/register
+    entries kept (a note in ``load_notes``); tiles of another size than ``img_size`` are served by
+    timm's ``dynamic_img_size``, which resamples at run time in the same way.
 
     Shapes: ``encode``: ``[B, T, T, 3]`` uint8 -> ``[B, C, T/p, T/p]``;
     ``encode_tokens``: -> ``[B, (T/p)^2, C]``.
@@ -386,6 +388,13 @@ class TimmEncoder(StateDictEncoder):
     # ------------------------------------------------------------------------ weight files
     def _snapshot_archs(self) -> tuple[str, ...]:
         return self.snapshot_archs
+
+    def _pos_embed_grid(self) -> tuple[int, int] | None:
+        pos = getattr(self.trunk, "pos_embed", None) if self.is_vit else None
+        if not isinstance(pos, Tensor) or pos.ndim != 3:
+            return None  # no absolute embedding (e.g. rotary), or not [1, N, D]
+        h, w = self.trunk.patch_embed.grid_size
+        return int(h), int(w)
 
     def _adapt_state(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
         from fastinsight.encoders.weights import convert_dinov2_hub

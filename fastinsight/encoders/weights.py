@@ -18,10 +18,15 @@ encoder (:func:`resolve_weights_path`). DINOv2's own torch-hub checkpoints
 Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and key prefixes (``module.``
 from ``nn.DataParallel``, ``model.``, ``backbone.``, ``encoder.``, ``trunk.``) are removed when
 every key carries them.
+
+A ViT's absolute position embedding trained on another grid (DINOv2's 37 x 37 at 518 px loaded
+into a model built for 224 px, 16 x 16) is resampled on load by :func:`check_state_dict`
+(:func:`resample_grid_embed`: bicubic, antialiased, class/register entries kept as they are).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -139,6 +144,104 @@ def read_state_dict(path: PathLike, *, what: str) -> tuple[dict[str, Tensor], li
     return state, notes + strip_notes
 
 
+def square_grid_side(entries: int) -> int | None:
+    """``g`` when ``entries == g * g`` (``g >= 1``), else None."""
+    if entries < 1:
+        return None
+    side = math.isqrt(entries)
+    return side if side * side == entries else None
+
+
+def resample_grid_embed(
+    pos_embed: Tensor,
+    new_hw: tuple[int, int],
+    *,
+    num_prefix: int = 0,
+    old_hw: tuple[int, int] | None = None,
+) -> Tensor:
+    """Resample an absolute position embedding to another grid of patch positions.
+
+    The ``num_prefix`` leading entries (the class token's, and the register tokens' in models
+    that give them a position; 0 for ``no_embed_class`` models) are kept as they are. The rest,
+    ``old_hw`` (default: a square read off the length) positions in row-major order, is viewed
+    as a ``D``-channel image and resized to ``new_hw`` with bicubic interpolation and
+    antialiasing (``align_corners=False``) in float32, or float64 for a float64 input; this is
+    what timm does when it loads weights at another size and at run time with
+    ``dynamic_img_size``. The result is float32 (float64 for float64 input); the input is never
+    modified. Needs torch only.
+
+    Shapes: ``[1, P + g*g, D]`` -> ``[1, P + h*w, D]``; returns ``pos_embed`` itself when the
+    grid is already ``new_hw``.
+    Raises ValueError for an embedding that is not ``[1, P + old_h*old_w, D]`` float.
+    """
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or not pos_embed.is_floating_point():
+        raise ValueError(
+            f"expected a float position embedding [1, N, D], found {pos_embed.dtype} "
+            f"{list(pos_embed.shape)}"
+        )
+    n, d = int(pos_embed.shape[1]), int(pos_embed.shape[2])
+    if old_hw is None:
+        side = square_grid_side(n - num_prefix)
+        if side is None:
+            raise ValueError(
+                f"{n - num_prefix} position entries after {num_prefix} prefix entries are not "
+                "a square grid"
+            )
+        old_hw = (side, side)
+    oh, ow = int(old_hw[0]), int(old_hw[1])
+    if num_prefix < 0 or oh * ow + num_prefix != n:
+        raise ValueError(
+            f"a position embedding of {n} entries is not {num_prefix} prefix entries + "
+            f"{oh} x {ow} positions"
+        )
+    nh, nw = int(new_hw[0]), int(new_hw[1])
+    if (nh, nw) == (oh, ow):
+        return pos_embed
+    work = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    prefix = pos_embed[:, :num_prefix].to(work)
+    grid = pos_embed[:, num_prefix:].to(work).reshape(1, oh, ow, d).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(
+        grid, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True
+    )
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d)], dim=1)
+
+
+def _fit_pos_embed(
+    key: str, got: Tensor, ref: Tensor, grid_hw: tuple[int, int], *, source: str, hint: str
+) -> tuple[Tensor, str] | None:
+    """``got`` (a file's ``pos_embed``) resampled to the grid of ``ref`` (the model's), or None
+    when it is not a position embedding of the same width (then the plain shape error applies).
+
+    The model's embedding is ``[1, P + h*w, D]`` with ``(h, w) = grid_hw``; the file's must be
+    ``[1, P + g*g, D]`` with the same ``P`` prefix entries, else CheckpointError.
+    """
+    h, w = grid_hw
+    prefix = int(ref.shape[1]) - h * w if ref.ndim == 3 else -1
+    if (
+        prefix < 0
+        or got.ndim != 3
+        or got.shape[0] != 1
+        or got.shape[2] != ref.shape[2]
+        or not got.is_floating_point()
+    ):
+        return None
+    side = square_grid_side(int(got.shape[1]) - prefix)
+    if side is None:
+        raise CheckpointError(
+            f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)} "
+            f"({prefix} class/register entries + {h} x {w} patch positions); its "
+            f"{int(got.shape[1]) - prefix} entries after the {prefix} prefix entries are not a "
+            f"square grid of patch positions, so it cannot be resampled; {hint}"
+        )
+    out = resample_grid_embed(got, (h, w), num_prefix=prefix, old_hw=(side, side))
+    kept = f"; its {prefix} class/register entries kept" if prefix else ""
+    note = (
+        f"resampled {key!r} from {side} x {side} to {h} x {w} patch positions (bicubic, "
+        f"antialiased{kept})"
+    )
+    return out, note
+
+
 def check_state_dict(
     expected: Mapping[str, Tensor],
     state: Mapping[str, Tensor],
@@ -148,19 +251,27 @@ def check_state_dict(
     what: str,
     ignorable: Callable[[str], bool] = lambda key: False,
     optional: Callable[[str], bool] = lambda key: False,
+    pos_embed_grid: tuple[int, int] | None = None,
+    pos_embed_key: str = "pos_embed",
 ) -> tuple[dict[str, Tensor], list[str]]:
     """Check ``state`` against a model's ``expected`` state_dict, key by key, in model order.
 
     - a key of the model missing from the file is an error, unless ``optional(key)``;
     - a key of the file that the model lacks is an error, unless ``ignorable(key)`` (then it is
       dropped and counted in the returned notes);
-    - shapes must match exactly; floating tensors must be floating (dtype is converted on load).
+    - shapes must match exactly; floating tensors must be floating (dtype is converted on load);
+    - except ``pos_embed_key`` when ``pos_embed_grid`` (the model's ``(h, w)`` grid of patch
+      positions) is given: a position embedding of the model's width trained on another square
+      grid is resampled to it (:func:`resample_grid_embed`, prefix entries kept, with a note);
+      one whose entries after the prefix are not a square grid is an error.
 
     The first bad key is named in the error, together with the file's first key, so that a file of
     another architecture is recognisable at a glance. Returns the filtered state and notes.
     """
     first = next(iter(state), "<empty>")
     hint = f"it is not a {arch} weight file (another architecture?); pass {what}"
+    resampled: dict[str, Tensor] = {}
+    notes: list[str] = []
     for key, ref in expected.items():
         if key not in state:
             if optional(key):
@@ -169,6 +280,12 @@ def check_state_dict(
                 f"{source}: missing key {key!r} (the file's first key is {first!r}); {hint}"
             )
         got = state[key]
+        if tuple(got.shape) != tuple(ref.shape) and key == pos_embed_key and pos_embed_grid:
+            fitted = _fit_pos_embed(key, got, ref, pos_embed_grid, source=source, hint=hint)
+            if fitted is not None:
+                got, note = fitted
+                resampled[key] = got
+                notes.append(note)
         if tuple(got.shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{source}: {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}; {hint}"
@@ -181,12 +298,11 @@ def check_state_dict(
     ignored: list[str] = []
     for key, value in state.items():
         if key in expected:
-            kept[key] = value
+            kept[key] = resampled.get(key, value)
         elif ignorable(key):
             ignored.append(key)
         else:
             raise CheckpointError(f"{source}: unexpected key {key!r}; {hint}")
-    notes = []
     if ignored:
         notes.append(
             f"ignored {len(ignored)} keys the encoder does not use ({ignored[0]!r} ... "
