@@ -7,6 +7,7 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
+from fastinsight.errors import InputError
 from fastinsight.ops.otsu import histogram_bins, histogram_edges, otsu_threshold
 
 
@@ -73,8 +74,12 @@ def test_mask_selects_cells_and_rows_are_independent() -> None:
 
 
 def test_empty_row_gives_nan_not_a_crash() -> None:
-    t = otsu_threshold(torch.rand(2, 10), torch.zeros(2, 10, dtype=torch.bool))
-    assert torch.isnan(t).all()
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1] = False  # one class without cells: NaN for it, a threshold for the other
+    t = otsu_threshold(torch.rand(2, 10), mask)
+    assert torch.isfinite(t[0]) and torch.isnan(t[1])
+    with pytest.raises(InputError, match="no cell"):
+        otsu_threshold(torch.rand(2, 10), torch.zeros(2, 10, dtype=torch.bool))
 
 
 def test_histogram_matches_numpy_bin_for_bin() -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from fastinsight.errors import CheckpointError
 from fastinsight.fileformat import file_sha256, weights_format
 from fastinsight.models import multires, pylon
-from fastinsight.models.config import InsightConfig
+from fastinsight.models.config import InsightConfig, InvalidConfigError
 from fastinsight.models.insight import (  # noqa: F401 (the format keys are re-exported)
     CONFIG_KEY,
     FORMAT_KEY,
@@ -128,7 +128,10 @@ def read_checkpoint(path: Path) -> CheckpointFile:
 
 
 def _load_official(ckpt: CheckpointFile, backend: str) -> InsightModel:
-    config = config_from_official_state_dict(ckpt.state)
+    try:
+        config = config_from_official_state_dict(ckpt.state)
+    except InvalidConfigError as exc:  # shapes from a file: the file's problem (exit 3)
+        raise CheckpointError(f"{str(ckpt.path)!r}: {exc}") from None
     model = InsightModel(config, backend=backend)
     load_state_strict(model, ckpt.state, str(ckpt.path))
     return model
@@ -140,7 +143,9 @@ def _load_safetensors(ckpt: CheckpointFile, backend: str) -> InsightModel:
             f"{str(ckpt.path)!r} is a safetensors file without a fastinsight config (metadata key "
             f"{CONFIG_KEY!r}); it was not written by fastinsight's model.save()"
         )
-    model = InsightModel(InsightConfig.from_json(ckpt.metadata[CONFIG_KEY]), backend=backend)
+    model = InsightModel(
+        InsightConfig.from_json(ckpt.metadata[CONFIG_KEY], source=str(ckpt.path)), backend=backend
+    )
     load_state_strict(model, ckpt.state, str(ckpt.path))
     return model
 

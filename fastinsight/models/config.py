@@ -9,7 +9,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastinsight.errors import CheckpointError
+from fastinsight.errors import CheckpointError, ConfigError
 from fastinsight.text import loads_json
 
 Norm = Literal["tile", "channel"]
@@ -20,6 +20,18 @@ ContextMode = Literal["tile", "slide"]
 
 POOLINGS: tuple[str, ...] = ("smoothmax", "lse_lba", "max", "mean")
 NORMS: tuple[str, ...] = ("tile", "channel")
+
+
+class InvalidConfigError(ConfigError, CheckpointError):
+    """A model configuration built in code with invalid fields: a ConfigError (exit 2).
+
+    Raised by ``InsightConfig`` and the radiograph configs when they are made from Python or
+    from CLI flags. It also derives from CheckpointError, which earlier versions raised here, so
+    code that caught that keeps working. A configuration read from a model file is a plain
+    CheckpointError naming the file (``InsightConfig.from_json(text, source=path)``).
+    """
+
+    exit_code = ConfigError.exit_code
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,9 @@ class InsightConfig:
       ``context="slide"`` runs the 3x3 context convolutions over the stitched slide grid.
     - ``pool_input="logit"`` pools ``logit(H)`` and applies a sigmoid to the pooled value (one
       reading of Yao et al. 2018); the default pools the heatmap probabilities.
+
+    An invalid field is an ``InvalidConfigError`` (a ConfigError, exit 2) naming it; the same
+    config read from a model file (``from_json``) is a CheckpointError (exit 3).
     """
 
     in_dim: int = 1024
@@ -62,7 +77,7 @@ class InsightConfig:
     def __post_init__(self) -> None:
         problems = _type_problems(self)
         if problems:  # the value checks below assume the types are right
-            raise CheckpointError("invalid InsightConfig: " + "; ".join(problems))
+            raise InvalidConfigError("invalid InsightConfig: " + "; ".join(problems))
         if self.norm not in NORMS:
             problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.context not in ("tile", "slide"):
@@ -102,7 +117,7 @@ class InsightConfig:
             )
         problems += class_name_problems(self.class_names)
         if problems:
-            raise CheckpointError("invalid InsightConfig: " + "; ".join(problems))
+            raise InvalidConfigError("invalid InsightConfig: " + "; ".join(problems))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -116,22 +131,34 @@ class InsightConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> InsightConfig:
-        """Parse a config written by ``to_json``; every field is checked (types, ranges, NaN)."""
+    def from_json(cls, text: str, source: str | None = None) -> InsightConfig:
+        """Parse a config written by ``to_json``; every field is checked (types, ranges, NaN).
+
+        The text comes from a model file, so every problem is a CheckpointError (exit 3);
+        ``source`` (the file's path) is named in the message when given.
+        """
+        where = f" in {source!r}" if source else ""
         try:
             raw = loads_json(text)
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"model config is not valid JSON: {exc}") from exc
+            raise CheckpointError(f"model config{where} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
-            raise CheckpointError(f"model config must be a JSON object, got {type(raw).__name__}")
+            raise CheckpointError(
+                f"model config{where} must be a JSON object, got {type(raw).__name__}"
+            )
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise CheckpointError(
-                f"model config has unknown fields {unknown}; was it written by a newer fastinsight?"
+                f"model config{where} has unknown fields {unknown}; was it written by a newer "
+                "fastinsight?"
             )
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except InvalidConfigError as exc:
+            prefix = f"model file {source!r}: " if source else ""
+            raise CheckpointError(f"{prefix}{exc}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,18 +10,19 @@ unchanged (spec section 1)::
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import BackendError, InputError
+from fastinsight.errors import BackendError, ConfigError, InputError
 from fastinsight.models.config import InsightConfig
-from fastinsight.ops.pooling import Pooling
+from fastinsight.ops.pooling import Pooling, as_bool_mask
 from fastinsight.ops.reference import (
     ConvLayer,
     HeadWeights,
@@ -31,7 +32,10 @@ from fastinsight.ops.reference import (
     insight_logits_reference,
     tokens_as_grid,
 )
-from fastinsight.ops.threshold_pool import IMPL_REFERENCE, IMPL_TRITON, ThresholdAndPool
+from fastinsight.ops.threshold_pool import IMPL_REFERENCE, IMPL_TRITON, ThresholdAndPool, tracing
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKEND_AUTO = "auto"
 BACKEND_TRITON = IMPL_TRITON
@@ -42,6 +46,16 @@ BACKENDS = (BACKEND_AUTO, BACKEND_TRITON, BACKEND_REFERENCE)
 CONFIG_KEY = "fastinsight.config"
 FORMAT_KEY = "fastinsight.format"
 FORMAT_VERSION = "1"
+
+
+class UnknownBackendError(ConfigError, BackendError):
+    """``backend`` is not one of ``BACKENDS``: a bad option value, so a ConfigError (exit 2).
+
+    It also derives from BackendError, which earlier versions raised here, so code that caught
+    that keeps working. A known backend that cannot run here stays a plain BackendError (exit 7).
+    """
+
+    exit_code = ConfigError.exit_code
 
 
 class ChannelNorm(nn.Module):
@@ -128,6 +142,15 @@ class InsightModel(nn.Module):
 
     def __init__(self, config: InsightConfig | None = None, backend: str = "auto") -> None:
         super().__init__()
+        # Checked before anything is built: a bad name is a bad option (ConfigError).
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise UnknownBackendError(
+                f"backend must be one of {BACKENDS}, got {backend!r}", fields=("backend",)
+            )
+        if config is not None and not isinstance(config, InsightConfig):
+            raise ConfigError(
+                f"config must be an InsightConfig, got {type(config).__name__}", fields=("config",)
+            )
         self.config = config or InsightConfig()
         cfg = self.config
         self.reduce_dimension_block = nn.Sequential(
@@ -136,8 +159,6 @@ class InsightModel(nn.Module):
         self.backbone_block = _conv_chain(cfg, kernel=1)
         self.context_block = _conv_chain(cfg, kernel=3)
         self.pooling = Pooling(cfg.pooling, cfg.num_classes, cfg.smoothmax_a, cfg.lse_r0)
-        if backend not in BACKENDS:
-            raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.__dict__["_backend"] = backend
         self.__dict__["_backend_in_use"] = self._resolve_backend()
 
@@ -265,6 +286,11 @@ class InsightModel(nn.Module):
 
     # -- the head -------------------------------------------------------------------------------
     def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if not isinstance(tokens, Tensor):
+            raise InputError(
+                "token grids must be a torch.Tensor (predict() also takes a numpy array); got "
+                f"{type(tokens).__name__}"
+            )
         grid = tokens_as_grid(tokens, self.config.grid_size)
         c = self.config.in_dim
         if grid.shape[1] != c:
@@ -280,13 +306,62 @@ class InsightModel(nn.Module):
             )
         if not grid.is_floating_point():
             raise InputError(f"token grids must be floating point, got {grid.dtype}")
+        self._check_device(grid, "token grids")
         return grid
+
+    def _check_device(self, t: Tensor, what: str) -> None:
+        """InputError for tensors without data (``meta``) or on another device than the model's
+        parameters (O(1): no pass over the data). The kernels' own device rule is
+        ``_check_call``'s BackendError."""
+        if t.device.type == "meta":
+            raise InputError(
+                f"{what} are on the 'meta' device (shapes without data); pass real tensors"
+            )
+        if tracing() or (self.uses_kernels and self.config.context == "tile"):
+            return
+        first = next(self.parameters(), None)
+        if first is not None and first.device != t.device:
+            raise InputError(
+                f"{what} are on {t.device} but the model is on {first.device}; move one to "
+                f"the other (tensor.to('{first.device}') or model.to('{t.device}'))"
+            )
+
+    def _as_tokens(self, tokens: Any) -> Tensor:
+        """A numpy array (or other array-like) as a tensor on the model's device."""
+        if isinstance(tokens, Tensor):
+            return tokens
+        first = next(self.parameters(), None)
+        try:
+            return torch.as_tensor(tokens, device=None if first is None else first.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(
+                "token grids must be a torch.Tensor or a numpy array of floats; got "
+                f"{type(tokens).__name__}"
+            ) from None
+
+    def _cell_mask(self, mask: Any, grid: Tensor) -> Tensor | None:
+        """``mask`` as bool ``[N, h, w]`` for the token grids ``[N, C, h, w]``, or None.
+
+        An integer or float mask (0/1, 0/255, numpy too) counts as tissue where non-zero."""
+        if mask is None:
+            return None
+        cells = as_bool_mask(mask, "the tissue mask")
+        want = (grid.shape[0], *grid.shape[2:])
+        if tuple(cells.shape) != want:
+            raise InputError(
+                f"mask must be [N, h, w] = {want} (one entry per cell of the token grids "
+                f"{tuple(grid.shape)}), got {tuple(cells.shape)}"
+            )
+        return cells
 
     def logits(self, tokens: Tensor, cell_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, cell_mask ``[N, h, w]`` ->
         (D, Cx) each ``[N, K, h, w]``. ``cell_mask`` applies to ``context="slide"`` only."""
         grid = self._check_tokens(tokens)
         mask = cell_mask if self.config.context == "slide" else None
+        if mask is not None and not tracing():
+            checked = self._cell_mask(mask, grid)
+            mask = None if checked is None else checked.to(grid.device)
         return insight_logits_reference(grid, self.head_weights(), mask)
 
     def forward(self, tokens: Tensor, cell_mask: Tensor | None = None) -> Tensor:
@@ -325,12 +400,14 @@ class InsightModel(nn.Module):
 
     def raw_heatmap(self, tokens: Tensor, chunk_size: int | None = 4096) -> Tensor:
         """The raw heatmap of a bag of tiles, ``chunk_size`` tiles at a time (bounded memory)."""
+        check_chunk_size(chunk_size)
         n = tokens.shape[0]
         if n == 0:
             raise InputError("no tiles: the bag of token grids is empty")
         if chunk_size is None or n <= chunk_size:
             return self(tokens)
-        return torch.cat([self(tokens[i : i + chunk_size]) for i in range(0, n, chunk_size)])
+        step = int(chunk_size)
+        return torch.cat([self(tokens[i : i + step]) for i in range(0, n, step)])
 
     # -- threshold and pooling ----------------------------------------------------------------
     def _threshold_pool(self, *tensors: Tensor | None) -> ThresholdAndPool:
@@ -356,37 +433,56 @@ class InsightModel(nn.Module):
         return self._threshold_pool(values, mask).pool(values, mask)
 
     def threshold_and_pool(
-        self, raw: Tensor, mask: Tensor | None = None
+        self, raw: Tensor, mask: Tensor | np.ndarray | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Dynamic threshold and pooling over a whole slide.
 
         Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` bool or None ->
         (heatmap ``[N, K, h, w]``, thresholds ``[K]``, scores ``[K]``).
         Non-tissue cells (mask False) take no part in the threshold or the pooling and are zero
-        in the returned heatmap.
+        in the returned heatmap. An integer or float mask (0/1, 0/255) counts as tissue where it
+        is non-zero: it selects cells, it never scales the heatmap.
         """
+        if not isinstance(raw, Tensor):
+            raise InputError(f"the raw heatmap must be a torch.Tensor, got {type(raw).__name__}")
+        k_model = self.config.num_classes
+        if raw.ndim != 4 or raw.shape[1] != k_model:
+            raise InputError(
+                f"the raw heatmap must be [N, K, h, w] with K = {k_model}, got {tuple(raw.shape)}"
+            )
+        if raw.device.type == "meta":
+            raise InputError("the raw heatmap is on the 'meta' device (a shape without data)")
         n, k = raw.shape[:2]
+        if raw.numel() == 0:
+            raise InputError(
+                "no tiles: the batch is empty (N = 0)"
+                if n == 0
+                else f"no cells: the raw heatmap {tuple(raw.shape)} is empty"
+            )
         values = raw.float().transpose(0, 1).reshape(k, -1)
         flat_mask = None
+        cells = None
         if mask is not None:
-            if tuple(mask.shape) != (n, *raw.shape[2:]):
+            cells = as_bool_mask(mask, "the tissue mask")
+            if tuple(cells.shape) != (n, *raw.shape[2:]):
                 raise InputError(
-                    f"mask must be [N, h, w] = {(n, *raw.shape[2:])}, got {tuple(mask.shape)}"
+                    f"mask must be [N, h, w] = {(n, *raw.shape[2:])}, got {tuple(cells.shape)}"
                 )
-            if mask.device.type == "cpu" and not bool(mask.any()):  # free on the host
+            if cells.device.type == "cpu" and not bool(cells.any()):  # free on the host
                 raise InputError("the tissue mask is empty: no cell of the slide is tissue")
-            flat_mask = mask.to(device=raw.device, dtype=torch.bool).reshape(-1)
+            cells = cells.to(device=raw.device)
+            flat_mask = cells.reshape(-1)
         kept, t, scores = self._threshold_pool(values, flat_mask)(values, flat_mask)
         heatmap = kept.reshape(k, n, *raw.shape[2:]).transpose(0, 1)
-        if mask is not None:
-            heatmap = heatmap * mask.to(raw.device)[:, None]
+        if cells is not None:
+            heatmap = heatmap * cells[:, None]
         return heatmap, t, scores
 
     @torch.no_grad()
     def predict(
         self,
-        tokens: Tensor,
-        mask: Tensor | None = None,
+        tokens: Tensor | np.ndarray,
+        mask: Tensor | np.ndarray | None = None,
         chunk_size: int | None = 4096,
         check_finite: bool = True,
     ) -> SlidePrediction:
@@ -394,36 +490,52 @@ class InsightModel(nn.Module):
 
         Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]``, mask ``[N, h, w]`` bool (None = all) ->
         ``SlidePrediction``.
+
+        ``tokens`` may also be a numpy array (converted, on the model's device). ``mask`` is
+        True on tissue cells; an integer or float mask (0/1, 0/255, numpy too) counts as tissue
+        where it is non-zero, and ``SlidePrediction.mask`` is that bool mask. ``chunk_size``
+        (tiles per head call, None = all at once) must be a positive integer. Bad input (wrong
+        shape, dtype or device, an empty batch or mask, NaN/inf tokens, a head that overflows)
+        is one InputError; a bad option value is a ConfigError.
         """
+        check_chunk_size(chunk_size)
+        grid = self._check_tokens(self._as_tokens(tokens))
+        if grid.shape[0] == 0:
+            raise InputError("no tiles: the batch of token grids is empty (N = 0)")
+        if grid.shape[2] == 0 or grid.shape[3] == 0:
+            raise InputError(f"token grids have no cells: shape {tuple(grid.shape)}")
+        cells = self._cell_mask(mask, grid)  # before the head: a bad mask costs nothing
         if self.config.context == "slide":
-            raw = self(tokens, mask)
+            raw = self(grid, cells)
         else:
-            raw = self.raw_heatmap(tokens, chunk_size)
+            raw = self.raw_heatmap(grid, chunk_size)
         # NaN or inf in the tokens propagates through the convolutions and the LayerNorm to the
         # heatmap, so checking the small heatmap replaces a second full pass over the tokens.
+        # Only once it failed are the tokens looked at, to tell bad features from an overflow.
         if check_finite and not bool(torch.isfinite(raw).all()):
-            raise InputError("token grids contain NaN or inf; check the feature extraction")
-        return self.prediction(raw, mask, tokens)
+            raise non_finite_heatmap_error(grid)
+        return self.prediction(raw, cells, grid)
 
     def prediction(
-        self, raw: Tensor, mask: Tensor | None = None, tokens: Tensor | None = None
+        self, raw: Tensor, mask: Tensor | np.ndarray | None = None, tokens: Tensor | None = None
     ) -> SlidePrediction:
         """Threshold and pool a slide's raw heatmap into its ``SlidePrediction``.
 
         Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` bool (None = all) -> ``SlidePrediction``.
         ``tokens`` (optional) only sharpens the error message when a score is not finite.
         """
-        heatmap, t, scores = self.threshold_and_pool(raw, mask)
+        cells = None if mask is None else as_bool_mask(mask, "the tissue mask")
+        heatmap, t, scores = self.threshold_and_pool(raw, cells)
         # The one host synchronisation, after the slide is done: an empty mask on the device or
         # an overflow in the head surfaces here as NaN scores.
         if not bool(torch.isfinite(scores).all()):
-            raise non_finite_scores_error(raw, mask, tokens)
+            raise non_finite_scores_error(raw, cells, tokens)
         return SlidePrediction(
             scores=scores,
             heatmap=heatmap,
             raw_heatmap=raw,
             thresholds=t,
-            mask=mask,
+            mask=cells,
             class_names=self.config.names,
         )
 
@@ -449,30 +561,63 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_chunk_size(chunk_size: object) -> None:
+    """ConfigError unless ``chunk_size`` is None or a positive integer (tiles per head call)."""
+    if chunk_size is None:
+        return
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or int(chunk_size) < 1
+    ):
+        raise ConfigError(
+            "chunk_size must be a positive integer (tiles per head call) or None (all at "
+            f"once), got {chunk_size!r}",
+            fields=("chunk_size",),
+        )
+
+
+def non_finite_heatmap_error(tokens: Tensor | None) -> InputError:
+    """Why the raw heatmap holds NaN or inf, as the error to raise (called only once it does).
+
+    Shapes: tokens ``[N, C, h, w]`` | ``[N, h*w, C]`` or None. Non-finite tokens are bad
+    features; finite tokens mean the head overflowed (values too large for the compute dtype:
+    fp16 overflows above 65504, fp32 above 3.4e38). Looking at the tokens costs one pass over
+    them, which the error path alone pays.
+    """
+    if tokens is not None and tokens.numel():
+        finite = torch.isfinite(tokens.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            return InputError(
+                f"token grids contain NaN or inf ({bad} of {tokens.numel()} values); check the "
+                "feature extraction"
+            )
+        where = (
+            f"the INSIGHT head overflowed: finite inputs (largest |token| "
+            f"{float(tokens.detach().abs().max()):.3g}) gave NaN/inf in the heatmap"
+        )
+    else:
+        where = (
+            "the encoder or the INSIGHT head overflowed: the heatmap holds NaN/inf on tissue "
+            "(float16 overflows above 65504)"
+        )
+    return InputError(
+        f"{where}; the features or the model's weights are far out of range: check the "
+        "feature extraction (normalisation, units) and the model"
+    )
+
+
 def non_finite_scores_error(
     raw: Tensor, mask: Tensor | None, tokens: Tensor | None = None
 ) -> InputError:
     """Why a slide's scores came out NaN or inf, as the error to raise.
 
     Shapes: raw ``[N, K, h, w]``, mask ``[N, h, w]`` or None, tokens ``[N, C, h, w]`` or None.
-    A non-finite raw heatmap on tissue cells is an overflow (finite tokens or weights too large
-    for the compute dtype: fp16 overflows above 65504, fp32 above 3.4e38); otherwise the tissue
-    mask was empty.
+    A non-finite raw heatmap on tissue cells comes from NaN/inf tokens or an overflow (see
+    ``non_finite_heatmap_error``); otherwise the tissue mask was empty.
     """
     on_tissue = raw if mask is None else raw.movedim(1, -1)[mask.to(raw.device, torch.bool)]
     if on_tissue.numel() and not bool(torch.isfinite(on_tissue).all()):
-        if tokens is not None and tokens.numel():
-            where = (
-                f"the INSIGHT head overflowed: finite inputs (largest |token| "
-                f"{float(tokens.detach().abs().max()):.3g}) gave NaN/inf in the heatmap"
-            )
-        else:
-            where = (
-                "the encoder or the INSIGHT head overflowed: the heatmap holds NaN/inf on tissue "
-                "(float16 overflows above 65504)"
-            )
-        return InputError(
-            f"{where}; the features or the model's weights are far out of range: check the "
-            "feature extraction (normalisation, units) and the model"
-        )
+        return non_finite_heatmap_error(tokens)
     return InputError("the tissue mask is empty: no cell of the slide is tissue")

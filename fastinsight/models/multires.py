@@ -45,8 +45,10 @@ from fastinsight.models.radiograph_common import (
     FAMILY_KEY,
     RadiographConfig,
     RadiographPrediction,
-    check_input_side,
+    check_finite_prediction,
+    eval_mode,
     model_from_metadata,
+    model_input,
     read_family_safetensors,
     ready,
     save_radiograph_model,
@@ -55,6 +57,7 @@ from fastinsight.models.radiograph_common import (
 from fastinsight.ops.pooling import lse_lba
 
 FAMILY = "multires"
+NAME = "the multi-resolution network"
 Upsample = Literal["nearest", "bilinear"]
 
 
@@ -80,6 +83,15 @@ class MultiResConfig(RadiographConfig):
     LABEL: ClassVar[str] = "multi-resolution"
 
     def __post_init__(self) -> None:
+        """InvalidConfigError (a ConfigError) naming every bad field; from a model file the
+        loaders turn it into a CheckpointError."""
+        try:
+            problems = self._problems()
+        except TypeError as exc:  # a field of the wrong type ("3" < 1)
+            problems = [f"a field has a value of the wrong type ({exc})"]
+        self.refuse(problems)
+
+    def _problems(self) -> list[str]:
         problems = []
         if self.num_classes < 1 or self.width < 1 or self.growth < 1:
             problems.append("num_classes, width and growth must be >= 1")
@@ -97,8 +109,7 @@ class MultiResConfig(RadiographConfig):
         if self.image_size < 64 or self.image_size % 64:
             problems.append(f"image_size must be a multiple of 64, got {self.image_size}")
         problems += self.class_problems()
-        if problems:
-            raise CheckpointError("invalid multi-resolution config: " + "; ".join(problems))
+        return problems
 
 
 class ResBlock(nn.Module):
@@ -202,8 +213,11 @@ class MultiResModel(nn.Module):
         return self.config.r0 + torch.exp(self.beta)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Saliency logits. Shapes: ``[B, 1, H, W]`` (multiples of 64) -> ``[B, K, H/8, W/8]``."""
-        check_input_side(x, 64, "the multi-resolution network")
+        """Saliency logits. Shapes: ``[B, 1, H, W]`` (multiples of 64) -> ``[B, K, H/8, W/8]``.
+
+        Any float dtype is cast to the weights' dtype; see ``model_input`` for what is refused.
+        """
+        x = model_input(x, self, 64, NAME, self.config.in_channels)
         feats = []
         y = self.stem(x)
         for stage in self.down:
@@ -230,8 +244,18 @@ class MultiResModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> RadiographPrediction:
-        logits = self(x)
-        return RadiographPrediction(logits=logits, scores=self.pool(logits))
+        """Saliency logits and LSE-LBA image scores. Shapes: ``[B, 1, H, W]`` -> see result.
+
+        Runs in eval mode whatever mode the model is in (BatchNorm on its running statistics,
+        no buffer changes) and leaves the mode as it was. Any float dtype is accepted (cast to
+        the weights'); NaN/inf in the input, or an overflow, is one InputError.
+        """
+        x = model_input(x, self, 64, NAME, self.config.in_channels)
+        with eval_mode(self):
+            logits = self(x)
+        scores = self.pool(logits)
+        check_finite_prediction(x, logits, scores, NAME)
+        return RadiographPrediction(logits=logits, scores=scores)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

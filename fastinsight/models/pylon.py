@@ -40,15 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastinsight.errors import CheckpointError, InputError
+from fastinsight.errors import CheckpointError
+from fastinsight.models.config import InvalidConfigError
 from fastinsight.models.radiograph_common import (
     FAMILY_KEY,
     NIH14_CLASSES,
     RadiographConfig,
     RadiographPrediction,
-    check_input_side,
+    check_finite_prediction,
+    eval_mode,
     load_state_checked,
     model_from_metadata,
+    model_input,
     read_family_safetensors,
     ready,
     save_radiograph_model,
@@ -87,6 +90,15 @@ class PylonConfig(RadiographConfig):
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("layers", "class_names")
 
     def __post_init__(self) -> None:
+        """InvalidConfigError (a ConfigError) naming every bad field; from a model file the
+        loaders turn it into a CheckpointError."""
+        try:
+            problems = self._problems()
+        except TypeError as exc:  # a field of the wrong type ("3" < 1)
+            problems = [f"a field has a value of the wrong type ({exc})"]
+        self.refuse(problems)
+
+    def _problems(self) -> list[str]:
         problems = []
         if self.num_classes < 1:
             problems.append(f"num_classes must be >= 1, got {self.num_classes}")
@@ -100,8 +112,7 @@ class PylonConfig(RadiographConfig):
             problems.append(f"image_size must be a multiple of 256, got {self.image_size}")
         problems += stats_problems(self.mean, self.std)
         problems += self.class_problems()
-        if problems:
-            raise CheckpointError("invalid PYLON config: " + "; ".join(problems))
+        return problems
 
 
 # ============================================================================== building blocks
@@ -277,12 +288,11 @@ class PylonModel(nn.Module):
         return 4
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logit maps. Shapes: ``[B, 1, H, W]`` -> ``[B, K, H/4, W/4]`` float32."""
-        check_input_side(x, SIDE_MULTIPLE, "PYLON")
-        if x.shape[1] != self.config.in_channels:
-            raise InputError(
-                f"PYLON expects {self.config.in_channels} input channel(s); got {x.shape[1]}"
-            )
+        """Class logit maps. Shapes: ``[B, 1, H, W]`` -> ``[B, K, H/4, W/4]`` float32.
+
+        Any float dtype is cast to the weights' dtype; see ``model_input`` for what is refused.
+        """
+        x = model_input(x, self, SIDE_MULTIPLE, "PYLON", self.config.in_channels)
         return self.net(x).float()
 
     @staticmethod
@@ -292,9 +302,18 @@ class PylonModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> RadiographPrediction:
-        """CAM and image scores ``sigmoid(max logits)``. Shapes: ``[B, 1, H, W]`` -> see result."""
-        logits = self(x)
-        return RadiographPrediction(logits=logits, scores=torch.sigmoid(self.pool(logits)))
+        """CAM and image scores ``sigmoid(max logits)``. Shapes: ``[B, 1, H, W]`` -> see result.
+
+        Runs in eval mode whatever mode the model is in (BatchNorm on its running statistics,
+        no buffer changes) and leaves the mode as it was. Any float dtype is accepted (cast to
+        the weights'); NaN/inf in the input, or an overflow, is one InputError.
+        """
+        x = model_input(x, self, SIDE_MULTIPLE, "PYLON", self.config.in_channels)
+        with eval_mode(self):
+            logits = self(x)
+        scores = torch.sigmoid(self.pool(logits))
+        check_finite_prediction(x, logits, scores, "PYLON")
+        return RadiographPrediction(logits=logits, scores=scores)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -335,14 +354,17 @@ def config_from_state_dict(state: dict[str, Tensor], source: str = "state_dict")
     layers = _block_counts(list(state))
     if min(layers) < 1:
         raise CheckpointError(f"{source}: PYLON encoder stages have {layers} blocks; one is empty")
-    return PylonConfig(
-        num_classes=int(head.shape[0]),
-        up_type=up_type,
-        in_channels=int(stem.shape[1]),
-        stem_width=int(stem.shape[0]),
-        layers=layers,
-        dec_channels=int(head.shape[1]),
-    )
+    try:
+        return PylonConfig(
+            num_classes=int(head.shape[0]),
+            up_type=up_type,
+            in_channels=int(stem.shape[1]),
+            stem_width=int(stem.shape[0]),
+            layers=layers,
+            dec_channels=int(head.shape[1]),
+        )
+    except InvalidConfigError as exc:  # read off the file's shapes: the file is at fault
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
 NET_PREFIX = "net."

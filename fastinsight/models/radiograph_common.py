@@ -13,7 +13,10 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -23,9 +26,10 @@ from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
-from fastinsight.models.config import class_name_problems
+from fastinsight.models.config import InvalidConfigError, class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.statefiles import check_state, read_safetensors
+from fastinsight.ops.threshold_pool import tracing
 from fastinsight.text import loads_json
 
 FAMILY_KEY = "fastinsight.family"
@@ -110,10 +114,17 @@ class RadiographConfig:
                 if key in raw:
                     raw[key] = tuple(raw[key])
             return cls(**raw)
+        except InvalidConfigError as exc:  # from a model file: a CheckpointError (exit 3)
+            raise CheckpointError(str(exc)) from None
         except (TypeError, ValueError) as exc:  # a value of the wrong JSON type ("std": "x")
             raise CheckpointError(
                 f"invalid {cls.LABEL} config: a field has a value of the wrong type ({exc})"
             ) from None
+
+    def refuse(self, problems: list[str]) -> None:
+        """Raise InvalidConfigError (a ConfigError) listing ``problems``, if any."""
+        if problems:
+            raise InvalidConfigError(f"invalid {self.LABEL} config: " + "; ".join(problems))
 
 
 def stats_problems(mean: float, std: float) -> list[str]:
@@ -147,6 +158,8 @@ def check_input_side(x: Tensor, multiple: int, model: str) -> None:
         raise InputError(f"{model} expects a tensor [B, C, H, W]; got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise InputError(f"{model} expects a normalised float tensor; got {x.dtype}")
+    if x.shape[0] == 0:
+        raise InputError(f"{model}: no images, the batch is empty (B = 0)")
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if h < multiple or w < multiple or h % multiple or w % multiple:
         raise InputError(
@@ -154,6 +167,98 @@ def check_input_side(x: Tensor, multiple: int, model: str) -> None:
             f"resize to {max(multiple, round(h / multiple) * multiple)} px (the model's "
             "image_size) first"
         )
+
+
+def model_input(x: Any, model: nn.Module, multiple: int, name: str, channels: int) -> Tensor:
+    """``x`` checked and made ready for ``model``: InputError unless it is a float
+    ``[B, channels, H, W]`` batch (B >= 1, H and W multiples of ``multiple``) with data on the
+    model's device; any float dtype is cast to the model's (float64, half, bfloat16 in, the
+    weights' dtype out), as InsightModel does. A numpy array is converted (to the model's
+    device). O(1) checks: no pass over the pixels.
+
+    Shapes: ``[B, C, H, W]`` -> ``[B, C, H, W]``.
+    """
+    first = next(model.parameters(), None)
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x, device=None if first is None else first.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(
+                f"{name} expects a float tensor [B, C, H, W] (or a numpy array); got "
+                f"{type(x).__name__}"
+            ) from None
+    check_input_side(x, multiple, name)
+    if x.shape[1] != channels:
+        raise InputError(f"{name} expects {channels} input channel(s); got {x.shape[1]}")
+    if x.device.type == "meta":
+        raise InputError(f"{name}: the images are on the 'meta' device (shapes without data)")
+    if first is None or tracing():
+        return x
+    if x.device != first.device:
+        raise InputError(
+            f"{name}: the images are on {x.device} but the model is on {first.device}; move "
+            f"one to the other (x.to('{first.device}') or model.to('{x.device}'))"
+        )
+    return x if x.dtype == first.dtype else x.to(first.dtype)
+
+
+def check_finite_prediction(x: Tensor, logits: Tensor, scores: Tensor, name: str) -> None:
+    """InputError when the input, the CAM or the scores hold NaN or inf, saying which.
+
+    Shapes: x ``[B, C, H, W]``, logits ``[B, K, h, w]``, scores ``[B, K]``. One host sync, after
+    the model ran; one elementwise pass over the input, nothing next to the network's cost.
+    """
+    finite_in = torch.isfinite(x).all()
+    if bool(finite_in & torch.isfinite(logits).all() & torch.isfinite(scores).all()):
+        return
+    if not bool(finite_in):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(
+            f"{name}: the input images hold NaN or inf ({bad} of {x.numel()} values); check "
+            "the image and its normalisation (radiograph.model_inputs)"
+        )
+    raise InputError(
+        f"{name} overflowed: finite input (largest |x| {float(x.abs().max()):.3g}) gave NaN/inf "
+        "logits; the input is far out of range: normalise it as the model expects "
+        "((u8 / 255 - mean) / std, radiograph.model_inputs)"
+    )
+
+
+# Models inside predict(), with the train/eval mode of each of their modules before the first
+# of them entered: nested or concurrent predicts of one model restore the mode once, when the
+# last one leaves. The lock guards only this bookkeeping, never a forward pass.
+_PREDICTING: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[nn.Module, bool]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_PREDICTING_LOCK = threading.Lock()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode and give each module its own mode back after.
+
+    ``predict`` uses it: BatchNorm then uses its running statistics (a batch of one works, the
+    scores do not depend on the batch) and no buffer changes, whatever mode the caller left the
+    model in (a model being trained keeps training afterwards).
+    """
+    with _PREDICTING_LOCK:
+        depth, saved = _PREDICTING.get(model, (0, []))
+        if depth == 0:
+            saved = [(m, m.training) for m in model.modules() if m.training]
+            for m, _ in saved:
+                m.training = False
+        _PREDICTING[model] = (depth + 1, saved)
+    try:
+        yield
+    finally:
+        with _PREDICTING_LOCK:
+            depth, saved = _PREDICTING[model]
+            if depth == 1:
+                del _PREDICTING[model]
+                for m, mode in saved:
+                    m.training = mode
+            else:
+                _PREDICTING[model] = (depth - 1, saved)
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -247,9 +352,12 @@ __all__ = [
     "NIH14_CLASSES",
     "RadiographConfig",
     "RadiographPrediction",
+    "check_finite_prediction",
     "check_input_side",
+    "eval_mode",
     "load_state_checked",
     "model_from_metadata",
+    "model_input",
     "read_family_safetensors",
     "ready",
     "save_radiograph_model",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastinsight.errors import InputError
+from fastinsight.ops.pooling import cell_mask
 
 
 def histogram_edges(vmin: Tensor, vmax: Tensor, nbins: int) -> Tensor:
@@ -79,10 +80,13 @@ def otsu_threshold(values: Tensor, mask: Tensor | None = None, nbins: int = 256)
     """Per-row Otsu threshold of ``values`` over the cells where ``mask`` is True.
 
     Shapes: values ``[K, M]`` (any float dtype; computed in float32), mask ``[M]`` or ``[K, M]``
-    bool (None = all) -> thresholds ``[K]`` float32.
+    bool (None = all; an integer or float mask counts as tissue where non-zero, as in
+    ``fastinsight.ops.pooling``) -> thresholds ``[K]`` float32.
 
-    A row with no masked-in cell has no threshold; callers check the mask first (see
-    ``InsightModel.threshold_and_pool``); here such a row yields NaN rather than a host sync.
+    No cell at all (``M = 0``, or a CPU mask that is all False) is an InputError, as in the
+    poolings. On a GPU that check would be a host round trip in the middle of the slide: there,
+    and for a single class whose mask row is empty, the threshold is NaN (callers check the mask
+    first, see ``InsightModel.threshold_and_pool``).
     """
     if values.ndim != 2:
         raise InputError(
@@ -90,11 +94,17 @@ def otsu_threshold(values: Tensor, mask: Tensor | None = None, nbins: int = 256)
         )
     if nbins < 2:
         raise InputError(f"otsu_threshold needs at least 2 bins, got {nbins}")
+    if values.shape[1] == 0:
+        raise InputError(
+            f"nothing to threshold: the values {tuple(values.shape)} have no cells (M = 0)"
+        )
     v = values.float()
     if mask is None:
         keep = torch.ones_like(v, dtype=torch.bool)
     else:
-        keep = mask.to(device=v.device, dtype=torch.bool).expand_as(v)
+        keep = cell_mask(v, mask, "otsu_threshold").expand_as(v)
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(keep.any()):
+            raise InputError("nothing to threshold: the tissue mask selects no cell")
     vmin = torch.where(keep, v, torch.inf).amin(dim=1)
     vmax = torch.where(keep, v, -torch.inf).amax(dim=1)
     empty = ~keep.any(dim=1)

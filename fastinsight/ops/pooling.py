@@ -11,14 +11,73 @@ for any value range and any number of cells:
   ``m + log1p(mean(expm1(r (x - m)))) / r``: exact as ``r -> 0`` (the mean) and as
   ``r -> inf`` (the max), where the textbook ``(logsumexp(r x) - log n) / r`` cancels badly.
 - max (PYLON and the official "maxpool" option) and mean.
+
+A mask is bool (True = tissue); integer and float masks count as tissue where non-zero
+(``as_bool_mask``), in every op here, in ``fastinsight.ops.otsu`` and in ``ThresholdAndPool``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastinsight.errors import InputError
+
+
+def as_bool_mask(mask: Any, what: str = "mask") -> Tensor:
+    """A cell mask as a bool tensor: True = tissue (the cell takes part).
+
+    A bool tensor is returned as it is. An integer or floating mask (0/1, 0/255, 0.0/1.0, as
+    image masks are often stored) is read as tissue where it is non-zero, as ``mask.bool()``
+    does; it never weights the cells. A numpy array (or anything ``torch.as_tensor`` takes) is
+    converted first. Anything else is one InputError.
+    """
+    if not isinstance(mask, Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{what} must be a bool tensor (True = tissue) or a numpy array; got "
+                f"{type(mask).__name__} ({str(exc)[:100]})"
+            ) from None
+    if mask.device.type == "meta":
+        raise InputError(
+            f"{what} is on the 'meta' device (a shape without data); pass a real tensor"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not (mask.is_floating_point() or _is_integer(mask.dtype)):
+        raise InputError(f"{what} must be bool (True = tissue), integer or float; got {mask.dtype}")
+    return mask != 0
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def check_mask_shape(values_shape: tuple[int, ...], mask: Tensor, what: str) -> None:
+    """InputError unless ``mask`` is ``[M]``, ``[1, M]`` or ``[K, M]`` for values ``[K, M]``."""
+    k, m = values_shape
+    shape = tuple(mask.shape)
+    if shape == (m,) or (len(shape) == 2 and shape[1] == m and shape[0] in (1, k)):
+        return
+    raise InputError(
+        f"{what}: the mask has shape {shape} but the values are [K, M] = {(k, m)}; the mask "
+        f"must be [M] = {(m,)} or [K, M] = {(k, m)} (one entry per cell)"
+    )
+
+
+def cell_mask(values: Tensor, mask: Any, what: str) -> Tensor:
+    """``mask`` checked against values ``[K, M]``: bool (see ``as_bool_mask``), ``[M]`` /
+    ``[1, M]`` / ``[K, M]``, on the values' device.
+
+    Shapes: values ``[K, M]``, mask ``[M]`` | ``[1, M]`` | ``[K, M]`` -> bool, same shape.
+    """
+    keep = as_bool_mask(mask)
+    check_mask_shape((values.shape[0], values.shape[1]), keep, what)
+    return keep.to(device=values.device)
 
 
 def _prepare(values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -29,7 +88,7 @@ def _prepare(values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         raise InputError("nothing to pool: the slide has no cells")
     if mask is None:
         return v, torch.ones_like(v, dtype=torch.bool)
-    keep = mask.to(device=v.device, dtype=torch.bool).expand_as(v)
+    keep = cell_mask(v, mask, "pooling").expand_as(v)
     # Checked where it is free (CPU tensors). On a GPU this check would be a host round trip in
     # the middle of the slide computation; there an empty class gives NaN, which
     # InsightModel.predict turns into this same error once the scores reach the host.

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fastinsight.errors import InputError
 from fastinsight.ops import graph_ops
 from fastinsight.ops.otsu import otsu_threshold
-from fastinsight.ops.pooling import Pooling, logit
+from fastinsight.ops.pooling import Pooling, cell_mask, logit
 
 IMPL_REFERENCE = "reference"
 IMPL_TRITON = "triton"
@@ -102,8 +102,24 @@ class ThresholdAndPool(nn.Module):
         return self.__dict__["_pooling"]
 
     # -- the primitives of the chosen implementation ------------------------------------------
+    @staticmethod
+    def _mask(values: Tensor, mask: Tensor | None) -> Tensor | None:
+        """``mask`` as bool, checked against values ``[K, M]`` (every implementation takes the
+        same masks: bool, or integer / float counted as tissue where non-zero)."""
+        if mask is None:
+            return None
+        if tracing():
+            # An export trace: no Python checks on (symbolic) shapes; bool masks pass unchanged.
+            return mask if mask.dtype == torch.bool else mask != 0
+        if values.ndim != 2:
+            raise InputError(
+                f"threshold_and_pool expects values of shape [K, M], got {tuple(values.shape)}"
+            )
+        return cell_mask(values, mask, "threshold_and_pool")
+
     def _keep(self, values: Tensor, mask: Tensor | None) -> Tensor | None:
         """The mask as the implementation takes it: ``[M]`` bool, or ``[K, M]`` 0/1 for export."""
+        mask = self._mask(values, mask)
         if mask is None or self._impl != IMPL_EXPORT:
             return mask
         return mask.to(values.dtype).reshape(1, -1).expand(values.shape[0], -1)
@@ -174,7 +190,10 @@ class ThresholdAndPool(nn.Module):
 
     def forward(self, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Shapes: values ``[K, M]`` float32, mask ``[M]`` bool or None ->
-        (kept ``[K, M]``, thresholds ``[K]``, scores ``[K]``)."""
+        (kept ``[K, M]``, thresholds ``[K]``, scores ``[K]``).
+
+        An integer or float mask counts as tissue where non-zero (see ``_mask``)."""
+        mask = self._mask(values, mask)
         if self._impl == IMPL_TRITON:
             return self._fused(values, mask)
         t = self.threshold(values, mask)
@@ -193,6 +212,13 @@ class ThresholdAndPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"impl={self._impl}, threshold={self.threshold_method}, pool_input={self.pool_input}"
+
+
+def tracing() -> bool:
+    """True inside an ONNX / torch.export / TorchScript trace or a torch.compile graph."""
+    return bool(
+        torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    )
 
 
 def threshold_and_pool(

@@ -117,7 +117,7 @@ def load_volume_model(
             f"{str(p)!r} is a safetensors file without a fastinsight config; it was not written "
             "by fastinsight"
         )
-    config = InsightConfig.from_json(meta[CONFIG_KEY])
+    config = InsightConfig.from_json(meta[CONFIG_KEY], source=str(p))
     if VOLUME_KEY in meta:
         info = VolumeModelInfo.from_json(meta[VOLUME_KEY])
     else:  # a slide model: usable on CT only with an explicit encoder; keep its tile geometry
