@@ -22,4 +22,5 @@ for folder, name in ROOT_PACKAGES.items():
         packages.append(f"{name}.{sub}")
         package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir)
+# PEP 561: the package is typed (mypy-checked); type checkers of embedding code read its hints.
+setup(packages=packages, package_dir=package_dir, package_data={"fastinsight": ["py.typed"]})

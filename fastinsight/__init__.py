@@ -9,6 +9,7 @@ no torch; a public name is imported from its home module the first time it is re
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from fastinsight import _moved
@@ -16,6 +17,24 @@ from fastinsight._lazy import lazy_face
 from fastinsight._version import __version__
 
 _moved.install()  # old import paths (fastinsight.model, ...) keep working, with a warning
+
+
+def _source_checkout_rooms() -> None:
+    """Imported from a source checkout (not installed, or shadowed by the repository on
+    ``sys.path``, as pytest's rootdir is): ``kernels/`` and ``export/`` sit beside this folder and
+    ship as ``fastinsight.kernels`` / ``fastinsight.export`` (setup.py), so the repository root
+    joins the package path for those two. An installed package has them inside already."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.isfile(os.path.join(here, "kernels", "__init__.py")):
+        return  # installed: the rooms are inside
+    rooms = ("kernels", "export")
+    if all(os.path.isfile(os.path.join(root, r, "__init__.py")) for r in rooms):
+        if os.path.isfile(os.path.join(root, "setup.py")) and root not in __path__:
+            __path__.append(root)
+
+
+_source_checkout_rooms()
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from fastinsight.errors import FastInsightError

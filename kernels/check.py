@@ -423,6 +423,12 @@ def check_command(
     """``fastinsight kernels check`` without argparse: compile, print the table, return the exit
     status (0 when every variant passes, 1 when one fails, 2 on a usage problem)."""
     archs = _parse_arch(arch)
+    try:  # first: everything below imports Triton
+        import triton  # noqa: F401
+    except ImportError:
+        print("fastinsight: error: kernels check needs Triton, which is not installed (Linux: "
+              "pip install triton)", file=sys.stderr)  # fmt: skip
+        return 7
     try:
         from .head import parse_config
 
@@ -438,11 +444,6 @@ def check_command(
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastinsight kernels check: unset TRITON_INTERPRET (the interpreter cannot compile)",
               file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("fastinsight kernels check: Triton is not installed", file=sys.stderr)
         return 2
     start = time.perf_counter()
     results = run_check(archs, only, max(1, jobs), tuple(configs or ()))

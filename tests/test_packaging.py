@@ -38,6 +38,7 @@ def test_wheel_ships_only_the_fastinsight_namespace(tmp_path: Path) -> None:
     assert tops == {"fastinsight", next(t for t in tops if t.endswith(".dist-info"))}
     assert "fastinsight/kernels/__init__.py" in names
     assert "fastinsight/export/__init__.py" in names
+    assert "fastinsight/py.typed" in names  # PEP 561: embedders' type checkers read the hints
     # subpackages are discovered, not listed: every package folder under fastinsight/ ships
     local = {
         str(p.relative_to(REPO))

@@ -89,6 +89,28 @@ def test_check_rejects_bad_arch_and_interpreter() -> None:
     )
 
 
+def test_check_without_triton_is_one_line_exit_7() -> None:
+    """macOS/Windows installs have no Triton (pyproject requires it on Linux only): one line
+    naming it and exit 7, not an ImportError traceback from the kernel modules."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from fastinsight.cli import main\n"
+        "raise SystemExit(main(['kernels', 'check', '--arch', 'sm_90']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "fastinsight: error: kernels check needs Triton, which is not installed (Linux: pip "
+        "install triton)"
+    ]
+
+
 def test_check_covers_every_grid_the_models_use() -> None:
     """The bf16 head also compiles for the patch-14 (16 x 16) and CT (37 x 37) grids."""
     # Listed in a process without TRITON_INTERPRET (the check needs compilable kernels).
