@@ -32,11 +32,13 @@ def _check_heatmap(tif: Path, sidecar: Path, score: float) -> None:
         for k in range(1, hm.level_count):
             w0, h0 = hm.level_dimensions[k - 1]
             assert hm.level_dimensions[k] == (-(-w0 // 2), -(-h0 // 2))
-        mpp = float(hm.properties["openslide.mpp-x"])
-        assert mpp == pytest.approx(geo.hm_mpp, rel=1e-6)
+        mpp_x = float(hm.properties["openslide.mpp-x"])
+        mpp_y = float(hm.properties["openslide.mpp-y"])
+        assert (mpp_x, mpp_y) == pytest.approx(geo.hm_mpp_xy, rel=1e-6)  # each axis its own
         # The heatmap covers the slide's physical extent (to within one heatmap pixel).
-        assert abs(hm.dimensions[0] * mpp - grid.slide_width * grid.slide_mpp) <= mpp
-        assert abs(hm.dimensions[1] * mpp - grid.slide_height * grid.slide_mpp) <= mpp
+        slide_x, slide_y = grid.mpp_xy
+        assert abs(hm.dimensions[0] * mpp_x - grid.slide_width * slide_x) <= mpp_x
+        assert abs(hm.dimensions[1] * mpp_y - grid.slide_height * slide_y) <= mpp_y
         codes = np.asarray(hm.read_region((0, 0), 0, hm.dimensions))[..., 0]
     decoded = decode_scores(codes)
     cells = geo.cells_to_pixels(side.scores[0])
