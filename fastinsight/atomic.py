@@ -16,10 +16,14 @@ The rules (README: "nothing left behind, nothing destroyed"):
 - **Symlinks are written through**: an output path that is a symlink (or lies behind symlinked
   folders) is resolved and the link's *target* is replaced, so the link keeps pointing at the
   new data. A symlink loop is an ``OutputError``.
-- **Only regular files are outputs**: an existing output path that is a device (``/dev/stdout``,
-  ``/dev/sda1``), a FIFO or a socket is refused with an ``OutputError`` before any work. An atomic
-  rename would replace the device node itself; streaming would lose the all-or-nothing promise.
-  Write to a file and ``cat`` it instead.
+- **Only regular files are outputs**: an existing output path that is a device (``/dev/sda1``),
+  a FIFO or a socket is refused with an ``OutputError`` before any work. An atomic rename would
+  replace the device node itself; streaming would lose the all-or-nothing promise. Write to a
+  file and ``cat`` it instead.
+- **Nothing under /dev, /proc or /sys** (``/dev/shm`` excepted, a plain memory file system), nor
+  a symlink that leads there: ``/dev/stdout`` is a link to ``/proc/self/fd/1``, whose target is
+  whatever the shell redirected stdout to (``> log.txt``); following it would rename the output
+  over that file. Every name on the way to the target is checked, not only the last one.
 - **A failure removes only what the run created**: the temporary files. The previous version of
   an output stays untouched until its replacement is complete (inside ``atomic_outputs`` until
   every output of the run is complete; a rename that fails half-way restores the previous
@@ -38,6 +42,7 @@ import contextlib
 import contextvars
 import errno
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -60,35 +65,78 @@ _TEMP_NAME_CHARS = 24
 _TEMP_SUFFIX_CHARS = 16
 
 
-def resolve_output(path: str | os.PathLike[str]) -> Path:
-    """The file an output path really names: symlinks followed, ``~`` expanded.
+# Kernel file systems: their names are devices, process state and open file descriptors, never
+# files an output may replace. /dev/shm is an ordinary (memory) file system.
+_SPECIAL_ROOTS = ("/dev", "/proc", "/sys")
+_SPECIAL_ALLOWED = ("/dev/shm",)
+_STREAM = re.compile(
+    r"^/dev/(?:stdin|stdout|stderr|tty|fd/\d+)$|^/proc/[^/]+(?:/task/\d+)?/fd/\d+$"
+)
 
-    A dangling symlink resolves to the (missing) file it points at, which is then created. A
-    symlink loop, or a chain longer than 40 links, is an ``OutputError``.
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def special_location(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is in words when it lies under /dev, /proc or /sys (not /dev/shm), else None.
+
+    Only the name is looked at (nothing is opened or followed).
     """
+    text = os.path.abspath(os.fspath(path))
+    if any(_under(text, root) for root in _SPECIAL_ALLOWED):
+        return None
+    if _STREAM.match(text):
+        return "a standard stream or open file descriptor"
+    root = next((r for r in _SPECIAL_ROOTS if _under(text, r)), None)
+    if root is None:
+        return None
+    return f"under {root} (a kernel file system of devices and process state)"
+
+
+def _special(path: Path) -> str | None:
+    what = special_location(path)
+    return None if what is None else f"{str(path)!r}, {what}"
+
+
+def _resolve(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """(the file an output path really names, the first special name on the way or None)."""
     given = Path(path).expanduser()
     current = Path(os.path.abspath(given))
+    special = _special(current)
     for _ in range(_MAX_SYMLINKS):
         # Resolve the folders first (they may be links too), then the last component.
         try:
             parent = Path(os.path.realpath(current.parent, strict=True))
         except FileNotFoundError:
-            return current  # the folder is missing: check_writable says so
+            return current, special  # the folder is missing: check_writable says so
         except OSError as exc:
             raise _loop_or(exc, given) from None
         candidate = parent / current.name
+        special = special or _special(candidate)
         try:
             if not candidate.is_symlink():
-                return candidate
+                return candidate, special
             link = Path(os.readlink(candidate))
         except OSError as exc:  # a name longer than the file system allows (ENAMETOOLONG)
             raise _loop_or(exc, given) from None
         current = link if link.is_absolute() else parent / link
         current = Path(os.path.abspath(current))
+        special = special or _special(current)
     raise OutputError(
         f"output {str(given)!r} is a symbolic link loop (more than {_MAX_SYMLINKS} links); "
         "fix or remove the link, or choose another path"
     )
+
+
+def resolve_output(path: str | os.PathLike[str]) -> Path:
+    """The file an output path really names: symlinks followed, ``~`` expanded.
+
+    A dangling symlink resolves to the (missing) file it points at, which is then created. A
+    symlink loop, or a chain longer than 40 links, is an ``OutputError``. (Whether the path may
+    be written at all, e.g. not ``/dev/stdout``, is :func:`check_writable`'s question.)
+    """
+    return _resolve(path)[0]
 
 
 def _loop_or(exc: OSError, given: Path) -> OutputError:
@@ -109,11 +157,12 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     """Fail early (before hours of work) if ``path`` cannot be written as an output.
 
     Returns the resolved target (symlinks followed). Refuses a directory, a device, a FIFO or a
-    socket at the path, and a missing folder. Creates and removes a probe file beside the target:
+    socket at the path, a missing folder, and any name under /dev, /proc or /sys on the way to
+    the target (``/dev/stdout``, ``/proc/self/fd/1``; /dev/shm is allowed). Creates and removes a probe file beside the target:
     permission bits say too little (root passes every access check, /proc refuses files anyway).
     """
     given = Path(path).expanduser()
-    target = resolve_output(given)
+    target, special = _resolve(given)
     shown = str(given) if target == Path(os.path.abspath(given)) else f"{given} -> {target}"
     try:
         st = os.stat(target)
@@ -140,12 +189,23 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
         try:
             fd, probe = tempfile.mkstemp(prefix=".fastinsight-", suffix=".probe", dir=parent)
         except OSError as exc:
+            why = f"; it leads through {special}" if special is not None else ""
             raise OutputError(
                 f"cannot create files in {str(parent)!r} for output {shown!r} "
-                f"({exc.strerror or exc}); choose another path"
+                f"({exc.strerror or exc}){why}; choose another path (a regular file)"
             ) from None
         os.close(fd)
         os.unlink(probe)
+    if special is not None:
+        # After the checks above, which name a device or an uncreatable /proc file as such: what
+        # remains is a name there that leads to a regular file (/dev/stdout -> the file a shell
+        # redirected stdout to), which the rename would replace behind the user's back.
+        raise OutputError(
+            f"output path {shown!r} leads through {special}, not to a regular file of its own; "
+            "fastinsight writes every output to a temporary file and renames it into place, "
+            "which would replace whatever that name leads to (a shell's redirect file): pass a "
+            "regular file path (then cat it if you want it on screen)"
+        )
     return target
 
 
@@ -357,6 +417,12 @@ def claim_demo_folder(out_dir: str | os.PathLike[str]) -> Path:
     files a demo did not write (a demo's model.safetensors or report.json would replace the
     user's own)."""
     out = Path(out_dir).expanduser()
+    for name in (out, out.resolve()):
+        if (what := special_location(name)) is not None:
+            raise OutputError(
+                f"demo folder {str(out)!r} is {what}; pass a new or empty folder on an ordinary "
+                "file system"
+            )
     if out.exists() and not out.is_dir():
         raise OutputError(f"demo folder {str(out)!r} is a file; pass a new or empty folder")
     if out.is_dir() and not (out / DEMO_MARK).is_file():
@@ -385,4 +451,5 @@ __all__ = [
     "is_out_of_space",
     "prepare_outputs",
     "resolve_output",
+    "special_location",
 ]

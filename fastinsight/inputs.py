@@ -11,12 +11,14 @@ refuse absurd values before anything is allocated, with the limit in the message
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastinsight.errors import BackendError, ConfigError, FastInsightError, InputError, SlideError
 
@@ -94,25 +96,120 @@ def check_input_path(
     return p
 
 
-def check_mpp(value: float, what: str = "--mpp", field: str | None = None) -> float:
-    """A microns-per-pixel value as a float in [MPP_MIN, MPP_MAX]; else ``SlideError``.
+def check_mpp(
+    value: float,
+    what: str = "--mpp",
+    field: str | None = None,
+    error: type[FastInsightError] = SlideError,
+) -> float:
+    """A microns-per-pixel value as a float in [MPP_MIN, MPP_MAX]; else ``error`` (a slide's
+    mpp: ``SlideError``; an options object's field: ``ConfigError``).
 
     ``field`` names the options field the value came from, so the CLI can show its flag.
     """
     fields = (field,) if field else ()
     try:
+        if isinstance(value, bool):
+            raise TypeError("a bool is not an mpp")
         mpp = float(value)
     except (TypeError, ValueError):
-        raise SlideError(
+        raise error(
             f"{what} must be a number of microns per pixel, got {value!r}", fields=fields
         ) from None
     if not math.isfinite(mpp) or not MPP_MIN <= mpp <= MPP_MAX:
-        raise SlideError(
+        raise error(
             f"{what} must be a finite number of microns per pixel in [{MPP_MIN}, {MPP_MAX}] "
             f"(0.25 at 40x, 0.5 at 20x), got {value!r}",
             fields=fields,
         )
     return mpp
+
+
+# -- fields of options objects: checked when the object is made (ConfigError naming the field) ----
+def option_int(
+    value: object, name: str, minimum: int = 0, maximum: int | None = None, what: str = ""
+) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; else a ConfigError naming field ``name``.
+
+    A bool, a float (``1.5``, even ``8.0``) or a string is refused: the run would fail later
+    with a TypeError (``slice indices must be integers``) or mean something else."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(
+            f"{name} must be an integer{what}, got {value!r} ({type(value).__name__})",
+            fields=(name,),
+        )
+    number = int(value)
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name} must be {bound}{what}, got {number}", fields=(name,))
+    return number
+
+
+def option_fraction(value: object, name: str) -> float:
+    """``value`` as a finite float in [0, 1]; else a ConfigError naming field ``name``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"{name} is a fraction in [0, 1], got {value!r} ({type(value).__name__})",
+            fields=(name,),
+        )
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ConfigError(f"{name} is a fraction in [0, 1], got {value!r}", fields=(name,))
+    return number
+
+
+def option_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; else a ConfigError naming field ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}", fields=(name,))
+    return value
+
+
+def option_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool; else a ConfigError naming field ``name``."""
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{name} must be True or False, got {value!r} ({type(value).__name__})",
+            fields=(name,),
+        )
+    return value
+
+
+def option_path(value: object, name: str) -> None:
+    """``value`` is None, a str or an ``os.PathLike``; else a ConfigError naming field ``name``."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(
+            f"{name} must be a file path (str or Path) or None, got {type(value).__name__}",
+            fields=(name,),
+        )
+
+
+def option_device(value: object, name: str = "device") -> None:
+    """``value`` names a device fastinsight runs on (``None``/``"auto"``, ``cpu``, ``cuda``,
+    ``cuda:1``); else ConfigError. Whether it is present is checked by :func:`resolve_device`
+    when a run starts (options may be made on one machine and run on another)."""
+    if value is None or str(value) == "auto":
+        return
+    _parse_device(value, name)
+
+
+def _parse_device(device: object, label: str = "--device") -> torch.device:
+    import torch
+
+    try:
+        dev = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{label} {device!r} is not a device; use cuda, cuda:1 or cpu") from None
+    if dev.type not in ("cpu", "cuda"):
+        # meta, xpu, mps, ...: fastinsight's pipelines run on CPUs and CUDA GPUs.
+        raise ConfigError(
+            f"{label} {device!r} is a {dev.type} device; fastinsight runs on cuda, cuda:1 or cpu"
+        )
+    return dev
 
 
 def check_dimensions(width: int, height: int, what: str) -> tuple[int, int]:
@@ -193,6 +290,14 @@ __all__ = [
     "check_dimensions",
     "check_input_path",
     "check_mpp",
+    "lent_to",
+    "option_bool",
+    "option_choice",
+    "option_device",
+    "option_fraction",
+    "option_int",
+    "option_path",
+    "resolve_device",
 ]
 
 
@@ -203,12 +308,78 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use cuda, cuda:1 or cpu") from None
+    dev = _parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+            f"--device {device!r} was asked for but no CUDA GPU is visible; use --device cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendError(
+            f"--device {device!r} was asked for but this machine shows "
+            f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); "
+            "pick one of them or check CUDA_VISIBLE_DEVICES"
         )
     return dev
+
+
+@contextlib.contextmanager
+def lent_to(device: torch.device | str | None, *modules: Any) -> Iterator[None]:
+    """Run the caller's ``modules`` in eval mode on ``device`` (None: where they are) for the
+    block, then put back every submodule's training flag and every tensor's device, also when
+    the block raises.
+
+    The Python API works on objects the caller owns: a model in train mode (mid-training
+    validation) or kept on the CPU must come back as it was, not silently in eval mode on the
+    GPU. Parameters keep their identity (``.to`` moves their data in place), so an optimizer
+    holding them is unaffected. ``None`` entries are skipped.
+    """
+    import torch
+
+    target = None if device is None else torch.device(device)
+    saved = []
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        flags = [(sub, sub.training) for sub in module.modules()]
+        saved.append((module, flags, _tensor_places(module)))
+    try:
+        for module, _, places in saved:
+            if target is not None and {dev for *_, dev in places} != {target}:
+                module.to(target)
+            module.eval()
+        yield
+    finally:
+        for module, flags, places in saved:
+            for sub, training in flags:
+                sub.training = training
+            if target is not None:
+                _put_back(module, places)
+
+
+def _tensor_places(module: Any) -> list[tuple[Any, str, bool, Any]]:
+    """(submodule, name, is a parameter, device) of every tensor a module holds."""
+    out = []
+    for sub in module.modules():
+        out += [(sub, n, True, p.device) for n, p in sub._parameters.items() if p is not None]
+        out += [(sub, n, False, b.device) for n, b in sub._buffers.items() if b is not None]
+    return out
+
+
+def _put_back(module: Any, places: list[tuple[Any, str, bool, Any]]) -> None:
+    """Every tensor of ``module`` back on the device ``places`` recorded (one ``.to`` when they
+    shared one device, which also lets a module re-resolve what depends on its device)."""
+    homes = {dev for *_, dev in places}
+    if len(homes) == 1:
+        (home,) = homes
+        if {dev for *_, dev in _tensor_places(module)} != homes:
+            module.to(home)
+        return
+    for sub, name, is_param, home in places:  # a module split over devices: tensor by tensor
+        if is_param:
+            param = sub._parameters[name]
+            if param is not None and param.device != home:
+                param.data = param.data.to(home)
+        else:
+            buf = sub._buffers[name]
+            if buf is not None and buf.device != home:
+                sub._buffers[name] = buf.to(home)

@@ -3,14 +3,15 @@
 Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 2-7 a ``FastInsightError`` (bad input or environment; see ``fastinsight.errors``), with a
 one-line message and no traceback; 8 ``predict-cohort`` finished but some slides failed (see
-its summary.csv); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). docs/exit-codes.md has
-the table.
+its summary.csv); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early
+(a pipe into ``head``: output stops quietly). docs/exit-codes.md has the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -50,6 +51,11 @@ FIELD_FLAGS: dict[str, str] = {
     "max_retries": "--max-retries",
     "num_cpus": "--num-cpus",
     "class_": "--class",
+    "tile_size": "--tile-size",
+    "patch_size_px": "--patch-size",
+    "slices": "--slices",
+    "lung_mask": "--lung-mask",
+    "slice_context": "--slice-context",
 }
 
 
@@ -185,7 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if run is None:
                 parser.parse_args([*argv, "--help"])
                 return 2
-            return int(run(args) or 0)
+            code = int(run(args) or 0)
+            # Buffered output meets a closed pipe here, inside the handler below, rather than
+            # at interpreter exit ("Exception ignored ... BrokenPipeError").
+            if sys.stdout is not None:  # None when the shell closed it (`>&-`)
+                sys.stdout.flush()
+            return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except FastInsightError as exc:
         print(f"fastinsight: error: {_one_line(error_message(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -193,6 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"fastinsight: {what}; temporary files were removed", file=sys.stderr)
         return interrupt_exit_code(exc)
+
+
+# What a process killed by SIGPIPE reports (128 + 13), as `yes | head -1` does.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fastinsight encoders list | head -1``): stop quietly,
+    as command-line tools do, without a traceback. Python's recipe: point stdout at /dev/null so
+    the interpreter's final flush of the unwritable buffer does not raise again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured, replaced)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _one_line(message: str) -> str:

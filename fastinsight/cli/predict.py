@@ -372,7 +372,7 @@ def check_flags(args: argparse.Namespace) -> None:
         )
 
     if args.mpp is not None:
-        check_mpp(args.mpp)
+        check_mpp(args.mpp, error=ConfigError)  # a flag's value: exit 2 (docs/exit-codes.md)
     if args.features:
         check_input_path(args.features, "feature file", InputError)
         if args.overlay and not (args.slide_opt or args.slide):

@@ -127,10 +127,26 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("volumes", help="folder of <id>.nii.gz / <id>.nii / <id>/ (DICOM) volumes")
     p.add_argument("--labels", required=True, help="CSV 'volume_id,label' (0/1)")
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    p.add_argument("--encoder", default="vit-tiny", help="slice encoder (registry name)")
+    p.add_argument(
+        "--encoder",
+        default="vit-tiny",
+        help="slice encoder (registry name; default vit-tiny, a small random-init ViT to try the "
+        "pipeline; the official recipe is dinov2-vitl14-reg4 with --encoder-weights)",
+    )
     p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
-    p.add_argument("--patch-size", type=int, default=None, help="encoder patch size (tiny ViT)")
-    p.add_argument("--tile-size", type=int, default=518, help="slice size in px (official 518)")
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="encoder patch size (vit-tiny only; default: the encoder's, 16)",
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="slice size in px, a multiple of the encoder's patch size (default: the encoder's "
+        "own: 518 for the DINOv2 encoders, as the official recipe; 224 for vit-tiny)",
+    )
     p.add_argument("--slices", choices=("all", "middle32"), default="all")
     p.add_argument("--lung-mask", choices=("none", "auto"), default="none")
     p.add_argument("--slice-context", choices=("2d", "3d"), default="2d")
@@ -142,13 +158,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
+    from fastinsight.inputs import resolve_device
     from fastinsight.train import TrainConfig
     from fastinsight.volume.train import train_from_folder
 
     opts = {} if args.patch_size is None else {"patch_size_px": args.patch_size}
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(resolve_device(args.device))
     cfg = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,

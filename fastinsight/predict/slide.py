@@ -25,7 +25,18 @@ from fastinsight._version import __version__
 from fastinsight.atomic import atomic_path
 from fastinsight.context_bands import banded_raw_heatmap
 from fastinsight.errors import ConfigError, InputError
-from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
+from fastinsight.inputs import (
+    check_dimensions,
+    check_mpp,
+    lent_to,
+    option_bool,
+    option_choice,
+    option_device,
+    option_fraction,
+    option_int,
+    option_path,
+    resolve_device,
+)
 from fastinsight.models.insight import InsightModel, non_finite_scores_error
 from fastinsight.ops.reference import tokens_as_grid
 from fastinsight.slide import (
@@ -47,6 +58,8 @@ from fastinsight.slide.placement import cut, grid_placement, paste, rc_placement
 from fastinsight.text import dumps_json
 
 STAGES = ("open", "tissue", "read", "transfer", "encoder", "head", "threshold_pool", "write")
+# The overlay's slide picture: 16384 px on its longer side is ~800 MB of RGB at most.
+MAX_THUMBNAIL_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -70,26 +83,35 @@ class PredictOptions:
     thumbnail_size: int = 1024
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(
-                f"batch_size must be >= 1, got {self.batch_size}", fields=("batch_size",)
-            )
-        if self.num_workers < 0:
-            raise ConfigError(
-                f"num_workers must be >= 0, got {self.num_workers}", fields=("num_workers",)
-            )
-        for name, value in (
-            ("min_tissue_fraction", self.min_tissue_fraction),
-            ("min_cell_fraction", self.min_cell_fraction),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} is a fraction in [0, 1], got {value}", fields=(name,))
+        """Every field checked here, as a ConfigError naming it (the CLI shows its flag): a bad
+        value fails when the options are made, not hours into a run or as a TypeError."""
+        from fastinsight.slide.readers import BACKENDS
+        from fastinsight.slide.tissue import TISSUE_MODES
+
+        option_device(self.device)
+        ints = {
+            "batch_size": option_int(self.batch_size, "batch_size", minimum=1),
+            "num_workers": option_int(self.num_workers, "num_workers", minimum=0),
+            "thumbnail_size": option_int(
+                self.thumbnail_size, "thumbnail_size", minimum=1, maximum=MAX_THUMBNAIL_SIZE,
+                what=" px (the longer side of the overlay's slide picture)",
+            ),
+        }  # fmt: skip
+        fractions = {
+            name: option_fraction(getattr(self, name), name)
+            for name in ("min_tissue_fraction", "min_cell_fraction")
+        }
+        option_choice(self.tissue, "tissue", TISSUE_MODES)
+        option_choice(self.reader_backend, "reader_backend", BACKENDS)
+        option_choice(self.decode, "decode", ("cpu", "device"))
+        option_path(self.encoder_weights, "encoder_weights")
+        option_bool(self.progress, "progress")
+        option_bool(self.profile, "profile")
+        # numpy integers and floats become plain ones (frozen: set through object).
+        for name, value in {**ints, **fractions}.items():
+            object.__setattr__(self, name, value)
         if self.mpp is not None:
-            check_mpp(self.mpp, "mpp", field="mpp")
-        if self.decode not in ("cpu", "device"):
-            raise ConfigError(
-                f"decode is 'cpu' or 'device', got {self.decode!r}", fields=("decode",)
-            )
+            object.__setattr__(self, "mpp", check_mpp(self.mpp, "mpp", "mpp", ConfigError))
 
 
 class StageTimer:
@@ -504,20 +526,19 @@ def _device_batches(
         yield images, len(host)
 
 
-def _setup(model: InsightModel, encoder: Any, opts: PredictOptions) -> tuple[torch.device, Any]:
+def _setup(model: InsightModel, encoder: Any, opts: PredictOptions, device: torch.device) -> Any:
+    """The encoder of the run (the model's own when None), both checked against the model and
+    the device. The caller's model and encoder are already lent to ``device`` (``lent_to``)."""
     from fastinsight.encoders import build_encoder
 
-    device = resolve_device(opts.device)
-    model.to(device).eval()  # "auto" resolves its implementation for this device here
     model.check_device(device)  # before any tile is read, not at the first batch
     cfg = model.config
     if encoder is None:
         encoder = build_encoder(
             cfg.encoder, opts.encoder_weights, tile_size_px=cfg.tile_size_px, device=device
-        )
-    encoder = encoder.to(device).eval()
+        ).eval()
     check_compatible(model, encoder)
-    return device, encoder
+    return encoder
 
 
 @torch.no_grad()
@@ -532,11 +553,28 @@ def predict_slide(
 
     ``encoder`` defaults to the one the model's config names (``options.encoder_weights`` for
     pretrained weights). Errors (unreadable slide, no mpp, no tissue, an encoder that does not
-    fit the model) come before any tile is encoded.
+    fit the model) come before any tile is encoded. The run uses ``model`` and ``encoder`` in
+    eval mode on the run's device and gives them back as they came (training mode, device),
+    also when it fails.
     """
     opts = options or PredictOptions()
     start = time.perf_counter()
-    device, encoder = _setup(model, encoder, opts)
+    device = resolve_device(opts.device)
+    # "auto" resolves the model's implementation for this device when it moves here.
+    with lent_to(device, model, encoder):
+        return _predict_slide(slide, model, encoder, opts, model_info, device, start)
+
+
+def _predict_slide(
+    slide: str | os.PathLike[str],
+    model: InsightModel,
+    encoder: Any,
+    opts: PredictOptions,
+    model_info: dict[str, Any] | None,
+    device: torch.device,
+    start: float,
+) -> SlideResult:
+    encoder = _setup(model, encoder, opts, device)
     timer = StageTimer(device, sync=opts.profile)
     cfg = model.config
     tiling = open_tiling(slide, encoder, cfg.target_mpp, opts, timer)
@@ -614,17 +652,17 @@ def encode_slide(
     """
     opts = options or PredictOptions()
     device = resolve_device(opts.device)
-    encoder = encoder.to(device).eval()
-    timer = StageTimer(device, sync=False)
-    tiling = open_tiling(slide, encoder, target_mpp, opts, timer)
-    try:
-        grid_size = tuple(encoder.grid_size)
-        parts = [
-            tokens_as_grid(t, grid_size).float().cpu()
-            for _, t in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name)
-        ]
-    finally:
-        tiling.reader.close()
+    with lent_to(device, encoder):  # the caller's encoder comes back as it was
+        timer = StageTimer(device, sync=False)
+        tiling = open_tiling(slide, encoder, target_mpp, opts, timer)
+        try:
+            grid_size = tuple(encoder.grid_size)
+            parts = [
+                tokens_as_grid(t, grid_size).float().cpu()
+                for _, t in stream_tokens(tiling, encoder, device, opts, timer, Path(slide).name)
+            ]
+        finally:
+            tiling.reader.close()
     return torch.cat(parts), torch.from_numpy(tiling.tile_mask()), tiling
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import CheckpointError, FastInsightError, InputError
+from fastinsight.errors import CheckpointError, ConfigError, FastInsightError, InputError
 from fastinsight.radiograph.io import Radiograph, read_radiograph
 from fastinsight.radiograph.preprocess import model_inputs
 from fastinsight.text import ascii_text, clean_text, dumps_json
@@ -60,11 +60,13 @@ def load_radiograph_model(
     INSIGHT's loader, whose advice ("pass an official INSIGHT .pth") is wrong here. A model whose
     stem wants more than one channel is refused by name (:func:`check_grey_model`).
     """
-    from fastinsight.inputs import check_input_path
+    from fastinsight.inputs import check_input_path, resolve_device
     from fastinsight.models.checkpoints import LOADERS, CheckpointFile
     from fastinsight.models.radiograph_common import ready, sniff_weights_file
     from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
 
+    # A bad name (ConfigError) or an absent GPU (BackendError) before the file is read.
+    dev = resolve_device(device)
     p = check_input_path(path, "model file", CheckpointError)
     if sniff_weights_file(p) == "torch":
         ckpt = CheckpointFile(p, "torch", read_torch_state_dict(p))
@@ -81,7 +83,7 @@ def load_radiograph_model(
             "PYLON (.pth/.pkl/.safetensors) or multi-resolution (.safetensors) checkpoint"
         )
     check_grey_model(model, repr(str(p)))
-    return ready(model, device)
+    return ready(model, dev)
 
 
 RADIOGRAPH_CHECKPOINTS = (
@@ -130,10 +132,21 @@ def check_grey_model(model: Any, source: str) -> None:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """``batch_size`` images per forward; ``device`` None = the model's."""
+    """``batch_size`` images per forward; ``device`` None = the model's.
+
+    Checked when made (ConfigError naming the field; the CLI shows its flag)."""
 
     batch_size: int = 8
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        from fastinsight.inputs import option_device, option_int
+
+        object.__setattr__(self, "batch_size", option_int(self.batch_size, "batch_size", 1))
+        option_device(self.device)
+
+
+ON_ERROR = ("raise", "yield")
 
 
 @dataclass(eq=False)
@@ -197,48 +210,74 @@ def predict_radiographs(
     """Predict images in batches; yields one result per path, in order.
 
     ``on_error="raise"`` stops at the first unreadable image; ``"yield"`` yields
-    ``(path, error)`` for it and carries on.
+    ``(path, error)`` for it and carries on. The arguments are checked here, when the function
+    is called (not at the first ``next``). While the iterator runs the model is in eval mode on
+    the run's device; it gets its training mode and device back when the iterator ends, fails
+    or is closed.
     """
-    opts = options or PredictOptions()
-    if opts.batch_size < 1:
-        raise InputError(f"batch size must be >= 1; got {opts.batch_size}")
+    from fastinsight.inputs import option_choice, resolve_device
+
+    opts = PredictOptions() if options is None else options
+    if not isinstance(opts, PredictOptions):
+        raise ConfigError(
+            f"options must be a fastinsight.radiograph.predict.PredictOptions, got "
+            f"{type(opts).__name__}"
+        )
+    option_choice(on_error, "on_error", ON_ERROR)
+    if isinstance(paths, (str, os.PathLike)):
+        raise ConfigError(
+            f"paths must be a list of image paths, got one path {os.fspath(paths)!r}; pass "
+            "[path] (or expand_inputs([...]) for folders, globs and CSV lists)"
+        )
     if getattr(model, "modality", None) != "radiograph":
         raise InputError(
             f"model family {getattr(model, 'family', type(model).__name__)!r} is not a "
             "radiograph model; pass a PYLON or multi-resolution LSE-LBA checkpoint"
         )
     check_grey_model(model, f"model {getattr(model, 'family', type(model).__name__)!r}")
-    device = torch.device(opts.device) if opts.device else _device_of(model)
-    model = model.to(device).eval()
+    device = resolve_device(opts.device) if opts.device else _device_of(model)
+    return _predict_batches(list(paths), model, opts.batch_size, device, on_error)
+
+
+def _predict_batches(
+    paths: list[str | os.PathLike[str]],
+    model: Any,
+    batch_size: int,
+    device: torch.device,
+    on_error: str,
+) -> Iterator[RadiographResult | tuple[str, FastInsightError]]:
+    from fastinsight.inputs import lent_to
+
     cfg = model.config
     names = tuple(cfg.names)
-    for start in range(0, len(paths), opts.batch_size):
-        batch: list[Radiograph | tuple[str, FastInsightError]] = []
-        for p in paths[start : start + opts.batch_size]:
-            try:
-                batch.append(read_radiograph(p))
-            except FastInsightError as exc:
-                if on_error == "raise":
-                    raise
-                batch.append((str(p), exc))
-        good = [r for r in batch if isinstance(r, Radiograph)]
-        out = None
-        if good:
-            x = model_inputs([r.image for r in good], cfg.image_size, cfg.mean, cfg.std)
-            out = model.predict(x.to(device))
-        i = 0
-        for item in batch:
-            if not isinstance(item, Radiograph):
-                yield item
-                continue
-            assert out is not None
-            yield RadiographResult(
-                radiograph=item,
-                scores=out.scores[i].float().cpu().numpy(),
-                prob_maps=out.probabilities[i].float().cpu(),
-                class_names=names,
-            )
-            i += 1
+    with lent_to(device, model):
+        for start in range(0, len(paths), batch_size):
+            batch: list[Radiograph | tuple[str, FastInsightError]] = []
+            for p in paths[start : start + batch_size]:
+                try:
+                    batch.append(read_radiograph(p))
+                except FastInsightError as exc:
+                    if on_error == "raise":
+                        raise
+                    batch.append((str(p), exc))
+            good = [r for r in batch if isinstance(r, Radiograph)]
+            out = None
+            if good:
+                x = model_inputs([r.image for r in good], cfg.image_size, cfg.mean, cfg.std)
+                out = model.predict(x.to(device))
+            i = 0
+            for item in batch:
+                if not isinstance(item, Radiograph):
+                    yield item
+                    continue
+                assert out is not None
+                yield RadiographResult(
+                    radiograph=item,
+                    scores=out.scores[i].float().cpu().numpy(),
+                    prob_maps=out.probabilities[i].float().cpu(),
+                    class_names=names,
+                )
+                i += 1
 
 
 # ======================================================================================= outputs

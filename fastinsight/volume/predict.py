@@ -28,9 +28,10 @@ from torch import Tensor
 
 from fastinsight.atomic import atomic_path
 from fastinsight.encoders.base import Encoder
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError, InputError
+from fastinsight.inputs import lent_to, option_int
 from fastinsight.models.insight import InsightModel
-from fastinsight.volume.io import Volume, write_nifti
+from fastinsight.volume.io import Volume, check_volume, write_nifti
 from fastinsight.volume.model import slice_context_of
 from fastinsight.volume.preprocess import (
     PreprocessOptions,
@@ -42,21 +43,35 @@ from fastinsight.volume.preprocess import (
 
 @dataclass(frozen=True)
 class VolumeOptions:
-    """Preprocessing plus how to run: ``batch_size`` slices per encoder call."""
+    """Preprocessing plus how to run: ``batch_size`` slices per encoder call.
+
+    Checked when made (ConfigError naming the field), not when a volume is half encoded."""
 
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.preprocess, PreprocessOptions):
+            raise ConfigError(
+                "preprocess must be a PreprocessOptions (fastinsight.volume.preprocess), got "
+                f"{type(self.preprocess).__name__}; build one, or take a model's with "
+                "info.preprocess()",
+                fields=("preprocess",),
+            )
+        object.__setattr__(self, "batch_size", option_int(self.batch_size, "batch_size", 1))
+
 
 def build_volume_encoder(
     name: str,
-    tile_size: int,
+    tile_size: int | None,
     *,
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     options: dict[str, Any] | None = None,
 ) -> Encoder:
-    """An encoder of the registry for CT slices: no ImageNet normalisation (mean 0, std 1)."""
+    """An encoder of the registry for CT slices: no ImageNet normalisation (mean 0, std 1).
+
+    ``tile_size`` None: the encoder's own (518 px for the DINOv2 encoders)."""
     from fastinsight.encoders import build_encoder
 
     opts = dict(options or {})
@@ -202,16 +217,28 @@ def predict_volume(
     ``mask``: a lung mask volume on the same grid (wins over ``options.preprocess.lung_mask``).
     """
     opts = options or VolumeOptions()
+    if not isinstance(opts, VolumeOptions):
+        raise ConfigError(f"options must be a VolumeOptions, got {type(opts).__name__}")
     pre = opts.preprocess
+    if not isinstance(volume, Volume):
+        raise InputError(
+            f"expected a fastinsight.volume.Volume (read_volume(path), or Volume(data, affine)), "
+            f"got {type(volume).__name__}"
+        )
+    # Once per volume, as read_volume does for files: a Volume built in Python (an embedder's
+    # own reader) is checked too, so an inf slice cannot score silently.
+    check_volume(volume.data, volume.affine, str(volume.facts.get("path") or "the volume"))
     t0 = time.perf_counter()
-    tokens, indices, pad = encode_volume(
-        volume.data, encoder, pre, batch_size=opts.batch_size, mask=mask
-    )
-    if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    dev = next(model.parameters()).device
-    pred = model.predict(tokens.to(dev))
+    # Eval mode for the run (dropout off), the caller's training flags put back afterwards.
+    with lent_to(None, model, encoder):
+        tokens, indices, pad = encode_volume(
+            volume.data, encoder, pre, batch_size=opts.batch_size, mask=mask
+        )
+        if encoder.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        dev = next(model.parameters()).device
+        pred = model.predict(tokens.to(dev))
     cells = pred.heatmap.float().cpu().numpy()[: len(indices)]
     t2 = time.perf_counter()
     voxels = cells_to_voxels(cells, indices, volume.shape, pre.tile_size)

@@ -53,14 +53,18 @@ def predict_file(
 ) -> dict[str, Any]:
     """The command as a function; returns the report dict."""
 
-    from fastinsight.inputs import resolve_device
+    from fastinsight.inputs import option_int, resolve_device
     from fastinsight.volume.checkpoint import load_volume_model
     from fastinsight.volume.io import is_nifti, read_volume
     from fastinsight.volume.predict import VolumeOptions, build_volume_encoder, predict_volume
 
     if not str(out).lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"--out must end in .nii or .nii.gz (a NIfTI heatmap), got {out!r}")
+    # Flag values before the scan is read and the model loaded (VolumeOptions checks it again).
+    option_int(batch_size, "batch_size", minimum=1)
     mask_file = lung_mask if lung_mask not in (None, "auto", "none") else None
+    if mask_file is not None and not is_nifti(mask_file):
+        raise InputError(f"--lung-mask takes 'auto', 'none' or a NIfTI file, got {lung_mask!r}")
     prepare_outputs(
         {"--out": out, "--overlay": overlay, "--report": report},
         {"SCAN": input_path, "--model": model_path, "--lung-mask": mask_file},
@@ -76,8 +80,6 @@ def predict_file(
     if lung_mask in ("auto", "none"):
         changes["lung_mask"] = lung_mask
     elif lung_mask is not None:
-        if not is_nifti(lung_mask):
-            raise InputError(f"--lung-mask takes 'auto', 'none' or a NIfTI file, got {lung_mask!r}")
         mask = _read_mask(lung_mask, volume)
     pre = info.preprocess(**changes)
     encoder = build_volume_encoder(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError, InputError
 from fastinsight.evaluate import dice, roc_auc
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
@@ -223,6 +223,72 @@ def summarise(evals: Sequence[VolumeEval]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # `fastinsight train-volume`
 # --------------------------------------------------------------------------------------------
+# Option fields -> the train-volume flags that set them (for messages; the CLI rewrites them).
+_RECIPE_CHOICES: dict[str, tuple[str, ...]] = {
+    "slices": ("all", "middle32"),
+    "lung_mask": ("none", "auto"),
+    "slice_context": ("2d", "3d"),
+}
+
+
+def check_recipe(**values: Any) -> None:
+    """``slices`` / ``lung_mask`` / ``slice_context`` among their choices; else ConfigError.
+
+    Checked before any volume is read (a bad ``slice_context`` used to surface after encoding)."""
+    for name, value in values.items():
+        choices = _RECIPE_CHOICES[name]
+        if value not in choices:
+            raise ConfigError(
+                f"{name} must be one of {list(choices)}, got {value!r}", fields=(name,)
+            )
+
+
+def slice_tile_size(
+    encoder: str, tile_size: int | None, options: dict[str, Any] | None = None
+) -> int:
+    """The slice size to train ``encoder`` on: ``tile_size``, or the encoder's own when None;
+    ConfigError (naming the flags) when it does not fit the encoder's patch size.
+
+    Builds the encoder on the ``meta`` device (no memory, no weights): nothing is loaded.
+    """
+    from fastinsight.volume.predict import build_volume_encoder
+
+    if tile_size is not None and (
+        isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1
+    ):
+        raise ConfigError(
+            f"tile_size must be a positive number of px, got {tile_size!r}", fields=("tile_size",)
+        )
+    try:
+        probe = build_volume_encoder(encoder, tile_size, device="meta", options=options)
+    except InputError:
+        # The architecture refused the tile (a ViT needs a multiple of its patch): say which
+        # flags to change, with the encoder's own geometry.
+        if tile_size is None:
+            raise
+        own = build_volume_encoder(encoder, None, device="meta", options=options)
+        raise ConfigError(
+            _tile_patch_message(encoder, tile_size, own.patch_size_px, own.tile_size_px),
+            fields=("tile_size", "patch_size_px"),
+        ) from None
+    tile, patch = probe.tile_size_px, probe.patch_size_px
+    if tile < patch or tile % patch:
+        raise ConfigError(
+            _tile_patch_message(encoder, tile, patch, None), fields=("tile_size", "patch_size_px")
+        )
+    return int(tile)
+
+
+def _tile_patch_message(encoder: str, tile: int, patch: int, own_tile: int | None) -> str:
+    fit = max(patch, tile - tile % patch)
+    own = f"; or leave tile_size unset for the encoder's own {own_tile} px" if own_tile else ""
+    return (
+        f"tile_size {tile} px is not a multiple of the patch size {patch} px of encoder "
+        f"{encoder!r}: its slices are cut into {patch} px patches; pass a tile_size that is a "
+        f"multiple of {patch} (e.g. {fit}), or another patch_size_px{own}"
+    )
+
+
 def train_from_folder(
     volumes: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -231,7 +297,7 @@ def train_from_folder(
     encoder: str = "vit-tiny",
     encoder_weights: str | None = None,
     encoder_options: dict[str, Any] | None = None,
-    tile_size: int = 518,
+    tile_size: int | None = None,
     slices: str = "all",
     lung_mask: str = "none",
     slice_context: str = "2d",
@@ -239,7 +305,11 @@ def train_from_folder(
     device: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> InsightModel:
-    """Encode every labelled volume of ``volumes`` and train; writes a volume model to ``out``."""
+    """Encode every labelled volume of ``volumes`` and train; writes a volume model to ``out``.
+
+    ``tile_size`` None: the encoder's own (518 px for the DINOv2 encoders, 224 for vit-tiny).
+    The encoder, tile size, patch size and recipe are checked together before anything is read.
+    """
     from fastinsight.atomic import check_writable
     from fastinsight.inputs import resolve_device
     from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
@@ -251,6 +321,8 @@ def train_from_folder(
             f"--out {str(out)!r} must end in .safetensors: train-volume writes a fastinsight "
             "checkpoint (safetensors with its CT recipe)"
         )
+    check_recipe(slices=slices, lung_mask=lung_mask, slice_context=slice_context)
+    tile_size = slice_tile_size(encoder, tile_size, encoder_options)
     check_writable(out)
     labels = read_volume_labels(labels_csv)
     paths = {vid: find_volume(volumes, vid) for vid in labels}

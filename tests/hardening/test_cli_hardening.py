@@ -124,7 +124,7 @@ def test_absurd_mpp_is_refused_before_work(
         "predict", "--features", tiny_features, "-m", tiny_model, "--mpp", mpp,
         "--report", tmp_path / "r.json",
     )  # fmt: skip
-    line = assert_one_error_line(proc, SlideError.exit_code)
+    line = assert_one_error_line(proc, ConfigError.exit_code)  # a flag's value: exit 2
     assert "--mpp" in line and "1000" in line
     assert _listing(tmp_path) == []
 
