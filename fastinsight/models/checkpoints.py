@@ -192,14 +192,16 @@ def load_model(
     """Load a model file with the first registered loader that accepts it.
 
     Built in: an official INSIGHT ``.pth`` or a fastinsight ``.safetensors`` checkpoint. The
-    model comes back in eval mode on ``device`` (default: CUDA when available, else CPU).
+    model comes back in eval mode on ``device`` (default: CUDA when available, else CPU; a bad
+    name is a ConfigError, an absent GPU a BackendError, both before the file is read).
     """
+    from fastinsight.inputs import resolve_device
+
+    dev = resolve_device(device)
     ckpt = read_checkpoint(Path(path).expanduser())
     loader = next(entry for entry in LOADERS if entry.accepts(ckpt))
     model = loader.load(ckpt, backend)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return model.to(dev).eval()
 
 
 def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:

@@ -321,10 +321,11 @@ def sniff_weights_file(p: Path) -> str:
 
 
 def ready(model: M, device: str | torch.device | None) -> M:
-    """``model`` in eval mode on ``device`` (default: CUDA when available, else CPU)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    """``model`` in eval mode on ``device`` (default: CUDA when available, else CPU; a bad name
+    is a ConfigError, an absent GPU a BackendError)."""
+    from fastinsight.inputs import resolve_device
+
+    return model.to(resolve_device(device)).eval()
 
 
 def save_radiograph_model(model: nn.Module, path: str | os.PathLike[str]) -> None:

@@ -39,7 +39,7 @@ import torch
 
 from fastinsight.errors import InputError, SlideError
 from fastinsight.features import SlideFeatures, _as_number, read_features
-from fastinsight.inputs import check_dimensions, check_mpp, resolve_device
+from fastinsight.inputs import check_dimensions, check_mpp, lent_to, resolve_device
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import PredictOptions, SlideResult
 from fastinsight.slide import TileGrid, open_slide
@@ -307,13 +307,9 @@ def predict_features(
     grid = feature_grid(
         feats, size, slide_mpp, placement.subdivision, tuple(mpp_xy) if mpp_xy else None
     )
-    model = model.to(device).eval()
-    model.check_device(device)
-    if cfg.context == "slide":
-        # One exact context grid per lattice (CLAM: per contour phase); see the module doc.
-        pred = predict_slide_context(model, feats, snap, device)
-    else:
-        pred = model.predict(feats.tokens.to(device), feats.tile_mask().to(device))
+    with lent_to(device, model):  # the caller's model comes back as it was
+        model.check_device(device)
+        pred = _predict_tiles(model, feats, snap, device)
     heat, raw = pred.heatmap, pred.raw_heatmap
     cells = paste(heat.float(), placement, grid.cell_shape)
     raw_cells = paste(raw.float(), placement, grid.cell_shape)
@@ -346,6 +342,16 @@ def predict_features(
         tile_boxes=tile_boxes,
         tile_cells=np.ascontiguousarray(tile_cells.transpose(1, 0, 2)),
     )
+
+
+def _predict_tiles(
+    model: InsightModel, feats: SlideFeatures, snap: bool, device: torch.device
+) -> Any:
+    """``model.predict`` of the file's tiles: a slide-context model on each lattice's exact
+    grid (CLAM: per contour phase; see the module doc), a tile model tile by tile."""
+    if model.config.context == "slide":
+        return predict_slide_context(model, feats, snap, device)
+    return model.predict(feats.tokens.to(device), feats.tile_mask().to(device))
 
 
 def predict_slide_context(

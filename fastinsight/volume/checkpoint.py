@@ -100,7 +100,9 @@ def load_volume_model(
     """A volume model and its recipe; official ``.pth`` files get the official CT recipe."""
     p = Path(path).expanduser()
     fmt = sniff_format(p)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from fastinsight.inputs import resolve_device
+
+    dev = resolve_device(device)
     if fmt != "safetensors":
         official = load_model(p, backend=backend, device=dev)
         return official, VolumeModelInfo(tile_size=official.config.grid_size[0] * 14)

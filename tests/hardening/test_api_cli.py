@@ -529,3 +529,42 @@ def test_demo_folder_under_proc_is_refused(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OutputError, match="under /proc"):
         claim_demo_folder("/proc/self/cwd/demo")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_features_gives_the_model_back_as_it_was(tiny_model, tiny_features) -> None:
+    from fastinsight.models.checkpoints import load_model
+    from fastinsight.predict.features import predict_features
+    from fastinsight.predict.slide import PredictOptions
+
+    model = load_model(tiny_model, backend="reference", device="cpu")
+    modes = _train_with_one_eval_child(model)
+    predict_features(
+        tiny_features, model, PredictOptions(progress=False, num_workers=0, device="cpu")
+    )
+    assert _modes(model) == modes
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta"])
+def test_model_loaders_refuse_a_bad_device_name_before_reading(
+    tmp_path: Path, tiny_model, device: str
+) -> None:
+    """``load_model`` / ``load_volume_model`` / the radiograph loader name the device problem
+    (ConfigError) instead of torch's RuntimeError, before the file is even read."""
+    from fastinsight.models.checkpoints import load_model
+    from fastinsight.volume.checkpoint import load_volume_model
+
+    with pytest.raises(ConfigError):
+        load_model(tiny_model, device=device)
+    with pytest.raises(ConfigError):
+        load_model(tmp_path / "missing.safetensors", device=device)
+    with pytest.raises(ConfigError):
+        load_volume_model(tiny_model, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_model_loaders_say_cuda_is_absent(tiny_model) -> None:
+    from fastinsight.errors import BackendError
+    from fastinsight.models.checkpoints import load_model
+
+    with pytest.raises(BackendError, match="no CUDA GPU is visible"):
+        load_model(tiny_model, device="cuda")
