@@ -61,7 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort, encoder and training")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bars or per-epoch lines; the steps and the results are still printed",
+    )
 
 
 def demo_counts(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             args.out_dir,
             seed=args.seed,
             device=args.device,
-            log=None if args.quiet else print,
+            progress=not args.quiet,
             **counts,
         )
         return 0

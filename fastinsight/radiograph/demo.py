@@ -77,12 +77,14 @@ def run_radiograph_demo(
     device: str | None = None,
     threads: int | None = None,
     log: Callable[[str], None] | None = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``metrics.json``) AUROC and localisation accuracy.
 
     ``None`` counts take the demo's defaults (:data:`DEFAULTS`). ``device``: ``cuda`` or ``cpu``
     (default: cuda when available). ``threads`` sets torch's CPU threads for the run (1 is
-    fastest on a busy machine).
+    fastest on a busy machine). ``log`` gets the steps and the result line (None: silent);
+    ``progress`` adds one line per training epoch.
     """
     from PIL import Image
 
@@ -158,7 +160,7 @@ def run_radiograph_demo(
             RadiographTrainConfig(
                 epochs=epochs, batch_size=8, lr=3e-3, patience=6, seed=seed, device=dev
             ),
-            log=say,
+            log=say if progress else None,  # one line per epoch: the demo's progress
         )
         save_pylon(model, out / "model.safetensors")
         model = load_radiograph_model(out / "model.safetensors", device=dev)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastinsight.atomic import atomic_path
-from fastinsight.errors import CheckpointError
+from fastinsight.errors import CheckpointError, ConfigError
 from fastinsight.models.checkpoints import (
     CONFIG_KEY,
     FORMAT_KEY,
@@ -70,8 +70,10 @@ class VolumeModelInfo:
             if not isinstance(raw, dict):
                 raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             raw["window"] = tuple(raw.get("window", (-1000.0, 400.0)))
-            return cls(**raw)
-        except (ValueError, TypeError) as exc:
+            info = cls(**raw)
+            info.preprocess()  # its recipe is checked here: a file's problem, not the user's
+            return info
+        except (ValueError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"bad {VOLUME_KEY} metadata in the model file: {exc}") from exc
 
 

@@ -17,12 +17,13 @@ token grids after encoding; ``"all"`` (default here) keeps every slice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError, InputError
 
 OFFICIAL_TILE = 518
 OFFICIAL_WINDOW = (-1000.0, 400.0)
@@ -47,16 +48,33 @@ class PreprocessOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.tile_size < 2:
+        fields = []
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, (int, np.integer)):
+            problems.append(f"tile_size must be an integer, got {self.tile_size!r}")
+            fields.append("tile_size")
+        elif self.tile_size < 2:
             problems.append(f"tile_size must be >= 2, got {self.tile_size}")
-        if not self.window[0] < self.window[1]:
-            problems.append(f"window must be (low, high) with low < high, got {self.window}")
+            fields.append("tile_size")
+        try:
+            low, high = (float(v) for v in self.window)
+            window_ok = math.isfinite(low) and math.isfinite(high) and low < high
+        except (TypeError, ValueError):
+            window_ok = False
+        if not window_ok:
+            problems.append(
+                f"window must be two finite numbers (low, high) with low < high, got {self.window!r}"
+            )
+            fields.append("window")
         if self.slices not in SLICE_MODES:
             problems.append(f"slices must be one of {SLICE_MODES}, got {self.slices!r}")
+            fields.append("slices")
         if self.lung_mask not in LUNG_MASKS:
             problems.append(f"lung_mask must be one of {LUNG_MASKS}, got {self.lung_mask!r}")
-        if problems:
-            raise InputError("invalid preprocessing options: " + "; ".join(problems))
+            fields.append("lung_mask")
+        if problems:  # option values: exit 2, the fields named for the CLI's flags
+            raise ConfigError(
+                "invalid preprocessing options: " + "; ".join(problems), fields=tuple(fields)
+            )
 
 
 def select_slices(depth: int, mode: str = "all") -> tuple[list[int], int]:

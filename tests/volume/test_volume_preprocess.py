@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError, InputError
 from fastinsight.volume.preprocess import (
     PreprocessOptions,
     apply_mask,
@@ -92,5 +92,10 @@ def test_builtin_mask_without_lungs_refused() -> None:
 
 
 def test_bad_options_refused() -> None:
-    with pytest.raises(InputError, match="slices must be"):
+    """Option values: ConfigError (exit 2) naming the fields, never a raw TypeError."""
+    with pytest.raises(ConfigError, match="slices must be") as err:
         PreprocessOptions(slices="middle")
+    assert err.value.fields == ("slices",)
+    for bad in ({"tile_size": "224"}, {"tile_size": 1.5}, {"window": (400, float("nan"))}):
+        with pytest.raises(ConfigError, match="invalid preprocessing options"):
+            PreprocessOptions(**bad)
