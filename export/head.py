@@ -37,10 +37,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastinsight.errors import BackendError, FastInsightError, InputError
+from fastinsight.errors import BackendError, FastInsightError
 from fastinsight.models.insight import InsightModel
 from fastinsight.ops import graph_ops
 from fastinsight.ops.threshold_pool import IMPL_EXPORT, ThresholdAndPool
+
+from ._guards import ExportOptionError, check_opset
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 20
@@ -79,23 +81,23 @@ class HeadExportOptions:
     opset: int = DEFAULT_OPSET
 
     def __post_init__(self) -> None:
+        # Bad values are bad options: ExportOptionError, a ConfigError (exit 2).
         if self.precision not in PRECISIONS:
-            raise InputError(
+            raise ExportOptionError(
                 f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
             )
         if self.accum_dtype not in graph_ops.ACCUM_DTYPES:
-            raise InputError(
+            raise ExportOptionError(
                 f"accum_dtype must be one of {sorted(graph_ops.ACCUM_DTYPES)}, "
                 f"got {self.accum_dtype!r}"
             )
         if self.histogram not in graph_ops.HISTOGRAMS:
-            raise InputError(
+            raise ExportOptionError(
                 f"histogram must be one of {graph_ops.HISTOGRAMS}, got {self.histogram!r}"
             )
         if self.head_only and self.postprocess_only:
-            raise InputError("head_only and postprocess_only exclude each other; pick one")
-        if not 18 <= self.opset <= 23:
-            raise InputError(f"opset must be in 18..23, got {self.opset}")
+            raise ExportOptionError("head_only and postprocess_only exclude each other; pick one")
+        check_opset(self.opset, "opset (--opset)")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,7 +283,7 @@ def _check_exportable(model: InsightModel, options: HeadExportOptions) -> None:
     if options.postprocess_only:
         return
     if cfg.context == "slide" and not options.with_mask:
-        raise InputError(
+        raise ExportOptionError(
             "this model uses context='slide' (one stitched slide grid and its tissue mask); "
             "export it with --with-mask"
         )
@@ -367,10 +369,10 @@ def export_head_onnx(
 ) -> Path:
     """Export ``model`` to ``out_path`` (atomically) and check the graph.
 
-    Returns the path written. Raises InputError for an unsupported model/option combination,
-    BackendError when the export toolchain is missing or fails. ``before_commit(tmp_path)``
-    (a parity check: ``fastinsight.export.verify.export_verified_head``) runs on the finished
-    graph before it replaces ``out_path``; if it raises, nothing is written.
+    Returns the path written. Raises ExportOptionError (a ConfigError) for an unsupported
+    model/option combination, BackendError when the export toolchain is missing or fails.
+    ``before_commit(tmp_path)`` (a parity check: ``fastinsight.export.verify.export_verified_head``)
+    runs on the finished graph before it replaces ``out_path``; if it raises, nothing is written.
     """
     from fastinsight.atomic import check_writable
 

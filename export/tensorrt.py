@@ -9,8 +9,12 @@
   take ``grid_range``.
 - A timing cache is loaded before and saved after the build (both optional), so rebuilding on the
   same GPU and TensorRT version skips tactic timing.
-- The plan is written atomically, with a ``<plan>.json`` sidecar recording the TensorRT version,
-  the device, the profile and the I/O tensors (read by the Triton repository writer).
+- The plan, a ``<plan>.json`` sidecar (the TensorRT version, the device, the profile, the I/O
+  tensors and the plan's sha256; read by the Triton repository writer) and the timing cache are
+  written to temporary files, checked (``before_commit``: ``check_engine``) and renamed into
+  place together: an engine that fails its check replaces nothing.
+- What can be checked without TensorRT is checked first (``check_build_inputs``): option values,
+  the ONNX file, the outputs (writable, none of them an input), NaN weights, float64.
 - ``check_engine`` runs the engine on random inputs (torch CUDA tensors as I/O buffers,
   ``set_tensor_address`` + ``execute_async_v3``) and compares with onnxruntime on the same inputs.
 
@@ -23,18 +27,22 @@ Nothing here runs without a CUDA GPU and the ``tensorrt`` package: ``require_ten
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fastinsight.atomic import atomic_path
+from fastinsight.atomic import atomic_outputs, atomic_path, prepare_outputs
 from fastinsight.errors import BackendError, InputError, OutputError, ParityError
 from fastinsight.text import loads_json
 
+from ._guards import ExportOptionError
 from ._onnx_io import check_onnx_initializers_finite
 
 DEFAULT_WORKSPACE = 4 << 30
@@ -104,6 +112,8 @@ class EngineInfo:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     timing_cache: str | None = None
     tf32: bool = True
+    # sha256 of the plan's bytes: ties the sidecar to its plan (None in sidecars of older builds)
+    plan_sha256: str | None = None
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -139,8 +149,9 @@ def read_engine_info(plan: str | os.PathLike[str]) -> EngineInfo | None:
 
 
 def check_tile_range(min_tiles: int, opt_tiles: int, max_tiles: int) -> None:
+    """The optimization profile's tile counts; a bad range is a bad option (exit 2)."""
     if not 1 <= min_tiles <= opt_tiles <= max_tiles:
-        raise InputError(
+        raise ExportOptionError(
             f"tile counts must satisfy 1 <= min <= opt <= max, got min={min_tiles}, "
             f"opt={opt_tiles}, max={max_tiles}; pass --min-tiles/--opt-tiles/--max-tiles"
         )
@@ -181,6 +192,58 @@ def profile_shapes(
         if any(not (isinstance(d, int) and d > 0) for d in spec.dims):
             shapes.append(ProfileShapes(spec.name, tuple(lo), tuple(mid), tuple(hi)))
     return shapes
+
+
+def check_workspace(workspace: float, flag: str = "--workspace") -> None:
+    """The builder's workspace (bytes from the API, GiB from the CLI): finite and > 0."""
+    if isinstance(workspace, bool) or not (math.isfinite(workspace) and workspace > 0):
+        raise ExportOptionError(
+            f"{flag} must be a size > 0, got {workspace!r}; the builder needs scratch memory "
+            "(default 4 GiB)"
+        )
+
+
+def engine_outputs(
+    out_path: str | os.PathLike[str], timing_cache: str | os.PathLike[str] | None = None
+) -> dict[str, str | os.PathLike[str] | None]:
+    """Every file ``build_engine`` writes, keyed the way ``prepare_outputs`` names them."""
+    return {
+        "--out": out_path,
+        "--out's sidecar": sidecar_path(Path(out_path).expanduser()),
+        "--timing-cache": timing_cache,
+    }
+
+
+def engine_inputs(onnx_path: str | os.PathLike[str]) -> dict[str, str | os.PathLike[str] | None]:
+    """The files ``build_engine`` reads: the graph and its external weights, when it has them."""
+    onnx_file = Path(onnx_path).expanduser()
+    data = Path(f"{onnx_file}.data")
+    return {"--onnx": onnx_file, "--onnx's weights": data if data.exists() else None}
+
+
+def check_build_inputs(
+    onnx_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    min_tiles: int = 1,
+    opt_tiles: int = 1024,
+    max_tiles: int = 16384,
+    timing_cache: str | os.PathLike[str] | None = None,
+    workspace: float = DEFAULT_WORKSPACE,
+) -> Path:
+    """Everything ``build_engine`` can check without TensorRT, cheapest first; returns the ONNX
+    path. Option values (exit 2), the ONNX file (exit 4), the outputs: the plan, its sidecar and
+    the timing cache writable, none of them the ONNX or each other (exit 6); then the graph's
+    weights finite (exit 3) and no float64 in it (exit 4). So a user on a machine without
+    TensorRT, or before minutes of engine build, hears of what they can fix first."""
+    check_tile_range(min_tiles, opt_tiles, max_tiles)
+    check_workspace(workspace, "workspace")
+    onnx_file = Path(onnx_path).expanduser()
+    if not onnx_file.is_file():
+        raise InputError(f"ONNX file {str(onnx_file)!r} does not exist; export it first")
+    prepare_outputs(engine_outputs(out_path, timing_cache), engine_inputs(onnx_file))
+    check_onnx_initializers_finite(onnx_file)  # a NaN weight builds fine and serves NaN
+    _refuse_float64(onnx_file)
+    return onnx_file
 
 
 def _refuse_float64(onnx_path: str | os.PathLike[str]) -> None:
@@ -248,24 +311,31 @@ def build_engine(
     grid_range: tuple[int, int, int] = (1, 14, 64),
     verbose: bool = False,
     tf32: bool = True,
+    before_commit: Callable[[Path, EngineInfo], object] | None = None,
 ) -> EngineInfo:
     """Build a TensorRT engine from ``onnx_path`` and write it to ``out_path`` atomically.
 
     ``tf32``: let fp32 convolutions and matmuls use TF32 (TensorRT's default; ~1e-3 relative).
     The histogram MatMul stays exact either way (its operands are 0 and 1).
 
-    Raises BackendError without TensorRT or a GPU, InputError for a float64 graph or a bad tile
-    range, OutputError when TensorRT cannot parse or build the network.
+    Everything that can be checked without TensorRT is checked first (``check_build_inputs``:
+    options, the ONNX file, the outputs, the graph's weights and dtypes). The plan, its
+    ``<plan>.json`` sidecar and the timing cache are written to temporary files and renamed into
+    place together; ``before_commit(tmp_plan, info)`` (``check_engine``: the CLI runs it unless
+    ``--no-check``) runs on the temporary plan first, so an engine that fails it replaces
+    nothing: an existing plan, sidecar and cache keep their contents.
+
+    Raises ExportOptionError (a ConfigError) for a bad tile range or workspace, OutputError for
+    outputs that cannot be written or would overwrite the ONNX, BackendError without TensorRT or
+    a GPU, InputError for a float64 graph, OutputError when TensorRT cannot parse or build the
+    network, ParityError from ``before_commit``.
     """
-    onnx_file = Path(onnx_path).expanduser()
-    if not onnx_file.is_file():
-        raise InputError(f"ONNX file {str(onnx_file)!r} does not exist; export it first")
-    check_tile_range(min_tiles, opt_tiles, max_tiles)
-    check_onnx_initializers_finite(onnx_file)  # a NaN weight builds fine and serves NaN
+    onnx_file = check_build_inputs(
+        onnx_path, out_path, min_tiles, opt_tiles, max_tiles, timing_cache, workspace
+    )
     trt = require_tensorrt()
     import torch
 
-    _refuse_float64(onnx_file)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     _init_plugins(trt, logger)
     builder = trt.Builder(logger)
@@ -303,16 +373,14 @@ def build_engine(
             f"TensorRT could not build an engine from {str(onnx_file)!r} (see the messages "
             "above); try a larger --workspace or a smaller --max-tiles"
         )
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(serialized))
-    if cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(memoryview(config.get_timing_cache().serialize()))
-
+    plan_bytes = bytes(memoryview(serialized))
     runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(bytes(memoryview(serialized)))
+    engine = runtime.deserialize_cuda_engine(plan_bytes)
+    if engine is None:
+        raise OutputError(
+            f"TensorRT could not load the engine it just built from {str(onnx_file)!r}; "
+            "nothing was written"
+        )
     inputs, outputs = _io_specs(engine, trt)
     info = EngineInfo(
         plan=str(Path(out_path).expanduser()),
@@ -324,9 +392,26 @@ def build_engine(
         outputs=outputs,
         timing_cache=str(cache_file) if cache_file else None,
         tf32=tf32,
+        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
     )
-    with atomic_path(sidecar_path(out_path)) as tmp:
-        tmp.write_text(info.to_json())
+    # All three or none, and only after the engine passed its check (atomic_outputs renames
+    # them together when the block ends without an exception).
+    with atomic_outputs():
+        with atomic_path(out_path) as tmp_plan:
+            tmp_plan.write_bytes(plan_bytes)
+        with atomic_path(sidecar_path(Path(out_path).expanduser())) as tmp:
+            tmp.write_text(info.to_json())
+        if cache_file is not None:
+            with atomic_path(cache_file) as tmp:
+                tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        if before_commit is not None:
+            try:
+                before_commit(tmp_plan, info)
+            except ParityError as exc:
+                raise ParityError(
+                    f"{exc}; nothing was written ({str(out_path)!r} and its sidecar keep their "
+                    "previous contents)"
+                ) from None
     return info
 
 
@@ -394,6 +479,8 @@ def check_engine(
     sizes: tuple[int, ...] = (1, 7, 64),
     seed: int = 0,
     atol: float | None = None,
+    *,
+    tf32: bool | None = None,
 ) -> EngineCheck:
     """Run the engine and onnxruntime on the same random inputs; raise ParityError on mismatch.
 
@@ -401,7 +488,8 @@ def check_engine(
     may use TF32 (the default; 1e-3 without), fp16 graphs 2e-2; thresholds may differ by one
     histogram bin (float32 Otsu statistics summed in another order, edges rounded by fused
     kernels) and are compared against the bin width; heatmap cells kept by one side and zeroed by
-    the other (values at the threshold) are left out of the heatmap comparison.
+    the other (values at the threshold) are left out of the heatmap comparison. ``tf32``: whether
+    the engine was built with TF32 (None: read from the plan's sidecar).
     """
     trt = require_tensorrt()
     import torch
@@ -422,8 +510,9 @@ def check_engine(
     device = torch.device("cuda")
     stream = torch.cuda.Stream(device)
     is_fp16 = any(i.type == "tensor(float16)" for i in session.get_inputs())
-    info = read_engine_info(plan)
-    tf32 = info.tf32 if info is not None else True
+    if tf32 is None:  # the engine's setting, from its sidecar (a plan being checked has none)
+        info = read_engine_info(plan)
+        tf32 = info.tf32 if info is not None else True
     base_tol = atol if atol is not None else (2e-2 if is_fp16 else 5e-3 if tf32 else 1e-3)
     errors: dict[str, float] = {}
     tols: dict[str, float] = {}

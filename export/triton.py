@@ -44,16 +44,18 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fastinsight.errors import BackendError, InputError, OutputError
+from fastinsight.atomic import resolve_output, special_location
+from fastinsight.errors import BackendError, CheckpointError, ConfigError, InputError, OutputError
 from fastinsight.models.insight import InsightModel
 
+from ._guards import ExportOptionError, check_positive_int, refuse_inputs_inside
 from ._onnx_io import TensorSpec, check_finite_weights, graph_io
-from .head import HeadExportOptions
+from .head import HeadExportOptions, free_grid
 
 HEAD = "insight_head"
 HEAD_TRT = "insight_head_trt"
@@ -89,14 +91,47 @@ INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}
 
 
 def _check_serving(max_batch_size: int, instances: int, instance_kind: str) -> None:
-    """The serving settings every model repository shares, checked before anything is written."""
-    if max_batch_size < 1:
-        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if instances < 1:
-        raise InputError(f"instances must be >= 1, got {instances}")
+    """The serving settings every model repository shares, checked before anything is written.
+    Bad values are bad options: ``ExportOptionError``, a ``ConfigError`` (exit 2)."""
+    check_positive_int(max_batch_size, "max_batch_size (--max-batch-size)")
+    check_positive_int(instances, "instances (--instances)")
     if instance_kind not in INSTANCE_KINDS:
-        raise InputError(
-            f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {instance_kind!r}"
+        raise ExportOptionError(
+            f"instance_kind (--instance-kind) must be one of {sorted(INSTANCE_KINDS)}, got "
+            f"{instance_kind!r}"
+        )
+
+
+def check_triton_options(
+    max_batch_size: int = 64,
+    instances: int = 1,
+    instance_kind: str = "gpu",
+    ensemble_head: str = "auto",
+    plan: str | os.PathLike[str] | None = None,
+) -> None:
+    """Every option value of ``write_triton_repo``, before a model is loaded (exit 2).
+
+    A TensorRT plan runs only on an NVIDIA GPU (Triton's TensorRT backend has no CPU instances),
+    so a repository for a CPU-only server (``instance_kind="cpu"``) cannot hold one: its
+    ``insight_head_trt``, and an ``insight_pipeline`` routed to it, would not load there.
+    """
+    _check_serving(max_batch_size, instances, instance_kind)
+    if ensemble_head not in ("auto", "onnx", "trt"):
+        raise ExportOptionError(
+            f"ensemble_head (--ensemble-head) must be auto, onnx or trt, got {ensemble_head!r}"
+        )
+    if ensemble_head == "trt" and plan is None:
+        raise ExportOptionError(
+            "ensemble_head 'trt' (--ensemble-head trt) routes insight_pipeline to the TensorRT "
+            "head, which needs its plan: pass --plan head.plan (from `fastinsight export "
+            "tensorrt`), or --ensemble-head onnx"
+        )
+    if instance_kind == "cpu" and (plan is not None or ensemble_head == "trt"):
+        raise ExportOptionError(
+            "a TensorRT plan runs only on an NVIDIA GPU, and instance_kind 'cpu' "
+            "(--instance-kind cpu) is for a CPU-only server, where insight_head_trt and a "
+            "pipeline routed to it cannot load: leave out --plan (and --ensemble-head trt), or "
+            "use --instance-kind gpu or auto"
         )
 
 
@@ -189,24 +224,123 @@ def onnx_model_config(
     return cfg
 
 
-def plan_io(plan: Path, fallback_onnx: Path) -> tuple[list[IOSpec], list[IOSpec]]:
-    """I/O of a TensorRT plan: from its ``build_engine`` sidecar, else from the ONNX it came from."""
-    from .tensorrt import read_engine_info
-
-    info = read_engine_info(plan)
-    if info is None:
-        return _onnx_io(fallback_onnx)
-
+def _plan_specs(plan: Path, info: Any) -> tuple[list[IOSpec], list[IOSpec]]:
     def conv(entries: list[dict[str, Any]]) -> list[IOSpec]:
         out = []
         for e in entries:
             dtype = _TRT_TO_TRITON.get(str(e["dtype"]).upper())
             if dtype is None:
-                raise OutputError(f"{plan}: tensor {e['name']} has TensorRT type {e['dtype']}")
+                raise CheckpointError(
+                    f"{str(plan)!r}: tensor {e['name']} has TensorRT type {e['dtype']}, which "
+                    "Triton cannot serve; rebuild the plan with `fastinsight export tensorrt`"
+                )
             out.append(IOSpec(e["name"], dtype, tuple(int(d) for d in e["shape"])))
         return out
 
-    return conv(info.inputs), conv(info.outputs)
+    try:
+        return conv(info.inputs), conv(info.outputs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(plan)!r}: its sidecar's tensors are not what `fastinsight export tensorrt` "
+            f"writes ({type(exc).__name__}: {exc}); rebuild the plan"
+        ) from None
+
+
+def read_plan(plan: str | os.PathLike[str]) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The I/O of a TensorRT plan, from the ``<plan>.json`` sidecar ``build_engine`` writes.
+
+    A plan carries no documented header to recognise it by (only TensorRT can read it, on a GPU),
+    so a plan is accepted only with its sidecar: a plan built elsewhere, or any other file, is
+    refused (``CheckpointError``) rather than wired into a repository that will not load. The
+    plan must be a non-empty regular file and, when the sidecar records one (builds since it
+    does), match the sidecar's sha256.
+    """
+    from fastinsight.fileformat import file_sha256
+
+    from .tensorrt import read_engine_info, sidecar_path
+
+    path = Path(plan).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"TensorRT plan {str(path)!r} does not exist or is not a file; build it with "
+            "`fastinsight export tensorrt`"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"TensorRT plan {str(path)!r} is empty; rebuild it")
+    try:
+        info = read_engine_info(path)
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
+    if info is None:
+        raise CheckpointError(
+            f"{str(path)!r} has no sidecar {sidecar_path(path).name!r}: fastinsight accepts only "
+            "plans built by `fastinsight export tensorrt`, which writes it (a plan has no "
+            "header fastinsight can check without TensorRT); build the plan with that command, "
+            "or leave out --plan"
+        )
+    if info.plan_sha256 is not None and file_sha256(path) != info.plan_sha256:
+        raise CheckpointError(
+            f"{str(path)!r} is not the plan its sidecar {sidecar_path(path).name!r} describes "
+            "(another sha256): the plan was replaced or damaged; rebuild it"
+        )
+    return _plan_specs(path, info)
+
+
+def plan_io(plan: Path, fallback_onnx: Path | None = None) -> tuple[list[IOSpec], list[IOSpec]]:
+    """I/O of a TensorRT plan from its ``build_engine`` sidecar (:func:`read_plan`; a plan
+    without one is refused: ``fallback_onnx`` is no longer used)."""
+    return read_plan(plan)
+
+
+def _expected_head_io(
+    model: InsightModel, opts: HeadExportOptions
+) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The head graph's I/O as Triton sees it, from the model's config (-1: dynamic)."""
+    cfg = model.config
+    io_type = "TYPE_FP16" if opts.precision == "fp16" else "TYPE_FP32"
+    h, w = (-1, -1) if free_grid(model) else tuple(cfg.grid_size)
+    k = cfg.num_classes
+    inputs = [IOSpec("tokens", io_type, (-1, cfg.in_dim, h, w))]
+    if opts.with_mask:
+        inputs.append(IOSpec("mask", "TYPE_BOOL", (-1, h, w)))
+    outputs = [
+        IOSpec("raw_heatmap", io_type, (-1, k, h, w)),
+        IOSpec("heatmap", io_type, (-1, k, h, w)),
+        IOSpec("thresholds", "TYPE_FP32", (k,)),
+        IOSpec("scores", "TYPE_FP32", (k,)),
+    ]
+    return inputs, outputs
+
+
+def check_plan_fits(
+    plan: str | os.PathLike[str],
+    want_in: list[IOSpec],
+    want_out: list[IOSpec],
+    what: str = "the head",
+) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The plan's tensors (names, Triton data types, dims with -1 as wildcard) must be the
+    head's; returns the plan's I/O. ``CheckpointError`` naming the first difference."""
+    p_in, p_out = read_plan(plan)
+
+    def names(specs: list[IOSpec]) -> list[str]:
+        return [s.name for s in specs]
+
+    if names(p_in) != names(want_in) or sorted(names(p_out)) != sorted(names(want_out)):
+        raise CheckpointError(
+            f"the plan's tensors {names(p_in)} -> {names(p_out)} do not match {what}'s "
+            f"{names(want_in)} -> {names(want_out)}; build the plan from this model's head "
+            "export with the same --with-mask"
+        )
+    by_name = {s.name: s for s in [*p_in, *p_out]}
+    for want in [*want_in, *want_out]:
+        got = by_name[want.name]
+        if got.data_type != want.data_type or not _dims_match(got.dims, want.dims):
+            raise CheckpointError(
+                f"the plan's {want.name!r} is {got.data_type} {list(got.dims)} but {what} "
+                f"takes {want.data_type} {list(want.dims)}: the plan was built from another "
+                "model or precision; rebuild it from this model's head export"
+            )
+    return p_in, p_out
 
 
 def plan_model_config(
@@ -266,36 +400,78 @@ def parse_config(path: str | os.PathLike[str]) -> Any:
     return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temp folder; on success it replaces ``out_dir`` (renames, no copying)."""
-    parent = out_dir.parent
-    if not parent.is_dir():
-        raise OutputError(f"output folder {str(parent)!r} does not exist; create it first")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{str(out_dir)!r} exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+def check_repo_output(
+    out_dir: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> Path:
+    """Before any work: the folder a repository will be written to (symlinks followed: an
+    ``--out`` that is a link is written through), its parent existing, not a file, empty
+    unless ``overwrite``, not under /dev, /proc or /sys, and no input (the model, a plan,
+    encoder weights) inside it, since the folder is replaced as a whole. Returns the resolved
+    folder; ``OutputError`` (exit 6) otherwise."""
+    shown = str(out_dir)
+    real = resolve_output(out_dir)
+    where = special_location(real)
+    if where is not None:
         raise OutputError(
-            f"{str(out_dir)!r} already exists and is not empty; pass --overwrite to replace it"
+            f"--out {shown!r} leads to {str(real)!r}, {where}; choose a folder on a file system"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=parent))
+    refuse_inputs_inside(out_dir, inputs or {})
+    parent = real.parent
+    if not parent.is_dir():
+        raise OutputError(
+            f"the folder {str(parent)!r} of --out {shown!r} does not exist; create it first"
+        )
+    if real.exists() and not real.is_dir():
+        raise OutputError(f"--out {shown!r} exists and is not a folder; choose another --out")
+    if real.is_dir() and any(real.iterdir()) and not overwrite:
+        raise OutputError(
+            f"--out {shown!r} already exists and is not empty; pass --overwrite to replace it"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot create folders in {str(parent)!r} for --out {shown!r}; choose another --out"
+        )
+    return real
+
+
+@contextlib.contextmanager
+def _atomic_dir(
+    out_dir: Path,
+    overwrite: bool,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> Iterator[Path]:
+    """Yield an empty temp folder; on success it replaces ``out_dir`` (renames, no copying).
+
+    ``out_dir`` is resolved first (:func:`check_repo_output`): a symlink stays a symlink and its
+    target gets the new repository.
+    """
+    real = check_repo_output(out_dir, overwrite, inputs)
+    parent = real.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".part", dir=parent))
     # mkdtemp makes a 0700 folder; the repository gets a plain mkdir's mode (0777 minus the
     # umask) so that a server running as another user can read it.
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
+    old: Path | None = None
     try:
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, old / "repo")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if real.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".old", dir=parent))
+            os.replace(real, old / "repo")
+        try:
+            os.replace(tmp, real)
+        except BaseException:
+            if old is not None and (old / "repo").exists():  # put the previous one back
+                os.replace(old / "repo", real)
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _slot(work: Path, name: str) -> Path:
@@ -343,11 +519,15 @@ def write_triton_repo(
     verify: bool = True,
     overwrite: bool = False,
     max_queue_delay_us: int = 2000,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+    encoder_normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> TritonRepoResult:
     """Export the head (and the encoder) and write a Triton model repository to ``out_dir``.
 
-    - ``plan``: a TensorRT engine of the head (``build_engine``), copied in as
-      ``insight_head_trt``; its I/O come from the ``<plan>.json`` sidecar when present.
+    - ``plan``: a TensorRT engine of the head built by ``build_engine``, copied in as
+      ``insight_head_trt``; its I/O come from the ``<plan>.json`` sidecar, which must be there
+      and agree with the head (:func:`read_plan`, :func:`check_plan_fits`). GPU only: refused
+      with ``instance_kind="cpu"``.
     - ``max_batch_size``: the encoder's (and chunked models') maximum batch, i.e. the most tiles
       one ``insight_pipeline`` request may carry.
     - ``instances``/``instance_kind``: instance group of every model (``gpu``, ``cpu``, ``auto``;
@@ -355,26 +535,38 @@ def write_triton_repo(
     - ``ensemble_head``: which head ``insight_pipeline`` calls: ``onnx``, ``trt`` or ``auto``
       (the plan when given).
     - ``verify``: check every exported graph against PyTorch with onnxruntime first.
+    - ``inputs``: the files the caller read (flag -> path: the model, encoder weights); like the
+      plan, none may lie inside ``out_dir``, which is replaced as a whole.
+    - ``encoder_normalisation``: the (mean, std) the model's encoder was trained with, where the
+      model file records it (a CT recipe); the encoder must use the same (:func:`check_encoder_fits`).
 
-    Raises InputError for inconsistent arguments, OutputError when the output exists
-    (without ``overwrite``) or a check fails; nothing is left behind on failure.
+    Everything is checked before any graph is exported: option values (``ExportOptionError``, a
+    ConfigError), the output folder (``OutputError``), the plan (``CheckpointError``), the
+    encoder against the model (``ConfigError``). A graph that disagrees with PyTorch is a
+    ``ParityError``; nothing is left behind on any failure, and an existing repository is kept.
     """
     from .encoder import ENCODER_INPUT, ENCODER_OUTPUT, export_encoder_onnx
     from .head import export_head_onnx
     from .verify import verify_encoder_onnx, verify_head_onnx
 
     _pb()
-    _check_serving(max_batch_size, instances, instance_kind)
-    if ensemble_head not in ("auto", "onnx", "trt"):
-        raise InputError(f"ensemble_head must be auto, onnx or trt, got {ensemble_head!r}")
-    if ensemble_head == "trt" and plan is None:
-        raise InputError("ensemble_head='trt' needs a TensorRT plan (--plan)")
+    check_triton_options(max_batch_size, instances, instance_kind, ensemble_head, plan)
     plan_path = Path(plan).expanduser() if plan is not None else None
-    if plan_path is not None and not plan_path.is_file():
-        raise InputError(f"TensorRT plan {str(plan_path)!r} does not exist; build it first")
     opts = head_options or HeadExportOptions()
     if opts.head_only or opts.postprocess_only:
-        raise InputError("the repository's head is the full graph; pass default head options")
+        raise ExportOptionError(
+            "the repository's head is the full graph; pass default head options"
+        )
+    read = dict(inputs or {})
+    if plan_path is not None:
+        from .tensorrt import sidecar_path
+
+        read |= {"--plan": plan_path, "--plan's sidecar": sidecar_path(plan_path)}
+    check_repo_output(out_dir, overwrite, read)
+    if plan_path is not None:
+        check_plan_fits(plan_path, *_expected_head_io(model, opts), what="this model's head")
+    if encoder is not None:
+        check_encoder_fits(model, encoder, encoder_normalisation)
     kind = INSTANCE_KINDS[instance_kind]
     target = Path(out_dir).expanduser().absolute()
     tile_context = model.config.context == "tile"
@@ -386,7 +578,7 @@ def write_triton_repo(
 
     with (
         tempfile.TemporaryDirectory(prefix="fastinsight-triton-") as work_name,
-        _atomic_dir(target, overwrite) as root,
+        _atomic_dir(target, overwrite, read) as root,
     ):
         work = Path(work_name)
         written: list[Any] = []
@@ -399,17 +591,8 @@ def write_triton_repo(
 
         trt_cfg = None
         if plan_path is not None:
-            p_in, p_out = plan_io(plan_path, head_onnx)
             h_in, h_out = _onnx_io(head_onnx)
-            if [s.name for s in p_in] != [s.name for s in h_in] or sorted(
-                s.name for s in p_out
-            ) != sorted(s.name for s in h_out):
-                raise InputError(
-                    f"the plan's tensors {[s.name for s in p_in]} -> {[s.name for s in p_out]} "
-                    f"do not match the head's {[s.name for s in h_in]} -> "
-                    f"{[s.name for s in h_out]}; build the plan from this model's head export "
-                    "with the same --head-only/--with-mask"
-                )
+            p_in, p_out = check_plan_fits(plan_path, h_in, h_out, what=f"{HEAD}'s graph")
             trt_cfg = plan_model_config(HEAD_TRT, p_in, p_out, instances=instances)
             _write_model(root, trt_cfg, {"model.plan": plan_path})
             written.append(trt_cfg)
@@ -435,9 +618,7 @@ def write_triton_repo(
             if tile_context:
                 use_trt = trt_cfg is not None and ensemble_head in ("auto", "trt")
                 step_head = trt_cfg if use_trt else head_cfg
-                h_in, h_out = (
-                    plan_io(plan_path, head_onnx) if use_trt and plan_path else _onnx_io(head_onnx)
-                )
+                h_in, h_out = read_plan(plan_path) if use_trt and plan_path else _onnx_io(head_onnx)
                 written.append(
                     _write_pipeline(root, enc_cfg, enc_in, enc_out, step_head, h_in, h_out)
                 )
@@ -502,6 +683,7 @@ def write_radiograph_triton_repo(
     verify: bool = True,
     overwrite: bool = False,
     max_queue_delay_us: int = 2000,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> TritonRepoResult:
     """A repository with one radiograph model (PYLON or the multi-resolution network)::
 
@@ -513,30 +695,29 @@ def write_radiograph_triton_repo(
     metadata). Images are independent, so unlike the INSIGHT head (whose first dim is a bag of
     tiles) this is a batching model: ``max_batch_size`` images per request, dynamic batching, dims
     without the batch (Triton's full shape of ``image`` is ``[-1, 1, S, S]``).
-    ``verify`` runs the graph in onnxruntime against PyTorch first. Atomic like
-    :func:`write_triton_repo`.
+    ``verify`` runs the graph in onnxruntime against PyTorch first (within the tolerance of
+    :func:`fastinsight.export.radiograph.check_radiograph_onnx`; ``ParityError`` otherwise).
+    Atomic like :func:`write_triton_repo`; ``inputs`` (flag -> path, the model file) may not lie
+    inside ``out_dir``.
     """
-    from .radiograph import export_radiograph_onnx, verify_radiograph_onnx
+    from .radiograph import check_radiograph_onnx, export_radiograph_onnx
 
     _pb()
     if getattr(model, "modality", None) != "radiograph":
         raise InputError(f"{type(model).__name__} is not a radiograph model (PYLON or multires)")
     _check_serving(max_batch_size, instances, instance_kind)
+    read = dict(inputs or {})
+    check_repo_output(out_dir, overwrite, read)
     name = radiograph_model_name(model)
     target = Path(out_dir).expanduser().absolute()
     check_finite_weights(model, f"{model.family} model")
     with (
         tempfile.TemporaryDirectory(prefix="fastinsight-triton-") as work_name,
-        _atomic_dir(target, overwrite) as root,
+        _atomic_dir(target, overwrite, read) as root,
     ):
         graph = export_radiograph_onnx(model, _slot(Path(work_name), name))
         if verify:
-            diffs = verify_radiograph_onnx(model, graph)
-            if max(diffs.values()) > 1e-3:
-                raise OutputError(
-                    f"the exported {name} graph differs from PyTorch in onnxruntime {diffs}; "
-                    "report this with the checkpoint"
-                )
+            check_radiograph_onnx(model, graph, shown=f"{target}/{name}")
         cfg = onnx_model_config(
             name,
             graph,
@@ -598,6 +779,63 @@ def _check_pairing(producer: IOSpec, consumer: IOSpec) -> None:
             f"the encoder's token grid {list(producer.dims[1:])} does not fit the head's input "
             f"{list(consumer.dims[1:])}; use the encoder the model was trained with"
         )
+
+
+def check_encoder_fits(
+    model: InsightModel,
+    encoder: Any,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> None:
+    """The encoder must make the tokens the model was trained on: ``ConfigError`` (one line
+    naming both values) otherwise, before anything is exported.
+
+    Compared with the model's config: the token channels (``in_dim``), the tile size and, for
+    token grids (not the 1 x 1 vectors of a CLAM/TRIDENT model), the patch size and the grid;
+    and the normalisation (mean, std) where the model file records it (``normalisation``: a CT
+    recipe). The graphs alone cannot tell: a channel-norm head takes any grid, so a 224 px
+    encoder would feed a model trained on 96 px tiles without an error, and serve nonsense.
+    """
+    cfg = model.config
+    name = getattr(encoder, "name", type(encoder).__name__)
+
+    def refuse(what: str, got: object, want: object, fix: str) -> None:
+        raise ConfigError(
+            f"encoder {name!r} {what} {got} but the model ({cfg.encoder!r}) was trained on "
+            f"{want}; {fix}"
+        )
+
+    fix_tile = (
+        f"export the encoder the model was trained with, at its tile size (--tile-size "
+        f"{cfg.tile_size_px})"
+    )
+    dim = getattr(encoder, "embed_dim", None)
+    if dim is not None and int(dim) != cfg.in_dim:
+        refuse("gives", f"{dim} channels", f"{cfg.in_dim}", fix_tile)
+    tile = getattr(encoder, "tile_size_px", None)
+    if tile is not None and int(tile) != cfg.tile_size_px:
+        refuse("takes tiles of", f"{tile} px", f"{cfg.tile_size_px} px tiles", fix_tile)
+    if tuple(cfg.grid_size) != (1, 1):
+        patch = getattr(encoder, "patch_size_px", None)
+        if patch is not None and int(patch) != cfg.patch_size_px:
+            refuse("has patches of", f"{patch} px", f"{cfg.patch_size_px} px patches", fix_tile)
+        grid = getattr(encoder, "grid_size", None)
+        if grid is not None and tuple(grid) != tuple(cfg.grid_size):
+            refuse("gives token grids of", f"{tuple(grid)}", f"{tuple(cfg.grid_size)}", fix_tile)
+    if normalisation is not None:
+        for what, recorded in zip(("mean", "std"), normalisation, strict=True):
+            got = getattr(encoder, what, None)
+            if got is None:
+                continue
+            same = len(tuple(got)) == len(tuple(recorded)) and all(
+                abs(float(a) - float(b)) <= 1e-6 for a, b in zip(got, recorded, strict=True)
+            )
+            if not same:
+                refuse(
+                    f"normalises with {what}",
+                    list(got),
+                    f"{what} {list(recorded)} (recorded in the model file)",
+                    "export the encoder the model file names, with its recorded options",
+                )
 
 
 def _dims_match(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> bool:

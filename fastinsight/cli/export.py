@@ -7,15 +7,51 @@ Mounted by ``fastinsight.cli`` as ``fastinsight.cli.export:<name>``: each comman
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
-from fastinsight.errors import BackendError, InputError
+from fastinsight.errors import ConfigError, InputError
+
+# The largest --tile-size taken: encoders run at 224-518 px; beyond this a typo (2240) would
+# allocate gigabytes before failing.
+MAX_TILE_SIZE = 4096
 
 
 def _load_model(path: str) -> object:
     from fastinsight.models.checkpoints import load_model
 
     return load_model(path, backend="reference", device="cpu")
+
+
+def _check_opset(args: argparse.Namespace) -> None:
+    from fastinsight.export._guards import check_opset
+
+    check_opset(args.opset)
+
+
+def _check_tile_size(args: argparse.Namespace) -> None:
+    from fastinsight.export._guards import check_positive_int
+
+    if args.tile_size is not None:
+        check_positive_int(args.tile_size, "--tile-size", MAX_TILE_SIZE)
+
+
+def _torchscript_file(encoder: str | None) -> str | None:
+    """The file of ``--encoder torchscript:PATH`` (an input the outputs must not replace)."""
+    if encoder and encoder.strip().lower().startswith("torchscript:"):
+        return encoder.strip()[len("torchscript:") :] or None
+    return None
+
+
+def _tile_size_argument(parser: argparse.ArgumentParser, default_text: str) -> None:
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="tile side in px the encoder takes (needed by torchscript:PATH, which does not "
+        f"know it; {default_text})",
+    )
 
 
 def _head_option_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +107,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
         "--encoder", help="patch encoder name (vit-tiny, resnet-tiny, uni, resnet50-trunc, ...)"
     )
     parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
+    _tile_size_argument(parser, "default: the encoder's own")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument(
@@ -90,15 +127,49 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
+    from fastinsight.atomic import prepare_outputs
+
+    # Option values first (exit 2), then the outputs against the inputs (exit 6): all before a
+    # model is loaded or a graph traced.
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
     if args.encoder:
-        if args.head_only or args.postprocess_only or args.with_mask:
-            raise InputError("--head-only/--postprocess-only/--with-mask apply to --model only")
+        given = [
+            flag
+            for flag, on in (
+                ("--head-only", args.head_only),
+                ("--postprocess-only", args.postprocess_only),
+                ("--with-mask", args.with_mask),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} apply to the head (--model), not to an encoder "
+                f"({args.encoder!r}): drop them"
+            )
+    elif args.tile_size is not None:
+        raise ConfigError(
+            "--tile-size applies to --encoder (the tile side the encoder takes); a model's "
+            "head takes token grids: drop it"
+        )
+    _check_tile_size(args)
+    _check_opset(args)
+    if args.model:
+        _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
+    prepare_outputs(
+        {"--out": args.out},
+        {
+            "--model": args.model,
+            "--encoder-weights": args.encoder_weights,
+            "--encoder": _torchscript_file(args.encoder),
+        },
+    )
+    if args.encoder:
         from fastinsight.export.encoder import load_encoder
         from fastinsight.export.verify import export_verified_encoder
 
-        encoder = load_encoder(args.encoder, args.encoder_weights)
+        encoder = load_encoder(args.encoder, args.encoder_weights, tile_size_px=args.tile_size)
         path, report = export_verified_encoder(
             encoder, args.out, args.precision, args.opset, verify=not args.no_verify
         )
@@ -133,16 +204,19 @@ def _report_written(path: Path, report: object) -> None:
 def _radiograph_refuses(args: argparse.Namespace, flags: dict[str, bool]) -> None:
     given = [f for f, on in flags.items() if on]
     if given:
-        raise InputError(
+        raise ConfigError(
             f"{', '.join(given)} apply to INSIGHT heads; {args.model!r} is a radiograph model "
             "(image -> logits, scores, FP32): drop them"
         )
 
 
 def _run_radiograph_onnx(args: argparse.Namespace, model: object) -> int:
-    """PYLON / multires -> ``fastinsight.export.radiograph`` (FP32 image -> logits, scores)."""
-    from fastinsight.export.radiograph import export_radiograph_onnx, verify_radiograph_onnx
-    from fastinsight.export.verify import describe
+    """PYLON / multires -> ``fastinsight.export.radiograph`` (FP32 image -> logits, scores).
+
+    The parity check runs on the finished graph before it is renamed into place (within the
+    tolerance of ``check_radiograph_onnx``): a graph that disagrees is exit 7, nothing is
+    printed as written and an existing ``--out`` keeps its contents."""
+    from fastinsight.export.radiograph import export_verified_radiograph
 
     _radiograph_refuses(
         args,
@@ -153,14 +227,10 @@ def _run_radiograph_onnx(args: argparse.Namespace, model: object) -> int:
             "--precision fp16": args.precision != "fp32",
         },
     )
-    path = export_radiograph_onnx(model, args.out, opset=args.opset)
-    diffs = None if args.no_verify else verify_radiograph_onnx(model, path)
-    print(f"wrote {path} ({describe(path)})")
-    if diffs is not None:
-        print(
-            "onnxruntime vs PyTorch max |diff|: "
-            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-        )
+    path, report = export_verified_radiograph(
+        model, args.out, opset=args.opset, verify=not args.no_verify
+    )
+    _report_written(path, report)
     return 0
 
 
@@ -189,25 +259,34 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tensorrt(args: argparse.Namespace) -> int:
-    from fastinsight.export._onnx_io import check_onnx_initializers_finite
     from fastinsight.export.tensorrt import (
+        EngineInfo,
         build_engine,
+        check_build_inputs,
         check_engine,
-        check_tile_range,
-        tensorrt_status,
+        check_workspace,
     )
 
-    # The inputs first (cheap, and what the user can fix anywhere), then the machine.
-    check_tile_range(args.min_tiles, args.opt_tiles, args.max_tiles)
-    if not Path(args.onnx).is_file():
-        raise InputError(f"ONNX file {args.onnx!r} does not exist; export it first")
-    if args.workspace <= 0:
-        raise InputError(f"--workspace must be > 0 GiB, got {args.workspace}")
-    check_onnx_initializers_finite(args.onnx)
-    reason = tensorrt_status()
-    if reason is not None:
-        # One plain line, no traceback (the CLI prints it): the machine cannot build engines.
-        raise BackendError(reason)
+    # What the user can fix anywhere comes first, before TensorRT is even looked for: option
+    # values (exit 2), the ONNX file, the outputs (plan, its sidecar, the timing cache: writable
+    # and none of them the ONNX, exit 6), the graph's weights and dtypes. Then the machine.
+    check_workspace(args.workspace)
+    check_build_inputs(
+        args.onnx,
+        args.out,
+        args.min_tiles,
+        args.opt_tiles,
+        args.max_tiles,
+        args.timing_cache,
+        args.workspace * (1 << 30),
+    )
+    checks: list[Any] = []
+
+    def check(tmp_plan: Path, info: EngineInfo) -> None:
+        # On the engine before it is renamed into place: a failed check replaces nothing.
+        sizes = tuple(sorted({min(max(n, args.min_tiles), args.max_tiles) for n in (1, 7, 64)}))
+        checks.append(check_engine(tmp_plan, args.onnx, sizes=sizes, tf32=info.tf32))
+
     info = build_engine(
         args.onnx,
         args.out,
@@ -218,14 +297,14 @@ def run_tensorrt(args: argparse.Namespace) -> int:
         workspace=int(args.workspace * (1 << 30)),
         verbose=args.verbose,
         tf32=not args.no_tf32,
+        before_commit=None if args.no_check else check,
     )
     print(
         f"wrote {info.plan} (TensorRT {info.tensorrt_version} on {info.device}; tiles "
         f"{args.min_tiles}..{args.opt_tiles}..{args.max_tiles})"
     )
-    if not args.no_check:
-        sizes = tuple(sorted({min(max(n, args.min_tiles), args.max_tiles) for n in (1, 7, 64)}))
-        print(check_engine(info.plan, args.onnx, sizes=sizes).summary())
+    for report in checks:
+        print(report.summary())
     return 0
 
 
@@ -239,8 +318,11 @@ def add_triton_repo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="repository folder to write")
     parser.add_argument("--encoder", help="patch encoder for the encoder -> head ensembles")
     parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
+    _tile_size_argument(parser, "default: the model's tile size, which it must equal")
     parser.add_argument(
-        "--plan", help="TensorRT plan of the head (`fastinsight export tensorrt`) to include"
+        "--plan",
+        help="TensorRT plan of the head built by `fastinsight export tensorrt` (with its .json "
+        "sidecar) to include; GPU only",
     )
     parser.add_argument(
         "--max-batch-size",
@@ -268,11 +350,75 @@ def add_triton_repo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def run_triton_repo(args: argparse.Namespace) -> int:
-    from fastinsight.export.triton import write_triton_repo
+def _volume_recipe(path: str) -> Any:
+    """The CT recipe a volume model file records (encoder, its options, tile size), or None."""
+    from fastinsight.volume.checkpoint import VOLUME_KEY, VolumeModelInfo, is_volume_model
 
+    if not is_volume_model(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path).expanduser()), framework="pt") as fh:
+        return VolumeModelInfo.from_json((fh.metadata() or {})[VOLUME_KEY])
+
+
+def _triton_encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    """The encoder to export beside ``model``, built as the model was trained with it, and the
+    normalisation the model file records (None where it records none).
+
+    The tile size is the model's (``--tile-size`` may only repeat it; ``write_triton_repo``
+    refuses another). A CT model's recipe also fixes the encoder's options (patch size, mean and
+    std, seed): they are used when ``--encoder`` names the recipe's encoder.
+    """
+    from fastinsight.export.encoder import load_encoder
+
+    cfg = model.config
+    tile = args.tile_size if args.tile_size is not None else cfg.tile_size_px
+    recipe = _volume_recipe(args.model)
+    if recipe is None:
+        encoder = load_encoder(args.encoder, args.encoder_weights, tile_size_px=tile)
+        return encoder, None
+    from fastinsight.volume.predict import build_volume_encoder
+
+    same = args.encoder.strip().lower() == str(recipe.encoder).strip().lower()
+    options = dict(recipe.encoder_options) if same else {}
+    encoder = build_volume_encoder(
+        args.encoder, tile, weights=args.encoder_weights, device="cpu", options=options
+    ).eval()
+    recorded = dict(recipe.encoder_options)
+    mean = recorded.get("mean", (0.0, 0.0, 0.0))  # build_volume_encoder's defaults
+    std = recorded.get("std", (1.0, 1.0, 1.0))
+    return encoder, (tuple(mean), tuple(std))
+
+
+def run_triton_repo(args: argparse.Namespace) -> int:
+    from fastinsight.export.triton import check_repo_output, check_triton_options, write_triton_repo
+
+    # Option values (exit 2), then the output folder against every input (exit 6), before the
+    # model is loaded or a graph exported.
     if args.encoder_weights and not args.encoder:
         raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
+    if args.tile_size is not None and not args.encoder:
+        raise ConfigError(
+            "--tile-size applies to --encoder (the tile side the encoder takes): drop it, or "
+            "pass --encoder"
+        )
+    _check_tile_size(args)
+    _check_opset(args)
+    check_triton_options(
+        args.max_batch_size, args.instances, args.instance_kind, args.ensemble_head, args.plan
+    )
+    head_options = _head_options(args)
+    inputs: dict[str, str | os.PathLike[str] | None] = {
+        "--model": args.model,
+        "--encoder-weights": args.encoder_weights,
+        "--encoder": _torchscript_file(args.encoder),
+    }
+    check_repo_output(args.out, args.overwrite, inputs)
+    if args.plan:
+        from fastinsight.export.triton import read_plan
+
+        read_plan(args.plan)  # a plan without its sidecar, before the model is loaded
     model = _load_model(args.model)
     if getattr(model, "modality", None) == "radiograph":
         from fastinsight.export.triton import write_radiograph_triton_repo
@@ -294,14 +440,13 @@ def run_triton_repo(args: argparse.Namespace) -> int:
             instance_kind=args.instance_kind,
             verify=not args.no_verify,
             overwrite=args.overwrite,
+            inputs=inputs,
         )
         print(f"wrote {result.path}: {', '.join(result.models)}")
         return 0
-    encoder = None
+    encoder, normalisation = (None, None)
     if args.encoder:
-        from fastinsight.export.encoder import load_encoder
-
-        encoder = load_encoder(args.encoder, args.encoder_weights)
+        encoder, normalisation = _triton_encoder(args, model)
     result = write_triton_repo(
         args.out,
         model,  # type: ignore[arg-type]
@@ -310,12 +455,14 @@ def run_triton_repo(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         instances=args.instances,
         instance_kind=args.instance_kind,
-        head_options=_head_options(args),  # type: ignore[arg-type]
+        head_options=head_options,  # type: ignore[arg-type]
         encoder_precision=args.precision,
         chunked=not args.no_chunked,
         ensemble_head=args.ensemble_head,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        inputs=inputs,
+        encoder_normalisation=normalisation,
     )
     print(f"wrote {result.path}: {', '.join(result.models)}")
     return 0

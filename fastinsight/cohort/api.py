@@ -5,6 +5,7 @@ current as slides finish."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,28 @@ def _plan(
     return outcomes, todo
 
 
+def _settle(jobs: Sequence[SlideJob], outcomes: dict[str, SlideOutcome], model_sha256: str) -> bool:
+    """Slides still ``pending`` whose outputs are complete on disk become ``ok``, with the
+    outcome their completion marker records; True when any did.
+
+    After an interruption (Ctrl-C, SIGTERM) the driver has not collected every task that
+    finished: a worker may have renamed a slide's folder into place (``complete.json`` inside)
+    while the driver was stopping. The summary is written from the disk, so it cannot call
+    such a slide ``pending``.
+    """
+    changed = False
+    for job in jobs:
+        sid = job.slide.slide_id
+        if outcomes[sid].status != "pending":
+            continue
+        marker, _reason = check_complete(slide_dir(job.out_dir, sid), job, model_sha256)
+        if marker is not None:
+            done = SlideOutcome.skipped(sid, str(job.slide.path), marker.get("outcome", {}))
+            outcomes[sid] = dataclasses.replace(done, status="ok")
+            changed = True
+    return changed
+
+
 def predict_cohort(
     slides: str | os.PathLike[str] | Sequence[CohortSlide],
     model_path: str | os.PathLike[str],
@@ -131,7 +154,15 @@ def predict_cohort(
             write_summary(out / SUMMARY_NAME, [outcomes[i] for i in order], names)
 
         flush()
-        tiles_per_s = _run_jobs(todo, model, info, opts, outcomes, flush) if todo else float("nan")
+        tiles_per_s = float("nan")
+        try:
+            if todo:
+                tiles_per_s = _run_jobs(todo, model, info, opts, outcomes, flush)
+        finally:
+            # Also when interrupted: tasks that finished while the driver was stopping are on
+            # disk (complete.json) but were never collected; the summary says so.
+            if todo and _settle(todo, outcomes, info["sha256"]):
+                flush()
         return CohortReport(out, tuple(outcomes[i] for i in order), names, len(todo), tiles_per_s)
 
 
