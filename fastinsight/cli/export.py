@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastinsight.errors import ConfigError, InputError
+from fastinsight.errors import ConfigError
 
 # The largest --tile-size taken: encoders run at 224-518 px; beyond this a typo (2240) would
 # allocate gigabytes before failing.
@@ -132,7 +132,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     # Option values first (exit 2), then the outputs against the inputs (exit 6): all before a
     # model is loaded or a graph traced.
     if args.encoder_weights and not args.encoder:
-        raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
+        raise ConfigError("--encoder-weights goes with --encoder; pass the encoder's name")
     if args.encoder:
         given = [
             flag
@@ -397,7 +397,7 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     # Option values (exit 2), then the output folder against every input (exit 6), before the
     # model is loaded or a graph exported.
     if args.encoder_weights and not args.encoder:
-        raise InputError("--encoder-weights goes with --encoder; pass the encoder's name")
+        raise ConfigError("--encoder-weights goes with --encoder; pass the encoder's name")
     if args.tile_size is not None and not args.encoder:
         raise ConfigError(
             "--tile-size applies to --encoder (the tile side the encoder takes): drop it, or "

@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from fastinsight.cli import main
-from fastinsight.errors import InputError
+from fastinsight.errors import ConfigError
 from tests.support.export_helpers import make_model
 
 
@@ -41,7 +41,7 @@ def test_triton_repo_command_writes_a_checked_repository(
     [
         (
             ["export", "onnx", "--model", "m.pth", "--encoder-weights", "w.bin", "--out", "x.onnx"],
-            InputError.exit_code,
+            ConfigError.exit_code,  # a flag without its partner: a usage error, exit 2
         ),
         (["export", "onnx", "--model", "missing.pth", "--out", "x.onnx"], 3),
         (["export", "tensorrt", "--onnx", "missing.onnx", "--out", "x.plan"], None),
