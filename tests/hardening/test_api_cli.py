@@ -561,7 +561,9 @@ def test_model_loaders_refuse_a_bad_device_name_before_reading(
         load_volume_model(tiny_model, device=device)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
 def test_model_loaders_say_cuda_is_absent(tiny_model) -> None:
     from fastinsight.errors import BackendError
     from fastinsight.models.checkpoints import load_model
