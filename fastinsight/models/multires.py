@@ -82,15 +82,6 @@ class MultiResConfig(RadiographConfig):
     FAMILY: ClassVar[str] = FAMILY
     LABEL: ClassVar[str] = "multi-resolution"
 
-    def __post_init__(self) -> None:
-        """InvalidConfigError (a ConfigError) naming every bad field; from a model file the
-        loaders turn it into a CheckpointError."""
-        try:
-            problems = self._problems()
-        except TypeError as exc:  # a field of the wrong type ("3" < 1)
-            problems = [f"a field has a value of the wrong type ({exc})"]
-        self.refuse(problems)
-
     def _problems(self) -> list[str]:
         problems = []
         if self.num_classes < 1 or self.width < 1 or self.growth < 1:

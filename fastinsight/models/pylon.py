@@ -89,15 +89,6 @@ class PylonConfig(RadiographConfig):
     LABEL: ClassVar[str] = "PYLON"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("layers", "class_names")
 
-    def __post_init__(self) -> None:
-        """InvalidConfigError (a ConfigError) naming every bad field; from a model file the
-        loaders turn it into a CheckpointError."""
-        try:
-            problems = self._problems()
-        except TypeError as exc:  # a field of the wrong type ("3" < 1)
-            problems = [f"a field has a value of the wrong type ({exc})"]
-        self.refuse(problems)
-
     def _problems(self) -> list[str]:
         problems = []
         if self.num_classes < 1:

@@ -121,6 +121,19 @@ class RadiographConfig:
                 f"invalid {cls.LABEL} config: a field has a value of the wrong type ({exc})"
             ) from None
 
+    def __post_init__(self) -> None:
+        """InvalidConfigError (a ConfigError) naming every bad field (``_problems``); from a
+        model file the loaders turn it into a CheckpointError."""
+        try:
+            problems = self._problems()
+        except TypeError as exc:  # a field of the wrong type ("3" < 1)
+            problems = [f"a field has a value of the wrong type ({exc})"]
+        self.refuse(problems)
+
+    def _problems(self) -> list[str]:
+        """Every bad field, one line each (subclasses add theirs to ``class_problems``)."""
+        return self.class_problems()
+
     def refuse(self, problems: list[str]) -> None:
         """Raise InvalidConfigError (a ConfigError) listing ``problems``, if any."""
         if problems:
