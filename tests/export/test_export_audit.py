@@ -31,7 +31,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 from fastinsight.cli import main  # noqa: E402
 from fastinsight.errors import (  # noqa: E402
@@ -47,7 +47,7 @@ from fastinsight.export import triton as triton_repo  # noqa: E402
 from fastinsight.export.encoder import load_encoder  # noqa: E402
 from fastinsight.export.head import HeadExportOptions  # noqa: E402
 from fastinsight.export.tensorrt import EngineInfo, ProfileShapes, sidecar_path  # noqa: E402
-from tests.support.export_helpers import make_model  # noqa: E402
+from tests.support.export_helpers import make_model, tiny_graph  # noqa: E402
 
 
 def _sha(path: Path) -> str:
@@ -69,22 +69,6 @@ def _one_error_line(err: str) -> str:
 def ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "m.safetensors"
     make_model(in_dim=64, num_classes=2).save(str(path))
-    return path
-
-
-def _tiny_graph(path: Path, cast_to: int | None = None) -> Path:
-    """A hand-built graph with a dynamic first dim (and optionally a float64 Cast)."""
-    x = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 4, 14, 14])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 14, 14])
-    nodes = [helper.make_node("Relu", ["tokens"], ["r"])]
-    if cast_to is not None:
-        nodes += [
-            helper.make_node("Cast", ["r"], ["c"], to=cast_to),
-            helper.make_node("Cast", ["c"], ["out"], to=TensorProto.FLOAT),
-        ]
-    else:
-        nodes.append(helper.make_node("Identity", ["r"], ["out"]))
-    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), str(path))
     return path
 
 
@@ -145,7 +129,7 @@ def test_onnx_out_may_not_be_the_encoder_weights(
 def test_tensorrt_outputs_may_not_be_the_onnx(
     which: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     before = _sha(graph)
     argv = ["export", "tensorrt", "--onnx", graph, "--out", tmp_path / "h.plan", which, graph]
     rc, _, err = _run(argv, capsys)
@@ -159,7 +143,7 @@ def test_tensorrt_outputs_may_not_be_the_onnx(
 def test_tensorrt_sidecar_may_not_be_the_onnx(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    graph = _tiny_graph(tmp_path / "h.plan.json")
+    graph = tiny_graph(tmp_path / "h.plan.json", width=14)
     argv = ["export", "tensorrt", "--onnx", graph, "--out", tmp_path / "h.plan"]
     rc, _, err = _run(argv, capsys)
     assert rc == OutputError.exit_code and "sidecar" in _one_error_line(err)
@@ -321,7 +305,7 @@ def test_stub_build_writes_plan_sidecar_and_cache_together(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(trt_export, "check_engine", _passing_check)
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     plan, cache = tmp_path / "h.plan", tmp_path / "trt.cache"
     argv = ["export", "tensorrt", "--onnx", graph, "--out", plan, "--timing-cache", cache]
     rc, out, err = _run(argv, capsys)
@@ -340,7 +324,7 @@ def test_stub_outputs_are_checked_before_the_build(
     stub_tensorrt: list[int],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     folder = tmp_path / "trt"
     folder.mkdir()
     argv = ["export", "tensorrt", "--onnx", graph]
@@ -367,7 +351,7 @@ def test_stub_failed_engine_check_keeps_the_previous_plan(
         raise ParityError("the TensorRT engine disagrees with onnxruntime on 'scores' (stub)")
 
     monkeypatch.setattr(trt_export, "check_engine", disagree)
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     plan, cache = tmp_path / "e.plan", tmp_path / "trt.cache"
     plan.write_bytes(b"OLD PLAN")
     sidecar_path(plan).write_text("OLD SIDECAR")
@@ -391,10 +375,10 @@ def test_stub_failed_engine_check_keeps_the_previous_plan(
 def test_without_tensorrt_the_users_own_errors_come_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     argv = ["export", "tensorrt", "--onnx", graph, "--out", tmp_path / "nodir" / "h.plan"]
     assert _run(argv, capsys)[0] == OutputError.exit_code
-    graph64 = _tiny_graph(tmp_path / "h64.onnx", cast_to=TensorProto.DOUBLE)
+    graph64 = tiny_graph(tmp_path / "h64.onnx", cast_to=TensorProto.DOUBLE, width=14)
     rc, _, err = _run(
         ["export", "tensorrt", "--onnx", graph64, "--out", tmp_path / "x.plan"], capsys
     )
@@ -574,7 +558,7 @@ def test_bad_option_values_are_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    graph = _tiny_graph(tmp_path / "h.onnx")
+    graph = tiny_graph(tmp_path / "h.onnx", width=14)
     full = ["export", *(a.format(ckpt=ckpt, graph=graph) for a in argv)]
     full += ["--out", str(tmp_path / ("out.plan" if argv[0] == "tensorrt" else "out"))]
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -10,34 +10,18 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 from fastinsight.errors import BackendError, InputError  # noqa: E402
 from fastinsight.export import tensorrt as trt_export  # noqa: E402
+from tests.support.export_helpers import tiny_graph  # noqa: E402
 
 REASON = trt_export.tensorrt_status()
 needs_tensorrt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def _tiny_graph(path: Path, cast_to: int | None = None) -> Path:
-    """A hand-built graph with a dynamic first dim (and optionally a float64 Cast)."""
-    x = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 4, 14, "W"])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 14, "W"])
-    nodes = [helper.make_node("Relu", ["tokens"], ["r"])]
-    if cast_to is not None:
-        nodes += [
-            helper.make_node("Cast", ["r"], ["c"], to=cast_to),
-            helper.make_node("Cast", ["c"], ["out"], to=TensorProto.FLOAT),
-        ]
-    else:
-        nodes.append(helper.make_node("Identity", ["r"], ["out"]))
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
-    onnx.save(model, str(path))
-    return path
-
-
 def test_profile_covers_the_tile_dimension(tmp_path: Path) -> None:
-    graph = _tiny_graph(tmp_path / "g.onnx")
+    graph = tiny_graph(tmp_path / "g.onnx")
     (shape,) = trt_export.profile_shapes(graph, 1, 512, 8192, grid_range=(2, 14, 40))
     assert shape.name == "tokens"
     assert shape.min == (1, 4, 14, 2)
@@ -52,10 +36,10 @@ def test_bad_tile_ranges_are_refused(tiles: tuple[int, int, int]) -> None:
 
 
 def test_float64_graphs_are_refused_before_tensorrt_sees_them(tmp_path: Path) -> None:
-    graph = _tiny_graph(tmp_path / "g64.onnx", cast_to=TensorProto.DOUBLE)
+    graph = tiny_graph(tmp_path / "g64.onnx", cast_to=TensorProto.DOUBLE)
     with pytest.raises(InputError, match="--accum-dtype float32"):
         trt_export._refuse_float64(graph)
-    trt_export._refuse_float64(_tiny_graph(tmp_path / "g32.onnx"))
+    trt_export._refuse_float64(tiny_graph(tmp_path / "g32.onnx"))
 
 
 def test_engine_info_round_trips(tmp_path: Path) -> None:
@@ -76,7 +60,7 @@ def test_without_tensorrt_the_command_says_so_in_one_line(
 ) -> None:
     from fastinsight.cli import main
 
-    graph = _tiny_graph(tmp_path / "g.onnx")
+    graph = tiny_graph(tmp_path / "g.onnx")
     argv = ["export", "tensorrt", "--onnx", str(graph), "--out", str(tmp_path / "g.plan")]
     assert main(argv) == BackendError.exit_code
     err = capsys.readouterr().err.strip()

@@ -44,3 +44,23 @@ def assert_clean_graph(path: Path, *, allow_double: bool = True) -> set[str]:
     if not allow_double:
         assert onnx.TensorProto.DOUBLE not in tensor_types(model)
     return ops
+
+
+def tiny_graph(path: Path, cast_to: int | None = None, width: int | str = "W") -> Path:
+    """A hand-built ONNX graph ``tokens [N, 4, 14, width] -> out`` (Relu, then Identity or a
+    round trip through ``cast_to``, e.g. float64) with a dynamic first dimension."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 4, 14, width])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 14, width])
+    nodes = [helper.make_node("Relu", ["tokens"], ["r"])]
+    if cast_to is not None:
+        nodes += [
+            helper.make_node("Cast", ["r"], ["c"], to=cast_to),
+            helper.make_node("Cast", ["c"], ["out"], to=TensorProto.FLOAT),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["r"], ["out"]))
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), str(path))
+    return path
