@@ -315,11 +315,11 @@ def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
 
     Reads the header only (never pixels); label and overview images are not pyramid levels.
     """
+    if not has_preamble(path):  # first: an SVS or TIFF never needs pydicom imported
+        return None
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    if not has_preamble(path):
-        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a probe: a bad header just means "not a level"

@@ -286,3 +286,21 @@ def test_cohort_fingerprints_a_dicom_slide_by_its_largest_level(tmp_path) -> Non
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError):
         slide_fingerprint(tmp_path / "empty")
+
+
+def test_probing_a_non_dicom_slide_does_not_import_pydicom(tmp_path: Path) -> None:
+    """The DICOM-WSI probe runs on every slide path: a TIFF/SVS is told apart by its missing
+    'DICM' preamble before pydicom is imported (an install without it still reads SVS files)."""
+    import subprocess
+    import sys
+
+    tif = tmp_path / "s.tif"
+    tif.write_bytes(b"II*\x00" + b"\x00" * 200)
+    code = (
+        "import sys\n"
+        "from fastinsight.dicom import _wsi_level\n"
+        f"assert _wsi_level({str(tif)!r}) is None\n"
+        "assert 'pydicom' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
