@@ -2,9 +2,11 @@
 
 Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 2-7 a ``FastInsightError`` (bad input or environment; see ``fastinsight.errors``), with a
-one-line message and no traceback; 8 ``predict-cohort`` finished but some slides failed (see
-its summary.csv); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early
-(a pipe into ``head``: output stops quietly). docs/exit-codes.md has the table.
+one-line message and no traceback; 7 also for a required third-party package that is missing or
+cannot be imported (one line naming the pip distribution: ``missing_dependency_message``); 8
+``predict-cohort`` finished but some slides failed (see its summary.csv); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early (a pipe into ``head``: output stops
+quietly). docs/exit-codes.md has the table.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fastinsight._version import __version__
-from fastinsight.errors import FastInsightError
+from fastinsight.errors import BackendError, FastInsightError
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -206,6 +208,134 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"fastinsight: {what}; temporary files were removed", file=sys.stderr)
         return interrupt_exit_code(exc)
+    except ImportError as exc:  # ModuleNotFoundError too
+        message = missing_dependency_message(exc, _command_words(argv))
+        if message is None:
+            raise  # fastinsight's own module or the standard library's: a bug, with traceback
+        print(f"fastinsight: error: {_one_line(message)}", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
+
+
+# A required package that is missing or cannot be imported (`pip install --no-deps`, a broken
+# environment): the environment lacks something, as with a missing backend (BackendError).
+EXIT_MISSING_DEPENDENCY = BackendError.exit_code
+
+# Top-level module -> the pip distributions that provide it, where the names differ. Others are
+# installed under their module's name (pip treats "_" and "-" alike).
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "PIL": ("pillow",),
+    "openslide": ("openslide-python", "openslide-bin"),
+    "openslide_bin": ("openslide-bin",),
+    "skimage": ("scikit-image",),
+    "sklearn": ("scikit-learn",),
+    "cv2": ("opencv-python",),
+    "yaml": ("pyyaml",),
+    "google": ("protobuf",),
+    "dateutil": ("python-dateutil",),
+    "attr": ("attrs",),
+    "pkg_resources": ("setuptools",),
+    "tritonclient": ("tritonclient[grpc]",),
+}
+# Modules of fastinsight's optional extras: the extra installs them with the right versions.
+EXTRAS: dict[str, str] = {
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+    "tritonclient": "export",
+    "ray": "cohort",
+}
+# Packages that load a native library shipped by another distribution: an ImportError they raise
+# without a module name means that library is missing.
+NATIVE: dict[str, tuple[str, str]] = {"openslide": ("openslide-bin", "the OpenSlide C library")}
+# Top-level names that are fastinsight itself (kernels/ and export/ ship inside it): an import
+# error naming one of them is a packaging bug, never "pip install kernels".
+_OWN_MODULES = frozenset({"fastinsight", "kernels", "export", "tests", "bench"})
+
+
+def _command_words(argv: Sequence[str]) -> str:
+    """``predict-volume`` or ``export onnx``: the command being run, for messages."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if not words:
+        return "this command"
+    return " ".join(words if words[0] in GROUPS else words[:1])
+
+
+def _third_party(name: str | None) -> str | None:
+    """The top-level module of ``name`` when it is neither fastinsight's nor the standard
+    library's; else None."""
+    if not name:
+        return None
+    top = name.partition(".")[0]
+    if not top or top in _OWN_MODULES or top in sys.stdlib_module_names:
+        return None
+    return top
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The third-party package whose code raised ``exc`` (its innermost frame outside the
+    standard library), for an ImportError without ``.name`` such as openslide's "Couldn't locate
+    OpenSlide shared library"; None when fastinsight's own code raised it."""
+    import traceback
+
+    names = [f.f_globals.get("__name__") or "" for f, _ in traceback.walk_tb(exc.__traceback__)]
+    for name in reversed(names):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names:
+            continue
+        return _third_party(name)
+    return None
+
+
+def _installed(top: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
+def missing_dependency_message(exc: ImportError, command: str = "this command") -> str | None:
+    """One line for an ImportError raised by a third-party package fastinsight needs: which
+    distribution is missing (or cannot be imported) and the ``pip install`` that fixes it.
+
+    None when the error is not about a third-party package (a fastinsight module or one of the
+    standard library's: a packaging bug or a broken Python, left to show its traceback).
+    """
+    top = _third_party(exc.name)
+    if top is None:
+        if exc.name is not None:
+            return None
+        top = _raised_in(exc)
+        if top is None:
+            return None
+    dists = DISTRIBUTIONS.get(top, (top.replace("_", "-"),))
+    package = dists[0]
+    extra = EXTRAS.get(top)
+    if extra is not None:
+        install = f"pip install 'fastinsight[{extra}]'"
+    else:
+        install = "pip install " + " ".join(f"'{d}'" if "[" in d else d for d in dists)
+    upgrade = install.replace("pip install", "pip install -U", 1)  # newer, or a fresh copy
+    if exc.name is None:
+        # The package is there but failed to load (openslide without its shared library).
+        detail = str(exc).split(". ")[0].strip().rstrip(".")
+        if top in NATIVE:
+            dist, what = NATIVE[top]
+            return (
+                f"{command} needs {what} ({dist!r}), which was not found ({detail}); "
+                f"pip install {dist}"
+            )
+        return (
+            f"{command} needs {package!r}, which is installed but cannot be loaded ({detail}); "
+            f"{upgrade}"
+        )
+    if not _installed(top):
+        return f"{command} needs the Python package {package!r}, which is not installed; {install}"
+    # Installed, but a name or submodule fastinsight uses is not in it: an old or broken copy
+    # ("cannot import name 'X' from 'Y'", "No module named 'pydicom.pixels'").
+    detail = " ".join(str(exc).split())
+    return f"{command} needs a newer or intact {package!r} ({detail}); {upgrade}"
 
 
 # What a process killed by SIGPIPE reports (128 + 13), as `yes | head -1` does.

@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CSV mode: record unreadable images in the error column instead of stopping",
     )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     paths = expand_inputs(args.inputs, notes)
-    print_notes(notes)
+    print_notes(notes, quiet=args.quiet)
     lists = _list_files(args.inputs)
     # Before the model loads: the outputs that do not depend on its class names.
     prepare_outputs(planned_outputs(args, ()), input_paths(paths, args.model, lists))
@@ -79,7 +80,8 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
 
     ``fastinsight predict`` loads the model, sees ``model.modality == "radiograph"`` and hands
     over here; its flags ``--out``, ``--class``, ``--all-classes``, ``--overlay``, ``--report``,
-    ``--device`` and ``--batch-size`` (images per batch, at most 32 here) mean the same.
+    ``--device``, ``--quiet`` and ``--batch-size`` (images per batch, at most 32 here) mean the
+    same.
     """
     from fastinsight.fileformat import file_sha256
     from fastinsight.radiograph.predict import check_grey_model, expand_inputs
@@ -107,18 +109,38 @@ def run_from_predict(args: argparse.Namespace, model: Any, model_path: Any, devi
         batch_size=max(1, min(int(getattr(args, "batch_size", 8) or 8), 32)),
         device=device,
         skip_bad=False,
+        quiet=bool(getattr(args, "quiet", False)),
     )
     notes: list[str] = []
     paths = expand_inputs([args.slide], notes)
-    print_notes(notes)
+    print_notes(notes, quiet=ns.quiet)
     facts = model_facts(model, str(model_path), file_sha256(model_path))
     return run_with_model(ns, paths, model, facts, _list_files([args.slide]))
 
 
-def print_notes(notes: list[str]) -> None:
-    """Things the run skipped or could not use, one ``fastinsight: note:`` line each (stderr)."""
+def print_notes(notes: list[str], *, quiet: bool = False) -> None:
+    """Things the run skipped or could not use, one ``fastinsight: note:`` line each (stderr);
+    none with ``--quiet``."""
+    if quiet:
+        return
     for note in notes:
         print(f"fastinsight: note: {note}", file=sys.stderr)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    """A progress bar over the images of a CSV run, on stderr (as ``predict``'s over tiles):
+    shown on a terminal unless ``--quiet``; never when stderr is a file or a pipe."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="image",
+        desc="radiographs",
+        disable=None if enabled else True,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def _list_files(items: list[str]) -> list[str]:
@@ -242,20 +264,23 @@ def run_with_model(
     if csv_mode:
         rows = []
         failed: list[tuple[str, Exception]] = []
-        for item in predict_radiographs(
+        results = predict_radiographs(
             paths, model, options, on_error="yield" if args.skip_bad else "raise"
-        ):
-            if isinstance(item, tuple):
-                rows.append({"path": item[0], "error": str(item[1])})
-                failed.append(item)
-                continue
-            row: dict[str, Any] = {
-                "path": item.radiograph.path,
-                "width": item.radiograph.width,
-                "height": item.radiograph.height,
-            }
-            row.update({n: f"{float(s):.6f}" for n, s in zip(names, item.scores, strict=False)})
-            rows.append(row)
+        )
+        with _progress(len(paths), enabled=not getattr(args, "quiet", False)) as bar:
+            for item in results:
+                bar.update(1)
+                if isinstance(item, tuple):
+                    rows.append({"path": item[0], "error": str(item[1])})
+                    failed.append(item)
+                    continue
+                row: dict[str, Any] = {
+                    "path": item.radiograph.path,
+                    "width": item.radiograph.width,
+                    "height": item.radiograph.height,
+                }
+                row.update({n: f"{float(s):.6f}" for n, s in zip(names, item.scores, strict=False)})
+                rows.append(row)
         write_scores_csv(out, rows, names)
         if rows and len(failed) == len(rows):
             # --skip-bad keeps a run going past bad images, but a run where none was read is
