@@ -155,11 +155,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>.train.pt (same flags and data; --epochs and --device may change)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train afresh, replacing the model, .train.pt and .metrics.* of an earlier run at "
+        "--out (refused without --overwrite or --resume)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from fastinsight.inputs import resolve_device
-    from fastinsight.train import TrainConfig
+    from fastinsight.train import TrainConfig, metrics_paths_for, state_path_for
     from fastinsight.volume.train import train_from_folder
 
     opts = {} if args.patch_size is None else {"patch_size_px": args.patch_size}
@@ -185,9 +196,15 @@ def run_train(args: argparse.Namespace) -> int:
         slice_context=args.slice_context,
         train_config=cfg,
         device=dev,
+        resume=args.resume,
+        overwrite=args.overwrite,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(f"model written to {args.out}", file=sys.stderr)
+    state = state_path_for(args.out)
+    metrics, _ = metrics_paths_for(args.out)
+    print(
+        f"model written to {args.out}; metrics in {metrics}; resume state {state}", file=sys.stderr
+    )
     return 0
 
 

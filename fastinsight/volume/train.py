@@ -1,9 +1,13 @@
 """Training and evaluating INSIGHT on CT volumes: a volume is a bag of slice token grids.
 
-Training reuses the slide trainer (``fastinsight.train``): the per-slice (official) model goes
-through ``train_on_bags`` unchanged (weighted BCE on the pooled score + spectral decoupling, Otsu
-per chunk, best model by validation loss); the cross-slice model, which ``train_on_bags`` cannot
-build, runs the same loss functions (``slide_forward``, ``bce_loss``) in the short loop below.
+Training is the slide trainer's (``fastinsight.train``): its epochs (weighted BCE on the pooled
+score + spectral decoupling, Otsu per chunk, validation, early stopping, best model by
+validation loss) run on the per-slice (official) model or on the cross-slice model, whose
+volumes go through in one chunk. ``train-volume`` writes what ``fastinsight train`` writes after
+every epoch, renamed into place together: the model (here a volume model with its CT recipe),
+``<out>.train.pt`` (resume state, checked by ``fastinsight.train.state``) and
+``<out>.metrics.*``; the settings it records are ``VolumeTrainConfig`` (training settings,
+encoder, recipe, data digests).
 
 Evaluation: volume AUC (``fastinsight.evaluate.roc_auc``) and voxel Dice
 (``fastinsight.evaluate.dice``) of the heatmap's kept voxels (> 0 after Otsu) against a mask
@@ -13,22 +17,49 @@ NIfTI on the scan's grid, over the scored slices.
 from __future__ import annotations
 
 import csv
-import math
+import dataclasses
+import hashlib
+import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fastinsight.atomic import atomic_outputs
 from fastinsight.errors import ConfigError, InputError
 from fastinsight.evaluate import dice, roc_auc
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
-from fastinsight.train import Bag, TrainConfig, bce_loss, slide_forward, stratified_split
-from fastinsight.volume.model import CrossSliceInsight, build_volume_model
+from fastinsight.train import Bag, EpochMetrics, TrainConfig, stratified_split
+from fastinsight.train.data import items_from_bags, require_both_classes
+from fastinsight.train.loop import (
+    _device,
+    _end_epoch,
+    _epoch_line,
+    _optimizer,
+    _Run,
+    _train_epoch,
+    _validate,
+    seed_everything,
+)
+from fastinsight.train.state import (
+    _check_resume,
+    _load_state,
+    _Progress,
+    _save_state,
+    metrics_paths_for,
+    refuse_previous_run,
+    resume_progress,
+    state_path_for,
+    write_metrics,
+)
+from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
+from fastinsight.volume.model import build_volume_model
 
 
 def read_volume_labels(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -83,76 +114,82 @@ def find_volume(folder: str | os.PathLike[str], volume_id: str) -> Path:
     )
 
 
-def fit_cross_slice(
-    bags: Sequence[Bag],
-    val_bags: Sequence[Bag],
+def _volume_split(
+    ids: Sequence[str], labels: Sequence[tuple[int, ...]], cfg: TrainConfig, names: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The seeded stratified split ``train_on_bags`` makes, with both labels among the training
+    volumes; from the labels alone, so it is known before any volume is encoded."""
+    if len(set(ids)) != len(ids):
+        raise InputError("volumes have duplicate ids; give each Bag a unique slide_id")
+    tr, va = stratified_split(ids, labels, cfg.val_fraction, cfg.seed)
+    label_of = dict(zip(ids, labels, strict=True))
+    require_both_classes(
+        {v: label_of[v] for v in tr},
+        names,
+        f"training volumes ({len(va)} more validate)",
+        "label volumes of both kinds, or lower --val-fraction",
+    )
+    return tr, va
+
+
+def _fit_volumes(
+    train: Sequence[Bag],
+    val: Sequence[Bag],
     model_config: InsightConfig,
     config: TrainConfig,
     *,
+    slice_context: str,
+    out: tuple[Path, VolumeModelInfo] | None = None,
+    resume: bool = False,
     log: Callable[[str], None] | None = None,
-) -> tuple[CrossSliceInsight, list[dict[str, float]]]:
-    """The slide trainer's loss on the cross-slice model (whole volume per step, no chunking).
+) -> tuple[InsightModel, _Progress]:
+    """The slide trainer's epochs (``fastinsight.train.loop``) on a per-slice or cross-slice model.
 
-    ``loss = BCE(pool(H * (H > t)), y) + lambda/2 mean(D^2)``; best state by validation loss.
+    With ``out`` (the model path and its CT recipe) each epoch's volume model (when it improved),
+    resume state ``<out>.train.pt`` and metrics ``<out>.metrics.*`` are renamed into place
+    together, and ``resume`` continues from that state after ``resume_progress`` checked it.
+    Returns the model with the best validation loss (eval mode) and the loop's progress.
     """
-    dev = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
-    torch.manual_seed(config.seed)
-    model = CrossSliceInsight(model_config).to(dev)
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    opt = cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    best, best_loss, history = None, math.inf, []
-    for epoch in range(config.epochs):
-        model.train()
-        total = 0.0
-        for idx in np.random.default_rng([config.seed, epoch]).permutation(len(bags)).tolist():
-            b = bags[idx]
-            scores, sd = slide_forward(
-                model,
-                b.tokens,
-                b.mask,
-                chunk_size=max(1, b.tokens.shape[0]),
-                grad_checkpoint="never",
-                train_threshold=config.train_threshold,
-                device=dev,
-            )
-            loss = (
-                bce_loss(
-                    scores,
-                    b.labels,
-                    floor=config.prob_floor,
-                    ceiling=config.prob_ceiling,
-                    label_smoothing=config.label_smoothing,
-                )
-                + 0.5 * config.sd_lambda * sd
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        model.eval()
-        with torch.no_grad():
-            vl = [
-                float(bce_loss(model.predict(b.tokens.to(dev), b.mask).scores, b.labels))
-                for b in val_bags
-            ]
-        val_loss = float(np.mean(vl)) if vl else total / max(1, len(bags))
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / max(1, len(bags)), "val_loss": val_loss}
-        )
-        if val_loss < best_loss or not vl:
-            best_loss = val_loss
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dev = _device(config.device)
+    k = model_config.num_classes
+    train_items, val_items = items_from_bags(train, k, "volume"), items_from_bags(val, k, "volume")
+    train_ids, val_ids = [b.slide_id for b in train], [b.slide_id for b in val]
+    run_cfg = config
+    if slice_context == "3d":
+        # One chunk per volume: chunking along the slices would cut the 3-D context. Only the
+        # run uses it; the state records the caller's config, so a resume compares like with like.
+        longest = max(b.tokens.shape[0] for b in (*train, *val))
+        run_cfg = dataclasses.replace(config, chunk_size=max(config.chunk_size, longest))
+    seed_everything(config.seed)
+    model = build_volume_model(model_config, slice_context, backend="reference").to(dev)
+    opt = _optimizer(model, config)
+    weights = tuple(config.per_class(n, k) for n in ("pos_weight", "neg_weight", "class_weights"))
+    # out_path None: the loop's own save writes a slide checkpoint; the volume model is saved
+    # below, with its CT recipe.
+    run = _Run(model, opt, run_cfg, dev, weights, None, False)  # type: ignore[arg-type]
+    prog = _Progress()
+    if resume:
+        if out is None:
+            raise InputError("resume needs out: the training state lives next to the model")
+        prog = resume_progress(state_path_for(out[0]), model, opt, config, train_ids, val_ids)
         if log:
-            log(
-                f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
-            )
-    if best is not None:
-        model.load_state_dict(best)
-    return model.eval(), history
+            log(f"resuming after epoch {prog.epoch} (best val loss {prog.best_val_loss:.4f})")
+    while prog.epoch < config.epochs and not prog.stopped_early:
+        started = time.perf_counter()
+        means = _train_epoch(run, train_items, prog.epoch)
+        scores = _validate(model, val_items, run_cfg, dev)
+        with atomic_outputs():  # model, state and metrics of one epoch, or none of them
+            rec = _end_epoch(run, prog, means, scores, time.perf_counter() - started)
+            if out is not None:
+                if rec.improved:
+                    save_volume_model(model, out[1], out[0])
+                _save_state(state_path_for(out[0]), model, opt, prog, config, train_ids, val_ids)
+                write_metrics(prog.history, model_config.names, *metrics_paths_for(out[0]))
+        if log:
+            log(_epoch_line(rec, model_config.names, config, prog.stopped_early))
+    if prog.best_state is not None:
+        model.load_state_dict(prog.best_state)
+    return model.eval(), prog
 
 
 def train_volume_model(
@@ -162,24 +199,27 @@ def train_volume_model(
     *,
     slice_context: str = "2d",
     log: Callable[[str], None] | None = None,
-) -> tuple[InsightModel, list[Any]]:
+) -> tuple[InsightModel, list[EpochMetrics]]:
     """Train on volume bags (tokens ``[D, C, h, w]`` per volume, one label vector each).
 
-    ``"2d"``: ``fastinsight.train.train_on_bags`` (the slide trainer as is); ``"3d"``:
-    :func:`fit_cross_slice`. Validation: a seeded stratified ``config.val_fraction``.
+    ``"2d"``: the official per-slice model; ``"3d"``: :class:`CrossSliceInsight`; both through
+    the slide trainer's epochs (loss, validation, early stopping, best model by validation
+    loss). Validation: a seeded stratified ``config.val_fraction``. Writes nothing (the
+    ``train-volume`` command writes the model, resume state and metrics after every epoch).
     """
-    if slice_context == "2d":
-        from fastinsight.train import train_on_bags
-
-        model, history = train_on_bags(bags, config, model_config, log=log)
-        return model, list(history)
-    if slice_context != "3d":
-        build_volume_model(model_config, slice_context)  # raises the clear error
     ids = [b.slide_id for b in bags]
-    labs = [tuple(int(v) for v in b.labels.tolist()) for b in bags]
-    tr, va = stratified_split(ids, labs, config.val_fraction, config.seed)
+    labels = [tuple(int(v) for v in b.labels.tolist()) for b in bags]
+    tr, va = _volume_split(ids, labels, config, model_config.names)
     by = {b.slide_id: b for b in bags}
-    return fit_cross_slice([by[i] for i in tr], [by[i] for i in va], model_config, config, log=log)
+    model, prog = _fit_volumes(
+        [by[i] for i in tr],
+        [by[i] for i in va],
+        model_config,
+        config,
+        slice_context=slice_context,
+        log=log,
+    )
+    return model, list(prog.history)
 
 
 @dataclass(frozen=True)
@@ -289,6 +329,63 @@ def _tile_patch_message(encoder: str, tile: int, patch: int, own_tile: int | Non
     )
 
 
+@dataclass(frozen=True)
+class VolumeTrainConfig(TrainConfig):
+    """``TrainConfig`` plus where a ``train-volume`` run's token grids and labels come from.
+
+    ``<out>.train.pt`` records it as the run's settings, so a resume (``resume_progress``) refuses
+    a state written with another encoder, slice recipe or data, naming the field; as for slides,
+    only ``RESUMABLE_CHANGES`` (epochs, patience, device) may change. The recipe fields are
+    ``VolumeModelInfo``'s; ``encoder_weights``: the weight file's SHA-256, or ``random-init
+    (seed N)``; ``labels_sha256``: the labels in CSV order; ``volumes_sha256``: every volume's
+    id, shape, affine and voxels (HU as read).
+    """
+
+    slice_context: str = "2d"
+    encoder: str = ""
+    encoder_options: Mapping[str, Any] = field(default_factory=dict)
+    tile_size: int = 0
+    window: tuple[float, float] = (-1000.0, 400.0)
+    slices: str = "all"
+    lung_mask: str = "none"
+    encoder_weights: str = ""
+    labels_sha256: str = ""
+    volumes_sha256: str = ""
+
+    @classmethod
+    def of(
+        cls,
+        config: TrainConfig,
+        info: VolumeModelInfo,
+        encoder_identity: Mapping[str, Any],
+        labels: Mapping[str, int],
+    ) -> VolumeTrainConfig:
+        """``config`` with ``info``'s recipe, the encoder's weights and the labels' digest (the
+        volumes' digest is set once they are read)."""
+        weights = encoder_identity.get("weights") or "random-init"
+        if weights == "random-init":
+            weights = f"random-init (seed {encoder_identity.get('seed')})"
+        rows = json.dumps(list(labels.items())).encode("utf-8")
+        return cls(
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)},
+            **{f.name: getattr(info, f.name) for f in dataclasses.fields(VolumeModelInfo)},
+            encoder_weights=str(weights),
+            labels_sha256=hashlib.sha256(rows).hexdigest(),
+        )
+
+
+def _check_resumable(
+    state: Mapping[str, Any], cfg: VolumeTrainConfig, mcfg: InsightConfig, path: Path
+) -> None:
+    """``--resume`` before any volume is encoded: the state's settings, encoder, recipe, labels
+    and model are this run's (the voxels are compared once read, by ``resume_progress``)."""
+    try:
+        saved = json.loads(state["train_config"]).get("volumes_sha256", "")
+    except (ValueError, AttributeError):
+        saved = ""  # not a JSON object: _check_resume says the state is damaged
+    _check_resume(state, dataclasses.replace(cfg, volumes_sha256=saved), mcfg, path)
+
+
 def train_from_folder(
     volumes: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -303,16 +400,23 @@ def train_from_folder(
     slice_context: str = "2d",
     train_config: TrainConfig | None = None,
     device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> InsightModel:
     """Encode every labelled volume of ``volumes`` and train; writes a volume model to ``out``.
 
     ``tile_size`` None: the encoder's own (518 px for the DINOv2 encoders, 224 for vit-tiny).
     The encoder, tile size, patch size and recipe are checked together before anything is read.
+    After every epoch the volume model (when it improved), ``<out>.train.pt`` (resume state) and
+    ``<out>.metrics.csv`` / ``.json`` are renamed into place together. A fresh run refuses a
+    previous run's outputs unless ``overwrite``; ``resume`` continues that run (the same final
+    model as an uninterrupted one) after checking that its state holds this run's settings,
+    encoder, recipe and data. Volumes are encoded in memory on every run (there is no token
+    cache): a resume encodes them again.
     """
     from fastinsight.atomic import check_writable
     from fastinsight.inputs import resolve_device
-    from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
     from fastinsight.volume.io import read_volume
     from fastinsight.volume.predict import build_volume_encoder, encode_volume
 
@@ -326,6 +430,9 @@ def train_from_folder(
     check_writable(out)
     labels = read_volume_labels(labels_csv)
     paths = {vid: find_volume(volumes, vid) for vid in labels}
+    out_path = Path(out).expanduser()
+    refuse_previous_run(out_path, resume=resume, overwrite=overwrite)
+    saved = _load_state(state_path_for(out_path)) if resume else None
     dev = str(resolve_device(device))
     enc = build_volume_encoder(
         encoder, tile_size, weights=encoder_weights, device=dev, options=encoder_options
@@ -338,13 +445,6 @@ def train_from_folder(
         lung_mask=lung_mask,
         slice_context=slice_context,
     )
-    pre = info.preprocess()
-    bags = []
-    for vid, path in paths.items():
-        tokens, _, _ = encode_volume(read_volume(path).data, enc, pre)
-        bags.append(Bag(tokens.cpu(), None, torch.tensor([float(labels[vid])]), vid))
-        if log:
-            log(f"encoded {vid}: {tuple(tokens.shape)}")
     h, w = enc.grid_size
     mcfg = InsightConfig(
         in_dim=enc.embed_dim,
@@ -355,7 +455,34 @@ def train_from_folder(
         patch_size_px=enc.patch_size_px,
         class_names=("lesion",),
     )
-    cfg = train_config or TrainConfig(device=dev)
-    model, _ = train_volume_model(bags, mcfg, cfg, slice_context=slice_context, log=log)
-    save_volume_model(model, info, out)
+    cfg = VolumeTrainConfig.of(
+        train_config or TrainConfig(device=dev), info, enc.identity(), labels
+    )
+    tr, va = _volume_split(list(labels), [(v,) for v in labels.values()], cfg, mcfg.names)
+    if saved is not None:
+        _check_resumable(saved, cfg, mcfg, state_path_for(out_path))
+    pre = info.preprocess()
+    digest = hashlib.sha256()
+    bags = {}
+    for vid, path in paths.items():
+        volume = read_volume(path)
+        digest.update(json.dumps([vid, list(volume.shape), volume.affine.tolist()]).encode())
+        digest.update(volume.data.astype(np.float32, copy=False).tobytes())
+        tokens, _, _ = encode_volume(volume.data, enc, pre)
+        bags[vid] = Bag(tokens.cpu(), None, torch.tensor([float(labels[vid])]), vid)
+        if log:
+            log(f"encoded {vid}: {tuple(tokens.shape)}")
+    cfg = dataclasses.replace(cfg, volumes_sha256=digest.hexdigest())
+    model, _ = _fit_volumes(
+        [bags[v] for v in tr],
+        [bags[v] for v in va],
+        mcfg,
+        cfg,
+        slice_context=slice_context,
+        out=(out_path, info),
+        resume=resume,
+        log=log,
+    )
+    if not out_path.exists():  # e.g. resumed a finished run whose model file was removed
+        save_volume_model(model, info, out_path)
     return model
