@@ -1,13 +1,88 @@
 """``fastinsight encoders list`` and ``fastinsight encoders check NAME --weights PATH``.
 
 Only argument parsing and printing (argparse lives under fastinsight/cli/); the work is in
-:mod:`fastinsight.encoders.check`.
+:mod:`fastinsight.encoders.check`. Also the flags of a ``torchscript:PATH`` encoder
+(``--patch-size``, ``--mean``, ``--std``) that every command taking an encoder adds
+(:func:`add_torchscript_arguments`, read back with :func:`torchscript_options`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
+
+from fastinsight.errors import ConfigError
+
+_TORCHSCRIPT_FLAGS = (("--patch-size", "patch_size"), ("--mean", "mean"), ("--std", "std"))
+
+
+def add_torchscript_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--patch-size PX``, ``--mean R G B``, ``--std R G B``: what a ``torchscript:PATH`` module
+    does not record about itself (:class:`fastinsight.encoders.torchscript.TorchScriptOptions`)."""
+    group = parser.add_argument_group(
+        "torchscript:PATH encoders (a module records neither its patch size nor its input "
+        "normalisation; other encoders have their own)"
+    )
+    group.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="side in tile px of one token-grid cell; must divide the tile (default: read off "
+        "the module's output, which must then be a square grid)",
+    )
+    group.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="input mean the module was trained with, on RGB in [0, 1] (default: ImageNet's "
+        "0.485 0.456 0.406)",
+    )
+    group.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="input std the module was trained with, each > 0 (default: ImageNet's 0.229 "
+        "0.224 0.225)",
+    )
+
+
+def torchscript_options(
+    args: argparse.Namespace, encoder: str | None, tile_size_px: int | None = None
+) -> dict[str, Any]:
+    """The ``build_encoder`` options the torchscript flags give (``{}`` when none is given).
+
+    ConfigError (exit 2), before anything is loaded: a flag given with no encoder or with one
+    that is not ``torchscript:PATH`` (those know their patch size and normalisation), a bad
+    value (3 finite numbers, std > 0), or a patch size that does not divide ``tile_size_px``
+    (when the tile size is known yet).
+    """
+    from fastinsight.encoders.torchscript import TorchScriptOptions, is_torchscript_name
+
+    given = [flag for flag, dest in _TORCHSCRIPT_FLAGS if getattr(args, dest, None) is not None]
+    if not given:
+        return {}
+    if not is_torchscript_name(encoder):
+        what = f"encoder {encoder!r}" if encoder else "no encoder"
+        verb, it = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise ConfigError(
+            f"{', '.join(given)} {verb} to torchscript:PATH encoders only (a module that records "
+            f"neither its patch size nor its normalisation), and this run has {what}: drop {it} "
+            "(a named encoder brings its own, see `fastinsight encoders list`)"
+        )
+    options = TorchScriptOptions(
+        patch_size_px=args.patch_size,
+        mean=tuple(args.mean) if args.mean is not None else None,
+        std=tuple(args.std) if args.std is not None else None,
+    )
+    if tile_size_px is not None:
+        options.check_tile(int(tile_size_px))
+    return options.build_options()
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +123,16 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=None, help="tile size in px")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_torchscript_arguments(parser)
 
 
 def run_check(args: argparse.Namespace) -> int:
     from fastinsight.encoders.check import check_encoder
 
-    report = check_encoder(args.name, args.weights, tile_size_px=args.tile_size, device=args.device)
+    options = torchscript_options(args, args.name, args.tile_size)
+    report = check_encoder(
+        args.name, args.weights, tile_size_px=args.tile_size, device=args.device, **options
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -65,6 +144,9 @@ def run_check(args: argparse.Namespace) -> int:
         f"tile      {report['tile_size_px']} px, patch {report['patch_size_px']} px, "
         f"grid {h} x {w}, {report['embed_dim']} channels, "
         f"{report['num_prefix_tokens']} prefix tokens dropped"
+    )
+    print(
+        f"input     (x - mean) / std on RGB in [0, 1], mean {report['mean']}, std {report['std']}"
     )
     print(f"tokens    {report['tokens_shape']} {report['tokens_dtype']} on {report['device']}")
     for note in report["load_notes"]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from fastinsight.cli.encoders import add_torchscript_arguments, torchscript_options
 from fastinsight.errors import ConfigError
 
 # The largest --tile-size taken: encoders run at 224-518 px; beyond this a typo (2240) would
@@ -108,6 +110,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
     _tile_size_argument(parser, "default: the encoder's own")
+    add_torchscript_arguments(parser)
     parser.add_argument("--out", required=True, help="ONNX file to write")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument(
@@ -154,6 +157,7 @@ def run_onnx(args: argparse.Namespace) -> int:
             "head takes token grids: drop it"
         )
     _check_tile_size(args)
+    encoder_options = torchscript_options(args, args.encoder, args.tile_size)
     _check_opset(args)
     if args.model:
         _head_options(args, head_only=args.head_only, postprocess_only=args.postprocess_only)
@@ -169,7 +173,9 @@ def run_onnx(args: argparse.Namespace) -> int:
         from fastinsight.export.encoder import load_encoder
         from fastinsight.export.verify import export_verified_encoder
 
-        encoder = load_encoder(args.encoder, args.encoder_weights, tile_size_px=args.tile_size)
+        encoder = load_encoder(
+            args.encoder, args.encoder_weights, tile_size_px=args.tile_size, **encoder_options
+        )
         path, report = export_verified_encoder(
             encoder, args.out, args.precision, args.opset, verify=not args.no_verify
         )
@@ -316,9 +322,20 @@ def add_triton_repo_arguments(parser: argparse.ArgumentParser) -> None:
         help="INSIGHT checkpoint: official .pth or fastinsight .safetensors",
     )
     parser.add_argument("--out", required=True, help="repository folder to write")
-    parser.add_argument("--encoder", help="patch encoder for the encoder -> head ensembles")
+    parser.add_argument(
+        "--encoder",
+        help="patch encoder for the encoder -> head ensembles: the one the model was trained on "
+        "(a fastinsight model records it)",
+    )
     parser.add_argument("--encoder-weights", help="weight file of a pretrained encoder")
     _tile_size_argument(parser, "default: the model's tile size, which it must equal")
+    add_torchscript_arguments(parser)
+    parser.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="accept an --encoder other than the one the model records (the same network under "
+        "another name); its token geometry is still checked",
+    )
     parser.add_argument(
         "--plan",
         help="TensorRT plan of the head built by `fastinsight export tensorrt` (with its .json "
@@ -368,20 +385,23 @@ def _triton_encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
 
     The tile size is the model's (``--tile-size`` may only repeat it; ``write_triton_repo``
     refuses another). A CT model's recipe also fixes the encoder's options (patch size, mean and
-    std, seed): they are used when ``--encoder`` names the recipe's encoder.
+    std, seed): they are used when ``--encoder`` names the recipe's encoder. A
+    ``torchscript:PATH`` encoder takes ``--patch-size``, ``--mean`` and ``--std`` (over the
+    recipe's: a recorded normalisation they contradict is refused by ``write_triton_repo``).
     """
     from fastinsight.export.encoder import load_encoder
 
     cfg = model.config
     tile = args.tile_size if args.tile_size is not None else cfg.tile_size_px
+    given = torchscript_options(args, args.encoder, tile)
     recipe = _volume_recipe(args.model)
     if recipe is None:
-        encoder = load_encoder(args.encoder, args.encoder_weights, tile_size_px=tile)
+        encoder = load_encoder(args.encoder, args.encoder_weights, tile_size_px=tile, **given)
         return encoder, None
     from fastinsight.volume.predict import build_volume_encoder
 
     same = args.encoder.strip().lower() == str(recipe.encoder).strip().lower()
-    options = dict(recipe.encoder_options) if same else {}
+    options = (dict(recipe.encoder_options) if same else {}) | given
     encoder = build_volume_encoder(
         args.encoder, tile, weights=args.encoder_weights, device="cpu", options=options
     ).eval()
@@ -403,7 +423,15 @@ def run_triton_repo(args: argparse.Namespace) -> int:
             "--tile-size applies to --encoder (the tile side the encoder takes): drop it, or "
             "pass --encoder"
         )
+    if args.allow_encoder_mismatch and not args.encoder:
+        raise ConfigError(
+            "--allow-encoder-mismatch applies to --encoder (an encoder other than the one the "
+            "model records): drop it, or pass --encoder"
+        )
     _check_tile_size(args)
+    # The torchscript flags' values now; their patch size against the tile once the model is
+    # read (it gives the tile size).
+    torchscript_options(args, args.encoder)
     _check_opset(args)
     check_triton_options(
         args.max_batch_size, args.instances, args.instance_kind, args.ensemble_head, args.plan
@@ -444,8 +472,20 @@ def run_triton_repo(args: argparse.Namespace) -> int:
         )
         print(f"wrote {result.path}: {', '.join(result.models)}")
         return 0
-    encoder, normalisation = (None, None)
+    encoder, normalisation, recorded = (None, None, None)
     if args.encoder:
+        from fastinsight.export.triton import check_encoder_identity, recorded_encoder
+
+        # By name, before the encoder is built (a 1 GB weight file is not read for nothing).
+        recorded = recorded_encoder(args.model)
+        note = check_encoder_identity(
+            recorded,
+            args.encoder,
+            model=f"model {args.model!r}",
+            allow_mismatch=args.allow_encoder_mismatch,
+        )
+        if note:
+            print(f"fastinsight: {note}", file=sys.stderr)
         encoder, normalisation = _triton_encoder(args, model)
     result = write_triton_repo(
         args.out,
@@ -463,6 +503,8 @@ def run_triton_repo(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         inputs=inputs,
         encoder_normalisation=normalisation,
+        model_encoder=recorded,
+        allow_encoder_mismatch=args.allow_encoder_mismatch,
     )
     print(f"wrote {result.path}: {', '.join(result.models)}")
     return 0

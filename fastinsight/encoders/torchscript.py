@@ -1,20 +1,26 @@
 """Any TorchScript module as a patch encoder.
 
-The user gives the tile size, and optionally the patch size and the input normalisation; the
-module's output layout is found once, at load time, on a dummy batch, and must be one of:
+The user gives the tile size, and optionally the patch size and the input normalisation
+(:class:`TorchScriptOptions`; on the command line ``--patch-size``, ``--mean R G B`` and
+``--std R G B``); the module's output layout is found once, at load time, on a dummy batch, and
+must be one of:
 
 - ``"grid"``:       ``[B, C, h, w]`` (a CNN feature map), used as is;
 - ``"tokens"``:     ``[B, h*w, C]`` (ViT patch tokens, row-major), reshaped to ``[B, C, h, w]``;
 - ``"cls+tokens"``: ``[B, 1 + h*w, C]`` (class token first), class token dropped, then reshaped.
 
 With ``patch_size_px`` omitted, the grid side is read off the output (a square number of tokens,
-or a square map) and the patch size is ``tile_size_px / side``.
+or a square map) and the patch size is ``tile_size_px / side``; with ``mean``/``std`` omitted the
+ImageNet statistics are used. ``identity()`` records which of the three the user gave
+(``given_options``), so a report or an exported graph tells a stated value from a default.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +29,113 @@ from torch import Tensor
 
 from fastinsight.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from fastinsight.encoders.weights import PathLike
-from fastinsight.errors import CheckpointError, InputError
+from fastinsight.errors import CheckpointError, ConfigError, InputError
 from fastinsight.fileformat import file_sha256
 
 LAYOUTS: tuple[str, ...] = ("grid", "tokens", "cls+tokens")
 _DUMMY_BATCH = 2
+PREFIX = "torchscript"
+# As InsightConfig's limit on tile and patch sides (fastinsight.models.config.MAX_TILE_PX).
+MAX_PATCH_PX = 65_536
+
+
+def is_torchscript_name(name: str | None) -> bool:
+    """``torchscript:PATH`` (or a bare ``torchscript`` with the file given as its weights)."""
+    low = (name or "").strip().lower()
+    return low == PREFIX or low.startswith(PREFIX + ":")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _values(value: Any) -> tuple[Any, ...] | None:
+    """A sequence's items (a tuple, list or array), or None for anything else."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
+
+
+@dataclass(frozen=True)
+class TorchScriptOptions:
+    """What a TorchScript module cannot say about itself, as the user states it.
+
+    - ``patch_size_px``: side in tile px of one token-grid cell (None: read off the module's
+      output, which must then be a square grid);
+    - ``mean``, ``std``: the RGB normalisation ``(x - mean) / std`` of tiles in [0, 1] the module
+      was trained with (None: ImageNet's).
+
+    The CLI flags ``--patch-size``, ``--mean R G B`` and ``--std R G B`` map onto it. A bad value
+    is a ConfigError naming the field (exit 2), before the module is loaded; whether the patch
+    size divides the tile is :meth:`check_tile` (the tile size may come later, from a model).
+    """
+
+    patch_size_px: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        fields: list[str] = []
+        patch = self.patch_size_px
+        if patch is not None and (
+            isinstance(patch, bool)
+            or not isinstance(patch, numbers.Integral)
+            or not 1 <= patch <= MAX_PATCH_PX
+        ):
+            problems.append(
+                f"patch_size_px must be a whole number in 1..{MAX_PATCH_PX}, got {patch!r}"
+            )
+            fields.append("patch_size_px")
+        elif patch is not None:
+            object.__setattr__(self, "patch_size_px", int(patch))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            shown = f"{name} (--{name})"
+            items = _values(value)
+            if items is None or len(items) != 3:
+                problems.append(f"{shown} must be 3 numbers (R G B), got {value!r}")
+            elif not all(_is_number(v) and math.isfinite(v) for v in items):
+                problems.append(f"{shown} must be 3 finite numbers (R G B), got {list(items)!r}")
+            elif name == "std" and min(float(v) for v in items) <= 0:
+                problems.append(
+                    f"{shown} must be > 0 for every channel (tiles are divided by it), got "
+                    f"{[float(v) for v in items]!r}"
+                )
+            else:
+                object.__setattr__(self, name, tuple(float(v) for v in items))
+        if problems:
+            raise ConfigError(
+                "invalid torchscript encoder options: " + "; ".join(problems), fields=tuple(fields)
+            )
+
+    def check_tile(self, tile_size_px: int) -> None:
+        """``patch_size_px`` must divide the tile into whole cells: ConfigError otherwise."""
+        patch = self.patch_size_px
+        if patch is None or tile_size_px < 1:  # a bad tile size is the tile's own error
+            return
+        if patch <= tile_size_px and tile_size_px % patch == 0:
+            return
+        near = min(
+            (d for d in range(1, tile_size_px + 1) if tile_size_px % d == 0),
+            key=lambda d: (abs(d - patch), d),
+        )
+        raise ConfigError(
+            f"patch_size_px {patch} px does not divide the {tile_size_px} px tile into whole "
+            f"cells; pass the patch size the module was made with, a divisor of the tile such "
+            f"as {near}, or another tile size",
+            fields=("patch_size_px",),
+        )
+
+    def build_options(self) -> dict[str, Any]:
+        """The options of ``build_encoder("torchscript:PATH", ...)`` the user gave."""
+        values = {"patch_size_px": self.patch_size_px, "mean": self.mean, "std": self.std}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 def _isqrt_exact(n: int) -> int | None:
@@ -50,13 +158,16 @@ class TorchScriptEncoder(Encoder):
         *,
         tile_size_px: int,
         patch_size_px: int | None = None,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
         name: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         autocast: bool = True,
     ) -> None:
+        # Option values, and the patch size against the tile, before the module is loaded.
+        stated = TorchScriptOptions(patch_size_px, mean, std)
+        stated.check_tile(int(tile_size_px))
         p = Path(path).expanduser()
         if not p.is_file():
             raise CheckpointError(
@@ -90,10 +201,11 @@ class TorchScriptEncoder(Encoder):
             tile_size_px=tile_size_px,
             patch_size_px=tile_size_px // side,
             embed_dim=channels,
-            mean=mean,
-            std=std,
+            mean=stated.mean or IMAGENET_MEAN,
+            std=stated.std or IMAGENET_STD,
             autocast=autocast,
         )
+        self.given_options = tuple(stated.build_options())
         self.module = module
         self.output_layout = layout
         self.weights_path = str(p)
@@ -199,4 +311,6 @@ class TorchScriptEncoder(Encoder):
         return out  # type: ignore[return-value]
 
     def extra_identity(self) -> dict[str, Any]:
-        return {"output_layout": self.output_layout}
+        # Which of patch size, mean and std the user stated; the others were read off the
+        # module's output (the patch size) or defaulted (ImageNet's mean and std).
+        return {"output_layout": self.output_layout, "given_options": list(self.given_options)}

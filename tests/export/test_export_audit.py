@@ -442,9 +442,14 @@ def test_a_torchscript_encoder_exports_with_tile_size(
     assert rc == OutputError.exit_code
     # triton-repo takes the tile size from the model (trained on 32 px tiles of this module).
     ckpt = tmp_path / "ts_model.safetensors"
-    make_model(in_dim=8, num_classes=1, grid_size=(2, 2), tile_size_px=32, patch_size_px=16).save(
-        str(ckpt)
-    )
+    make_model(
+        in_dim=8,
+        num_classes=1,
+        grid_size=(2, 2),
+        tile_size_px=32,
+        patch_size_px=16,
+        encoder="torchscript:ts_enc.pt",
+    ).save(str(ckpt))
     argv = ["export", "triton-repo", "--model", ckpt, "--encoder", f"torchscript:{ts}"]
     rc, stdout, err = _run([*argv, "--out", tmp_path / "repo", "--no-chunked"], capsys)
     assert rc == 0, err
