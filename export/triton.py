@@ -50,7 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from fastinsight.atomic import resolve_output, special_location
+
+# The encoder-identity check lives with the encoders and the model files; re-exported here, where
+# `export triton-repo` / `export onnx` and their tests have always found it.
+from fastinsight.encoders.identity import check_encoder_identity, encoder_key  # noqa: F401
 from fastinsight.errors import BackendError, CheckpointError, ConfigError, InputError, OutputError
+from fastinsight.models.checkpoints import recorded_encoder  # noqa: F401
 from fastinsight.models.insight import InsightModel
 
 from ._guards import ExportOptionError, check_positive_int, refuse_inputs_inside
@@ -849,102 +854,6 @@ def check_encoder_fits(
                     f"{what} {list(recorded)} (recorded in the model file)",
                     "export the encoder the model file names, with its recorded options",
                 )
-
-
-# TRIDENT's names of registry encoders: its feature files record these, and `train` copies them
-# into the model (mahmoodlab/TRIDENT, trident/patch_encoder_models/load.py, encoder_factory).
-_TRIDENT_NAMES = {
-    "uni-v1": "uni",
-    "uni-v2": "uni2-h",
-    "gigapath": "prov-gigapath",
-    "hoptimus0": "h-optimus-0",
-    "hoptimus1": "h-optimus-1",
-    "resnet50": "resnet50-trunc",
-}
-
-
-def encoder_key(name: str) -> str:
-    """What an encoder name identifies, so that two spellings of one encoder compare equal.
-
-    Registry names ignore case and ``_`` vs ``-`` (TRIDENT's ``uni_v1`` is ``uni``);
-    ``timm:NAME`` ignores case; ``torchscript:PATH`` is its file name (what the encoder's
-    ``name`` keeps: a model trained elsewhere records another folder).
-    """
-    from fastinsight.encoders.torchscript import PREFIX, is_torchscript_name
-
-    raw = name.strip()
-    if is_torchscript_name(raw):
-        return f"{PREFIX}:{Path(raw[len(PREFIX) + 1 :].strip()).name}"
-    low = raw.lower()
-    if low.startswith("timm:"):
-        return "timm:" + low[len("timm:") :].strip()
-    key = low.replace("_", "-")
-    return _TRIDENT_NAMES.get(key, key)
-
-
-def recorded_encoder(model_path: str | os.PathLike[str]) -> str | None:
-    """The encoder a model file records as the maker of its training features, or None.
-
-    A fastinsight ``.safetensors`` model records it in its config (``train`` takes it from the
-    feature files or ``--encoder``); an official INSIGHT ``.pth`` is a bare state_dict and
-    records none (nor does a config written without the field). Reads the header only.
-    """
-    from safetensors import safe_open
-
-    from fastinsight.models.checkpoints import sniff_format
-    from fastinsight.models.insight import CONFIG_KEY
-    from fastinsight.text import loads_json
-
-    path = Path(model_path).expanduser()
-    if sniff_format(path) != "safetensors":
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = loads_json((fh.metadata() or {}).get(CONFIG_KEY, "{}"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot read the config of model file {str(path)!r}: {exc}"
-        ) from None
-    name = raw.get("encoder") if isinstance(raw, dict) else None
-    return name if isinstance(name, str) and name.strip() else None
-
-
-def check_encoder_identity(
-    recorded: str | None,
-    encoder: str,
-    *,
-    model: str = "the model",
-    allow_mismatch: bool = False,
-) -> str | None:
-    """The encoder must be the one the model was trained on (``recorded``, from the model file:
-    :func:`recorded_encoder`), not only make tokens of the same geometry: a head trained on UNI's
-    features takes any 1024 x 14 x 14 grid and gives wrong outputs on another ViT-L/16's.
-
-    Names are compared by :func:`encoder_key`. A mismatch is a ``ConfigError`` naming both,
-    unless ``allow_mismatch`` (``--allow-encoder-mismatch``: the same network under another
-    name). Returns a one-line note for the user, or None: when the model records no encoder
-    (an official ``.pth``: accepted on geometry alone), or when a mismatch was allowed.
-    """
-    if recorded is None:
-        return (
-            f"note: {model} records no encoder (an official INSIGHT .pth records none): encoder "
-            f"{encoder!r} is accepted because its tokens fit the head's geometry; make sure the "
-            "head was trained on its features (the official INSIGHT heads: UNI)"
-        )
-    if encoder_key(recorded) == encoder_key(encoder):
-        return None
-    if allow_mismatch:
-        return (
-            f"note: encoder {encoder!r} is not {recorded!r}, the encoder {model} records; "
-            "exported anyway (--allow-encoder-mismatch): its outputs are right only if both "
-            "are the same network"
-        )
-    raise ConfigError(
-        f"encoder {encoder!r} is not the one {model} was trained on ({recorded!r}, recorded in "
-        "the model file), and a head gives wrong outputs on another encoder's tokens even when "
-        f"their geometry agrees: pass --encoder {recorded}, or --allow-encoder-mismatch "
-        f"(allow_encoder_mismatch=True) if {encoder!r} is the same network under another name"
-    )
 
 
 def _dims_match(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> bool:

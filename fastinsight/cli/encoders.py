@@ -3,13 +3,17 @@
 Only argument parsing and printing (argparse lives under fastinsight/cli/); the work is in
 :mod:`fastinsight.encoders.check`. Also the flags of a ``torchscript:PATH`` encoder
 (``--patch-size``, ``--mean``, ``--std``) that every command taking an encoder adds
-(:func:`add_torchscript_arguments`, read back with :func:`torchscript_options`).
+(:func:`add_torchscript_arguments`, read back with :func:`torchscript_options`), and the
+prediction commands' ``--allow-encoder-mismatch`` (:func:`add_encoder_mismatch_argument`,
+checked with :func:`check_run_encoder`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 from fastinsight.errors import ConfigError
@@ -83,6 +87,53 @@ def torchscript_options(
     if tile_size_px is not None:
         options.check_tile(int(tile_size_px))
     return options.build_options()
+
+
+def add_encoder_mismatch_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-encoder-mismatch`` of ``predict`` and ``predict-volume`` (as on the export
+    commands): run an ``--encoder`` other than the one the model file records."""
+    parser.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="run with an --encoder other than the one the model file records (when it is the "
+        "same network under another name); its tokens must still fit the model",
+    )
+
+
+def check_run_encoder(
+    args: argparse.Namespace, model_path: str | os.PathLike[str], *, quiet: bool = False
+) -> str | None:
+    """``--encoder`` against the encoder the model file records, by name, before any weights are
+    read (:func:`fastinsight.encoders.identity.check_encoder_identity`): another one is a
+    ConfigError (exit 2) naming both, unless ``--allow-encoder-mismatch`` (then a note on
+    stderr, unless ``quiet``). ``--allow-encoder-mismatch`` without ``--encoder`` is refused:
+    the run uses the model's own encoder.
+
+    Returns the recorded encoder, or None: no ``--encoder`` given, or a model file that records
+    none (an official ``.pth``: accepted as before, its tokens checked against the head).
+    """
+    from fastinsight.encoders.identity import check_encoder_identity
+    from fastinsight.models.checkpoints import recorded_encoder
+
+    if not args.encoder:
+        if args.allow_encoder_mismatch:
+            raise ConfigError(
+                "--allow-encoder-mismatch applies to --encoder (an encoder other than the one "
+                "the model records), and without --encoder the run uses the model's own: drop it"
+            )
+        return None
+    recorded = recorded_encoder(model_path)
+    if recorded is None:
+        return None
+    note = check_encoder_identity(
+        recorded,
+        args.encoder,
+        model=f"model {os.fspath(model_path)!r}",
+        allow_mismatch=args.allow_encoder_mismatch,
+    )
+    if note and not quiet:
+        print(f"fastinsight: {note}", file=sys.stderr)
+    return recorded
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastinsight.cli.encoders import (
+    add_encoder_mismatch_argument,
+    add_torchscript_arguments,
+    check_run_encoder,
+    torchscript_options,
+)
 from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
 from fastinsight.errors import ConfigError, InputError, SlideError
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
@@ -59,8 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="level-0 size of a feature tile when the h5 does not record it",
     )
     p.add_argument(
-        "--encoder", help="patch encoder (default: the one the model names); see `fastinsight info`"
+        "--encoder",
+        help="patch encoder (default: the one the model names, see `fastinsight info`); another "
+        "one than the model file records is refused",
     )
+    add_encoder_mismatch_argument(p)
     p.add_argument(
         "--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)"
     )
@@ -80,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scores",
         help="npz sidecar: the float32 heatmap cells (after the Otsu threshold) and tissue mask",
     )
+    add_torchscript_arguments(p)
     add_ct_arguments(p)
     p.add_argument(
         "--profile",
@@ -247,6 +257,14 @@ def run(args: argparse.Namespace) -> int:
         from fastinsight.cli.radiograph import run_from_predict
 
         return run_from_predict(args, model, model_path, str(device))
+    encoder_options: dict[str, Any] = {}
+    recorded: str | None = None
+    if not args.features:
+        # The encoder by name, and the torchscript flags' values, before any weights are read.
+        encoder_options = torchscript_options(
+            args, args.encoder or model.config.encoder, model.config.tile_size_px
+        )
+        recorded = check_run_encoder(args, model_path, quiet=args.quiet)
     slide = args.slide_opt or args.slide
     if slide:
         # Whole-slide formats are files (mrxs: its index file) or a DICOM WSI's folder; a FIFO is
@@ -304,16 +322,26 @@ def run(args: argparse.Namespace) -> int:
         from fastinsight.predict.slide import predict_slide
 
         encoder = None
-        if args.encoder:
+        if args.encoder or encoder_options:
             from fastinsight.encoders import build_encoder
 
             encoder = build_encoder(
-                args.encoder,
+                args.encoder or model.config.encoder,
                 args.encoder_weights,
                 tile_size_px=model.config.tile_size_px,
                 device=device,
+                **encoder_options,
             )
-        result = predict_slide(args.slide, model, encoder, options, model_info=info)
+        # The names were compared above (check_run_encoder); a file that records no encoder (an
+        # official .pth: its config's "uni" is only assumed) is accepted on its tokens, as before.
+        result = predict_slide(
+            args.slide,
+            model,
+            encoder,
+            options,
+            model_info=info,
+            allow_encoder_mismatch=args.allow_encoder_mismatch or recorded is None,
+        )
     write_outputs(result, args)
     k = result.class_index(args.class_)
     summary = ", ".join(
@@ -354,6 +382,8 @@ def write_outputs(result: Any, args: argparse.Namespace) -> None:
 # (an ignored flag is a user's misunderstanding kept silent).
 _FEATURE_DESTS = frozenset({"snap_to_grid", "ignore_file_geometry", "patches_h5", "patch_size_l0"})
 _CT_ONLY_DESTS = frozenset({"series", "lung_mask", "slices"})
+# Options of the patch encoder: a --features run encodes nothing (its features are precomputed).
+_ENCODER_DESTS = frozenset({"allow_encoder_mismatch", "patch_size", "mean", "std"})
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -369,6 +399,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"{', '.join(stray)}: not used when predicting {what} (CT-only, or for --features "
             "runs); drop them"
+        )
+    encoder_flags = [flag for dest, flag in given.items() if dest in _ENCODER_DESTS]
+    if args.features and encoder_flags:
+        hint = " (the level-0 side of a feature tile is --patch-size-l0)"
+        raise ConfigError(
+            f"{', '.join(encoder_flags)}: options of the patch encoder, and a --features run "
+            "encodes nothing (its features are precomputed); drop them"
+            + (hint if "patch_size" in given else "")
         )
 
     if args.mpp is not None:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from fastinsight.cli.encoders import add_encoder_mismatch_argument, check_run_encoder
 from fastinsight.volume.run import predict_file
 
 
@@ -17,8 +18,14 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="volume model (.safetensors) or official .pth")
     p.add_argument("--out", required=True, help="heatmap NIfTI to write (.nii or .nii.gz)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
-    p.add_argument("--encoder", default=None, help="encoder name (default: the model's)")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder name (default: the model's); another one than the model file records is "
+        "refused",
+    )
     p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
+    add_encoder_mismatch_argument(p)
     p.add_argument(
         "--lung-mask",
         default=None,
@@ -57,8 +64,8 @@ def add_ct_arguments(p: argparse.ArgumentParser) -> None:
 RADIOGRAPH_FAMILIES = frozenset({"pylon", "multires"})
 # ``fastinsight predict`` options the CT pipeline uses; any other one set is refused, not ignored.
 _CT_DESTS = frozenset(
-    {"slide", "out", "model", "encoder", "encoder_weights", "device", "batch_size", "overlay",
-     "report", "series", "lung_mask", "slices", "quiet"}
+    {"slide", "out", "model", "encoder", "encoder_weights", "allow_encoder_mismatch", "device",
+     "batch_size", "overlay", "report", "series", "lung_mask", "slices", "quiet"}
 )  # fmt: skip
 
 
@@ -105,6 +112,9 @@ def run_predict_from_slide_args(
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    # The encoder by name, before the scan is read and any weights are loaded. A file that
+    # records no encoder (an official .pth) takes the official CT recipe's, as before.
+    check_run_encoder(args, args.model, quiet=getattr(args, "quiet", False))
     predict_file(
         args.input,
         args.model,

@@ -209,6 +209,32 @@ def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
     model.save(str(path))
 
 
+def recorded_encoder(path: str | os.PathLike[str]) -> str | None:
+    """The encoder a model file records as the maker of its training features, or None.
+
+    A fastinsight ``.safetensors`` model records it in its config (``train`` takes it from the
+    feature files or ``--encoder``); an official INSIGHT ``.pth`` is a bare state_dict and
+    records none (nor does a config written without the field: the loaded model's
+    ``config.encoder`` is then the default, not a record). Reads the header only, so a run can
+    compare encoders (:func:`fastinsight.encoders.identity.check_encoder_identity`) before
+    loading any weights.
+    """
+    from safetensors import safe_open
+
+    from fastinsight.text import loads_json
+
+    p = Path(path).expanduser()
+    if sniff_format(p) != "safetensors":
+        return None
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw = loads_json((fh.metadata() or {}).get(CONFIG_KEY, "{}"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the config of model file {str(p)!r}: {exc}") from None
+    name = raw.get("encoder") if isinstance(raw, dict) else None
+    return name if isinstance(name, str) and name.strip() else None
+
+
 def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     """A short identity of a checkpoint for reports: its file name, format and sha256."""
     p = Path(path)
@@ -222,6 +248,7 @@ __all__ = [
     "model_family",
     "model_identity",
     "read_checkpoint",
+    "recorded_encoder",
     "register_loader",
     "save_model",
     "sniff_format",

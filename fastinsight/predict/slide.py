@@ -526,10 +526,18 @@ def _device_batches(
         yield images, len(host)
 
 
-def _setup(model: InsightModel, encoder: Any, opts: PredictOptions, device: torch.device) -> Any:
+def _setup(
+    model: InsightModel,
+    encoder: Any,
+    opts: PredictOptions,
+    device: torch.device,
+    allow_encoder_mismatch: bool,
+    model_name: str,
+) -> Any:
     """The encoder of the run (the model's own when None), both checked against the model and
     the device. The caller's model and encoder are already lent to ``device`` (``lent_to``)."""
     from fastinsight.encoders import build_encoder
+    from fastinsight.encoders.identity import check_encoder_identity
 
     model.check_device(device)  # before any tile is read, not at the first batch
     cfg = model.config
@@ -537,6 +545,14 @@ def _setup(model: InsightModel, encoder: Any, opts: PredictOptions, device: torc
         encoder = build_encoder(
             cfg.encoder, opts.encoder_weights, tile_size_px=cfg.tile_size_px, device=device
         ).eval()
+    else:
+        # By name first: another encoder with the same token geometry passes check_compatible.
+        check_encoder_identity(
+            cfg.encoder,
+            getattr(encoder, "name", type(encoder).__name__),
+            model=model_name,
+            allow_mismatch=allow_encoder_mismatch,
+        )
     check_compatible(model, encoder)
     return encoder
 
@@ -548,20 +564,30 @@ def predict_slide(
     encoder: Any = None,
     options: PredictOptions | None = None,
     model_info: dict[str, Any] | None = None,
+    *,
+    allow_encoder_mismatch: bool = False,
 ) -> SlideResult:
     """Run one slide through tiler, encoder and INSIGHT head in a single streaming pass.
 
     ``encoder`` defaults to the one the model's config names (``options.encoder_weights`` for
-    pretrained weights). Errors (unreadable slide, no mpp, no tissue, an encoder that does not
-    fit the model) come before any tile is encoded. The run uses ``model`` and ``encoder`` in
-    eval mode on the run's device and gives them back as they came (training mode, device),
-    also when it fails.
+    pretrained weights). Another encoder must be that one by name (``model.config.encoder``,
+    compared by :func:`fastinsight.encoders.identity.encoder_key`): a head gives wrong outputs
+    on another encoder's tokens even when their geometry fits, so a different name is a
+    ConfigError unless ``allow_encoder_mismatch`` (the same network under another name; an
+    official ``.pth`` records no encoder, and its config's ``"uni"`` is only assumed: pass it
+    for another encoder whose tokens fit). Errors (unreadable slide, no mpp, no tissue, an
+    encoder that is not the model's or does not fit it) come before any tile is encoded. The
+    run uses ``model`` and ``encoder`` in eval mode on the run's device and gives them back as
+    they came (training mode, device), also when it fails.
     """
     opts = options or PredictOptions()
     start = time.perf_counter()
     device = resolve_device(opts.device)
     # "auto" resolves the model's implementation for this device when it moves here.
     with lent_to(device, model, encoder):
+        name = (model_info or {}).get("name")
+        model_name = f"model {str(name)!r}" if name else "the model"
+        encoder = _setup(model, encoder, opts, device, allow_encoder_mismatch, model_name)
         return _predict_slide(slide, model, encoder, opts, model_info, device, start)
 
 
@@ -574,7 +600,6 @@ def _predict_slide(
     device: torch.device,
     start: float,
 ) -> SlideResult:
-    encoder = _setup(model, encoder, opts, device)
     timer = StageTimer(device, sync=opts.profile)
     cfg = model.config
     tiling = open_tiling(slide, encoder, cfg.target_mpp, opts, timer)

@@ -68,8 +68,12 @@ def test_vector_h5_matches_slide_run_with_slide_context(
     torch.jit.save(scripted, str(ts_path))
     encoder = TorchScriptEncoder(ts_path, tile_size_px=224)
     assert encoder.grid_size == (1, 1) and encoder.embed_dim == 64
-    cfg = InsightConfig(
-        in_dim=64, grid_size=(1, 1), norm="channel", context="slide", encoder="vit-tiny"
+    cfg = InsightConfig(  # trained on the scripted module's tokens: it records that encoder
+        in_dim=64,
+        grid_size=(1, 1),
+        norm="channel",
+        context="slide",
+        encoder=f"torchscript:{ts_path}",
     )
     model = InsightModel(cfg, backend="reference")
     run = predict_slide(slide, model, encoder, OPTS)
