@@ -9,7 +9,12 @@ import argparse
 import os
 import sys
 
-from fastinsight.cli.encoders import add_encoder_mismatch_argument, check_run_encoder
+from fastinsight.cli.encoders import (
+    add_encoder_mismatch_argument,
+    add_torchscript_arguments,
+    check_run_encoder,
+    torchscript_options,
+)
 from fastinsight.volume.run import predict_file
 
 
@@ -26,6 +31,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--encoder-weights", default=None, help="local weight file of the encoder")
     add_encoder_mismatch_argument(p)
+    add_torchscript_arguments(p)
     p.add_argument(
         "--lung-mask",
         default=None,
@@ -65,7 +71,8 @@ RADIOGRAPH_FAMILIES = frozenset({"pylon", "multires"})
 # ``fastinsight predict`` options the CT pipeline uses; any other one set is refused, not ignored.
 _CT_DESTS = frozenset(
     {"slide", "out", "model", "encoder", "encoder_weights", "allow_encoder_mismatch", "device",
-     "batch_size", "overlay", "report", "series", "lung_mask", "slices", "quiet"}
+     "batch_size", "overlay", "report", "series", "lung_mask", "slices", "quiet",
+     "patch_size", "mean", "std"}
 )  # fmt: skip
 
 
@@ -114,7 +121,15 @@ def run_predict_from_slide_args(
 def run_predict(args: argparse.Namespace) -> int:
     # The encoder by name, before the scan is read and any weights are loaded. A file that
     # records no encoder (an official .pth) takes the official CT recipe's, as before.
+    from fastinsight.volume.checkpoint import recipe_encoder
+
     check_run_encoder(args, args.model, quiet=getattr(args, "quiet", False))
+    # The torchscript flags' values, and that the encoder run (--encoder, else the recipe's)
+    # is a torchscript:PATH module, also before anything is loaded.
+    encoder_options = {}
+    if any(getattr(args, dest, None) is not None for dest in ("patch_size", "mean", "std")):
+        encoder = args.encoder or recipe_encoder(args.model)
+        encoder_options = torchscript_options(args, encoder)
     predict_file(
         args.input,
         args.model,
@@ -122,6 +137,7 @@ def run_predict(args: argparse.Namespace) -> int:
         series=args.series,
         encoder_name=args.encoder,
         encoder_weights=args.encoder_weights,
+        encoder_options=encoder_options,
         lung_mask=args.lung_mask,
         slices=args.slices,
         batch_size=args.batch_size,

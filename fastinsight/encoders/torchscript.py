@@ -178,7 +178,11 @@ class TorchScriptEncoder(Encoder):
         try:
             with warnings.catch_warnings():
                 # torch >= 2.9 marks TorchScript as deprecated; loading still works.
+                # torch 2.14 warns with a FutureWarning instead; neither is the user's concern.
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.filterwarnings(
+                    "ignore", r".*torch\.jit\.load.* is deprecated", FutureWarning
+                )
                 module = torch.jit.load(str(p), map_location=target)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

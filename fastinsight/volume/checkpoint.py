@@ -135,6 +135,19 @@ def load_volume_model(
     return model.to(dev).eval(), info
 
 
+def recipe_encoder(path: str | os.PathLike[str]) -> str:
+    """The encoder a model's CT recipe names: a volume model's ``VolumeModelInfo.encoder``, or
+    the official recipe's for any other model file (an official ``.pth``). Reads only the header,
+    so flags that depend on the encoder are checked before any weights are read."""
+    p = Path(path).expanduser()
+    if not is_volume_model(p):
+        return OFFICIAL_CT_ENCODER
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as fh:
+        return VolumeModelInfo.from_json((fh.metadata() or {})[VOLUME_KEY]).encoder
+
+
 def is_volume_model(path: str | os.PathLike[str]) -> bool:
     """True for a safetensors model written by ``save_volume_model`` (the CT recipe inside).
 

@@ -43,6 +43,7 @@ def predict_file(
     series: str | None = None,
     encoder_name: str | None = None,
     encoder_weights: str | None = None,
+    encoder_options: dict[str, Any] | None = None,
     lung_mask: str | None = None,
     slices: str | None = None,
     batch_size: int = 16,
@@ -51,8 +52,14 @@ def predict_file(
     report: str | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """The command as a function; returns the report dict."""
+    """The command as a function; returns the report dict.
 
+    ``encoder_options``: ``build_encoder`` options over the recipe's (the torchscript flags'
+    ``patch_size_px``/``mean``/``std``); the recipe's own options apply only when the encoder run
+    is the recipe's (names compared as ``encoder_key`` does: case and ``_``/``-`` ignored).
+    """
+
+    from fastinsight.encoders.identity import encoder_key
     from fastinsight.inputs import option_int, resolve_device
     from fastinsight.volume.checkpoint import load_volume_model
     from fastinsight.volume.io import is_nifti, read_volume
@@ -82,12 +89,14 @@ def predict_file(
     elif lung_mask is not None:
         mask = _read_mask(lung_mask, volume)
     pre = info.preprocess(**changes)
+    same = encoder_name is None or encoder_key(encoder_name) == encoder_key(info.encoder)
+    options = (dict(info.encoder_options) if same else {}) | dict(encoder_options or {})
     encoder = build_volume_encoder(
         encoder_name or info.encoder,
         info.tile_size,
         weights=encoder_weights,
         device=dev,
-        options=info.encoder_options if encoder_name in (None, info.encoder) else None,
+        options=options,
     )
     t_read = time.perf_counter() - t0
     result = predict_volume(

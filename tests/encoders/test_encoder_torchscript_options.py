@@ -170,3 +170,12 @@ def test_the_flags_are_refused_with_another_encoder(capsys: pytest.CaptureFixtur
     )
     assert rc == ConfigError.exit_code and len(err) == 1
     assert "--patch-size applies to torchscript:PATH encoders only" in err[0]
+
+
+def test_loading_a_module_says_nothing_of_torch_deprecations(module_file: Path) -> None:
+    """torch.jit.load's DeprecationWarning/FutureWarning is torch's business, not a line on the
+    user's stderr."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_encoder(f"torchscript:{module_file}", tile_size_px=32)
+    assert not [w for w in seen if "deprecated" in str(w.message)], [str(w.message) for w in seen]

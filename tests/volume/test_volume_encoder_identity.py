@@ -85,3 +85,65 @@ def test_the_override_needs_an_encoder(
     rc, err = _run(capsys, "predict-volume", scan, model_file, out, "--allow-encoder-mismatch")
     assert rc == 2 and len(err) == 1 and "--encoder" in err[0], err
     assert not out.exists()
+
+
+def _torchscript_volume_model(folder: Path) -> tuple[Path, Path]:
+    """A scripted 14 px patch embedding (64 channels: 4 x 4 grids of 56 px slices) and a volume
+    model whose recipe names it."""
+    import torch
+
+    from fastinsight.models.config import InsightConfig
+    from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
+    from fastinsight.volume.model import build_volume_model
+
+    torch.manual_seed(0)
+    module = torch.jit.script(torch.nn.Conv2d(3, 64, kernel_size=14, stride=14).eval())
+    ts = folder / "ct_enc.pt"
+    torch.jit.save(module, str(ts))
+    cfg = InsightConfig(
+        in_dim=64, reduce_dim=16, widths=(16, 8, 8), grid_size=(4, 4), norm="channel",
+        encoder=f"torchscript:{ts}", tile_size_px=56, patch_size_px=14, class_names=("lesion",),
+    )  # fmt: skip
+    model = build_volume_model(cfg, "2d", backend="reference")
+    info = VolumeModelInfo(encoder=f"torchscript:{ts}", tile_size=56, slices="all")
+    path = folder / "ts_model.safetensors"
+    save_volume_model(model, info, path)
+    return path, ts
+
+
+@pytest.mark.parametrize("command", ["predict-volume", "predict"])
+def test_torchscript_flags_reach_the_ct_encoder(
+    tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    import json
+
+    model, ts = _torchscript_volume_model(tmp_path)
+    out, report = tmp_path / "h.nii.gz", tmp_path / "r.json"
+    flags = ["--patch-size", "14", "--mean", "0.1", "0.2", "0.3", "--std", "2", "2", "2"]
+    rc, err = _run(capsys, command, scan, model, out, *flags, "--report", report)
+    assert rc == 0, err
+    text = json.dumps(json.loads(report.read_text()))
+    assert "given_options" in text and "patch_size_px" in text, text
+    # The stated normalisation changes the tokens, so the heatmap differs from the defaults'.
+    base = tmp_path / "base.nii.gz"
+    rc, err = _run(capsys, command, scan, model, base, "--encoder", f"torchscript:{ts}")
+    assert rc == 0, err
+    import nibabel as nib
+
+    assert not np.allclose(nib.load(out).get_fdata(), nib.load(base).get_fdata())
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--patch-size", "14"], ["--mean", "0", "0", "0"], ["--std", "1", "0", "1"]],
+    ids=["patch-size", "mean", "std-zero"],
+)
+def test_torchscript_flags_are_refused_for_a_named_encoder_or_a_bad_value(
+    tmp_path: Path, scan: Path, model_file: Path, capsys: pytest.CaptureFixture[str], flags
+) -> None:
+    out = tmp_path / "h.nii.gz"
+    rc, err = _run(capsys, "predict-volume", scan, model_file, out, *flags)
+    assert rc == ConfigError.exit_code
+    assert len(err) == 1 and err[0].startswith("fastinsight: error: "), err
+    assert "torchscript" in err[0]
+    assert not out.exists()
