@@ -71,9 +71,11 @@ def run_demo(
         raise ConfigError(
             f"need at least 8 slides and 4..slides-4 held out; got {slides}, {held_out}"
         )
+    # Every check before the folder is claimed: a failed run (no GPU for --device cuda) leaves
+    # no new folder behind.
+    dev = resolve_device(device)
     out = claim_demo_folder(out_dir)
     start = time.perf_counter()
-    dev = resolve_device(device)
     log(
         f"[1/4] writing {slides} synthetic slides ({size} x {size} px at 0.5 um/px) to {out / 'cohort'}"
     )

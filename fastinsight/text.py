@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 from fastinsight.errors import InputError
@@ -32,6 +33,23 @@ def clean_text(text: str) -> str:
 def _only_escapes(text: str) -> bool:
     # surrogateescape can encode U+DC80..U+DCFF only; other lone surrogates need surrogatepass.
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: characters that move
+# the cursor, end a line or start a terminal escape sequence.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def terminal_text(text: str) -> str:
+    """``text`` for one line of terminal output: ``clean_text``, and control characters written
+    as Python escapes (``\\n``, ``\\r``, ``\\t``, ``\\x1b``), the way error messages show
+    them (``repr``). A slide named ``"a\\nb.tif"`` then keeps its summary on one line, and an
+    ESC in a name cannot drive the terminal.
+
+    For what a person reads only: ids, CSV cells and JSON keep the name as it is
+    (``clean_text``), so they match the file and read back unchanged.
+    """
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], clean_text(text))
 
 
 def ascii_text(text: str) -> str:
@@ -93,4 +111,12 @@ def dumps_json(value: Any, where: str = "report", nan_as_null: bool = False, **k
     return json.dumps(clean_json(value, where, nan_as_null), allow_nan=False, **kw)
 
 
-__all__ = ["ascii_text", "clean_json", "clean_text", "display_path", "dumps_json", "loads_json"]
+__all__ = [
+    "ascii_text",
+    "clean_json",
+    "clean_text",
+    "display_path",
+    "dumps_json",
+    "loads_json",
+    "terminal_text",
+]

@@ -5,21 +5,26 @@ Exit codes: 0 success; 1 an unexpected internal error (a bug: please report it);
 one-line message and no traceback; 7 also for a required third-party package that is missing or
 cannot be imported (one line naming the pip distribution: ``missing_dependency_message``); 8
 ``predict-cohort`` finished but some slides failed (see its summary.csv); 130 interrupted
-(Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early (a pipe into ``head``: output stops
-quietly). docs/exit-codes.md has the table.
+(Ctrl-C); 143 terminated (SIGTERM); 129 hung up (SIGHUP, unless ignored as under ``nohup``); 141
+stdout closed early (a pipe into ``head``: output stops quietly); 6 also for a stdout that cannot
+be written (``> /dev/full``), 7 also for a deleted current directory. Messages go to stderr only;
+one that cannot be written there is lost, and the exit code stays the same. docs/exit-codes.md
+has the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastinsight._version import __version__
-from fastinsight.errors import BackendError, FastInsightError
+from fastinsight.errors import BackendError, FastInsightError, OutputError
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -181,11 +186,24 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastinsight.signals import Terminated, handle_sigterm, interrupt_exit_code
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    guard = _StreamGuard.install()
     try:
-        # SIGTERM unwinds like Ctrl-C: temp files removed, Ray stopped, exit 143.
+        return _main(argv)
+    finally:
+        guard.restore()
+
+
+def _main(argv: list[str]) -> int:
+    from fastinsight.signals import HungUp, Terminated, handle_sigterm, interrupt_exit_code
+
+    # Before any command imports torch: in a deleted folder its import dies with MKL's "Cannot
+    # load libtorch_cpu.so" and exit 2, which reads like a bad option.
+    if not _cwd_exists():
+        _report(f"fastinsight: error: {CWD_GONE}")
+        return EXIT_CWD_GONE
+    try:
+        # SIGTERM (and SIGHUP) unwind like Ctrl-C: temp files removed, Ray stopped, exit 143/129.
         with handle_sigterm():
             parser = build_parser(argv)
             args = parser.parse_args(argv)
@@ -201,19 +219,173 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
     except BrokenPipeError:
         return _stdout_closed()
+    except StdoutUnwritable as exc:
+        # `> /dev/full`, a full disk under `> log`: the outputs already written stay.
+        _report(f"fastinsight: error: {_one_line(str(exc))}")
+        _stdout_closed()  # the unwritten buffer must not fail again at interpreter exit
+        return EXIT_STDOUT_UNWRITABLE
     except FastInsightError as exc:
-        print(f"fastinsight: error: {_one_line(error_message(exc))}", file=sys.stderr)
+        _report(f"fastinsight: error: {_one_line(error_message(exc))}")
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"fastinsight: {what}; temporary files were removed", file=sys.stderr)
+        if isinstance(exc, HungUp):
+            what = "hung up"
+        elif isinstance(exc, Terminated):
+            what = "terminated (SIGTERM)"
+        else:
+            what = "interrupted"
+        _report(f"fastinsight: {what}; temporary files were removed")
         return interrupt_exit_code(exc)
     except ImportError as exc:  # ModuleNotFoundError too
         message = missing_dependency_message(exc, _command_words(argv))
         if message is None:
             raise  # fastinsight's own module or the standard library's: a bug, with traceback
-        print(f"fastinsight: error: {_one_line(message)}", file=sys.stderr)
+        _report(f"fastinsight: error: {_one_line(message)}")
         return EXIT_MISSING_DEPENDENCY
+
+
+# -- the environment the command runs in ----------------------------------------------------------
+
+CWD_GONE = "the current directory no longer exists; cd to an existing folder"
+# Like a missing backend or package: the environment, not the input, is at fault.
+EXIT_CWD_GONE = BackendError.exit_code
+# Standard output cannot be written (`> /dev/full`, a full disk or a broken NFS under `> log`):
+# an output that cannot be stored, as with --out on a full disk (OutputError).
+EXIT_STDOUT_UNWRITABLE = OutputError.exit_code
+
+
+def _cwd_exists() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    except OSError:  # EACCES on a parent, ...: not ours to judge; the command may still work
+        return True
+    return True
+
+
+class StdoutUnwritable(Exception):
+    """Writing standard output failed (not a closed pipe: that is ``BrokenPipeError``).
+
+    Not an ``OSError``, so code that turns a full disk into an error about its own output file
+    (``fastinsight.atomic``) does not claim it; ``main`` reports it as exit 6.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(
+            f"cannot write to standard output: {reason}; the outputs already written are kept; "
+            "redirect standard output to a writable place"
+        )
+
+
+class _GuardedStdout:
+    """``sys.stdout`` during ``main``: a write error other than a closed pipe becomes
+    ``StdoutUnwritable``, whoever printed. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise  # the reader went away: main stops quietly (141)
+        except OSError as exc:
+            raise StdoutUnwritable(exc) from exc
+
+    def write(self, text: str) -> int:
+        return int(self._call("write", text) or 0)
+
+    def writelines(self, lines: Any) -> None:
+        self._call("writelines", lines)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _QuietStderr:
+    """``sys.stderr`` during ``main``: notes, logs, progress bars and the error line are
+    best-effort. A stderr that cannot be written (``2>/dev/full``, a closed pipe) loses them, but
+    never turns a success into exit 1 or changes a failure's exit code."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: a closed file
+            pass
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _NoStderr(io.TextIOBase):
+    """``sys.stderr`` when the shell closed it (``2>&-``: Python's is None): messages are lost
+    rather than printed to stdout, which ``print(file=None)`` would do."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class _StreamGuard:
+    """Installs the stream wrappers for one ``main`` call and puts the originals back."""
+
+    def __init__(self, stdout: Any, stderr: Any) -> None:
+        self.stdout, self.stderr = stdout, stderr
+
+    @classmethod
+    def install(cls) -> _StreamGuard:
+        guard = cls(sys.stdout, sys.stderr)
+        # Names in any script reach the terminal: a non-UTF-8 encoding (PYTHONIOENCODING=ascii,
+        # a legacy console code page) gets \xe9 / \u4e2d escapes rather than a
+        # UnicodeEncodeError after the outputs were written. The encoding itself is kept.
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                try:
+                    reconfigure(errors="backslashreplace")
+                except (OSError, ValueError, TypeError, AttributeError):
+                    pass
+        if sys.stdout is not None:
+            sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+        sys.stderr = _NoStderr() if sys.stderr is None else _QuietStderr(sys.stderr)  # type: ignore[assignment]
+        return guard
+
+    def restore(self) -> None:
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = self.stdout
+        if isinstance(sys.stderr, (_QuietStderr, _NoStderr)):
+            sys.stderr = self.stderr
+
+
+def _report(line: str) -> None:
+    """One message line on stderr, never on stdout; lost (not raised) when stderr is unwritable."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # A required package that is missing or cannot be imported (`pip install --no-deps`, a broken
