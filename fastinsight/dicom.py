@@ -206,9 +206,14 @@ def pixel_array(ds: Any, name: str) -> np.ndarray:
 
     install()
     try:
-        return np.asarray(ds.pixel_array)
+        with warnings.catch_warnings():
+            # pydicom warns on each lenient fix (NumberOfFrames 0 read as 1, excess pixel
+            # data): harmless for the frame decoded, and never a message for a good run.
+            warnings.simplefilter("ignore")
+            return np.asarray(ds.pixel_array)
     except (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, AttributeError,
-            EOFError, OSError, ImportError, MemoryError) as exc:  # fmt: skip
+            IndexError, OverflowError, EOFError, OSError, ImportError,
+            MemoryError) as exc:  # fmt: skip
         text = str(exc)
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = f"{getattr(syntax, 'name', syntax)}"
@@ -258,7 +263,7 @@ def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | 
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
         with open(path, "rb") as fh:
@@ -279,13 +284,18 @@ def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | 
         raise InputError(
             f"{str(path)!r} is a damaged DICOM file ({msg}); remove it or export it again"
         ) from None
-    sop = UID(str(ds.get("SOPClassUID", "")))
-    if "Rows" not in ds and sop.name.endswith("Image Storage"):
+    if part10 and len(ds) == 0:
+        # Only the file meta parsed: every DICOM object has a dataset (its SOP class at least).
+        raise InputError(
+            f"{str(path)!r} is a damaged DICOM file: it ends after its file meta, before any of "
+            f"its {sop_class_name(ds)} dataset (cut short?); remove it or export it again"
+        )
+    if "Rows" not in ds and is_image_sop(ds):
         if not part10:
             return None
         raise InputError(
-            f"{str(path)!r} is a damaged DICOM file: a {sop.name} header that ends before the "
-            "image's size (cut short?); remove it or export it again"
+            f"{str(path)!r} is a damaged DICOM file: a {sop_class_name(ds)} header that ends before "
+            "the image's size (no Rows; cut short?); remove it or export it again"
         )
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
@@ -298,6 +308,36 @@ def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | 
         ds.file_meta = meta if meta is not None else FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = syntax
     return ds
+
+
+def _sop_uids(ds: Any) -> list[str]:
+    """The dataset's SOPClassUID and the file meta's MediaStorageSOPClassUID, those present."""
+    meta = getattr(ds, "file_meta", None)
+    uids = [str(ds.get("SOPClassUID", "") or "").strip()]
+    if meta is not None:
+        uids.append(str(meta.get("MediaStorageSOPClassUID", "") or "").strip())
+    return [uid for uid in uids if uid]
+
+
+def is_image_sop(ds: Any) -> bool:
+    """Whether ``ds`` declares an image storage SOP class (CT, CR, DX, secondary capture, ...)
+    in its dataset or in its file meta: a file cut short after its file meta (or inside its
+    SOPClassUID) still says there what it held. Such a dataset without Rows or pixel data is
+    damaged, not "another kind of DICOM object"."""
+    from pydicom.uid import UID
+
+    return any("Image Storage" in UID(uid).name for uid in _sop_uids(ds))
+
+
+def sop_class_name(ds: Any) -> str:
+    """The name of ``ds``'s SOP class (the first known of the dataset's and file meta's UIDs)."""
+    from pydicom.uid import UID
+
+    uids = _sop_uids(ds)
+    for uid in uids:
+        if UID(uid).name != uid:
+            return str(UID(uid).name)
+    return uids[0] if uids else "DICOM"
 
 
 def _files_under(folder: Path) -> Iterator[Path]:

@@ -32,6 +32,7 @@ overlay line up with what a radiologist sees.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fastinsight.dicom import pixel_array
+from fastinsight.dicom import is_image_sop, pixel_array, sop_class_name
 from fastinsight.errors import InputError
 
 # Modalities (DICOM PS3.3 C.7.3.1.1.1 defined terms) whose pixels are not a projection
@@ -87,8 +88,13 @@ NOT_RADIOGRAPH = {
 }
 VOLUMES = {"CT", "MR", "PT", "NM"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-# The largest picture read (Pillow's own decompression-bomb limit); chest films are ~5-20 MP.
-MAX_PIXELS = 178_956_970
+# The largest image read: 64 MP (8192 x 8192). The largest flat-panel detectors are about
+# 4300 x 4300 px (18 MP) at 0.1 mm, and a 14 x 17 inch film digitised at 50 um is 61 MP; a
+# larger "radiograph" is a decompression bomb or a wrong file, and reading it would take
+# gigabytes (the display pipeline and the heatmap are proportional to the pixel count).
+MAX_PIXELS = 64 * 2**20
+# Pixels per block when mapping values to 0..255 (bounds _to_u8's float64 temporaries: 32 MiB).
+_U8_BLOCK = 1 << 22
 EXIF_ORIENTATION = 0x0112
 # Pillow modes whose channels are not R, G, B: converted to RGB before the grey check.
 CONVERT_TO_RGB = {"CMYK", "YCbCr", "LAB", "HSV"}
@@ -139,7 +145,18 @@ def read_radiograph(path: str | os.PathLike[str]) -> Radiograph:
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"image {str(p)!r} does not exist or is not a file")
-    return _read_dicom(p) if is_dicom(p) else _read_picture(p)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            # pydicom's lenient fixes, Pillow's and numpy's warnings are not messages for the
+            # user: what matters (NaN/inf pixels, a rescale overflow, a non-finite window) is
+            # checked and refused with one line below.
+            warnings.simplefilter("ignore")
+            return _read_dicom(p) if is_dicom(p) else _read_picture(p)
+    except MemoryError:
+        raise InputError(
+            f"not enough memory to read {str(p)!r} (a radiograph is at most "
+            f"{MAX_PIXELS // 2**20} MP); free memory or use a machine with more"
+        ) from None
 
 
 # ========================================================================================= DICOM
@@ -230,8 +247,28 @@ def _voi(p: Path, values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float
     indexed by truncation either way (what it does for integers, and the values come from
     integer samples), so the caller silences the warning rather than show it on every good run.
     """
+    from pydicom.multival import MultiValue
     from pydicom.pixels import apply_voi_lut
 
+    invalid = (
+        f"{str(p)!r}: its VOI LUT / window (WindowCenter {ds.get('WindowCenter')}, "
+        f"WindowWidth {ds.get('WindowWidth')}) is invalid"
+    )
+    if not ds.get("VOILUTSequence"):  # the window is used (its first value, index 0)
+        for key in ("WindowCenter", "WindowWidth"):
+            value = ds.get(key)
+            first = value[0] if isinstance(value, (MultiValue, list, tuple)) and value else value
+            try:
+                number = float(first)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue  # pydicom refuses it below, in its own words
+            if not math.isfinite(number):
+                # pydicom's "width >= 1" test lets NaN through (all pixels NaN: a black picture)
+                # and an infinite width or centre maps every pixel to one grey level.
+                raise InputError(
+                    f"{invalid} ({key} is not finite); remove it or fix it (a window needs a "
+                    "finite centre and a finite width >= 1)"
+                )
     try:
         shown = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
         # The VOI output range (where the window saturates): probe the same transform with
@@ -242,11 +279,17 @@ def _voi(p: Path, values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float
     except (ValueError, TypeError, NotImplementedError, IndexError, AttributeError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(
-            f"{str(p)!r}: its VOI LUT / window (WindowCenter {ds.get('WindowCenter')}, "
-            f"WindowWidth {ds.get('WindowWidth')}) is invalid ({reason}); remove it or fix it "
-            "(a window width must be >= 1)"
+            f"{invalid} ({reason}); remove it or fix it (a window width must be >= 1)"
         ) from None
-    return shown, float(out.min()), float(out.max())
+    lo, hi = float(out.min()), float(out.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not np.isfinite(shown).all():
+        # WindowWidth / WindowCenter "NaN" or "inf" pass pydicom's width >= 1 test and turn
+        # every pixel NaN: the picture would come out black and be scored.
+        raise InputError(
+            f"{invalid} (it gives NaN or infinite values); remove it or fix it (a window needs "
+            "a finite centre and a finite width >= 1)"
+        )
+    return shown, lo, hi
 
 
 def _dicom_radiograph(p: Path, ds: Any) -> Radiograph:
@@ -255,6 +298,13 @@ def _dicom_radiograph(p: Path, ds: Any) -> Radiograph:
     modality = str(ds.get("Modality", "") or "")
     _check_modality(p, modality)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if is_image_sop(ds):
+            # An image SOP class (in the dataset or the file meta) without pixel data: a file
+            # cut short, not another kind of DICOM object.
+            raise InputError(
+                f"{str(p)!r} is a damaged DICOM file: a {sop_class_name(ds)} without pixel "
+                "data (cut short?); export the image again"
+            )
         raise InputError(
             f"{str(p)!r} is a DICOM file without pixel data (SOP class "
             f"{getattr(ds.get('SOPClassUID'), 'name', ds.get('SOPClassUID'))}); pass an image"
@@ -283,10 +333,12 @@ def _dicom_radiograph(p: Path, ds: Any) -> Radiograph:
     has_voi = any(k in ds for k in ("VOILUTSequence", "WindowCenter"))
     if has_voi:
         shown, lo, hi = _voi(p, values, ds)
+        del values  # (the display copy is all that is left to map: peak memory)
     else:
         shown = values
         lo, hi = float(values.min()), float(values.max())
     image = _to_u8(shown, lo, hi)
+    del shown
     inverted = photometric == "MONOCHROME1"
     if inverted:
         image = 255 - image
@@ -317,11 +369,26 @@ def _check_finite(p: Path, values: np.ndarray) -> None:
 
 
 def _to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` linearly onto 0..255 (rounded, clipped); a flat image gives 0."""
+    """Map ``[lo, hi]`` linearly onto 0..255 (rounded, clipped); a flat image gives 0.
+
+    Bounds that are not finite are a bug upstream (a NaN window would silently give a black
+    picture): ValueError. Computed in float64 blocks of :data:`_U8_BLOCK` pixels, so the extra
+    memory is bounded whatever the image's size (a full float64 copy was 8 bytes per pixel).
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"the display range {lo!r}..{hi!r} is not finite")
     if not hi > lo:
         return np.zeros(values.shape, np.uint8)
-    scaled = (values - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, np.uint8)
+    for start in range(0, flat.size, _U8_BLOCK):
+        block = np.subtract(flat[start : start + _U8_BLOCK], lo, dtype=np.float64)
+        block *= scale
+        np.rint(block, out=block)
+        np.clip(block, 0, 255, out=block)
+        out[start : start + _U8_BLOCK] = block
+    return out.reshape(values.shape)
 
 
 def _grey_from_colour(arr: np.ndarray, p: Path, what: str) -> np.ndarray:
@@ -342,8 +409,9 @@ def _check_size(p: Path, height: int, width: int) -> None:
     """Refuse, before decoding, a picture larger than any radiograph (a decompression bomb)."""
     if height * width > MAX_PIXELS:
         raise InputError(
-            f"{str(p)!r} is {width} x {height} px ({height * width / 1e6:.0f} MP); a radiograph "
-            f"is at most {MAX_PIXELS / 1e6:.0f} MP: refusing to decode it (a decompression bomb?)"
+            f"{str(p)!r} is {width} x {height} px ({height * width / 2**20:.0f} MP); a radiograph "
+            f"is at most {MAX_PIXELS // 2**20} MP (e.g. 8192 x 8192): refusing to decode it (a "
+            "decompression bomb, or not a radiograph?)"
         )
 
 
@@ -353,6 +421,13 @@ def _read_picture(p: Path) -> Radiograph:
     try:
         with Image.open(p) as im:
             _check_size(p, im.height, im.width)  # from the header, before any pixel is decoded
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:  # an animated GIF/APNG, a multi-page TIFF: as multi-frame DICOM
+                raise InputError(
+                    f"{str(p)!r} holds {frames} frames ({im.format} "
+                    f"{'pages' if im.format == 'TIFF' else 'animation'}); a radiograph is one "
+                    "frame (split the file first)"
+                )
             im.load()
             mode, fmt = im.mode, im.format
             orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
@@ -383,9 +458,9 @@ def _read_picture(p: Path) -> Radiograph:
         image, bits = arr.astype(np.uint8) * 255, 1
     elif np.issubdtype(arr.dtype, np.integer):
         # 16-bit PNG/TIFF: keep the stored contrast, scale by the bit depth.
-        image, bits = _to_u8(arr.astype(np.float64), 0.0, 65535.0), 16
         if int(arr.min()) < 0 or int(arr.max()) > 65535:
             raise InputError(f"{str(p)!r}: integer pixels outside 0..65535 ({arr.dtype})")
+        image, bits = _to_u8(arr, 0.0, 65535.0), 16
     else:
         raise InputError(
             f"{str(p)!r}: pixels of type {arr.dtype} (mode {mode}); expected 8- or 16-bit grey"

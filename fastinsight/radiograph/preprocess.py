@@ -10,8 +10,9 @@ A non-square image is squashed to ``S x S`` as the official transform does.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,25 @@ def _check_image(image: Any) -> None:
         raise InputError(f"the image is empty: shape {image.shape}")
 
 
+@contextlib.contextmanager
+def _memory(what: str, shape: tuple[int, ...]) -> Iterator[None]:
+    """A MemoryError (numpy) or an allocator failure (torch raises RuntimeError "can't allocate
+    memory") while ``what`` as one InputError line, not a traceback."""
+    try:
+        yield
+    except MemoryError:
+        pass
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+    else:
+        return
+    raise InputError(
+        f"not enough memory to {what} an image of {' x '.join(map(str, shape))} px; free memory, "
+        "or pass a smaller image"
+    ) from None
+
+
 def cubic_resize_u8(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Bicubic resize of a uint8 image, rounded and clipped. Shapes: ``[H, W]`` -> ``[S, S]``.
 
@@ -79,9 +99,11 @@ def cubic_resize_u8(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarra
     out_h, out_w = check_size(size)
     if image.shape == (out_h, out_w):
         return image.copy()
-    t = torch.tensor(image, dtype=torch.float32)[None, None]
-    r = F.interpolate(t, size=(out_h, out_w), mode="bicubic", align_corners=False)
-    return r[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    with _memory("resize", image.shape):
+        t = torch.tensor(image, dtype=torch.float32)[None, None]
+        r = F.interpolate(t, size=(out_h, out_w), mode="bicubic", align_corners=False)
+        del t
+        return r[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def normalise(image_u8: np.ndarray, mean: float, std: float) -> Tensor:
@@ -92,8 +114,9 @@ def normalise(image_u8: np.ndarray, mean: float, std: float) -> Tensor:
     """
     check_stats(mean, std)
     _check_image(image_u8)
-    t = torch.tensor(image_u8, dtype=torch.float32).div_(255.0)
-    return ((t - float(mean)) / float(std))[None, None]
+    with _memory("normalise", image_u8.shape):
+        t = torch.tensor(image_u8, dtype=torch.float32).div_(255.0)
+        return t.sub_(float(mean)).div_(float(std))[None, None]
 
 
 def model_inputs(images: Sequence[np.ndarray], size: int, mean: float, std: float) -> Tensor:

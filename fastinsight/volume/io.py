@@ -17,12 +17,16 @@ normal (gantry tilt) or vary in length is refused rather than silently resampled
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -36,6 +40,46 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_RTOL = 0.01
 TILT_TOL = 0.01
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# The largest Hounsfield value stored: float32's range (a rescale beyond it is a damaged header).
+MAX_HU = float(np.finfo(np.float32).max)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The readers' foreign chatter off: numpy's floating-point warnings, pydicom's and
+    nibabel's warnings, and nibabel's header-fix log lines (``pixdim[1,2,3] should be
+    positive``), which go straight to stderr. What matters among those conditions (HU beyond
+    float32 after a rescale, non-finite spacing or geometry) is checked explicitly and refused
+    with one line; the rest are lenient fixes that must not add lines to a good run."""
+    nib_log = logging.getLogger("nibabel.global")
+    disabled = nib_log.disabled
+    nib_log.disabled = True
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        nib_log.disabled = disabled
+
+
+def _quietly(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a reader under :func:`_quiet`; a MemoryError becomes one InputError line."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            with _quiet():
+                return func(*args, **kwargs)
+        except MemoryError:
+            what = str(args[0]) if args else "the volume"
+            raise InputError(
+                f"not enough memory to read {what!r}; free memory or use a machine with more"
+            ) from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -54,11 +98,41 @@ class NiftiGeometry:
 
     @classmethod
     def of(cls, header: Any) -> NiftiGeometry:
-        qform, qcode = header.get_qform(coded=True)
+        try:
+            qform, qcode = header.get_qform(coded=True)
+        except ValueError:  # a quaternion beyond unit length (|b, c, d| > 1, inf): no rotation
+            qform, qcode = np.full((4, 4), np.nan), int(np.asarray(header["qform_code"]).item())
         sform, scode = header.get_sform(coded=True)
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
         units = int(np.asarray(header["xyzt_units"]).item())
         return cls(qform, int(qcode), sform, int(scode), zooms, units)  # type: ignore[arg-type]
+
+    def usable(self, affine: np.ndarray) -> tuple[NiftiGeometry, list[str]]:
+        """This geometry with what cannot be written back dropped, and notes saying so.
+
+        ``affine`` is the one the scan is read with (nibabel's choice: the sform when its code
+        is set, else the qform, else the voxel sizes), already checked finite and non-singular.
+        A qform that is not finite or singular (NaN/inf ``pixdim`` or quaternion) while the sform
+        places the voxels is written with code 0, as no qform; voxel sizes that are not finite
+        and positive become the affine's. The heatmap then lands where nibabel (and every viewer
+        that reads the sform) puts the scan, and is a valid NIfTI file.
+        """
+        notes: list[str] = []
+        qform, qcode = self.qform, self.qform_code
+        if qform is not None and not _regular(qform):
+            qform, qcode = None, 0
+            notes.append(
+                "the qform (quaternion / pixdim) is not finite or singular; the scan is placed by "
+                "its sform, and the heatmap is written with the sform only"
+            )
+        zooms = self.zooms
+        if not all(math.isfinite(z) and z > 0 for z in zooms):
+            zooms = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[assignment]
+            notes.append(
+                f"pixdim {list(self.zooms)} is not finite and positive; written as the sform's "
+                "voxel sizes"
+            )
+        return replace(self, qform=qform, qform_code=qcode, zooms=zooms), notes
 
     @property
     def mm_per_unit(self) -> float:
@@ -116,6 +190,14 @@ class Volume:
 
 
 # ------------------------------------------------------------------------------- checks
+def _regular(affine: np.ndarray) -> bool:
+    """A finite affine whose 3 x 3 part has a non-zero determinant (voxels with a size)."""
+    if not np.all(np.isfinite(affine)):
+        return False
+    det = float(np.linalg.det(affine[:3, :3]))
+    return math.isfinite(det) and abs(det) >= 1e-9
+
+
 def check_volume(data: np.ndarray, affine: np.ndarray, where: str) -> None:
     """Refuse what no later step can use: a non-3-D array, a singular affine, NaN/inf voxels."""
     if data.ndim != 3:
@@ -127,7 +209,7 @@ def check_volume(data: np.ndarray, affine: np.ndarray, where: str) -> None:
         raise InputError(f"{where}: expected a 3-D volume, found shape {list(data.shape)}; {hint}")
     if min(data.shape) < 1:
         raise InputError(f"{where}: the volume is empty (shape {list(data.shape)})")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    if not _regular(affine):
         raise InputError(
             f"{where}: the voxel-to-world affine is singular or not finite "
             f"({np.round(affine[:3, :3], 4).tolist()}); fix the header (sform/qform) so voxels "
@@ -203,10 +285,14 @@ def _gunzip(p: Path, needed: int) -> bytes:
     return b"".join(parts)
 
 
+@_quietly
 def read_nifti(path: str | os.PathLike[str]) -> Volume:
     """A NIfTI-1/2 file (``.nii`` / ``.nii.gz``) as a :class:`Volume` (scl_slope/inter applied).
 
     A trailing singleton 4th axis (``[X, Y, Z, 1]``) is dropped; any other 4-D file is refused.
+    A qform or pixdim that is not finite is not carried into the heatmap when the sform places
+    the scan (:meth:`NiftiGeometry.usable`); voxels that overflow float32 through scl_slope are
+    refused.
     """
     import nibabel as nib
 
@@ -232,12 +318,26 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         data = data[..., 0]
         notes.append("dropped a singleton 4th axis")
     codes = NiftiGeometry.of(img.header)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    file_affine = np.asarray(img.affine, dtype=np.float64)
+    affine = file_affine.copy()
     if codes.mm_per_unit != 1.0:  # the Volume's affine is in mm whatever the file's unit
         affine[:3] *= codes.mm_per_unit
         unit = "metres" if codes.mm_per_unit > 1 else "microns"
         notes.append(f"the header's lengths are in {unit}; converted to mm")
+    if not np.all(np.isfinite(data)):
+        # nibabel moves scl_slope/inter from the header to the data proxy as it loads.
+        slope = float(getattr(img.dataobj, "slope", 1.0))
+        inter = float(getattr(img.dataobj, "inter", 0.0))
+        if slope != 1.0 or inter != 0.0:
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            raise InputError(
+                f"{str(p)!r}: {bad} voxel(s) are NaN or infinite after scl_slope {slope:g} / "
+                f"scl_inter {inter:g} (a scaling beyond float32's range, or stored NaN/inf); "
+                "fix the header's scl_slope/scl_inter or the data"
+            )
     check_volume(data, affine, str(p))
+    codes, fixed = codes.usable(file_affine)
+    notes.extend(fixed)
     if codes.qform_code == 0 and codes.sform_code == 0:
         notes.append("qform and sform codes are 0 (orientation unknown); kept in the heatmap")
     facts = {"format": "nifti", "path": str(p), "notes": notes}
@@ -307,17 +407,47 @@ def _frames(path: Path, ds: Any) -> list[_Slice]:
 
 
 def _float_list(ds: Any, key: str, n: int, path: Path) -> np.ndarray:
-    value = ds.get(key)
+    """``n`` finite numbers (PixelSpacing: positive ones) of ``key``; else one InputError line."""
+    value: Any = None
     try:
+        value = ds.get(key)
         arr = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         arr = np.array([])
-    if arr.size != n:
+    if (
+        arr.size != n
+        or not np.all(np.isfinite(arr))
+        or (key == "PixelSpacing" and not np.all(arr > 0))
+    ):
         raise InputError(
-            f"DICOM file {str(path)!r} lacks a usable {key} (found {value!r}); it cannot be placed "
+            f"DICOM file {str(path)!r} lacks a usable {key} (found {_shown(value)}; expected "
+            f"{n} finite numbers{', > 0' if key == 'PixelSpacing' else ''}); it cannot be placed "
             "in space — is it a CT image?"
         )
     return arr
+
+
+def _shown(value: Any) -> str:
+    """A header value for a one-line message (raw DS/IS text, never more than 80 characters)."""
+    text = repr(value if value is None else str(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _size(s: _Slice, key: str) -> int:
+    """A slice's Rows / Columns: a whole number >= 1, else one InputError line naming it."""
+    value = s.ds.get(key)
+    try:
+        real = float(value)
+        number = int(real) if real.is_integer() else 0
+    except (TypeError, ValueError, OverflowError):
+        number = 0
+    if number < 1:
+        found = f"lacks {key}" if value is None else f"has {key} {_shown(value)}"
+        raise InputError(
+            f"{str(s.path)!r} is a damaged DICOM file: it {found} (the image's size, a whole "
+            "number >= 1); remove it or export it again"
+        )
+    return number
 
 
 def _rescale(s: _Slice, key: str, default: float) -> float:
@@ -363,6 +493,7 @@ def _scan_folder(
     return series
 
 
+@_quietly
 def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Series in a folder: UID -> number of files, modality, description."""
     out = {}
@@ -377,6 +508,7 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any
     return out
 
 
+@_quietly
 def read_dicom_series(
     folder: str | os.PathLike[str],
     series_uid: str | None = None,
@@ -436,14 +568,14 @@ def _series_volume(
     # Geometry of every slice: one orientation, one size, one pixel spacing.
     iop = _float_list(first, "ImageOrientationPatient", 6, slices[0].path)
     spacing = _float_list(first, "PixelSpacing", 2, slices[0].path)
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = _size(slices[0], "Rows"), _size(slices[0], "Columns")
     for s in slices[1:]:
         if not np.allclose(_float_list(s.ds, "ImageOrientationPatient", 6, s.path), iop, atol=1e-4):
             raise InputError(
                 f"series {series_uid}: {s.label} has another ImageOrientationPatient than "
                 f"{slices[0].label}; a volume needs one orientation"
             )
-        if (int(s.ds.Rows), int(s.ds.Columns)) != (rows, cols):
+        if (_size(s, "Rows"), _size(s, "Columns")) != (rows, cols):
             raise InputError(
                 f"series {series_uid}: {s.label} is {s.ds.Rows} x {s.ds.Columns} px, "
                 f"{slices[0].label} {rows} x {cols}; a volume needs one slice size"
@@ -489,8 +621,22 @@ def _series_volume(
             )
         step = (positions[-1] - positions[0]) / (len(slices) - 1)
     else:
-        thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
-        step = normal * float(thick)
+        thick = 1.0
+        for key in ("SpacingBetweenSlices", "SliceThickness"):
+            value = first.get(key)
+            if value is None or str(value).strip() == "":
+                continue
+            try:
+                thick = abs(float(value))
+            except (TypeError, ValueError, OverflowError):
+                thick = math.nan
+            if not (math.isfinite(thick) and thick > 0):
+                raise InputError(
+                    f"{slices[0].label}: {key} {_shown(value)} is not a positive number; a "
+                    "single slice needs it for its thickness (fix the header)"
+                )
+            break
+        step = normal * thick
     # Pixels and HU: read each file once more, with pixels (a multi-frame file once for all its
     # frames, which may lie anywhere in the sorted order).
     check_allocation(cols * rows * len(slices) * 4, f"series {series_uid} ({len(slices)} slices)")
@@ -516,6 +662,11 @@ def _series_volume(
         slope = _rescale(s, "RescaleSlope", 1.0)
         intercept = _rescale(s, "RescaleIntercept", 0.0)
         hu = px.astype(np.float64) * slope + intercept
+        if not np.all(np.abs(hu) <= MAX_HU):  # also NaN: RescaleSlope 1e308 overflows to inf
+            raise InputError(
+                f"{s.label}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} take its "
+                "values beyond float32's range (not Hounsfield units); the header is damaged"
+            )
         data[:, :, k] = hu.T  # voxel axis 0 = columns (along r), axis 1 = rows (along c)
     lps = np.eye(4)
     lps[:3, 0] = r * spacing[1]
@@ -557,6 +708,7 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
     )
 
 
+@_quietly
 def _read_single_dicom(p: Path, series_uid: str | None) -> Volume:
     """One DICOM file: its series, from the files beside it (not below: a whole archive is not
     scanned); an enhanced CT file is a series of its own."""
@@ -616,5 +768,12 @@ def write_nifti(
     # The temp file must keep the suffix nibabel uses to decide on gzip.
     with atomic_path(path) as tmp:
         real = tmp.with_name(tmp.name + (".nii.gz" if gz else ".nii"))
-        nib.save(img, str(real))
-        os.replace(real, tmp)
+        # ``real`` is a second temp name that atomic_path does not know: removed here on any
+        # failure (a full disk, Ctrl-C, SIGTERM inside nib.save), or a partial NIfTI stays.
+        try:
+            nib.save(img, str(real))
+            os.replace(real, tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                real.unlink()
+            raise
