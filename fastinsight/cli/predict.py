@@ -17,7 +17,7 @@ from fastinsight.cli.encoders import (
 from fastinsight.cli.volume import add_ct_arguments, run_predict_from_slide_args, wants_ct
 from fastinsight.errors import ConfigError, InputError, SlideError
 from fastinsight.predict.loading import MODEL_ENV, load_for_predict, resolve_model_path
-from fastinsight.text import clean_text
+from fastinsight.text import clean_text, terminal_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         f"{n}={s:.4f}" for n, s in zip(result.class_names, result.scores, strict=True)
     )
     print(
-        f"{clean_text(result.slide_id)}: {clean_text(summary)} (threshold {result.thresholds[k]:.4f}; "
+        f"{terminal_text(result.slide_id)}: {clean_text(summary)} (threshold {result.thresholds[k]:.4f}; "
         f"{result.n_tiles} tiles in {result.timings['total']:.1f} s, {result.tiles_per_second:.1f} tiles/s end to end)"
     )
     return 0

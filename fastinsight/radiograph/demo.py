@@ -116,9 +116,11 @@ def run_radiograph_demo(
             f"the radiograph demo needs >= 2 training, validation and held-out pictures and >= 1 "
             f"epoch; got {n_train}, {n_val}, {n_test} and {epochs}"
         )
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    say = log or (lambda _s: None)
     from fastinsight.atomic import claim_demo_folder
+    from fastinsight.inputs import resolve_device
+
+    dev = str(resolve_device(device))  # before the folder is claimed: a bad device leaves none
+    say = log or (lambda _s: None)
 
     out = claim_demo_folder(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -79,9 +79,11 @@ def run_ct_demo(
         raise ConfigError(f"need >= 8 volumes and 4..volumes-4 held out; got {volumes}, {held_out}")
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    from fastinsight.inputs import resolve_device
+
+    dev = str(resolve_device(device))  # before the folder is claimed: a bad device leaves none
     out = claim_demo_folder(out_dir)
     start = time.perf_counter()
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     log(f"[1/4] writing {volumes} synthetic chest CT volumes {list(shape)} to {out / 'cohort'}")
     rows = write_cohort(
         out / "cohort", volumes, shape=shape, seed=seed, lesion_radius=DEMO_LESION_RADIUS

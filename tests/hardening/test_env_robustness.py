@@ -341,14 +341,19 @@ def test_a_note_that_cannot_be_written_keeps_a_success(monkeypatch, capsys) -> N
 # -- 7. demo --device cuda without a GPU ---------------------------------------------------------
 
 
-def test_demo_without_the_asked_gpu_leaves_no_folder(tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(
+    "modality", [[], ["--modality", "ct"], ["--modality", "radiograph"]], ids=["wsi", "ct", "cxr"]
+)
+def test_demo_without_the_asked_gpu_leaves_no_folder(
+    tmp_path, monkeypatch, capsys, modality
+) -> None:
     import torch
 
     from fastinsight.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "d"
-    code = main(["demo", str(out), "--device", "cuda", "--slides", "8", "--held-out", "4"])
+    code = main(["demo", str(out), "--device", "cuda", *modality])
     err = capsys.readouterr().err
     assert code == 7, err
     assert "no CUDA GPU" in err and len(err.strip().splitlines()) == 1

@@ -448,3 +448,15 @@ def test_dicom_folder_problems_are_one_line(slides_dir, tiny_model_path, tmp_pat
     (tmp_path / "empty").mkdir()
     code, line = _bad(tmp_path, tmp_path / "empty", tiny_model_path)
     assert code != 0 and "folder" in line
+
+
+def test_a_name_with_a_newline_keeps_its_summary_on_one_line(
+    slides_dir, tiny_model_path, tmp_path, capsys
+) -> None:
+    local = tmp_path / "a\nb.svs"
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", local)
+    capsys.readouterr()
+    assert main(["predict", str(local), "-m", str(tiny_model_path), "--out",
+                 str(tmp_path / "h.tif"), "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("a\\nb: "), out
