@@ -151,16 +151,20 @@ def geometry_from_attrs(attrs: Mapping[str, Any], source: str) -> FileGeometry:
     if ps_l0 is not None:  # TRIDENT
         overlap = _as_number(attrs.get("overlap")) or 0.0
         scale = ps_l0 / patch_size if patch_size else 1.0
-        step = int(round(ps_l0 - overlap * scale))
+        # In floats first: a NaN or inf overlap (or one so large the product overflows) must
+        # reach the check below, not crash ``int()`` (audit D7).
+        pitch = ps_l0 - overlap * scale
+        step = int(round(pitch)) if math.isfinite(pitch) else 0
         # TRIDENT's overlap is in px at the target magnification, 0 <= overlap < patch_size.
         # One that leaves no pitch (or a negative one) is a damaged record, not "no overlap":
         # falling back to the tile size would stitch the tiles at a pitch the file contradicts.
         if not math.isfinite(overlap) or overlap < 0 or step <= 0:
+            shown = f"{pitch:g}" if math.isfinite(pitch) else "no finite"
             raise InputError(
                 f"{source}: TRIDENT 'coords' attrs give overlap={overlap:g} for "
                 f"patch_size={patch_size} (patch_size_level0={ps_l0}): a grid pitch of "
-                f"{step} level-0 px; overlap must be >= 0 and below the patch size: the "
-                "attributes are damaged, re-run the extraction"
+                f"{shown} level-0 px; overlap must be >= 0 and below the patch size (a finite "
+                "number): the attributes are damaged, re-run the extraction"
             )
         target_mag = _as_number(attrs.get("target_magnification"))
         mpp = 10.0 / target_mag if target_mag and target_mag > 0 else None
@@ -504,29 +508,82 @@ def _open_h5(path: Path) -> Any:
         raise InputError(f"cannot open HDF5 file {str(path)!r}: {exc}") from exc
 
 
-def _dataset(fh: Any, name: str, path: Path) -> Any:
-    """``fh[name]`` as an h5py Dataset, else one ``InputError`` saying what ``name`` is.
+# Soft links followed by hand before giving up: HDF5's own limit is 16 too.
+_MAX_LINK_HOPS = 16
 
-    A name can be listed by ``keys()`` and still not be a dataset: a group, a soft link to
-    nothing, or an external link whose file or path is missing; "no dataset 'features' (found
-    ['coords', 'features'])" would contradict itself, so each case is named.
+
+def _follow_links(fh: Any, name: str, path: Path) -> Any:
+    """The object ``name`` names, reached one path component at a time without letting HDF5
+    follow a link it would open blindly: soft links are followed here (at most
+    :data:`_MAX_LINK_HOPS`, so a loop is an error, not HDF5's ``RuntimeError``), and an external
+    link is refused before its file is opened (it may name any file: a FIFO blocks, /dev/zero
+    never ends). Returns None when a component does not exist.
     """
     import h5py
 
     layout = "expected the official INSIGHT, CLAM or TRIDENT layout with 'features' and 'coords'"
-    link = fh.get(name, getlink=True)
+    target = "/" + name.lstrip("/")
+    for _ in range(_MAX_LINK_HOPS + 1):
+        group = fh["/"]
+        parts = [c for c in target.split("/") if c not in ("", ".")]
+        for k, part in enumerate(parts):
+            try:
+                link = group.get(part, getlink=True)
+            except (OSError, KeyError, ValueError, RuntimeError):
+                return None
+            if link is None:
+                return None
+            if isinstance(link, h5py.ExternalLink):
+                raise InputError(
+                    f"{str(path)!r}: {name!r} is an external link to {link.path!r} in file "
+                    f"{link.filename!r}, which cannot be opened: fastinsight reads only data "
+                    f"stored in the file itself (a link may name any file); {layout}"
+                )
+            if isinstance(link, h5py.SoftLink):
+                base = group.name.rstrip("/")
+                dest = link.path if link.path.startswith("/") else f"{base}/{link.path}"
+                target = "/".join([dest.rstrip("/"), *parts[k + 1 :]])
+                break
+            try:
+                obj = group.get(part)  # a hard link: no other file is opened
+            except (OSError, KeyError, ValueError, RuntimeError):
+                return None
+            if k == len(parts) - 1:
+                return obj
+            if not isinstance(obj, h5py.Group):
+                return None
+            group = obj
+        else:
+            return group  # the root itself
+    raise InputError(
+        f"{str(path)!r}: {name!r} is a chain of more than {_MAX_LINK_HOPS} soft links (a loop); "
+        f"the file is damaged; {layout}"
+    )
+
+
+def _dataset(fh: Any, name: str, path: Path) -> Any:
+    """``fh[name]`` as an h5py Dataset, else one ``InputError`` saying what ``name`` is.
+
+    A name can be listed by ``keys()`` and still not be a dataset: a group, a soft link to
+    nothing, or an external link; "no dataset 'features' (found ['coords', 'features'])"
+    would contradict itself, so each case is named. A dataset whose data lies outside the file
+    (HDF5 external storage, a virtual dataset) is refused before a byte is read: its "data" can
+    be a FIFO that blocks forever, a missing file, a short file HDF5 silently pads with zeros,
+    or any file on the machine (audit D1).
+    """
+    import h5py
+
+    layout = "expected the official INSIGHT, CLAM or TRIDENT layout with 'features' and 'coords'"
+    try:
+        link = fh.get(name, getlink=True)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        link = None
     if link is None:
         found = sorted(fh.keys())
         raise InputError(f"{str(path)!r} has no dataset {name!r} (found {found}); {layout}")
-    try:
-        obj = fh.get(name)
-    except (OSError, KeyError, ValueError):
-        obj = None
+    obj = _follow_links(fh, name, path)
     if obj is None:
-        if isinstance(link, h5py.ExternalLink):
-            target = f"{link.path!r} in file {link.filename!r}"
-            what = f"an external link to {target}, which cannot be opened"
-        elif isinstance(link, h5py.SoftLink):
+        if isinstance(link, h5py.SoftLink):
             what = f"a link to {link.path!r}, which does not exist"
         else:
             what = "an object that cannot be opened"
@@ -537,7 +594,63 @@ def _dataset(fh: Any, name: str, path: Path) -> Any:
         kind = "a group" if isinstance(obj, h5py.Group) else f"a {type(obj).__name__}"
         inside = f" (holding {sorted(obj.keys())[:5]})" if isinstance(obj, h5py.Group) else ""
         raise InputError(f"{str(path)!r}: {name!r} is {kind}{inside}, not a dataset; {layout}")
+    _check_storage(obj, name, path)
     return obj
+
+
+def _check_storage(ds: Any, name: str, path: Path) -> None:
+    """Refuse a dataset whose data is not stored in ``path`` itself (external raw files or a
+    virtual layout), reading only its creation properties."""
+    import h5py
+
+    try:
+        plist = ds.id.get_create_plist()
+        layout = plist.get_layout()
+        n_external = plist.get_external_count()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InputError(
+            f"{str(path)!r}: the storage of {name!r} cannot be read ({_one_line(exc)}); the "
+            "file is damaged: re-run the feature extraction"
+        ) from None
+    fix = (
+        "fastinsight reads only data stored in the feature file itself; rewrite it as a plain "
+        "dataset (h5repack, or h5py: f2[name] = f1[name][()])"
+    )
+    if layout == h5py.h5d.VIRTUAL:
+        raise InputError(
+            f"{str(path)!r}: {name!r} is a virtual dataset (its data lies in other files); {fix}"
+        )
+    if n_external:
+        files = []
+        for i in range(min(n_external, 3)):
+            try:
+                raw = plist.get_external(i)[0]
+                files.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)
+            except (OSError, RuntimeError, ValueError):
+                break
+        shown = ", ".join(repr(f) for f in files) + (", ..." if n_external > len(files) else "")
+        raise InputError(
+            f"{str(path)!r}: {name!r} keeps its data in {n_external} external raw file(s) "
+            f"({shown}), not in the file; {fix}"
+        )
+
+
+def _read_all(ds: Any, name: str, path: Path, dtype: Any = None) -> np.ndarray:
+    """``ds[()]`` as an array; an HDF5 read error (a damaged chunk, a filter that is not
+    available, a truncated file) is one ``InputError`` line."""
+    try:
+        return np.asarray(ds[()], dtype=dtype)
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"cannot read {name!r} of {str(path)!r}: {_one_line(exc)}; the file is damaged or "
+            "was written with an HDF5 filter that is not installed: re-run the feature "
+            "extraction"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
 
 
 def _detect_layout(feats: Any, coords: Any, path: Path) -> str:
@@ -577,7 +690,7 @@ def _read_patches_geometry(patches_h5: Path) -> tuple[FileGeometry, np.ndarray]:
     with _open_h5(patches_h5) as fh:
         coords = _dataset(fh, "coords", patches_h5)
         geometry = geometry_from_attrs(_attrs(coords), str(patches_h5))
-        xy = np.asarray(coords[()])
+        xy = _read_all(coords, "coords", patches_h5)
     if geometry.patch_size_l0 is None:
         raise InputError(
             f"{str(patches_h5)!r}: 'coords' has no tile geometry (expected CLAM attrs "
@@ -672,8 +785,8 @@ def read_features(
         feat_attrs = _attrs(feats_ds)
         coord_attrs = _attrs(coords_ds)
         _check_declared_sizes(feats_ds, coords_ds, p)
-        feats = np.asarray(feats_ds[()], dtype=np.float32)
-        raw_coords = np.asarray(coords_ds[()])
+        feats = _read_all(feats_ds, "features", p, np.float32)
+        raw_coords = _read_all(coords_ds, "coords", p)
     n = int(feats.shape[0])
     l0_xy = _coords_array(raw_coords, n, p)
     tokens = torch.from_numpy(feats)

@@ -288,6 +288,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def _ring(ring: Any, where: str) -> np.ndarray | None:
     """One linear ring as ``[M, 2]`` float64 level-0 px; None for a ring of under 3 positions
     (no area). Raises ``InputError`` for anything that is not a list of finite [x, y] numbers."""
@@ -307,7 +315,16 @@ def _ring(ring: Any, where: str) -> np.ndarray | None:
             raise InputError(f"{where}: position {_short(pos)} is not [x, y] numbers")
     if len(ring) < 3:
         return None
-    xy = np.asarray([pos[:2] for pos in ring], dtype=np.float64)
+    try:
+        xy = np.asarray([pos[:2] for pos in ring], dtype=np.float64)
+    except OverflowError:
+        # A JSON integer beyond float64 (1 followed by 400 zeros): as non-finite as 1e400.
+        bad = next(
+            pos for pos in ring if any(isinstance(v, int) and not _fits_float(v) for v in pos[:2])
+        )
+        raise InputError(
+            f"{where}: position {_short(bad)} is not finite (a number too large for a coordinate)"
+        ) from None
     if not np.isfinite(xy).all():
         bad = ring[int(np.flatnonzero(~np.isfinite(xy).all(axis=1))[0])]
         raise InputError(f"{where}: position {_short(bad)} is not finite (NaN or inf)")
@@ -398,7 +415,8 @@ def read_geojson(
     names found), so an annotation that yields no polygon can say why."""
     p = Path(path).expanduser()
     try:
-        data = loads_json(p.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows tools (QuPath on Windows, Notepad) start the file with a BOM.
+        data = loads_json(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise InputError(f"GeoJSON file {str(p)!r} does not exist") from None
     except (OSError, ValueError) as exc:

@@ -178,6 +178,13 @@ class DirectTiffReader(TiffFileReader):
         """The compressed bytes of segment ``index`` (row-major tile or strip) of ``level``,
         or None for a sparse (empty) segment. Thread-safe (``os.pread``)."""
         page = self._pages[level]
+        if not 0 <= index < min(len(page.dataoffsets), len(page.databytecounts)):
+            # Unreachable for a file that passed the structure checks at open time.
+            raise SlideError(
+                f"slide {_slide_name(self._path)} is damaged: tile {index} of its "
+                f"{page.imagewidth}x{page.imagelength} level is not in its tile table "
+                f"({len(page.dataoffsets)} tiles); re-copy or re-export it"
+            )
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if offset == 0 or count == 0:
             return None

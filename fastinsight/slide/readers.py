@@ -347,6 +347,11 @@ class OpenSlideReader(SlideReader):
         self._properties = {str(k): str(v) for k, v in props.items()}
         self._vendor = self._properties.get("openslide.vendor", "unknown")
         self._level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
+        try:
+            _check_level_dimensions(self._level_dimensions, self._path)
+        except SlideError:
+            self._osr.close()
+            raise
         self._osr_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         mpp_x = _parse_float(self._properties.get("openslide.mpp-x"))
         mpp_y = _parse_float(self._properties.get("openslide.mpp-y"))
@@ -436,6 +441,8 @@ class TiffFileReader(SlideReader):
         pages.sort(key=_yx_area, reverse=True)
         for page in pages:
             _check_page_supported(page, self._path)
+        # Before any tile is read (validate=False included): sizes against tile tables.
+        _check_tiff_structure(tif, pages, self._path)
         self._pages = pages
         self._level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
         first = pages[0]
@@ -508,6 +515,12 @@ class TiffFileReader(SlideReader):
         planes: list[np.ndarray | None] = []
         for plane in range(n_planes):
             i = plane * n_per_plane + index
+            if not 0 <= index < n_per_plane or i >= len(page.databytecounts):
+                raise _DamagedTiff(
+                    f"slide {_slide_name(self._path)} is damaged: tile {i} of its "
+                    f"{page.imagewidth}x{page.imagelength} level is not in its tile table "
+                    f"({len(page.dataoffsets)} tiles); re-copy or re-export it"
+                )
             offset, count = int(page.dataoffsets[i]), int(page.databytecounts[i])
             data: bytes | None
             if offset == 0 or count == 0:
@@ -679,13 +692,20 @@ def _open_tifffile(path: Path) -> Any:
                 ) from None
             try:
                 len(tif.pages)  # walks the whole IFD chain
-                for page in tif.pages:
+                for i, page in enumerate(tif.pages):
                     _ = page.shape
+                    # Sizes against tile tables, before tifffile's series parsing divides by
+                    # a zero tile size or any reader indexes past a tile table.
+                    _check_page_structure(page, path, i)
+                _ = tif.series  # parsed here, so its log warnings are captured, not printed
+            except SlideError:
+                tif.close()
+                raise
             except Exception as exc:
                 tif.close()
-                raise SlideError(
-                    f"slide {_slide_name(path)} has a broken TIFF structure ({_one_line(exc)}); "
-                    "the file may be truncated or corrupt; re-copy it"
+                raise _DamagedTiff(
+                    f"slide {_slide_name(path)} is damaged: its TIFF structure is broken "
+                    f"({_one_line(exc)}); the file may be truncated or corrupt; re-copy it"
                 ) from None
         finally:
             logger.removeHandler(capture)
@@ -742,6 +762,104 @@ def _check_page_supported(page: Any, path: Path) -> None:
         )
 
 
+class _DamagedTiff(SlideError):
+    """The TIFF's own tags contradict each other (sizes against tile tables, a zero or absurd
+    tile size): a diagnosis, shown alone rather than beside other readers' guesses."""
+
+
+# No TIFF writer makes tiles larger than this (they are 256-1024 px; the spec asks multiples of
+# 16); a larger TileWidth/TileLength is a damaged tag, and decoding it would allocate GiBs
+# (65535 x 65535 x 3 is 12 GiB) for a few bytes of header.
+MAX_TILE_SIDE = 16384
+
+
+def _check_level_dimensions(dims: Any, path: Path) -> None:
+    """Every level ``(width, height)`` within 1..``MAX_SLIDE_SIDE_PX`` (docs/exit-codes.md),
+    checked when the slide is opened, before any region is read."""
+    from fastinsight.inputs import MAX_SLIDE_SIDE_PX
+
+    for level, (w, h) in enumerate(dims):
+        if not (1 <= int(w) <= MAX_SLIDE_SIDE_PX and 1 <= int(h) <= MAX_SLIDE_SIDE_PX):
+            raise _DamagedTiff(
+                f"slide {_slide_name(path)} is damaged or not a slide: level {level} is "
+                f"{int(w)} x {int(h)} px, outside 1..{MAX_SLIDE_SIDE_PX} px per side; re-copy or "
+                "re-export the slide"
+            )
+
+
+def _expected_segments(page: Any) -> int:
+    """Tiles (or strips) the page's sizes call for: ceil(w/tw) * ceil(h/th) (times depth and,
+    for planar data, samples); the page's sizes are known to be positive here."""
+    w, h, d = int(page.imagewidth), int(page.imagelength), max(1, int(page.imagedepth))
+    planes = int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1
+    if page.is_tiled:
+        td = max(1, int(getattr(page, "tiledepth", 1) or 1))
+        per = -(-w // int(page.tilewidth)) * -(-h // int(page.tilelength)) * -(-d // td)
+    else:
+        rows = int(page.rowsperstrip) if page.rowsperstrip else h
+        per = -(-h // min(rows, h)) * d
+    return per * max(1, planes)
+
+
+def _check_page_structure(page: Any, path: Path, index: Any, read_here: bool = False) -> None:
+    """Refuse a page whose size tags disagree with its tile table, before anything is read:
+    image sizes of 0 or beyond 1,000,000 px, a TileWidth/TileLength of 0 or beyond
+    :data:`MAX_TILE_SIDE`, a RowsPerStrip of 0, or a number of tile offsets other than
+    ceil(w/tw) * ceil(h/th) (per plane). ``read_here``: the page is a level this package
+    decodes, so one tile or strip must also fit in memory."""
+    name = _slide_name(path)
+    what = f"slide {name} is damaged: TIFF page {index}"
+    w, h = int(page.imagewidth), int(page.imagelength)
+    if w < 1 or h < 1:
+        raise _DamagedTiff(f"{what} declares an image of {w} x {h} px; re-copy or re-export it")
+    _check_level_dimensions([(w, h)], path)
+    tags = page.tags
+    tw = int(page.tilewidth or 0)
+    tl = int(page.tilelength or 0)
+    tagged = 322 in tags or 323 in tags
+    if tagged or page.is_tiled:
+        # NDPI has no tile tags: tifffile derives tiles from the JPEG restart markers, which
+        # may be as wide as the image; only tag values are held to MAX_TILE_SIDE.
+        limit = MAX_TILE_SIDE if tagged else 2**31
+        if not (1 <= tw <= limit and 1 <= tl <= limit):
+            raise _DamagedTiff(
+                f"{what} declares {tw} x {tl} px tiles (expected 1 to {MAX_TILE_SIDE} px per "
+                "side); re-copy or re-export it"
+            )
+    elif 278 in tags and int(tags[278].value) < 1:
+        raise _DamagedTiff(f"{what} declares RowsPerStrip 0; re-copy or re-export it")
+    n_offsets, n_counts = len(page.dataoffsets), len(page.databytecounts)
+    expected = _expected_segments(page)
+    if n_offsets != expected or n_counts != n_offsets:
+        seg = f"{tw} x {tl} px tiles" if page.is_tiled else "strips"
+        stored = f"{n_offsets}" if n_counts == n_offsets else f"{n_offsets} offsets and {n_counts}"
+        raise _DamagedTiff(
+            f"{what} is {w} x {h} px in {seg}, which needs {expected} tiles, but its tile table "
+            f"holds {stored}; the size tags and the tile table disagree: re-copy or re-export it"
+        )
+    if read_here and (not tagged or not page.is_tiled):
+        from fastinsight.inputs import allocation_limit
+
+        seg_h, seg_w = _segment_shape(page)
+        nbytes = seg_h * seg_w * max(3, int(page.samplesperpixel)) * 2  # decoded + RGB copy
+        if nbytes > allocation_limit():
+            raise _DamagedTiff(
+                f"slide {name}: TIFF page {index} stores {w} x {h} px in segments of {seg_w} x "
+                f"{seg_h} px; one needs {nbytes / 2**30:.1f} GiB to decode, more than this machine "
+                "allows; convert it to a tiled pyramid (e.g. with vips tiffsave)"
+            )
+
+
+def _check_tiff_structure(tif: Any, levels: Any, path: Path) -> None:
+    """:func:`_check_page_structure` with the bounds of a decoded level for every level that is
+    read (including SubIFD levels; every main-chain page was checked by
+    :func:`_open_tifffile`, so a damaged level-0 page whose size reads as 0 cannot drop out
+    of the pyramid and leave a thumbnail as the slide)."""
+    for level, page in enumerate(levels):
+        index = getattr(page, "index", f"of level {level}")
+        _check_page_structure(page, path, index, read_here=True)
+
+
 def _to_rgb(arr: np.ndarray, page: Any) -> np.ndarray:
     """Decoded samples ``[h, w, s]`` -> ``uint8 [h, w, 3]`` RGB."""
     spp = arr.shape[-1]
@@ -760,8 +878,10 @@ def _to_rgb(arr: np.ndarray, page: Any) -> np.ndarray:
 
 
 def _check_segments_in_file(tif: Any, pages: Any, path: Path) -> None:
+    """Every page's tile table matches its size tags, and no tile lies past the end of file."""
     size = int(tif.filehandle.size)
-    for page in pages:
+    for i, page in enumerate(pages):
+        _check_page_structure(page, path, getattr(page, "index", i))
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
         if offsets.size == 0:
@@ -832,7 +952,8 @@ def _tiff_mpp(tif: Any, page: Any, series: int = 0) -> tuple[float, float] | Non
         if mpp is not None:
             return mpp
     description = page.description or ""
-    match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
+    # The whole value up to the next "|" (or the end): "MPP = 0.4x90" is no mpp, not 0.4.
+    match = re.search(r"\|\s*MPP\s*=([^|\r\n]*)", description)
     if match:
         value = _parse_float(match.group(1))
         if value is not None and _plausible_mpp((value, value)):
@@ -893,19 +1014,32 @@ def _ome_mpp(
 def _rational(value: Any) -> float | None:
     try:
         if isinstance(value, tuple):
-            num, den = value
-            return float(num) / float(den) if den else None
-        return float(value)
+            num, den = (_parse_float(v) for v in value)
+            return num / den if num is not None and den else None
+        return _parse_float(value)
     except (TypeError, ValueError):
         return None
 
 
-def _parse_float(text: str | None) -> float | None:
-    if text is None:
+# A plain decimal number and nothing else. ``float()`` alone also takes "1_0" (10.0), "nan" and
+# "inf"; a regex ``search`` takes the prefix of "0.4x90" (0.4): a damaged mpp read as a wrong one
+# misplaces every heatmap cell, so anything else is no value (audit D12).
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _parse_float(text: Any) -> float | None:
+    """``text`` as a finite float when it is exactly one decimal number (surrounding white
+    space allowed), else None. Numbers (not bools) pass through when finite."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text.strip()):
         return None
     try:
-        value = float(text)
-    except (TypeError, ValueError):
+        value = float(text.strip())
+    except (ValueError, OverflowError):
         return None
     return value if math.isfinite(value) else None
 
@@ -1155,6 +1289,7 @@ def open_slide(
 
     attempts: list[str] = []
     diagnosis: str | None = None
+    damaged: str | None = None  # a TIFF whose own tags contradict each other, any reader saw it
     opened: list[SlideReader] = []
     for kind in order:
         if kind == "tifffile" and opened:
@@ -1163,6 +1298,8 @@ def open_slide(
             reader = kinds[kind](path, mpp=mpp)
         except SlideError as exc:
             attempts.append(str(exc))
+            if isinstance(exc, _DamagedTiff):
+                damaged = damaged or str(exc)
             if isinstance(exc, _UnsupportedLayout):
                 diagnosis = diagnosis or str(exc)
             continue
@@ -1172,10 +1309,18 @@ def open_slide(
         except SlideError as exc:
             reader.close()
             attempts.append(str(exc))
+            if isinstance(exc, _DamagedTiff):
+                damaged = damaged or str(exc)
             continue
         opened.append(reader)
         if backend != "auto" or kind == "openslide" or len(opened) == 2:
             break
+    if damaged is not None:
+        # Another reader may still open it (OpenSlide without validation reads a short tile
+        # table as garbage pixels): a file whose tags contradict each other is refused, alone.
+        for reader in opened:
+            reader.close()
+        raise SlideError(damaged)
     if opened:
         chosen = _choose_reader(opened)
         for other in opened:
@@ -1270,6 +1415,10 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 def _validate(reader: SlideReader) -> None:
     """Cheap checks that catch truncated and undecodable files at open time."""
+    if reader.level_count == 0:
+        raise SlideError(f"slide {_slide_name(reader.path)} has an empty image")
+    # Dimensions before any read: a damaged size tag must not reach the decoder.
+    _check_level_dimensions(reader.level_dimensions, reader.path)
     if isinstance(reader, TiffFileReader):
         reader.check_complete()
     else:
