@@ -22,6 +22,7 @@ from fastinsight.dicom import read_header
 from fastinsight.errors import InputError
 from fastinsight.volume.io import read_dicom_series, read_nifti, read_volume, write_nifti
 from fastinsight.volume.synthetic import default_affine, make_chest_ct
+from tests.support.quiet_errors import refused_quietly
 from tests.volume.ct_testutil import small_model_file, write_dicom_series
 
 AFFINE = default_affine((0.75, 0.6, 2.5), (-31.0, 57.5, -210.0))
@@ -47,19 +48,6 @@ def _meta_end(path: Path) -> int:
     return 144 + length
 
 
-def _quietly_refused(call: Callable[[], object], match: str, capfd) -> str:
-    """``call`` raises one InputError line matching ``match``, with no warning and no stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(InputError, match=match) as info:
-            call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    assert not caught, [str(w.message) for w in caught]
-    assert capfd.readouterr().err == ""
-    return message
-
-
 def _quietly(call: Callable[[], object], capfd) -> object:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,7 +67,7 @@ def test_slice_cut_short_after_its_file_meta_is_refused_by_name(
     DICOM" (it used to vanish, giving a shorter volume with exit 0)."""
     victim = series[which]
     victim.write_bytes(victim.read_bytes()[: _meta_end(victim) + extra])
-    _quietly_refused(
+    refused_quietly(
         lambda: read_dicom_series(victim.parent), rf"{victim.name}.*damaged DICOM", capfd
     )
 
@@ -186,7 +174,7 @@ def test_unusable_required_attribute_is_one_quiet_line(
             warnings.simplefilter("ignore")  # pydicom warns as the test writes "nan"
             mutate(ds)
             ds.save_as(path)
-    _quietly_refused(lambda: read_dicom_series(series[0].parent), match, capfd)
+    refused_quietly(lambda: read_dicom_series(series[0].parent), match, capfd)
 
 
 @pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-0"])
@@ -199,7 +187,7 @@ def test_single_slice_with_an_unusable_thickness_is_refused(
     del ds.SliceThickness
     ds.add_new(0x00180050, "LO", value)
     ds.save_as(path)
-    _quietly_refused(lambda: read_dicom_series(path.parent), "SliceThickness", capfd)
+    refused_quietly(lambda: read_dicom_series(path.parent), "SliceThickness", capfd)
 
 
 # --------------------------------------------------------------- D11: quiet successful reads
@@ -262,7 +250,7 @@ def test_non_finite_qform_with_a_valid_sform_writes_a_valid_heatmap(
 def test_non_finite_qform_without_sform_is_refused(tmp_path: Path, ct, capfd) -> None:
     """With sform code 0 the qform places the voxels: a NaN in it is refused at read time."""
     src = _nifti(tmp_path / "scan.nii", ct, {PIXDIM1: float("nan")}, sform_code=0)
-    _quietly_refused(lambda: read_nifti(src), "affine", capfd)
+    refused_quietly(lambda: read_nifti(src), "affine", capfd)
 
 
 def test_valid_qform_is_still_written_back_as_it_was(tmp_path: Path, ct) -> None:
@@ -285,7 +273,7 @@ def test_scl_slope_overflowing_float32_is_one_quiet_line(
     data = bytearray(src.read_bytes())
     data[SCL_SLOPE : SCL_SLOPE + 4] = struct.pack("<f", slope)
     src.write_bytes(bytes(data))
-    _quietly_refused(lambda: read_nifti(src), "scl_slope", capfd)
+    refused_quietly(lambda: read_nifti(src), "scl_slope", capfd)
 
 
 def test_negative_pixdim_reads_without_nibabel_log_lines(tmp_path: Path, ct, capfd) -> None:

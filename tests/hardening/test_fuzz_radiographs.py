@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,7 @@ from fastinsight.radiograph import io as rio
 from fastinsight.radiograph import preprocess
 from fastinsight.radiograph.io import MAX_PIXELS, read_radiograph
 from tests.radiograph.images import picture, write_dicom, write_png
-
-
-def _refused(call: Callable[[], object], match: str, capfd) -> str:
-    """One InputError line matching ``match``; no warning raised, nothing on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(InputError, match=match) as info:
-            call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    assert not caught, [str(w.message) for w in caught]
-    assert capfd.readouterr().err == ""
-    return message
+from tests.support.quiet_errors import refused_quietly
 
 
 def _dicom(path: Path, **kw: object) -> Path:
@@ -64,12 +51,12 @@ def test_non_finite_window_is_refused_like_width_0(
         warnings.simplefilter("ignore")  # pydicom warns as the test writes "nan"
         ds.WindowCenter, ds.WindowWidth = center, width
         ds.save_as(path)
-    _refused(lambda: read_radiograph(path), "window", capfd)
+    refused_quietly(lambda: read_radiograph(path), "window", capfd)
 
 
-def test_width_0_is_still_refused(tmp_path: Path, capfd) -> None:
+def test_width_0_is_stillrefused_quietly(tmp_path: Path, capfd) -> None:
     path = _dicom(tmp_path / "w0.dcm", window=(100.0, 0.0))
-    _refused(lambda: read_radiograph(path), "window", capfd)
+    refused_quietly(lambda: read_radiograph(path), "window", capfd)
 
 
 def test_a_good_window_still_reads(tmp_path: Path) -> None:
@@ -107,7 +94,7 @@ def test_tiny_png_of_13000_squared_is_refused_before_decoding(
     path = tmp_path / f"bomb{mode.replace(';', '')}.png"
     Image.new(mode, (13000, 13000)).save(path)
     assert path.stat().st_size < 1_000_000
-    _refused(lambda: read_radiograph(path), "at most 64 MP", capfd)
+    refused_quietly(lambda: read_radiograph(path), "at most 64 MP", capfd)
 
 
 def test_just_over_the_limit_is_refused_and_the_limit_itself_is_named(tmp_path: Path) -> None:
@@ -122,7 +109,7 @@ def test_dicom_path_has_the_same_limit(tmp_path: Path, capfd) -> None:
     ds = pydicom.dcmread(path)
     ds.Rows, ds.Columns = 9000, 9000  # the pixel data stays small: refused before decoding
     ds.save_as(path)
-    _refused(lambda: read_radiograph(path), "at most 64 MP", capfd)
+    refused_quietly(lambda: read_radiograph(path), "at most 64 MP", capfd)
 
 
 @pytest.mark.parametrize("kind", ["png", "dcm"])
@@ -193,7 +180,7 @@ def test_multi_frame_pictures_are_refused_like_multi_frame_dicom(
     if fmt == "WEBP" and not Image.registered_extensions().get(".webp"):
         pytest.skip("Pillow without WebP")
     path = _frames(tmp_path / name, fmt, n)
-    _refused(lambda: read_radiograph(path), rf"holds {n} frames.*one frame", capfd)
+    refused_quietly(lambda: read_radiograph(path), rf"holds {n} frames.*one frame", capfd)
 
 
 @pytest.mark.parametrize(("name", "fmt"), [("one.gif", "GIF"), ("one.tif", "TIFF")])
@@ -214,14 +201,14 @@ def test_radiograph_cut_short_is_named_damaged(tmp_path: Path, extra: int, capfd
     path = _dicom(tmp_path / "cut.dcm")
     end = _meta_end(path) + extra
     path.write_bytes(path.read_bytes()[:end])
-    _refused(lambda: read_radiograph(path), r"cut\.dcm.*(damaged|not a readable)", capfd)
+    refused_quietly(lambda: read_radiograph(path), r"cut\.dcm.*(damaged|not a readable)", capfd)
 
 
 # ---------------------------------------------------------------------- D11: quiet readers
 def test_rescale_overflow_is_one_quiet_line(tmp_path: Path, capfd) -> None:
     """RescaleSlope 1e308 overflows to inf (pydicom and numpy warned on stderr before)."""
     path = _dicom(tmp_path / "slope.dcm", rescale=(1e308, 0.0))
-    _refused(lambda: read_radiograph(path), "NaN or infinite", capfd)
+    refused_quietly(lambda: read_radiograph(path), "NaN or infinite", capfd)
 
 
 def test_lenient_fixes_on_a_good_dicom_print_nothing(tmp_path: Path, capfd) -> None:
