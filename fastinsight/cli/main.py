@@ -162,22 +162,26 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastinsight",
         description="INSIGHT whole-slide heatmaps, fast. Run `fastinsight COMMAND --help`.",
+        # Flags are taken only as spelt in full: with argparse's prefix matching, a prefix
+        # unique today (``--patch-size`` was read as ``--patch-size-l0`` until a real
+        # ``--patch-size`` came) silently changes meaning when a flag is added.
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"fastinsight {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the module of the command being run is imported (argv decides which).
     wanted = [a for a in argv if not a.startswith("-")][:2]
     for name, (spec, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if wanted[:1] == [name]:
             add, run = _resolve(spec)
             add(p)
             p.set_defaults(_run=run)
     for group, commands in GROUPS.items():
-        gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
+        gp = sub.add_parser(group, help=GROUP_HELP.get(group, group), allow_abbrev=False)
         gsub = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
         for name, (spec, help_text) in commands.items():
-            p = gsub.add_parser(name, help=help_text, description=help_text)
+            p = gsub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
             if wanted == [group, name]:
                 add, run = _resolve(spec)
                 add(p)

@@ -15,6 +15,7 @@ from fastinsight.cli.encoders import (
     check_run_encoder,
     torchscript_options,
 )
+from fastinsight.text import terminal_text
 from fastinsight.volume.run import predict_file
 
 
@@ -50,6 +51,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report", default=None, help="JSON report (score, threshold, geometry, timings)"
     )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
 
 
 def add_ct_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +125,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # records no encoder (an official .pth) takes the official CT recipe's, as before.
     from fastinsight.volume.checkpoint import recipe_encoder
 
-    check_run_encoder(args, args.model, quiet=getattr(args, "quiet", False))
+    quiet = bool(getattr(args, "quiet", False))
+    check_run_encoder(args, args.model, quiet=quiet)
     # The torchscript flags' values, and that the encoder run (--encoder, else the recipe's)
     # is a torchscript:PATH module, also before anything is loaded.
     encoder_options = {}
@@ -145,6 +148,10 @@ def run_predict(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         report=args.report,
         log=lambda m: print(m, file=sys.stderr),
+        note=None
+        if quiet
+        else lambda m: print(f"fastinsight: note: {terminal_text(m)}", file=sys.stderr),
+        progress=not quiet,
     )
     return 0
 

@@ -43,12 +43,14 @@ from fastinsight.volume.preprocess import (
 
 @dataclass(frozen=True)
 class VolumeOptions:
-    """Preprocessing plus how to run: ``batch_size`` slices per encoder call.
+    """Preprocessing plus how to run: ``batch_size`` slices per encoder call; ``progress``: a
+    progress bar over the slices on stderr (shown on a terminal only).
 
     Checked when made (ConfigError naming the field), not when a volume is half encoded."""
 
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     batch_size: int = 16
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, PreprocessOptions):
@@ -59,6 +61,10 @@ class VolumeOptions:
                 fields=("preprocess",),
             )
         object.__setattr__(self, "batch_size", option_int(self.batch_size, "batch_size", 1))
+        if not isinstance(self.progress, bool):
+            raise ConfigError(
+                f"progress must be True or False, got {self.progress!r}", fields=("progress",)
+            )
 
 
 def build_volume_encoder(
@@ -87,8 +93,10 @@ def encode_volume(
     *,
     batch_size: int = 16,
     mask: np.ndarray | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, list[int], int]:
-    """The token grids of a volume's chosen slices (official preprocessing).
+    """The token grids of a volume's chosen slices (official preprocessing); ``progress``: a
+    bar over the slices on stderr (on a terminal only: tqdm's ``disable=None``).
 
     Shapes: data_hu ``[X, Y, Z]`` -> (tokens ``[n + pad, C, h, w]`` float32 on the encoder's
     device, the ``n`` slice indices, ``pad`` zero grids appended).
@@ -100,9 +108,21 @@ def encode_volume(
         )
     hu, _ = prepare_hu(data_hu, preprocess, mask)
     indices, pad = select_slices(hu.shape[2], preprocess.slices)
+    from tqdm.auto import tqdm
+
     parts = []
-    for _, images in iter_slice_batches(hu, indices, preprocess, batch_size):
-        parts.append(encoder.encode(torch.from_numpy(images)).float())
+    bar = tqdm(
+        total=len(indices),
+        unit="slice",
+        desc="encoding",
+        disable=None if progress else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for _, images in iter_slice_batches(hu, indices, preprocess, batch_size):
+            parts.append(encoder.encode(torch.from_numpy(images)).float())
+            bar.update(images.shape[0])
     tokens = torch.cat(parts)
     if pad:
         tokens = torch.cat([tokens, tokens.new_zeros((pad, *tokens.shape[1:]))])
@@ -232,7 +252,7 @@ def predict_volume(
     # Eval mode for the run (dropout off), the caller's training flags put back afterwards.
     with lent_to(None, model, encoder):
         tokens, indices, pad = encode_volume(
-            volume.data, encoder, pre, batch_size=opts.batch_size, mask=mask
+            volume.data, encoder, pre, batch_size=opts.batch_size, mask=mask, progress=opts.progress
         )
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()

@@ -51,12 +51,17 @@ def predict_file(
     overlay: str | None = None,
     report: str | None = None,
     log: Any = None,
+    note: Any = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The command as a function; returns the report dict.
 
     ``encoder_options``: ``build_encoder`` options over the recipe's (the torchscript flags'
     ``patch_size_px``/``mean``/``std``); the recipe's own options apply only when the encoder run
     is the recipe's (names compared as ``encoder_key`` does: case and ``_``/``-`` ignored).
+    ``log``: called with the summary line; ``note``: with each thing the reader changed or
+    skipped (units converted, a header field dropped, damaged files beside a single DICOM
+    file), which the report's ``source.notes`` also lists; ``progress``: a bar over the slices.
     """
 
     from fastinsight.encoders.identity import encoder_key
@@ -99,8 +104,15 @@ def predict_file(
         options=options,
     )
     t_read = time.perf_counter() - t0
+    for text in volume.facts.get("notes", ()):
+        if note:
+            note(str(text))
     result = predict_volume(
-        volume, model, encoder, VolumeOptions(pre, batch_size=batch_size), mask=mask
+        volume,
+        model,
+        encoder,
+        VolumeOptions(pre, batch_size=batch_size, progress=progress),
+        mask=mask,
     )
     result.timings["read_and_load"] = t_read
     result.info["model"] = str(model_path)
