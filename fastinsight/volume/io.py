@@ -4,12 +4,22 @@ One in-memory form, :class:`Volume`: Hounsfield units as float32 ``[X, Y, Z]`` i
 order and the 4x4 voxel-to-world affine in RAS+ millimetres (nibabel's convention), so a heatmap
 written with the same shape and affine overlays the scan in 3D Slicer / ITK-SNAP unregistered.
 
-DICOM (LPS+ patient coordinates) is mapped as dcm2niix and nibabel map it: voxel axis 0 runs
-along the image columns (the row direction cosine ``r``), axis 1 along the rows (the column
-cosine ``c``), axis 2 along the slice normal ``n = r x c`` with slices sorted by ``IPP . n``::
+DICOM (LPS+ patient coordinates) is laid out exactly as dcm2niix writes it to NIfTI (checked
+against the real dcm2niix in tests/volume/test_volume_dcm2niix.py): voxel axis 0 runs along the
+image columns (the row direction cosine ``r``), axis 1 along the pixel rows from the LAST row to
+the first (``-c``, the column cosine reversed: dcm2niix flips the rows, so an axial series with
+IOP (1,0,0,0,1,0) is an LAS volume), axis 2 along the slice normal ``n = r x c`` with slices
+sorted by ``IPP . n`` (ascending), so the affine is always left-handed::
 
-    world_LPS(i, j, k) = IPP_0 + i * dc * r + j * dr * c + k * step       (dr, dc = PixelSpacing)
-    affine_RAS         = diag(-1, -1, 1, 1) @ affine_LPS
+    voxel (i, j, k)    = pixel (row R - 1 - j, column i) of slice k     (R = Rows)
+    world_LPS(i, j, k) = IPP_0 + i * dc * r + (R - 1 - j) * dr * c + k * step
+    affine_RAS         = diag(-1, -1, 1, 1) @ affine_LPS                (dr, dc = PixelSpacing)
+
+Every voxel keeps its world position either way, but the encoder sees ``data[:, :, k]`` as
+stored, so the layout decides which way up each slice goes in: the official INSIGHT-CT code
+reads NIfTI files as stored and its weights were trained on NIfTI slices (DICOM converted with
+dcm2niix), so a DICOM series here gives the slices, and the heatmap, of its dcm2niix NIfTI.
+NIfTI files are read as stored, not reoriented (as the official code).
 
 ``step`` is the mean offset between consecutive slice positions; a series whose offsets leave the
 normal (gantry tilt) or vary in length is refused rather than silently resampled.
@@ -667,12 +677,14 @@ def _series_volume(
                 f"{s.label}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} take its "
                 "values beyond float32's range (not Hounsfield units); the header is damaged"
             )
-        data[:, :, k] = hu.T  # voxel axis 0 = columns (along r), axis 1 = rows (along c)
+        # dcm2niix's layout: voxel axis 0 = columns (along r), axis 1 = rows from the last to
+        # the first (along -c); slices ascending along the normal.
+        data[:, :, k] = hu[::-1, :].T
     lps = np.eye(4)
     lps[:3, 0] = r * spacing[1]
-    lps[:3, 1] = c * spacing[0]
+    lps[:3, 1] = -c * spacing[0]
     lps[:3, 2] = step
-    lps[:3, 3] = positions[0]
+    lps[:3, 3] = positions[0] + (rows - 1) * spacing[0] * c  # the first slice's last row
     affine = LPS_TO_RAS @ lps
     check_volume(data, affine, f"series {series_uid}")
     facts = {

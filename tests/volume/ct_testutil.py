@@ -15,6 +15,21 @@ from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
 from fastinsight.volume.model import build_volume_model
 
 
+def dcm2niix_layout(hu: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What dcm2niix (and fastinsight) read from a series written by :func:`write_dicom_series`
+    or :func:`write_enhanced_ct` from ``(hu, affine_ras)``: the same voxels in the same world
+    places, slices ascending along the normal ``r x c``. That normal is ``-(axis 0 x axis 1)``
+    of the affine (RAS; axis 1 runs along ``-c``), so a right-handed affine (det > 0) comes back
+    with its slice axis reversed and a left-handed one as it is."""
+    affine = np.asarray(affine_ras, dtype=np.float64)
+    if np.linalg.det(affine[:3, :3]) < 0:
+        return hu, affine
+    out = affine.copy()
+    out[:3, 2] *= -1
+    out[:3, 3] = affine[:3, 3] + (hu.shape[2] - 1) * affine[:3, 2]
+    return hu[:, :, ::-1], out
+
+
 def write_dicom_series(
     folder: Path,
     hu: np.ndarray,
@@ -28,14 +43,20 @@ def write_dicom_series(
     positions: np.ndarray | None = None,
     prefix: str = "img",
 ) -> str:
-    """One file per slice ``hu[:, :, k]`` (pixel rows = voxel axis 1), files named in shuffled
-    order. ``positions`` overrides the ImagePositionPatient of each slice (LPS), for tilt/gap tests.
-    Returns the SeriesInstanceUID."""
+    """One file per slice ``hu[:, :, k]``, files named in shuffled order, laid out as dcm2niix
+    lays DICOM out: voxel axis 0 runs along the pixel columns and axis 1 along the pixel rows from
+    the last row to the first, so pixel row ``m`` is ``hu[:, Y - 1 - m, k]`` and the column cosine
+    is ``-affine[:, 1]`` (LPS). dcm2niix (and fastinsight's reader) turn it back into
+    :func:`dcm2niix_layout` ``(hu, affine_ras)``: ``hu`` itself for a left-handed affine (as every
+    dcm2niix NIfTI of DICOM has), the slices reversed for a right-handed one. ``positions``
+    overrides the ImagePositionPatient of each slice (LPS), for tilt/gap tests. Returns the
+    SeriesInstanceUID."""
     folder.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
     a0, a1, a2 = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     dc, dr = float(np.linalg.norm(a0)), float(np.linalg.norm(a1))
-    r, c = a0 / dc, a1 / dr
+    r, c = a0 / dc, -a1 / dr
+    first_row = lps[:3, 3] + (hu.shape[1] - 1) * a1  # pixel row 0 is voxel row Y - 1
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid()
     nz = hu.shape[2]
@@ -56,7 +77,7 @@ def write_dicom_series(
         ds.Modality = modality
         ds.PatientID = "SYNTH"
         ds.InstanceNumber = k + 1
-        ipp = lps[:3, 3] + k * a2 if positions is None else positions[k]
+        ipp = first_row + k * a2 if positions is None else positions[k]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*r, *c)]
         ds.PixelSpacing = [f"{dr:.6f}", f"{dc:.6f}"]
@@ -70,7 +91,8 @@ def write_dicom_series(
         ds.PixelRepresentation = 1
         ds.RescaleSlope = f"{slope:g}"
         ds.RescaleIntercept = f"{intercept:g}"
-        stored = np.rint((hu[:, :, k].T.astype(np.float64) - intercept) / slope).astype(np.int16)
+        pixels = hu[:, ::-1, k].T.astype(np.float64)
+        stored = np.rint((pixels - intercept) / slope).astype(np.int16)
         ds.PixelData = stored.tobytes()
         ds.save_as(str(path), enforce_file_format=True)
     return series_uid
@@ -88,8 +110,9 @@ def write_enhanced_ct(
 ) -> Path:
     """The volume as ONE enhanced CT file (Enhanced CT Image Storage, as current scanners
     export): frames in shuffled order, each placed by its PlanePositionSequence; orientation,
-    spacing and rescale in the shared functional groups. ``jpeg_lossless`` encapsulates every
-    frame as JPEG lossless SV1."""
+    spacing and rescale in the shared functional groups. Pixel layout as
+    :func:`write_dicom_series` (dcm2niix reads it back as ``hu`` with ``affine_ras``).
+    ``jpeg_lossless`` encapsulates every frame as JPEG lossless SV1."""
     from pydicom.dataset import Dataset
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +139,8 @@ def write_enhanced_ct(
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     orient, measures, rescale = Dataset(), Dataset(), Dataset()
-    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*(a0 / dc), *(a1 / dr))]
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*(a0 / dc), *(-a1 / dr))]
+    first_row = lps[:3, 3] + (hu.shape[1] - 1) * a1  # pixel row 0 is voxel row Y - 1
     measures.PixelSpacing = [f"{dr:.6f}", f"{dc:.6f}"]
     measures.SliceThickness = f"{float(np.linalg.norm(a2)):.6f}"
     rescale.RescaleSlope, rescale.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
@@ -129,13 +153,13 @@ def write_enhanced_ct(
     frames, per_frame = [], []
     for k in order:
         position, content, item = Dataset(), Dataset(), Dataset()
-        position.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * a2]
+        position.ImagePositionPatient = [f"{v:.6f}" for v in first_row + k * a2]
         content.InStackPositionNumber = k + 1
         item.PlanePositionSequence = [position]
         item.FrameContentSequence = [content]
         per_frame.append(item)
         frames.append(
-            np.rint((hu[:, :, k].T.astype(np.float64) - intercept) / slope).astype(np.int16)
+            np.rint((hu[:, ::-1, k].T.astype(np.float64) - intercept) / slope).astype(np.int16)
         )
     ds.PerFrameFunctionalGroupsSequence = per_frame
     if jpeg_lossless:

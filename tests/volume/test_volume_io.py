@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from ct_testutil import write_dicom_series, write_enhanced_ct
+from ct_testutil import dcm2niix_layout, write_dicom_series, write_enhanced_ct
 
 from fastinsight.errors import InputError
 from fastinsight.volume.io import read_dicom_series, read_nifti, read_volume, write_nifti
@@ -42,12 +42,15 @@ def test_nifti_scaling_is_applied(tmp_path: Path) -> None:
 
 
 def test_dicom_series_shuffled_equals_nifti(tmp_path: Path, ct) -> None:
+    """The series reads as dcm2niix writes it (slices ascending along the normal: this RAS
+    affine's slice axis comes back reversed, every voxel in its world place)."""
     uid = write_dicom_series(tmp_path / "dcm", ct.hu, ct.affine, shuffle_seed=7)
     vol = read_volume(tmp_path / "dcm")
-    np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
-    np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+    data, affine = dcm2niix_layout(ct.hu, ct.affine)
+    np.testing.assert_array_equal(vol.data, data.astype(np.float32))
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
     assert vol.facts["series_uid"] == uid and vol.facts["files"] == 6
-    assert vol.orientation == "RAS"
+    assert vol.orientation == "RAI"
 
 
 @pytest.mark.parametrize("jpeg_lossless", [False, True])
@@ -58,10 +61,15 @@ def test_enhanced_multiframe_ct_equals_the_classic_series(
     lossless frames) reads like the one-file-per-slice series: same HU, same affine."""
     path = write_enhanced_ct(tmp_path / "e" / "ct.dcm", *(ct.hu, ct.affine),
                              shuffle_seed=5, jpeg_lossless=jpeg_lossless)  # fmt: skip
+    write_dicom_series(tmp_path / "c", ct.hu, ct.affine)
+    classic = read_volume(tmp_path / "c")
     for vol in (read_volume(tmp_path / "e"), read_volume(path)):
-        np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
-        np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+        np.testing.assert_array_equal(vol.data, classic.data)
+        np.testing.assert_allclose(vol.affine, classic.affine, atol=1e-5)
         assert vol.facts["files"] == 1 and vol.facts["slices"] == 6
+    data, affine = dcm2niix_layout(ct.hu, ct.affine)
+    np.testing.assert_array_equal(classic.data, data.astype(np.float32))
+    np.testing.assert_allclose(classic.affine, affine, atol=1e-5)
 
 
 def test_one_frame_enhanced_ct_file(tmp_path: Path, ct) -> None:
@@ -89,19 +97,21 @@ def test_enhanced_ct_with_a_repeated_frame_position_is_refused(tmp_path: Path, c
 def test_dicom_rescale_slope_intercept(tmp_path: Path, ct) -> None:
     hu = (ct.hu // 2) * 2  # representable with slope 2
     write_dicom_series(tmp_path / "d", hu, ct.affine, slope=2.0, intercept=-2048.0)
-    np.testing.assert_array_equal(read_dicom_series(tmp_path / "d").data, hu.astype(np.float32))
+    expected = dcm2niix_layout(hu, ct.affine)[0]
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "d").data, expected)
 
 
 def test_dicom_reversed_normal_same_world(tmp_path: Path, ct) -> None:
-    # Slices stored with the z axis pointing down: the reader sorts along the normal, so the
-    # voxel order flips but every voxel keeps its world position.
+    # The same scan with its slices stored in either order along the normal: the reader sorts
+    # them along the normal (as dcm2niix), so both read alike, every voxel in its world place.
     flip = ct.affine.copy()
     flip[:3, 2] *= -1
     flip[:3, 3] = ct.affine[:3, 3] + (ct.hu.shape[2] - 1) * ct.affine[:3, 2]
-    write_dicom_series(tmp_path / "d", ct.hu[:, :, ::-1], flip)
-    vol = read_volume(tmp_path / "d")
-    np.testing.assert_array_equal(vol.data, ct.hu.astype(np.float32))
-    np.testing.assert_allclose(vol.affine, ct.affine, atol=1e-5)
+    write_dicom_series(tmp_path / "up", ct.hu, ct.affine)
+    write_dicom_series(tmp_path / "down", ct.hu[:, :, ::-1], flip)
+    for vol in (read_volume(tmp_path / "up"), read_volume(tmp_path / "down")):
+        np.testing.assert_array_equal(vol.data, ct.hu[:, :, ::-1].astype(np.float32))
+        np.testing.assert_allclose(vol.affine, flip, atol=1e-5)
 
 
 def test_mixed_series_refused_then_picked(tmp_path: Path, ct) -> None:
@@ -167,10 +177,13 @@ def test_ct_small_real_dicom_hu() -> None:
     vol = read_volume(path)
     assert vol.shape == (128, 128, 1)
     expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) - 1024.0
-    np.testing.assert_array_equal(vol.data[:, :, 0], expected.T.astype(np.float32))
-    # Voxel (0, 0, 0) is the first pixel, at ImagePositionPatient (LPS -> RAS flips x and y).
+    # dcm2niix's layout: voxel row j is pixel row Rows - 1 - j.
+    np.testing.assert_array_equal(vol.data[:, :, 0], expected[::-1].T.astype(np.float32))
+    # The first pixel (row 0, column 0) is voxel (0, Rows - 1, 0), at ImagePositionPatient
+    # (LPS -> RAS flips x and y).
     ipp = np.array([float(v) for v in ds.ImagePositionPatient])
-    np.testing.assert_allclose(vol.affine[:3, 3], ipp * [-1, -1, 1], atol=1e-6)
+    corner = vol.affine @ [0, vol.shape[1] - 1, 0, 1]
+    np.testing.assert_allclose(corner[:3], ipp * [-1, -1, 1], atol=1e-6)
     assert vol.spacing[:2] == pytest.approx([float(v) for v in ds.PixelSpacing[::-1]])
     assert -1024 <= vol.data.min() and vol.data.max() > 500  # bone in a real CT
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from ct_testutil import TILE, small_model_file, write_dicom_series
+from ct_testutil import TILE, dcm2niix_layout, small_model_file, write_dicom_series
 
 from fastinsight.cli import main
 from fastinsight.volume.io import write_nifti
@@ -34,7 +34,8 @@ def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(
     tmp_path: Path, model_file: Path
 ) -> None:
     ct = make_chest_ct((30, 26, 7), lesions=2, seed=5, affine=AFFINE)
-    # NIfTI with the slice axis reversed (another voxel order, same world); DICOM shuffled.
+    # NIfTI with the slice axis reversed (another voxel order, same world; each slice as it is,
+    # so the 2-D model sees the same slices); DICOM shuffled, read as dcm2niix lays it out.
     flip = AFFINE.copy()
     flip[:3, 2] *= -1
     flip[:3, 3] = AFFINE[:3, 3] + 6 * AFFINE[:3, 2]
@@ -61,7 +62,7 @@ def test_nifti_and_dicom_give_the_same_heatmap_in_world_space(
     b = nib.load(str(tmp_path / "h_dcm.nii.gz"))
     assert a.shape == (30, 26, 7) and a.get_data_dtype() == np.float32
     np.testing.assert_allclose(a.affine, flip, atol=1e-5)
-    np.testing.assert_allclose(b.affine, AFFINE, atol=1e-5)
+    np.testing.assert_allclose(b.affine, dcm2niix_layout(ct.hu, AFFINE)[1], atol=1e-5)
     va = np.asarray(a.dataobj)
     np.testing.assert_allclose(_world_lookup(a, b), va, atol=1e-6)
     assert (va > 0).any()
@@ -270,9 +271,10 @@ def test_cuda_matches_cpu(tmp_path: Path, model_file: Path) -> None:
 
 
 def test_generic_predict_dispatches_ct(tmp_path: Path, model_file: Path) -> None:
-    """`fastinsight predict` hands NIfTI / DICOM inputs to the CT pipeline: same heatmap."""
+    """`fastinsight predict` hands NIfTI / DICOM inputs to the CT pipeline: same heatmap
+    (the NIfTI as dcm2niix writes the DICOM series)."""
     ct = make_chest_ct((20, 20, 4), lesions=1, seed=2, affine=AFFINE)
-    write_nifti(ct.hu, AFFINE, tmp_path / "s.nii.gz", dtype=np.int16)
+    write_nifti(*dcm2niix_layout(ct.hu, AFFINE), tmp_path / "s.nii.gz", dtype=np.int16)
     write_dicom_series(tmp_path / "dcm", ct.hu, AFFINE)
     base = ["--model", str(model_file), "--device", "cpu"]
     assert (
