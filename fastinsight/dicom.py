@@ -350,10 +350,18 @@ def _files_under(folder: Path) -> Iterator[Path]:
         yield from (Path(root) / name for name in sorted(files))
 
 
-def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
-    """``(SeriesInstanceUID, pixels in the level)`` of a DICOM WSI pyramid-level file, or None.
+# ImageType value 3 of a VL Whole Slide Microscopy image (PS3.3 C.8.12.4.1.1): VOLUME and
+# THUMBNAIL images are pyramid levels; LABEL and OVERVIEW are images of the same slide beside
+# the pyramid, never read as the slide.
+_WSI_LEVEL_KINDS = ("VOLUME", "THUMBNAIL")
+_WSI_ASSOCIATED_KINDS = {"LABEL": "label image", "OVERVIEW": "overview (macro) image"}
 
-    Reads the header only (never pixels); label and overview images are not pyramid levels.
+
+def _wsi_image(path: os.PathLike[str] | str) -> tuple[str, str, int] | None:
+    """``(SeriesInstanceUID, kind, pixels)`` of a DICOM VL Whole Slide Microscopy file, or None.
+
+    ``kind`` is ImageType value 3 (VOLUME, THUMBNAIL, LABEL, OVERVIEW; "" when absent). Reads
+    the header only (never pixels).
     """
     if not has_preamble(path):  # first: an SVS or TIFF never needs pydicom imported
         return None
@@ -378,33 +386,51 @@ def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
         return None
     if str(ds.get("SOPClassUID", "")) != WSM_SOP_CLASS:
         return None
-    kind = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if len(kind) > 2 and kind[2] not in ("VOLUME", "THUMBNAIL"):
-        return None  # LABEL / OVERVIEW
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = [image_type]
+    kind = [str(v).strip().upper() for v in image_type]
     try:
         size = int(ds.get("TotalPixelMatrixColumns", 0)) * int(ds.get("TotalPixelMatrixRows", 0))
     except (TypeError, ValueError):
         size = 0
-    return str(ds.get("SeriesInstanceUID", "")), size
+    return str(ds.get("SeriesInstanceUID", "")), (kind[2] if len(kind) > 2 else ""), size
+
+
+def _wsi_level(path: os.PathLike[str] | str) -> tuple[str, int] | None:
+    """``(SeriesInstanceUID, pixels in the level)`` of a DICOM WSI pyramid-level file, or None.
+
+    Reads the header only (never pixels); label and overview images are not pyramid levels.
+    """
+    found = _wsi_image(path)
+    if found is None or found[1] in _WSI_ASSOCIATED_KINDS:
+        return None
+    return found[0], found[2]
 
 
 def whole_slide_file(path: os.PathLike[str] | str) -> Path | None:
     """The file to open of the DICOM whole-slide image that ``path`` is or holds, else None.
 
-    ``path`` may be one file of the image (any level; its folder holds the others) or the folder
-    (searched :data:`WSI_SCAN_DEPTH` levels deep). Returns the file of the image's largest level;
-    None when there is no whole-slide image there (a CT series, a TIFF, ...). A folder with
-    several whole-slide images (series) raises InputError naming them: pass one file instead.
+    ``path`` may be one file of the image (any level, or its label, overview or thumbnail
+    image; its folder holds the levels) or the folder (searched :data:`WSI_SCAN_DEPTH` levels
+    deep). Returns the file of the image's largest level; None when there is no whole-slide
+    image there (a CT series, a TIFF, ...). A folder with several whole-slide images (series)
+    raises InputError naming them: pass one file instead. A label or overview file with no
+    pyramid level of its series beside it (or a folder holding only such files) raises
+    InputError: those images are not the slide.
     """
     from pathlib import Path
 
     p = Path(path).expanduser()
     only: str | None = None
+    associated: tuple[Path, str] | None = None  # (a label/overview file, its kind)
     if p.is_file():
-        found = _wsi_level(p)
+        found = _wsi_image(p)
         if found is None:
             return None
         only = found[0]
+        if found[1] in _WSI_ASSOCIATED_KINDS:
+            associated = (p, found[1])
         candidates = sorted(f for f in p.parent.iterdir() if f.is_file())
     elif p.is_dir():
         candidates = list(itertools.islice(_files_under(p), WSI_SCAN_FILES))
@@ -412,12 +438,26 @@ def whole_slide_file(path: os.PathLike[str] | str) -> Path | None:
         return None
     largest: dict[str, tuple[int, Path]] = {}
     for f in candidates[:WSI_SCAN_FILES]:
-        level = _wsi_level(f)
-        if level is None or (only is not None and level[0] != only):
+        image = _wsi_image(f)
+        if image is None or (only is not None and image[0] != only):
             continue
-        series, size = level
+        series, kind, size = image
+        if kind in _WSI_ASSOCIATED_KINDS:
+            associated = associated or (f, kind)
+            continue
         if series not in largest or size > largest[series][0]:
             largest[series] = (size, f)
+    if associated is not None and not largest:
+        what = f"the {_WSI_ASSOCIATED_KINDS[associated[1]]} of a DICOM whole-slide image"
+        if p.is_file():
+            raise InputError(
+                f"{str(p)!r} is {what}, not the slide; its pyramid levels (the VOLUME images of "
+                "its series) are not beside it: pass the slide's folder"
+            )
+        raise InputError(
+            f"{str(p)!r} holds only {what} ({associated[0].name!r}), not its pyramid levels "
+            "(VOLUME images): pass the slide's folder"
+        )
     if p.is_file() and only not in largest:
         return p  # its folder listing failed to show it again: open the file given
     if len(largest) > 1:
@@ -430,14 +470,15 @@ def whole_slide_file(path: os.PathLike[str] | str) -> Path | None:
 
 
 def is_whole_slide_image(path: os.PathLike[str] | str) -> bool:
-    """Cheap test for dispatch: ``path`` is a DICOM WSI file, or a folder whose first DICOM files
-    (up to 8, :data:`WSI_SCAN_DEPTH` deep) include one."""
+    """Cheap test for dispatch: ``path`` is a DICOM WSI file (any image of the slide: a level,
+    its thumbnail, label or overview), or a folder whose first DICOM files (up to 8,
+    :data:`WSI_SCAN_DEPTH` deep) include one."""
     from pathlib import Path
 
     p = Path(path).expanduser()
     if p.is_file():
-        return _wsi_level(p) is not None
+        return _wsi_image(p) is not None
     if not p.is_dir():
         return False
     dicoms = (f for f in _files_under(p) if has_preamble(f))
-    return any(_wsi_level(f) is not None for f in itertools.islice(dicoms, 8))
+    return any(_wsi_image(f) is not None for f in itertools.islice(dicoms, 8))

@@ -429,11 +429,11 @@ class TiffFileReader(SlideReader):
 
     def _setup(self) -> None:
         tif = self._tif
-        series = [s for s in tif.series if s.keyframe is not None and len(s.shape) >= 2]
-        if not series:
+        main = _main_series(tif)
+        if main is None:
             raise SlideError(f"tifffile finds no image in {_slide_name(self._path)}")
-        # The main image is the largest series (thumbnails, labels and macros are smaller).
-        main = max(series, key=lambda s: _yx_area(s.keyframe))
+        # Before the sample checks: a stack of 16-bit channel planes is first a stack.
+        _check_one_plane(main, self._path)
         pages = []
         for level in main.levels:
             page = level.keyframe
@@ -692,7 +692,7 @@ def _open_tifffile(path: Path) -> Any:
                 ) from None
             try:
                 len(tif.pages)  # walks the whole IFD chain
-                for i, page in enumerate(tif.pages):
+                for i, page in enumerate(_tiff_pages(tif)):
                     _ = page.shape
                     # Sizes against tile tables, before tifffile's series parsing divides by
                     # a zero tile size or any reader indexes past a tile table.
@@ -720,6 +720,70 @@ def _open_tifffile(path: Path) -> Any:
             f"the end of the file ({detail}); re-copy the file and check its size"
         )
     return tif
+
+
+def _tiff_pages(tif: Any) -> list[Any]:
+    """Every IFD of the main chain as a ``TiffPage``: once tifffile has parsed an OME (or
+    ImageJ, ...) series it turns on ``pages.useframes``, and iterating ``tif.pages`` then
+    yields ``TiffFrame``s, which lack the size and tile tags the structure checks read."""
+    import tifffile
+
+    pages = tif.pages
+    count = len(pages)  # walks the whole IFD chain
+    get = getattr(pages, "get", None)
+    if get is not None:  # tifffile >= 2023: a TiffPage, read from file if only a frame is cached
+        return [get(i, aspage=True) for i in range(count)]
+    return [p if isinstance(p, tifffile.TiffPage) else p.aspage() for p in pages]
+
+
+def _main_series(tif: Any) -> Any | None:
+    """The main image: the largest of tifffile's series (thumbnails, labels and macros are
+    smaller); None when there is no 2-D image."""
+    series = [s for s in tif.series if s.keyframe is not None and len(s.shape) >= 2]
+    if not series:
+        return None
+    return max(series, key=lambda s: _yx_area(s.keyframe))
+
+
+# Series kinds whose axes say what the planes are (the file's own metadata); the vendor
+# kinds (svs, ndpi, scn, bif, philips, generic) keep their focal planes' first plane, as
+# OpenSlide reads them.
+_PLANE_METADATA_KINDS = {"ome": "an OME-TIFF", "imagej": "an ImageJ TIFF", "shaped": "a TIFF"}
+
+
+def _plane_words(axis: str, n: int) -> str:
+    if axis == "C":
+        return f"{n} channel planes"
+    if axis == "Z":
+        return f"a Z stack of {n} planes"
+    if axis == "T":
+        return f"{n} time points"
+    return f"{n} planes along its {axis} axis"
+
+
+class _MultiPlaneTiff(SlideError):
+    """The main image holds several planes (channels as pages, a Z stack, a time series): every
+    reader would read one plane of it as the slide, so it is refused, alone, by every reader."""
+
+
+def _check_one_plane(series: Any, path: Path) -> None:
+    """Refuse a main series of several planes (OME/ImageJ/tifffile axes other than Y, X and
+    the samples S, of length > 1): the readers read one plane (a keyframe) as the slide, which
+    for channels stored as planes is channel 0 as grey."""
+    kind = _PLANE_METADATA_KINDS.get(str(getattr(series, "kind", "") or "").lower())
+    if kind is None:
+        return
+    axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+    planes = [(a, n) for a, n in zip(axes, shape, strict=False) if a not in "YXS" and n > 1]
+    if not planes:
+        return
+    held = " and ".join(_plane_words(a, n) for a, n in planes)
+    raise _MultiPlaneTiff(
+        f"slide {_slide_name(path)} is {kind} with {held} (axes {axes}, shape "
+        f"{'x'.join(map(str, shape))}); fastinsight reads brightfield slides stored as one "
+        "plane (RGB samples, or grey); save it as one interleaved RGB image (e.g. bfconvert, "
+        "or tifffile.imwrite(..., photometric='rgb') of a [H, W, 3] array)"
+    )
 
 
 def _yx_area(page_or_series: Any) -> int:
@@ -1289,7 +1353,8 @@ def open_slide(
 
     attempts: list[str] = []
     diagnosis: str | None = None
-    damaged: str | None = None  # a TIFF whose own tags contradict each other, any reader saw it
+    # A TIFF whose own tags contradict each other, or a stack of planes: any reader saw it.
+    damaged: str | None = None
     opened: list[SlideReader] = []
     for kind in order:
         if kind == "tifffile" and opened:
@@ -1298,7 +1363,7 @@ def open_slide(
             reader = kinds[kind](path, mpp=mpp)
         except SlideError as exc:
             attempts.append(str(exc))
-            if isinstance(exc, _DamagedTiff):
+            if isinstance(exc, (_DamagedTiff, _MultiPlaneTiff)):
                 damaged = damaged or str(exc)
             if isinstance(exc, _UnsupportedLayout):
                 diagnosis = diagnosis or str(exc)
@@ -1309,7 +1374,7 @@ def open_slide(
         except SlideError as exc:
             reader.close()
             attempts.append(str(exc))
-            if isinstance(exc, _DamagedTiff):
+            if isinstance(exc, (_DamagedTiff, _MultiPlaneTiff)):
                 damaged = damaged or str(exc)
             continue
         opened.append(reader)
@@ -1445,6 +1510,9 @@ def _check_tiff_if_tiff(path: Path) -> None:
         return
     tif = _open_tifffile(path)
     try:
-        _check_segments_in_file(tif, list(tif.pages), path)
+        main = _main_series(tif)
+        if main is not None:
+            _check_one_plane(main, path)  # OpenSlide would read plane 0 alone as the slide
+        _check_segments_in_file(tif, _tiff_pages(tif), path)
     finally:
         tif.close()

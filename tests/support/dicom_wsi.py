@@ -37,11 +37,16 @@ def write_dicom_wsi(
     downsamples: tuple[int, ...] = (1, 4),
     jpeg: bool = True,
     extra_series_file: bool = False,
+    associated: tuple[str, ...] = (),
 ) -> list[Path]:
     """Level-0 ``rgb`` (uint8 ``[H, W, 3]``) and its block-mean downsamples, one file each.
 
     ``mpp``: level-0 pixel size in um. Returns the files, level 0 first. ``extra_series_file``
     also writes an unrelated non-WSI DICOM into the folder (as a PACS export folder might hold).
+    ``associated``: also write these images of the slide (``"LABEL"``, ``"OVERVIEW"``,
+    ``"THUMBNAIL"``), one small single-frame file each (``label.dcm``, ...), in the same series
+    with ImageType ``ORIGINAL\\PRIMARY\\<kind>\\NONE``, as wsidicomizer writes them; they are
+    not in the returned list (``folder / f"{kind.lower()}.dcm"``).
     """
     import imagecodecs
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -52,8 +57,14 @@ def write_dicom_wsi(
     study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
     h0, w0 = rgb.shape[:2]
     paths = []
-    for index, ds_factor in enumerate(downsamples):
-        if ds_factor == 1:
+    jobs: list[tuple[int, str | None]] = [(f, None) for f in downsamples]
+    jobs += [(max(1, min(h0, w0) // 64), kind.upper()) for kind in associated]
+    for index, (ds_factor, kind) in enumerate(jobs):
+        if kind is not None and kind != "THUMBNAIL":
+            # A label / overview: its own small picture (not a downsample), one frame.
+            level = np.full((48, 80, 3), 240, np.uint8)
+            level[8:40, 8:72] = (30, 30, 30) if kind == "LABEL" else (200, 120, 180)
+        elif ds_factor == 1:
             level = rgb
         else:
             hh, ww = h0 // ds_factor, w0 // ds_factor
@@ -65,12 +76,12 @@ def write_dicom_wsi(
                 .astype(np.uint8)
             )
         h, w = level.shape[:2]
-        tiles = _tiles(level, tile)
+        tiles = _tiles(level, tile if kind is None else -(-max(h, w) // 16) * 16)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = WSM_SOP_CLASS
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
-        path = folder / f"level{index}.dcm"
+        path = folder / (f"level{index}.dcm" if kind is None else f"{kind.lower()}.dcm")
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID = WSM_SOP_CLASS
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
@@ -86,7 +97,9 @@ def write_dicom_wsi(
         ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
         ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
         ds.ImageType = (
-            ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+            ["ORIGINAL", "PRIMARY", kind, "NONE"]
+            if kind is not None
+            else ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
             if index == 0
             else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
         )
@@ -104,7 +117,8 @@ def write_dicom_wsi(
         if jpeg:
             ds.LossyImageCompressionMethod = "ISO_10918_1"
             ds.LossyImageCompressionRatio = 10
-        ds.BurnedInAnnotation, ds.SpecimenLabelInImage = "NO", "NO"
+        on_label = "YES" if kind == "LABEL" else "NO"
+        ds.BurnedInAnnotation, ds.SpecimenLabelInImage = on_label, on_label
         ds.FocusMethod, ds.ExtendedDepthOfField = "AUTO", "NO"
         ds.VolumetricProperties = "VOLUME"
         ds.ImagedVolumeWidth = w0 * mpp / 1000.0
@@ -147,7 +161,8 @@ def write_dicom_wsi(
         else:
             ds.PixelData = np.stack(tiles).tobytes()
         ds.save_as(str(path), enforce_file_format=True)
-        paths.append(path)
+        if kind is None:
+            paths.append(path)
     if extra_series_file:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
