@@ -219,7 +219,9 @@ class VolumeResult:
         """PNG montage of the ``n_slices`` most salient slices with a colour bar."""
         from fastinsight.volume.overlay import render_montage
 
-        image = render_montage(self.volume.data, self.heatmap(0), n_slices=n_slices)
+        image = render_montage(
+            self.volume.data, self.heatmap(0), n_slices=n_slices, affine=self.volume.affine
+        )
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
 
