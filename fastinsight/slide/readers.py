@@ -1022,7 +1022,31 @@ def _tiff_mpp(tif: Any, page: Any, series: int = 0) -> tuple[float, float] | Non
         value = _parse_float(match.group(1))
         if value is not None and _plausible_mpp((value, value)):
             return (value, value)
-    return _plausible_mpp(_resolution_mpp(page))
+    return _plausible_mpp(_resolution_mpp(page) or _imagej_mpp(page, description))
+
+
+# ImageJ's ``unit=`` spellings (Fiji writes "micron"; "\u00B5m" is its escaped µm) in um.
+_IMAGEJ_UNIT_UM = {
+    "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0,
+    "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
+    "inch": 25400.0,
+}  # fmt: skip
+
+
+def _imagej_mpp(page: Any, description: str) -> tuple[float, float] | None:
+    """ImageJ/Fiji TIFFs: X/YResolution are pixels per the description's ``unit=`` (their
+    ResolutionUnit is NONE, so the TIFF tags alone give no length)."""
+    if not description.startswith("ImageJ="):
+        return None
+    match = re.search(r"^unit=(.+)$", description, re.MULTILINE)
+    factor = _IMAGEJ_UNIT_UM.get(match.group(1).strip().lower()) if match else None
+    xres_tag, yres_tag = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if factor is None or xres_tag is None or yres_tag is None:
+        return None
+    xres, yres = _rational(xres_tag.value), _rational(yres_tag.value)
+    if not xres or not yres or xres <= 0 or yres <= 0:
+        return None
+    return (factor / xres, factor / yres)
 
 
 def _resolution_mpp(page: Any) -> tuple[float, float] | None:
