@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fastinsight.atomic import check_writable
 from fastinsight.errors import InputError
 from fastinsight.evaluate import RESAMPLE, evaluate_from_folder
+from fastinsight.text import terminal_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     result.write_json(out + ".json")
     result.write_csv(out + ".csv")
     print(result.summary())
-    for note in result.notes:
-        print(f"note: {note}")
+    for note in result.notes:  # beside the error lines, not in the output a script reads
+        print(f"fastinsight: note: {terminal_text(note)}", file=sys.stderr)
     print(f"wrote {out}.json and {out}.csv")
     return 0

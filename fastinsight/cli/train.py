@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from fastinsight.text import terminal_text
 from fastinsight.train import TrainConfig, train_from_folder
 
 
@@ -127,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=tqdm.write,
     )
-    for note in result.notes:
-        print(f"note: {note}")
+    for note in result.notes:  # beside the error lines, not in the output a script reads
+        print(f"fastinsight: note: {terminal_text(note)}", file=sys.stderr)
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     print(
         f"wrote {result.model_path} (epoch {result.best_epoch}, val loss {best}); metrics in "

@@ -370,3 +370,28 @@ def test_train_from_folder_uses_a_split_column(tmp_path: Path) -> None:
     )
     assert result.val_ids == ("slide01", "slide04")
     assert result.train_ids == ("slide00", "slide02", "slide03")
+
+
+def test_train_cli_notes_go_to_stderr_not_stdout(tmp_path: Path, capsys) -> None:
+    """A script reads ``train``'s stdout (the "wrote ..." line); notes are beside the errors."""
+    from fastinsight.cli import main
+
+    feats = np.random.default_rng(0).standard_normal((3, 8, 4, 4)).astype(np.float32)
+    for i in range(4):
+        write_insight(
+            tmp_path / "f" / f"s{i}.h5", feats, grid_coords(np.c_[[0, 0, 1], [0, 1, 0]], 64)
+        )
+    (tmp_path / "l.csv").write_text("slide_id,tumor\ns0,0\ns1,1\ns2,0\ns3,1\ns4,1\n")
+    argv = [
+        "train", tmp_path / "f", tmp_path / "l.csv", "--out", tmp_path / "m.safetensors",
+        "--skip-missing", "--encoder", "toy", "--tile-size", "64", "--mpp", "0.5",
+        "--epochs", "1", "--val-fraction", "0", "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert not [line for line in lines if "note:" in line] and lines[-1].startswith("wrote "), out
+    assert any(
+        line.startswith("fastinsight: note: ") and "without features" in line
+        for line in err.splitlines()
+    ), err
