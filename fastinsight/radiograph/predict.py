@@ -299,27 +299,6 @@ def heatmap_description(result: RadiographResult, k: int, model_name: str) -> st
     return ascii_text("\n".join(" ".join(line.split()) for line in lines))
 
 
-# Pixels quantised at a time by encode_heatmap_rows: encode_scores makes float64 and int64
-# temporaries of its input's size (several live at once), which for a 64 MP map were ~2 GB;
-# a block of 2^18 pixels keeps them under ~10 MB.
-ENCODE_BLOCK_PIXELS = 1 << 18
-
-
-def encode_heatmap_rows(heatmap: np.ndarray) -> np.ndarray:
-    """``encode_scores(heatmap, (0, 1))`` a block of rows at a time (the same codes: the coding is
-    per pixel), so its temporaries stay a few MB whatever the image size.
-
-    Shapes: float ``[H, W]`` -> uint8 ``[H, W]``.
-    """
-    from fastinsight.slide.heatmap_tiff import encode_scores
-
-    codes = np.empty(heatmap.shape, dtype=np.uint8)
-    step = max(1, ENCODE_BLOCK_PIXELS // max(1, heatmap.shape[-1]))
-    for top in range(0, heatmap.shape[0], step):
-        codes[top : top + step] = encode_scores(heatmap[top : top + step], (0.0, 1.0))
-    return codes
-
-
 def write_heatmap(
     path: str | os.PathLike[str], result: RadiographResult, k: int, model_name: str
 ) -> None:
@@ -330,7 +309,9 @@ def write_heatmap(
     """
     import tifffile
 
-    codes = encode_heatmap_rows(result.heatmap(k))
+    from fastinsight.slide.heatmap_tiff import encode_scores
+
+    codes = encode_scores(result.heatmap(k), (0.0, 1.0))  # in blocks: a few MB of temporaries
     kwargs: dict[str, Any] = {}
     spacing = result.radiograph.pixel_spacing_mm
     if spacing is not None:

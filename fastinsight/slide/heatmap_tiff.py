@@ -139,16 +139,28 @@ class HeatmapGeometry:
         return cells[np.ix_(rows, cols)]
 
 
+# Scores quantised at a time by encode_scores: the float64 coding makes several temporaries of
+# its input's size, ~2 GB at once for a 64 MP radiograph heatmap; 2^18 keeps them ~10 MB.
+ENCODE_BLOCK_PIXELS = 1 << 18
+
+
 def encode_scores(scores: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Quantise scores to the uint8 code: 0 = NaN (non-tissue), 1..255 = the clipped range.
+
+    The coding is per value, computed ``ENCODE_BLOCK_PIXELS`` values at a time, so its float64
+    temporaries stay a few MB whatever the map's size.
 
     Shapes: ``[...]`` float -> uint8 ``[...]``.
     """
     vmin, vmax = _check_range(value_range)
-    s = np.asarray(scores, dtype=np.float64)
-    norm = np.clip((s - vmin) / (vmax - vmin), 0.0, 1.0)
-    code = 1 + np.rint(np.nan_to_num(norm, nan=0.0) * _SCORE_LEVELS)
-    return np.where(np.isnan(s), 0, code).astype(np.uint8)
+    flat = np.asarray(scores).reshape(-1)
+    codes = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, ENCODE_BLOCK_PIXELS):
+        s = flat[start : start + ENCODE_BLOCK_PIXELS].astype(np.float64)
+        norm = np.clip((s - vmin) / (vmax - vmin), 0.0, 1.0)
+        code = 1 + np.rint(np.nan_to_num(norm, nan=0.0) * _SCORE_LEVELS)
+        codes[start : start + ENCODE_BLOCK_PIXELS] = np.where(np.isnan(s), 0, code)
+    return codes.reshape(np.shape(scores))
 
 
 def decode_scores(codes: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:

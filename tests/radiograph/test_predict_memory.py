@@ -34,11 +34,10 @@ CHILD = textwrap.dedent(
     import json, sys, threading, time
     from fastinsight.cli.main import main
 
-    if len(sys.argv) > 6:  # the whole-map coding the row blocks replaced: the test must see it
-        import fastinsight.radiograph.predict as rp
-        from fastinsight.slide.heatmap_tiff import encode_scores
+    if len(sys.argv) > 6:  # the whole-map coding the blocks replaced: the test must see it
+        import fastinsight.slide.heatmap_tiff as ht
 
-        rp.encode_heatmap_rows = lambda hm: encode_scores(hm, (0.0, 1.0))
+        ht.ENCODE_BLOCK_PIXELS = 1 << 40
 
     def anon_kib():
         # Anonymous resident memory: what the run allocates. Unlike the total (VmHWM,
@@ -123,17 +122,22 @@ def test_the_measure_sees_the_whole_map_coding(tmp_path: Path) -> None:
     assert _peak_bytes_per_pixel(tmp_path, old_coding=True) > 24
 
 
-def test_row_block_coding_equals_whole_map_coding(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_block_coding_equals_whole_map_coding(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastinsight.slide.heatmap_tiff as ht
+
     rng = np.random.default_rng(0)
     hm = rng.random((37, 29), dtype=np.float32)
     # exact ends, out-of-range values, NaN, and values on the rounding boundaries
     hm[0, :6] = [0.0, 1.0, -0.5, 1.5, np.nan, 0.5 / 254]
     hm[1, :4] = np.array([1.5, 2.5, 100.5, 253.5], dtype=np.float32) / 254
-    for block in (1, 29, 30, 100, 10_000):  # one row, whole rows, ragged last block, one block
-        monkeypatch.setattr(rp, "ENCODE_BLOCK_PIXELS", block)
-        codes = rp.encode_heatmap_rows(hm)
+    monkeypatch.setattr(ht, "ENCODE_BLOCK_PIXELS", 1 << 40)
+    whole = encode_scores(hm, (0.0, 1.0))  # one block: the coding as it was
+    for block in (1, 29, 30, 100, 10_000):  # one value, whole rows, ragged last block, one block
+        monkeypatch.setattr(ht, "ENCODE_BLOCK_PIXELS", block)
+        codes = encode_scores(hm, (0.0, 1.0))
         assert codes.dtype == np.uint8 and codes.shape == hm.shape
-        np.testing.assert_array_equal(codes, encode_scores(hm, (0.0, 1.0)))
+        np.testing.assert_array_equal(codes, whole)
+    assert encode_scores(np.float32(0.5)).shape == ()  # a scalar stays a scalar
 
 
 def test_written_heatmap_is_the_whole_map_coding(tmp_path: Path) -> None:
@@ -147,7 +151,7 @@ def test_written_heatmap_is_the_whole_map_coding(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_pylon(PylonModel(cfg), path)
     model = rp.load_radiograph_model(path, device="cpu")
-    img = _png(tmp_path / "cxr.png", 700)  # > ENCODE_BLOCK_PIXELS: several row blocks
+    img = _png(tmp_path / "cxr.png", 700)  # > ENCODE_BLOCK_PIXELS: several blocks
     result = next(iter(rp.predict_radiographs([img], model)))
     assert isinstance(result, rp.RadiographResult)
     rp.write_heatmap(tmp_path / "hm.tif", result, 1, "test")
