@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,14 +84,15 @@ def _validate(
 
 @dataclass(frozen=True)
 class _Run:
-    """What every epoch of one run shares."""
+    """What every epoch of one run shares. ``save_model`` writes the model when an epoch improved
+    (None: the run writes no model)."""
 
     model: InsightModel
     opt: torch.optim.Optimizer
     cfg: TrainConfig
     dev: torch.device
     weights: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # pos, neg, class
-    out_path: Path | None
+    save_model: Callable[[InsightModel], None] | None
     progress: bool
 
 
@@ -171,8 +173,8 @@ def _end_epoch(
         prog.best_epoch = prog.epoch + 1
         prog.bad_epochs = 0
         prog.best_state = _cpu_state(model)
-        if run.out_path is not None:
-            model.save(str(run.out_path))
+        if run.save_model is not None:
+            run.save_model(model)
     else:
         prog.bad_epochs += 1
     beta = (
@@ -213,6 +215,11 @@ def _epoch_line(rec: EpochMetrics, names: Sequence[str], cfg: TrainConfig, stopp
     )
 
 
+def _save_checkpoint(model: InsightModel, path: Path) -> None:
+    """The slide trainer's model file: fastinsight's own checkpoint (``InsightModel.save``)."""
+    model.save(str(path))
+
+
 def _fit(
     train: Sequence[_Item],
     val: Sequence[_Item],
@@ -223,8 +230,24 @@ def _fit(
     resume: bool,
     progress: bool,
     log: Callable[[str], None] | None,
+    build_model: Callable[[], InsightModel] | None = None,
+    run_config: TrainConfig | None = None,
+    save_model: Callable[[InsightModel], None] | None = None,
 ) -> tuple[InsightModel, _Progress]:
-    """Train a fresh (or resumed) model; returns it with the best weights, in eval mode."""
+    """Train a fresh (or resumed) model; returns it with the best weights, in eval mode.
+
+    With ``out_path`` each epoch's model (when it improved), resume state
+    ``state_path_for(out_path)`` and metrics ``metrics_paths_for(out_path)`` are renamed into
+    place together, and ``resume`` continues from that state after ``resume_progress`` checked
+    it. ``cfg`` is the run's settings as the state records them and the epoch lines report them.
+
+    The hooks let the volume trainer (``fastinsight.volume.train``) run these epochs on its own
+    models: ``build_model`` makes the untrained model (default ``InsightModel(mcfg)`` on the
+    reference backend), seeded by ``cfg.seed``; ``run_config`` is what the epochs train and
+    validate with (default ``cfg``; it may differ only in how they run, e.g. a larger
+    ``chunk_size``); ``save_model`` writes the improved model, only with an ``out_path``
+    (default: the slide checkpoint at ``out_path``).
+    """
     if not train:
         raise InputError(
             "no training slides; give at least one labelled slide (and lower --val-fraction)"
@@ -237,9 +260,16 @@ def _fit(
     if out_path is not None:
         check_writable(out_path)
     seed_everything(cfg.seed)
-    model = InsightModel(mcfg, backend="reference").to(dev)
+    if build_model is None:
+        build_model = partial(InsightModel, mcfg, backend="reference")
+    model = build_model().to(dev)
     opt = _optimizer(model, cfg)
-    run = _Run(model, opt, cfg, dev, weights, out_path, progress)  # type: ignore[arg-type]
+    run_cfg = cfg if run_config is None else run_config
+    if out_path is None:
+        save_model = None
+    elif save_model is None:
+        save_model = partial(_save_checkpoint, path=out_path)
+    run = _Run(model, opt, run_cfg, dev, weights, save_model, progress)  # type: ignore[arg-type]
     prog = _Progress()
     if resume:
         if out_path is None:
@@ -250,7 +280,7 @@ def _fit(
     while prog.epoch < cfg.epochs and not prog.stopped_early:
         t0 = time.perf_counter()
         means = _train_epoch(run, train, prog.epoch)
-        val_result = _validate(model, val, cfg, dev)
+        val_result = _validate(model, val, run_cfg, dev)
         # The epoch's model (when improved), resume state and metrics are renamed into place
         # together: an interrupt or a full disk leaves the previous epoch's set, never a model
         # of one epoch beside the state of another.

@@ -21,42 +21,28 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fastinsight.atomic import atomic_outputs
 from fastinsight.errors import ConfigError, InputError
 from fastinsight.evaluate import dice, roc_auc
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.train import Bag, EpochMetrics, TrainConfig, stratified_split
 from fastinsight.train.data import items_from_bags, require_both_classes
-from fastinsight.train.loop import (
-    _device,
-    _end_epoch,
-    _epoch_line,
-    _optimizer,
-    _Run,
-    _train_epoch,
-    _validate,
-    seed_everything,
-)
+from fastinsight.train.loop import _fit
 from fastinsight.train.state import (
     _check_resume,
     _load_state,
     _Progress,
-    _save_state,
-    metrics_paths_for,
     refuse_previous_run,
-    resume_progress,
     state_path_for,
-    write_metrics,
 )
 from fastinsight.volume.checkpoint import VolumeModelInfo, save_volume_model
 from fastinsight.volume.model import build_volume_model
@@ -150,46 +136,30 @@ def _fit_volumes(
     together, and ``resume`` continues from that state after ``resume_progress`` checked it.
     Returns the model with the best validation loss (eval mode) and the loop's progress.
     """
-    dev = _device(config.device)
     k = model_config.num_classes
     train_items, val_items = items_from_bags(train, k, "volume"), items_from_bags(val, k, "volume")
-    train_ids, val_ids = [b.slide_id for b in train], [b.slide_id for b in val]
     run_cfg = config
     if slice_context == "3d":
         # One chunk per volume: chunking along the slices would cut the 3-D context. Only the
         # run uses it; the state records the caller's config, so a resume compares like with like.
         longest = max(b.tokens.shape[0] for b in (*train, *val))
         run_cfg = dataclasses.replace(config, chunk_size=max(config.chunk_size, longest))
-    seed_everything(config.seed)
-    model = build_volume_model(model_config, slice_context, backend="reference").to(dev)
-    opt = _optimizer(model, config)
-    weights = tuple(config.per_class(n, k) for n in ("pos_weight", "neg_weight", "class_weights"))
-    # out_path None: the loop's own save writes a slide checkpoint; the volume model is saved
-    # below, with its CT recipe.
-    run = _Run(model, opt, run_cfg, dev, weights, None, False)  # type: ignore[arg-type]
-    prog = _Progress()
-    if resume:
-        if out is None:
-            raise InputError("resume needs out: the training state lives next to the model")
-        prog = resume_progress(state_path_for(out[0]), model, opt, config, train_ids, val_ids)
-        if log:
-            log(f"resuming after epoch {prog.epoch} (best val loss {prog.best_val_loss:.4f})")
-    while prog.epoch < config.epochs and not prog.stopped_early:
-        started = time.perf_counter()
-        means = _train_epoch(run, train_items, prog.epoch)
-        scores = _validate(model, val_items, run_cfg, dev)
-        with atomic_outputs():  # model, state and metrics of one epoch, or none of them
-            rec = _end_epoch(run, prog, means, scores, time.perf_counter() - started)
-            if out is not None:
-                if rec.improved:
-                    save_volume_model(model, out[1], out[0])
-                _save_state(state_path_for(out[0]), model, opt, prog, config, train_ids, val_ids)
-                write_metrics(prog.history, model_config.names, *metrics_paths_for(out[0]))
-        if log:
-            log(_epoch_line(rec, model_config.names, config, prog.stopped_early))
-    if prog.best_state is not None:
-        model.load_state_dict(prog.best_state)
-    return model.eval(), prog
+    if resume and out is None:
+        raise InputError("resume needs out: the training state lives next to the model")
+    return _fit(
+        train_items,
+        val_items,
+        model_config,
+        config,
+        out_path=None if out is None else out[0],
+        resume=resume,
+        progress=False,
+        log=log,
+        build_model=partial(build_volume_model, model_config, slice_context, backend="reference"),
+        run_config=run_cfg,
+        # The volume model with its CT recipe, where the slide trainer writes a slide checkpoint.
+        save_model=None if out is None else partial(save_volume_model, info=out[1], path=out[0]),
+    )
 
 
 def train_volume_model(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fastinsight.volume.train as volume_train
+import fastinsight.train.loop as train_loop
 from fastinsight.cli import main
 from fastinsight.train import state_path_for
 from fastinsight.volume.checkpoint import load_volume_model
@@ -66,14 +66,14 @@ def test_interrupted_run_resumes_to_the_uninterrupted_model(
     assert _run(_train(cohort, straight / "m.safetensors", *args), capsys)[0] == 0
 
     # Killed during epoch 3 of the same 4-epoch run: epoch 2's model, state and metrics stay.
-    train_epoch = volume_train._train_epoch
+    train_epoch = train_loop._train_epoch
 
     def killed_in_epoch_3(run, items, epoch):  # type: ignore[no-untyped-def]
         if epoch == 2:
             raise KeyboardInterrupt
         return train_epoch(run, items, epoch)
 
-    monkeypatch.setattr(volume_train, "_train_epoch", killed_in_epoch_3)
+    monkeypatch.setattr(train_loop, "_train_epoch", killed_in_epoch_3)
     rc, err = _run(_train(cohort, broken / "m.safetensors", *args), capsys)
     assert rc != 0 and "interrupted" in err
     assert sorted(p.name for p in broken.iterdir()) == sorted(OUTPUTS)  # no temporary file
