@@ -310,6 +310,29 @@ def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | 
     return ds
 
 
+def damaged_series_uid(path: os.PathLike[str] | str) -> str | None:
+    """The SeriesInstanceUID of a DICOM file that :func:`read_header` refused as damaged, read
+    from the elements before the damage (the UID precedes the image's size and pixels), or None
+    when the file is cut or broken before it.
+    """
+    from pydicom.filereader import read_partial
+
+    series_tag = 0x0020000E
+
+    def past_series_uid(tag: Any, vr: Any, length: int) -> bool:
+        return int(tag) > series_tag
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as fh:
+                ds = read_partial(fh, stop_when=past_series_uid, force=True)
+            uid = ds.get("SeriesInstanceUID")
+    except Exception:  # pydicom raises many kinds for damaged files
+        return None
+    return str(uid) if uid else None
+
+
 def _sop_uids(ds: Any) -> list[str]:
     """The dataset's SOPClassUID and the file meta's MediaStorageSOPClassUID, those present."""
     meta = getattr(ds, "file_meta", None)

@@ -40,7 +40,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from fastinsight.dicom import has_preamble, pixel_array, read_header
+from fastinsight.dicom import damaged_series_uid, has_preamble, pixel_array, read_header
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_allocation
 
@@ -733,9 +733,17 @@ def _read_single_dicom(p: Path, series_uid: str | None) -> Volume:
             f"{str(p)!r} belongs to series {uid}, not {series_uid}; pass the series' folder "
             "with --series, or a file of that series"
         )
-    # Damaged files beside it may belong to any series (or none): named in the notes.
+    # Damaged files beside it: one of this series is refused (as in a series folder: a missing
+    # end slice would shift the volume); those of another series, or cut before their series
+    # UID, are named in the notes.
     damaged: list[str] = []
     groups = _scan_folder(p.parent, recursive=False, damaged=damaged)
+    for name in damaged:
+        if damaged_series_uid(p.parent / name) == uid:
+            raise InputError(
+                f"{str(p.parent / name)!r}, a file of the same series as {str(p)!r}, is a damaged "
+                "DICOM file; remove it or export the series again"
+            )
     if uid not in groups:
         raise InputError(f"{str(p)!r} holds no image (no Rows / PixelData); pass a CT image file")
     vol = _series_volume({uid: groups[uid]}, p.parent, uid, ("CT",))

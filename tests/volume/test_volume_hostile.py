@@ -189,6 +189,22 @@ def test_one_file_reads_its_series_and_skips_damaged_strangers(tmp_path: Path, c
         read_dicom_series(tmp_path / "d")
 
 
+@pytest.mark.parametrize("cut", ["after-series-uid", "before-rows"])
+def test_one_file_refuses_a_damaged_file_of_its_own_series(tmp_path: Path, ct, cut: str) -> None:
+    """A cut-short slice of the same series was skipped with a note: one slice fewer, exit 0."""
+    write_dicom_series(tmp_path / "d", ct.hu, AFFINE, prefix="a", shuffle_seed=None)
+    files = sorted((tmp_path / "d").glob("a*.dcm"))
+    victim = files[-1]
+    data = victim.read_bytes()
+    uid = str(pydicom.dcmread(victim).SeriesInstanceUID).encode()
+    after_uid = data.index(uid) + len(uid)
+    rows = data.index(b"\x28\x00\x10\x00", after_uid)  # (0028,0010) Rows, little endian
+    keep = after_uid + 3 if cut == "after-series-uid" else rows
+    victim.write_bytes(data[:keep])
+    with pytest.raises(InputError, match=rf"{victim.name}.*same series.*damaged"):
+        read_volume(files[1])
+
+
 # ------------------------------------------------------------------------------- labels CSV
 @pytest.mark.parametrize(
     ("content", "match"),
