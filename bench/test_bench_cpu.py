@@ -212,18 +212,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="N = 8, C = 64, one repeat")
     parser.add_argument("--csv", type=Path, default=REPO / "bench" / "results" / "cpu_head.csv")
+    parser.add_argument(
+        "--malloc",
+        choices=("system", "keep"),
+        default="system",
+        help="system: glibc's defaults, as a plain Python process runs the official code; keep: "
+        "this process keeps freed memory (fastinsight.malloc, what the CLI does) for both sides",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        from fastinsight.malloc import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("test_bench_cpu: --malloc keep needs glibc and no MALLOC_* tuning")
     if args.smoke:
         row = compare(8, 1, args.classes, c=64)
     else:
         row = compare(args.tiles, args.repeats, args.classes)
+    row["malloc"] = args.malloc
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.csv.exists():
         with args.csv.open(newline="") as f:
             rows = list(csv.DictReader(f))
-    # Rows of an older version lack the newer columns: rewritten with them blank.
+    # Rows of an older version lack the newer columns: rewritten with them blank (malloc: those
+    # ran with glibc's defaults).
+    for old in rows:
+        old["malloc"] = old.get("malloc") or "system"
     tmp = args.csv.with_name(args.csv.name + ".tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row), restval="")

@@ -26,6 +26,7 @@ from fastinsight.cohort.state import SlideJob, _install, slide_fingerprint, writ
 from fastinsight.cohort.summary import SlideOutcome, _one_line
 from fastinsight.encoders import build_encoder
 from fastinsight.errors import FastInsightError
+from fastinsight.malloc import keep_freed_memory
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.slide import Outputs, SlideResult, predict_slide
@@ -153,6 +154,8 @@ def run_slide(model_box: list[Any], job: SlideJob, plan: TaskPlan) -> SlideOutco
         )
 
     try:
+        # Ray's worker processes reuse freed memory batch after batch, as the CLI's does.
+        keep_freed_memory()
         # Fingerprint before reading: a file replaced during the run does not pass as this one.
         try:
             fingerprint = slide_fingerprint(slide.path)
