@@ -16,7 +16,10 @@ import errno
 import math
 import os
 import stat
+import threading
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -322,6 +325,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+@dataclass
+class _Loan:
+    """A module lent to running calls: how many, the device they run it on (None: where it
+    was), and what to give back when the last one leaves."""
+
+    users: int
+    device: Any
+    flags: list[tuple[Any, bool]]
+    places: list[tuple[Any, str, bool, Any]]
+
+
+# Modules inside lent_to, by identity. Concurrent or nested calls with one model share one loan:
+# the first sets it up, the last gives it back, so no call restores train mode (or moves the
+# weights) under another that is still running. The lock guards only this bookkeeping and the
+# moves, never a forward pass.
+_LOANS: weakref.WeakKeyDictionary[Any, _Loan] = weakref.WeakKeyDictionary()
+_LOANS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def lent_to(device: torch.device | str | None, *modules: Any) -> Iterator[None]:
     """Run the caller's ``modules`` in eval mode on ``device`` (None: where they are) for the
@@ -331,29 +353,65 @@ def lent_to(device: torch.device | str | None, *modules: Any) -> Iterator[None]:
     The Python API works on objects the caller owns: a model in train mode (mid-training
     validation) or kept on the CPU must come back as it was, not silently in eval mode on the
     GPU. Parameters keep their identity (``.to`` moves their data in place), so an optimizer
-    holding them is unaffected. ``None`` entries are skipped.
+    holding them is unaffected. ``None`` entries are skipped. Calls that overlap on one module
+    (threads sharing a model, or one call inside another) share the loan: the module is given
+    back when the last of them leaves. One asking for another device than a running call's is
+    an InputError (a module runs on one device at a time).
     """
     import torch
 
-    target = None if device is None else torch.device(device)
-    saved = []
-    for module in modules:
-        if not isinstance(module, torch.nn.Module):
-            continue
-        flags = [(sub, sub.training) for sub in module.modules()]
-        saved.append((module, flags, _tensor_places(module)))
+    target = None if device is None else _normal_device(torch.device(device))
+    taken: list[Any] = []
     try:
-        for module, _, places in saved:
-            if target is not None and {dev for *_, dev in places} != {target}:
-                module.to(target)
-            module.eval()
+        with _LOANS_LOCK:
+            for module in dict.fromkeys(m for m in modules if isinstance(m, torch.nn.Module)):
+                loan = _LOANS.get(module)
+                if loan is None:
+                    flags = [(sub, sub.training) for sub in module.modules()]
+                    loan = _LOANS[module] = _Loan(1, target, flags, _tensor_places(module))
+                    taken.append(module)  # given back below even if the move fails half-way
+                    if target is not None and {dev for *_, dev in loan.places} != {target}:
+                        module.to(target)
+                    module.eval()
+                    continue
+                if target is not None and loan.device not in (None, target):
+                    raise InputError(
+                        f"this {type(module).__name__} is in use on {loan.device} by another "
+                        f"call, and this one asks for {target}; a model runs on one device at a "
+                        f"time: wait for that call, or run this one on {loan.device}"
+                    )
+                elif target is not None and loan.device is None:
+                    here = {_normal_device(dev) for *_, dev in _tensor_places(module)}
+                    if here - {target}:
+                        raise InputError(
+                            f"this {type(module).__name__} is in use by another call where it "
+                            f"lies ({', '.join(sorted(map(str, here)))}), and this one asks for "
+                            f"{target}; wait for that call, or run this one where it lies"
+                        )
+                loan.users += 1
+                taken.append(module)
         yield
     finally:
-        for module, flags, places in saved:
-            for sub, training in flags:
-                sub.training = training
-            if target is not None:
-                _put_back(module, places)
+        with _LOANS_LOCK:
+            for module in taken:
+                loan = _LOANS[module]
+                loan.users -= 1
+                if loan.users:
+                    continue
+                del _LOANS[module]
+                for sub, training in loan.flags:
+                    sub.training = training
+                if loan.device is not None:
+                    _put_back(module, loan.places)
+
+
+def _normal_device(device: torch.device) -> torch.device:
+    """``cuda`` as the ``cuda:N`` it means now (tensors report their index)."""
+    import torch
+
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _tensor_places(module: Any) -> list[tuple[Any, str, bool, Any]]:

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import threading
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 
 from fastinsight.atomic import atomic_path
 from fastinsight.errors import CheckpointError, InputError
+from fastinsight.inputs import lent_to
 from fastinsight.models.config import InvalidConfigError, class_name_problems
 from fastinsight.models.insight import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION
 from fastinsight.models.statefiles import check_state, read_safetensors
@@ -237,41 +236,18 @@ def check_finite_prediction(x: Tensor, logits: Tensor, scores: Tensor, name: str
     )
 
 
-# Models inside predict(), with the train/eval mode of each of their modules before the first
-# of them entered: nested or concurrent predicts of one model restore the mode once, when the
-# last one leaves. The lock guards only this bookkeeping, never a forward pass.
-_PREDICTING: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[nn.Module, bool]]]] = (
-    weakref.WeakKeyDictionary()
-)
-_PREDICTING_LOCK = threading.Lock()
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run the body with ``model`` in eval mode and give each module its own mode back after.
 
     ``predict`` uses it: BatchNorm then uses its running statistics (a batch of one works, the
     scores do not depend on the batch) and no buffer changes, whatever mode the caller left the
-    model in (a model being trained keeps training afterwards).
+    model in (a model being trained keeps training afterwards). Nested and concurrent predicts
+    of one model share one loan (``fastinsight.inputs.lent_to``): the modes come back when the
+    last one leaves.
     """
-    with _PREDICTING_LOCK:
-        depth, saved = _PREDICTING.get(model, (0, []))
-        if depth == 0:
-            saved = [(m, m.training) for m in model.modules() if m.training]
-            for m, _ in saved:
-                m.training = False
-        _PREDICTING[model] = (depth + 1, saved)
-    try:
+    with lent_to(None, model):
         yield
-    finally:
-        with _PREDICTING_LOCK:
-            depth, saved = _PREDICTING[model]
-            if depth == 1:
-                del _PREDICTING[model]
-                for m, mode in saved:
-                    m.training = mode
-            else:
-                _PREDICTING[model] = (depth - 1, saved)
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
