@@ -58,7 +58,6 @@ def _hup_ignored() -> bool:
         return True
 
 
-_active = 0  # depth of handle_sigterm blocks in the main thread
 _hup_handled = False  # whether the outermost handle_sigterm block took over SIGHUP
 
 
@@ -70,7 +69,7 @@ def handle_sigterm() -> Iterator[None]:
     run goes on after the terminal closes, as the user asked. Outside the main thread (signals
     cannot be set there) this does nothing.
     """
-    global _active, _hup_handled
+    global _hup_handled
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -79,28 +78,13 @@ def handle_sigterm() -> Iterator[None]:
     previous_hup = signal.signal(hup, _raise_terminated) if hup is not None else None
     outer_hup = _hup_handled
     _hup_handled = _hup_handled or hup is not None
-    _active += 1
     try:
         yield
     finally:
-        _active -= 1
         _hup_handled = outer_hup
         signal.signal(signal.SIGTERM, previous)
         if hup is not None:
             signal.signal(hup, previous_hup)
-
-
-def rearm_sigterm() -> None:
-    """Put fastinsight's SIGTERM handler back after a library replaced it.
-
-    ``ray.init`` installs ``sys.exit(15)`` as the driver's SIGTERM handler: the process would
-    exit with 15 and no message. Call this right after such a library call; it does nothing
-    outside ``handle_sigterm`` or the main thread.
-    """
-    if _active and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
-        if _hup_handled and _SIGHUP is not None:
-            signal.signal(_SIGHUP, _raise_terminated)
 
 
 @contextlib.contextmanager
@@ -153,5 +137,4 @@ __all__ = [
     "deferred",
     "handle_sigterm",
     "interrupt_exit_code",
-    "rearm_sigterm",
 ]

@@ -42,6 +42,8 @@ Modules, bottom up (each imports only those above it):
 - ``summary``: ``SlideOutcome``, ``summary.csv``, ``CohortReport``;
 - ``task``: the per-slide work in a worker (``run_slide``), writing through
   ``SlideResult.write_outputs``;
+- ``process_state``: what ``ray.init`` changes in the calling process (SIGTERM handler,
+  environment, faulthandler), recorded before and put back after ``ray.shutdown`` (torch-free);
 - ``ray_backend``: the Ray session, one task per slide, outcomes as they finish;
 - ``api``: ``predict_cohort``, the driver.
 

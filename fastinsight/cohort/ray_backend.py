@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastinsight.cohort.options import CohortOptions
+from fastinsight.cohort.process_state import ray_process_state_kept
 from fastinsight.cohort.state import SlideJob, remove_partials
 from fastinsight.cohort.summary import SlideOutcome, _one_line
 from fastinsight.cohort.task import TaskPlan, _model_payload, run_slide
 from fastinsight.errors import BackendError
-from fastinsight.signals import rearm_sigterm
 
 _MIB = 1 << 20
 
@@ -96,35 +96,44 @@ def _init_ray(ray: Any, options: CohortOptions, quiet: bool) -> tuple[str | None
 
 @contextlib.contextmanager
 def _ray_session(options: CohortOptions, quiet: bool) -> Iterator[_RaySession]:
-    """An existing connection when this process already has one (it stays open), else
-    ``--ray-address`` / ``$RAY_ADDRESS``, else a new local instance; what is started here is shut
-    down on the way out, and a local instance's temp folder removed (kept if ``keep_logs``)."""
+    """An existing connection when this process already has one (it stays open, and nothing of
+    the process is touched), else ``--ray-address`` / ``$RAY_ADDRESS``, else a new local
+    instance; what is started here is shut down on the way out, and a local instance's temp
+    folder removed (kept if ``keep_logs``).
+
+    The process state ``ray.init`` changes (SIGTERM handler, ``PYTHONBREAKPOINT`` and ``RAY_*``
+    variables, faulthandler, the ``ray`` logger; see :mod:`fastinsight.cohort.process_state`) is
+    recorded before it and put back after ``ray.shutdown``, also when the run fails or is
+    interrupted. The caller's signal handlers come back as soon as ``ray.init`` returns: the
+    CLI's, so SIGTERM unwinds through the ``finally`` below and exits 143; a library caller's."""
     ray = _import_ray()
     if ray.is_initialized():
         yield _RaySession(ray, owned=False)
         return
-    temp_dir, made_temp = _init_ray(ray, options, quiet)
-    # ray.init makes SIGTERM exit(15) at once; put fastinsight's handler back so SIGTERM unwinds
-    # through the finally below (Ray shut down, temp folder removed) and exits 143.
-    rearm_sigterm()
-    session = _RaySession(ray, temp_dir)
-    try:
-        yield session
-    except KeyboardInterrupt:
-        print(
-            "fastinsight: stopping: shutting Ray down (finished slides are kept; rerun the same "
-            "command to resume)",
-            file=sys.stderr,
-        )
-        raise
-    finally:
-        ray.shutdown()
-        if session.keep_logs and temp_dir:
+    with ray_process_state_kept() as state:  # restored last, after the shutdown below
+        temp_dir, made_temp = _init_ray(ray, options, quiet)
+        state.reclaim_signals()  # ray.init made SIGTERM exit(15) at once
+        session = _RaySession(ray, temp_dir)
+        try:
+            yield session
+        except KeyboardInterrupt:
             print(
-                f"fastinsight: the Ray logs of the failed slides are in {temp_dir}", file=sys.stderr
+                "fastinsight: stopping: shutting Ray down (finished slides are kept; rerun the "
+                "same command to resume)",
+                file=sys.stderr,
             )
-        elif made_temp:
-            shutil.rmtree(made_temp, ignore_errors=True)
+            raise
+        finally:
+            try:
+                ray.shutdown()
+            finally:
+                if session.keep_logs and temp_dir:
+                    print(
+                        f"fastinsight: the Ray logs of the failed slides are in {temp_dir}",
+                        file=sys.stderr,
+                    )
+                elif made_temp:
+                    shutil.rmtree(made_temp, ignore_errors=True)
 
 
 def _plan_resources(ray: Any, options: CohortOptions) -> tuple[float, float]:

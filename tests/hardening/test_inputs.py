@@ -129,19 +129,6 @@ def test_terminated_is_a_keyboard_interrupt() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_rearm_after_a_library_replaced_the_handler() -> None:
-    from fastinsight.signals import rearm_sigterm
-
-    before = signal.getsignal(signal.SIGTERM)
-    with handle_sigterm():
-        ours = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda s, f: None)  # what ray.init does
-        rearm_sigterm()
-        assert signal.getsignal(signal.SIGTERM) is ours
-    rearm_sigterm()  # outside the block: leaves the handler alone
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
 def test_deferred_holds_sigterm_until_the_block_ends() -> None:
     """``signals.deferred``: a SIGTERM sent inside the block is delivered when it ends, not
     lost and not earlier (without it, the handler would interrupt the sleep)."""
