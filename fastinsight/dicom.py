@@ -31,11 +31,11 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from fastinsight.codestreams import codestream_size
 from fastinsight.errors import InputError
+from fastinsight.quiet import quiet
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -206,10 +206,9 @@ def pixel_array(ds: Any, name: str) -> np.ndarray:
 
     install()
     try:
-        with warnings.catch_warnings():
+        with quiet():
             # pydicom warns on each lenient fix (NumberOfFrames 0 read as 1, excess pixel
             # data): harmless for the frame decoded, and never a message for a good run.
-            warnings.simplefilter("ignore")
             return np.asarray(ds.pixel_array)
     except (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, AttributeError,
             IndexError, OverflowError, EOFError, OSError, ImportError,
@@ -274,8 +273,7 @@ def read_header(path: os.PathLike[str] | str, *, pixels: bool = False) -> Any | 
     if not part10 and head[:2] not in _BARE_GROUPS:
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on every lenient fix
+        with quiet():  # pydicom warns on every lenient fix
             ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
     except Exception as exc:  # pydicom raises many kinds for damaged files
         if not part10:
@@ -323,8 +321,7 @@ def damaged_series_uid(path: os.PathLike[str] | str) -> str | None:
         return int(tag) > series_tag
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             with open(path, "rb") as fh:
                 ds = read_partial(fh, stop_when=past_series_uid, force=True)
             uid = ds.get("SeriesInstanceUID")
@@ -392,8 +389,7 @@ def _wsi_image(path: os.PathLike[str] | str) -> tuple[str, str, int] | None:
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a probe: a bad header just means "not a level"
+        with quiet():  # a probe: a bad header just means "not a level"
             ds = pydicom.dcmread(
                 path,
                 stop_before_pixels=True,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from fastinsight.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from fastinsight.encoders.weights import PathLike
 from fastinsight.errors import CheckpointError, ConfigError, InputError
 from fastinsight.fileformat import file_sha256
+from fastinsight.quiet import quiet
 
 LAYOUTS: tuple[str, ...] = ("grid", "tokens", "cls+tokens")
 _DUMMY_BATCH = 2
@@ -176,13 +176,12 @@ class TorchScriptEncoder(Encoder):
             )
         target = torch.device(device) if device is not None else torch.device("cpu")
         try:
-            with warnings.catch_warnings():
-                # torch >= 2.9 marks TorchScript as deprecated; loading still works.
-                # torch 2.14 warns with a FutureWarning instead; neither is the user's concern.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.filterwarnings(
-                    "ignore", r".*torch\.jit\.load.* is deprecated", FutureWarning
-                )
+            # torch >= 2.9 marks TorchScript as deprecated; loading still works.
+            # torch 2.14 warns with a FutureWarning instead; neither is the user's concern.
+            with (
+                quiet(DeprecationWarning),
+                quiet(FutureWarning, r".*torch\.jit\.load.* is deprecated"),
+            ):
                 module = torch.jit.load(str(p), map_location=target)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

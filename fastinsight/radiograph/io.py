@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import numpy as np
 
 from fastinsight.dicom import is_image_sop, pixel_array, sop_class_name
 from fastinsight.errors import InputError
+from fastinsight.quiet import quiet
 
 # Modalities (DICOM PS3.3 C.7.3.1.1.1 defined terms) whose pixels are not a projection
 # radiograph: cross-sections, functional maps, other kinds of camera, and objects that are not
@@ -146,11 +146,10 @@ def read_radiograph(path: str | os.PathLike[str]) -> Radiograph:
     if not p.is_file():
         raise InputError(f"image {str(p)!r} does not exist or is not a file")
     try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
+        with quiet(), np.errstate(all="ignore"):
             # pydicom's lenient fixes, Pillow's and numpy's warnings are not messages for the
             # user: what matters (NaN/inf pixels, a rescale overflow, a non-finite window) is
-            # checked and refused with one line below.
-            warnings.simplefilter("ignore")
+            # checked and refused with one line below. In this thread only (fastinsight.quiet).
             return _read_dicom(p) if is_dicom(p) else _read_picture(p)
     except MemoryError:
         raise InputError(
@@ -190,8 +189,7 @@ def _read_dicom(p: Path) -> Radiograph:
     ds: Any
     if has_preamble(p):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
+            with quiet(UserWarning):
                 ds = pydicom.dcmread(p)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
             raise InputError(f"{str(p)!r} is not a readable DICOM file ({exc})") from None
@@ -205,10 +203,9 @@ def _read_dicom(p: Path) -> Radiograph:
                 "its start); pass a DICOM, PNG, JPEG or TIFF radiograph"
             )
     try:
-        with warnings.catch_warnings():
+        with quiet(UserWarning):
             # pydicom warns on each lenient fix (IS "1A", float input to a VOI LUT, ...): the
             # value is then either refused below or harmless, never a message for a good run.
-            warnings.simplefilter("ignore", UserWarning)
             return _dicom_radiograph(p, ds)
     except (ValueError, TypeError, NotImplementedError, IndexError, KeyError,
             AttributeError, OverflowError) as exc:  # fmt: skip

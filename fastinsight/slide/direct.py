@@ -329,14 +329,13 @@ def decode_jpeg_batch(streams: list[bytes], device: Any = "cpu") -> list[Any]:
 
     Shapes: -> list of ``uint8 [3, h, w]`` RGB tensors on ``device``.
     """
-    import warnings
-
     import torch
 
-    with warnings.catch_warnings():
+    from fastinsight.quiet import quiet
+
+    with quiet(DeprecationWarning):
         # torchvision 0.29 flags its image codecs as deprecated in favour of TorchCodec; they
-        # remain the batched nvJPEG entry point of the pinned torchvision.
-        warnings.simplefilter("ignore", DeprecationWarning)
+        # remain the batched nvJPEG entry point of the pinned torchvision (this thread only).
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if not streams:

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 from fastinsight.dicom import damaged_series_uid, has_preamble, pixel_array, read_header
 from fastinsight.errors import InputError
 from fastinsight.inputs import check_allocation
+from fastinsight.quiet import quiet
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice spacing and on the offset's angle to the normal. Scanners write
@@ -63,16 +62,12 @@ def _quiet() -> Iterator[None]:
     nibabel's warnings, and nibabel's header-fix log lines (``pixdim[1,2,3] should be
     positive``), which go straight to stderr. What matters among those conditions (HU beyond
     float32 after a rescale, non-finite spacing or geometry) is checked explicitly and refused
-    with one line; the rest are lenient fixes that must not add lines to a good run."""
-    nib_log = logging.getLogger("nibabel.global")
-    disabled = nib_log.disabled
-    nib_log.disabled = True
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        nib_log.disabled = disabled
+    with one line; the rest are lenient fixes that must not add lines to a good run.
+
+    In this thread only (:func:`fastinsight.quiet.quiet`): other threads' warnings and log lines
+    go through, and the process's filters and nibabel's logger are left as they were."""
+    with quiet(loggers=("nibabel.global",)), np.errstate(all="ignore"):
+        yield
 
 
 def _quietly(func: Callable[_P, _R]) -> Callable[_P, _R]:
