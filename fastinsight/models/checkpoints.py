@@ -12,8 +12,10 @@ Two formats, told apart by their bytes, not their names:
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastinsight.errors import CheckpointError
+from fastinsight.errors import CheckpointError, ConfigError
 from fastinsight.fileformat import file_sha256, weights_format
 from fastinsight.models import multires, pylon
 from fastinsight.models.config import InsightConfig, InvalidConfigError
@@ -150,14 +152,46 @@ def _load_safetensors(ckpt: CheckpointFile, backend: str) -> InsightModel:
     return model
 
 
+@contextmanager
+def torch_rng_kept() -> Iterator[None]:
+    """Give torch's global CPU generator back as it was on exit.
+
+    A loader builds its module with the usual random init and then overwrites every weight: the
+    init must not advance the caller's generator (``torch.manual_seed(0); load_model(p);
+    torch.randn(...)`` draws what it draws without the load). Modules are built on the CPU, so
+    the CPU generator is the only one the init draws from. Costs one 5 KB copy each way.
+    """
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+def _rng_kept(
+    load: Callable[[CheckpointFile, str], torch.nn.Module],
+) -> Callable[[CheckpointFile, str], torch.nn.Module]:
+    """``load`` under :func:`torch_rng_kept` (for the table's built-in entries, which
+    ``load_radiograph_model`` calls directly too)."""
+
+    @functools.wraps(load)
+    def kept(ckpt: CheckpointFile, backend: str) -> torch.nn.Module:
+        with torch_rng_kept():
+            return load(ckpt, backend)
+
+    return kept
+
+
 # The sniffer's table, tried in order; the INSIGHT entries come last and accept every file of
 # their format, so a file nobody else claims gets INSIGHT's precise error ("missing key ...").
 LOADERS: list[ModelLoader] = [
     # Radiograph families (PYLON, Yao et al. 2018) claim their own files first.
-    ModelLoader("pylon", pylon.accepts_pylon_file, pylon.load_pylon_file),
-    ModelLoader("multires", multires.accepts_multires_file, multires.load_multires_file),
-    ModelLoader("insight-fastinsight", lambda f: f.format == "safetensors", _load_safetensors),
-    ModelLoader("insight-official", lambda f: f.format == "torch", _load_official),
+    ModelLoader("pylon", pylon.accepts_pylon_file, _rng_kept(pylon.load_pylon_file)),
+    ModelLoader("multires", multires.accepts_multires_file, _rng_kept(multires.load_multires_file)),
+    ModelLoader(
+        "insight-fastinsight", lambda f: f.format == "safetensors", _rng_kept(_load_safetensors)
+    ),
+    ModelLoader("insight-official", lambda f: f.format == "torch", _rng_kept(_load_official)),
 ]
 
 
@@ -193,15 +227,34 @@ def load_model(
 
     Built in: an official INSIGHT ``.pth`` or a fastinsight ``.safetensors`` checkpoint. The
     model comes back in eval mode on ``device`` (default: CUDA when available, else CPU; a bad
-    name is a ConfigError, an absent GPU a BackendError, both before the file is read).
+    name is a ConfigError, an absent GPU a BackendError, both before the file is read). A
+    ``path`` that is not a path (None, a number, a loaded model) is a ConfigError. Loading
+    leaves the caller's torch random generator as it was (:func:`torch_rng_kept`).
     """
     from fastinsight.inputs import resolve_device
 
+    check_model_path(path, "load_model")
     dev = resolve_device(device)
     ckpt = read_checkpoint(Path(path).expanduser())
     loader = next(entry for entry in LOADERS if entry.accepts(ckpt))
-    model = loader.load(ckpt, backend)
+    with torch_rng_kept():  # a registered loader of another family too
+        model = loader.load(ckpt, backend)
     return model.to(dev).eval()
+
+
+def check_model_path(path: object, caller: str) -> None:
+    """``path`` is a str or ``os.PathLike`` naming a model file; else a ConfigError that says
+    what was given (a loaded model needs no loading)."""
+    if isinstance(path, (str, os.PathLike)):
+        return
+    if isinstance(path, torch.nn.Module):
+        raise ConfigError(
+            f"{caller} takes the path of a model file, got a loaded {type(path).__name__}; "
+            "use the model as it is"
+        )
+    raise ConfigError(
+        f"{caller} takes the path of a model file (str or pathlib.Path), got {type(path).__name__}"
+    )
 
 
 def save_model(model: InsightModel, path: str | os.PathLike[str]) -> None:
@@ -244,6 +297,7 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
 __all__ = [
     "CheckpointFile",
     "ModelLoader",
+    "check_model_path",
     "load_model",
     "model_family",
     "model_identity",
@@ -252,4 +306,5 @@ __all__ = [
     "register_loader",
     "save_model",
     "sniff_format",
+    "torch_rng_kept",
 ]

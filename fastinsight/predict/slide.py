@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -557,6 +557,75 @@ def _setup(
     return encoder
 
 
+def _check_options(options: object) -> PredictOptions:
+    """``options`` (None: the defaults) as ``PredictOptions``; anything else is a ConfigError."""
+    if options is None:
+        return PredictOptions()
+    if not isinstance(options, PredictOptions):
+        hint = "; pass PredictOptions(**options)" if isinstance(options, Mapping) else ""
+        raise ConfigError(
+            f"options must be a fastinsight.predict.slide.PredictOptions, got "
+            f"{type(options).__name__}{hint}"
+        )
+    return options
+
+
+def _check_slide_path(slide: object) -> None:
+    """``slide`` is a path (str or ``os.PathLike``); else an InputError naming what it is."""
+    if not isinstance(slide, (str, os.PathLike)):
+        raise InputError(
+            f"slide must be the path of a slide file (str or pathlib.Path), got "
+            f"{type(slide).__name__}"
+        )
+
+
+def _check_encoder_arg(encoder: object, *, optional: bool) -> None:
+    """``encoder`` is an encoder object (``fastinsight.encoders.build_encoder``), or None when
+    ``optional`` (the model's own); a name or another object is a ConfigError."""
+    if encoder is None and optional:
+        return
+    made = "fastinsight.encoders.build_encoder(name, weights, ...)"
+    if isinstance(encoder, (str, os.PathLike)):
+        raise ConfigError(
+            f"encoder must be an encoder object, got the {type(encoder).__name__} "
+            f"{os.fspath(encoder)!r}; build it with {made}"
+            + (" or pass None for the model's own" if optional else "")
+        )
+    if not (hasattr(encoder, "encode_tokens") and hasattr(encoder, "grid_size")):
+        raise ConfigError(
+            f"encoder must be an encoder object ({made})"
+            + (" or None for the model's own" if optional else "")
+            + f", got {type(encoder).__name__}"
+        )
+
+
+def check_slide_model(model: object) -> None:
+    """``model`` is a slide (INSIGHT) model; a radiograph or cross-slice CT model, a path or
+    anything else is an InputError that names it and the function to use instead."""
+    family = getattr(model, "family", type(model).__name__)
+    if getattr(model, "modality", None) == "radiograph":
+        raise InputError(
+            f"model family {family!r} is a radiograph model, not a slide (INSIGHT) "
+            "model; predict radiographs with fastinsight.radiograph.predict.predict_radiographs"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            f"model must be a loaded model, got the path {os.fspath(model)!r}; load it "
+            "with fastinsight.load_model(path)"
+        )
+    if not isinstance(model, InsightModel):
+        raise InputError(
+            f"model must be an INSIGHT slide model (fastinsight.load_model(path) or "
+            f"fastinsight.InsightModel(config)), got {type(model).__name__}"
+        )
+    if getattr(model, "slice_context", None) == "3d":
+        raise InputError(
+            "model is a cross-slice (3-D) CT volume model, whose context spans "
+            "neighbouring slices, not tiles; predict CT volumes with "
+            "fastinsight.volume.predict.predict_volume"
+        )
+
+
 @torch.no_grad()
 def predict_slide(
     slide: str | os.PathLike[str],
@@ -578,9 +647,19 @@ def predict_slide(
     for another encoder whose tokens fit). Errors (unreadable slide, no mpp, no tissue, an
     encoder that is not the model's or does not fit it) come before any tile is encoded. The
     run uses ``model`` and ``encoder`` in eval mode on the run's device and gives them back as
-    they came (training mode, device), also when it fails.
+    they came (training mode, device), also when it fails. Arguments of the wrong kind (a
+    radiograph model, options that are not ``PredictOptions``, a slide that is not a path) are
+    refused first, each with its own error.
     """
-    opts = options or PredictOptions()
+    opts = _check_options(options)
+    _check_slide_path(slide)
+    check_slide_model(model)
+    _check_encoder_arg(encoder, optional=True)
+    if model_info is not None and not isinstance(model_info, Mapping):
+        raise ConfigError(
+            f"model_info must be a dict (e.g. {{'name': ...}}) or None, got "
+            f"{type(model_info).__name__}"
+        )
     start = time.perf_counter()
     device = resolve_device(opts.device)
     # "auto" resolves the model's implementation for this device when it moves here.
@@ -675,7 +754,9 @@ def encode_slide(
 
     Shapes: -> tokens ``[N, C, h, w]`` float32 (on CPU), cell mask ``[N, h, w]`` bool.
     """
-    opts = options or PredictOptions()
+    opts = _check_options(options)
+    _check_slide_path(slide)
+    _check_encoder_arg(encoder, optional=False)
     device = resolve_device(opts.device)
     with lent_to(device, encoder):  # the caller's encoder comes back as it was
         timer = StageTimer(device, sync=False)

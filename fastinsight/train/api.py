@@ -26,7 +26,7 @@ from fastinsight.train.data import (
     stratified_split,
 )
 from fastinsight.train.folder import find_slides, slide_items, split_slides
-from fastinsight.train.loop import _fit
+from fastinsight.train.loop import _fit, kept_global_rng
 from fastinsight.train.state import (
     EpochMetrics,
     metrics_paths_for,
@@ -35,6 +35,7 @@ from fastinsight.train.state import (
 )
 
 
+@kept_global_rng()
 def train_on_bags(
     bags: Sequence[Bag | tuple[Tensor, Tensor | None, Any]],
     config: TrainConfig,
@@ -56,6 +57,9 @@ def train_on_bags(
     outputs at ``out_path``: the caller chose the path (the demo rewrites its own folder); call
     ``fastinsight.train.state.refuse_previous_run`` first to refuse instead.
     Returns the model with the best validation loss (eval mode) and the per-epoch history.
+    The run seeds Python's, numpy's and torch's global generators from ``config.seed`` and
+    gives the caller's back when it returns or fails
+    (:func:`~fastinsight.train.loop.kept_global_rng`).
     """
     k = model_config.num_classes
     all_items = items_from_bags(bags, k, "bag")
@@ -159,6 +163,7 @@ def _training_split(
     return tr_ids, va_ids
 
 
+@kept_global_rng()
 def train_from_folder(
     features_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -182,7 +187,8 @@ def train_from_folder(
     or as keywords of the same names.
     Writes ``out_path`` (safetensors with the config), ``<out>.train.pt`` (resume state),
     ``<out>.metrics.csv``, ``<out>.metrics.json``; a fresh run refuses existing ones unless
-    ``overwrite`` (``refuse_previous_run``).
+    ``overwrite`` (``refuse_previous_run``). The caller's global random generators come back
+    as they were (:func:`~fastinsight.train.loop.kept_global_rng`), also when the run fails.
     """
     cfg = config or TrainConfig()
     opts = _folder_options(options, option_fields)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,12 +42,68 @@ from fastinsight.train.state import (
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA)."""
+    """Seed Python, numpy and torch (CPU and CUDA). Process-wide: the training entry points
+    call it inside :func:`kept_global_rng`, which gives the caller's generators back."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def _pending_cuda_seeds() -> tuple[Any, Any, list[Any]] | None:
+    """The seeds torch queued for CUDA's first use (``torch.manual_seed`` before CUDA is
+    initialised seeds it lazily), or None when torch keeps no such queue."""
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    if tracker is None or not hasattr(tracker, "call_order"):
+        return None
+    return tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order)
+
+
+def _give_back_cuda_seeds(pending: tuple[Any, Any, list[Any]] | None) -> None:
+    """CUDA was not initialised on entry: put back the caller's queued seeds (ours replaced
+    them). If the run initialised CUDA, its generators started from our seed: reset them to
+    what the caller's first use would have given (torch's default seed, then the caller's
+    queued seeds)."""
+    if pending is None:
+        return
+    if not torch.cuda.is_initialized():
+        tracker = torch.cuda._lazy_seed_tracker  # type: ignore[attr-defined]
+        tracker.manual_seed_all_cb, tracker.manual_seed_cb, tracker.call_order = pending
+        return
+    default_seed = torch.Generator().initial_seed()  # a fresh generator's seed, CUDA's too
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.default_generators[i].manual_seed(default_seed)
+    for queued in pending[2]:
+        if queued:
+            queued[0]()
+
+
+@contextmanager
+def kept_global_rng() -> Iterator[None]:
+    """Give the caller's global random generators back on exit (normal or by an exception):
+    Python's ``random``, numpy's global ``np.random`` and torch's CPU and CUDA generators.
+
+    Training seeds them all (:func:`seed_everything`), which is what makes a run reproducible;
+    a library call must not leave them reseeded (a caller's random hyper-parameter search would
+    draw the same values after every run). Inside, nothing changes: the run is exactly as
+    seeded as without it.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    pending = None if cuda_states is not None else _pending_cuda_seeds()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            _give_back_cuda_seeds(pending)
 
 
 def _device(name: str) -> torch.device:
@@ -220,6 +278,7 @@ def _save_checkpoint(model: InsightModel, path: Path) -> None:
     model.save(str(path))
 
 
+@kept_global_rng()
 def _fit(
     train: Sequence[_Item],
     val: Sequence[_Item],
@@ -247,6 +306,10 @@ def _fit(
     validate with (default ``cfg``; it may differ only in how they run, e.g. a larger
     ``chunk_size``); ``save_model`` writes the improved model, only with an ``out_path``
     (default: the slide checkpoint at ``out_path``).
+
+    Seeds the global generators for the run (:func:`seed_everything`) and gives the caller's
+    back when it returns or fails (:func:`kept_global_rng`; the public entry points hold them
+    too, so nothing they do before the epochs reseeds them either).
     """
     if not train:
         raise InputError(
@@ -297,4 +360,4 @@ def _fit(
     return model, prog
 
 
-__all__ = ["seed_everything"]
+__all__ = ["kept_global_rng", "seed_everything"]

@@ -36,7 +36,7 @@ from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
 from fastinsight.train import Bag, EpochMetrics, TrainConfig, stratified_split
 from fastinsight.train.data import items_from_bags, require_both_classes
-from fastinsight.train.loop import _fit
+from fastinsight.train.loop import _fit, kept_global_rng
 from fastinsight.train.state import (
     _check_resume,
     _load_state,
@@ -162,6 +162,7 @@ def _fit_volumes(
     )
 
 
+@kept_global_rng()
 def train_volume_model(
     bags: Sequence[Bag],
     model_config: InsightConfig,
@@ -176,6 +177,8 @@ def train_volume_model(
     the slide trainer's epochs (loss, validation, early stopping, best model by validation
     loss). Validation: a seeded stratified ``config.val_fraction``. Writes nothing (the
     ``train-volume`` command writes the model, resume state and metrics after every epoch).
+    The caller's global random generators come back as they were
+    (:func:`~fastinsight.train.loop.kept_global_rng`).
     """
     ids = [b.slide_id for b in bags]
     labels = [tuple(int(v) for v in b.labels.tolist()) for b in bags]
@@ -356,6 +359,7 @@ def _check_resumable(
     _check_resume(state, dataclasses.replace(cfg, volumes_sha256=saved), mcfg, path)
 
 
+@kept_global_rng()
 def train_from_folder(
     volumes: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -383,7 +387,8 @@ def train_from_folder(
     previous run's outputs unless ``overwrite``; ``resume`` continues that run (the same final
     model as an uninterrupted one) after checking that its state holds this run's settings,
     encoder, recipe and data. Volumes are encoded in memory on every run (there is no token
-    cache): a resume encodes them again.
+    cache): a resume encodes them again. The caller's global random generators come back as
+    they were (:func:`~fastinsight.train.loop.kept_global_rng`), also when the run fails.
     """
     from fastinsight.atomic import check_writable
     from fastinsight.inputs import resolve_device
