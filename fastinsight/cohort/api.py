@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,39 @@ from fastinsight.cohort.state import (
 )
 from fastinsight.cohort.summary import CohortReport, SlideOutcome, write_summary
 from fastinsight.encoders import build_encoder
-from fastinsight.errors import InputError, OutputError
+from fastinsight.errors import CheckpointError, ConfigError, InputError, OutputError
+from fastinsight.models.checkpoints import check_model_path
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.loading import load_for_predict
-from fastinsight.predict.slide import check_compatible, pick_class
+from fastinsight.predict.slide import check_compatible, check_slide_model, pick_class
+
+
+def _check_arguments(model_path: object, options: object) -> CohortOptions:
+    """``options`` (None: the defaults) as ``CohortOptions`` and ``model_path`` a path, checked
+    before Ray is imported or the output folder touched; else a ConfigError."""
+    check_model_path(
+        model_path,
+        "predict_cohort",
+        loaded="save it (model.save(path)) and pass that path: each Ray task loads the file",
+    )
+    if options is None:
+        return CohortOptions()
+    if not isinstance(options, CohortOptions):
+        hint = "; pass CohortOptions(**options)" if isinstance(options, Mapping) else ""
+        raise ConfigError(
+            f"options must be a fastinsight.cohort.CohortOptions, got {type(options).__name__}"
+            f"{hint}"
+        )
+    return options
+
+
+def _check_slide_model_file(model: Any, path: Path) -> None:
+    """The loaded ``model`` is a slide (INSIGHT) model; a radiograph or cross-slice CT model
+    file is a CheckpointError that names the file and the function to use instead."""
+    try:
+        check_slide_model(model)
+    except InputError as exc:
+        raise CheckpointError(f"{str(path)!r}: {exc}") from None
 
 
 def _check_class(class_: str | None, names: Sequence[str]) -> None:
@@ -121,8 +150,11 @@ def predict_cohort(
     ``slides`` is a folder, glob or manifest (see :func:`discover_slides`) or a list of
     :class:`CohortSlide`. Returns one outcome per slide; failed slides do not raise. Raises a
     FastInsightError only for what stops the whole cohort (model, manifest, output folder, Ray).
+    A ``model_path`` that is not a path (None, a loaded model) or ``options`` that are not
+    ``CohortOptions`` are refused before Ray is imported; a radiograph or CT volume model file
+    once it is loaded, before Ray starts.
     """
-    opts = options or CohortOptions()
+    opts = _check_arguments(model_path, options)
     _import_ray()  # a missing backend is reported before the output folder is touched
     cohort = check_unique(
         list(slides)
@@ -131,9 +163,9 @@ def predict_cohort(
     )
     out = _output_folder(out_dir)
     with _cohort_lock(out):
-        model, info = load_for_predict(
-            Path(model_path).expanduser(), opts.backend, quiet=not opts.progress
-        )
+        path = Path(model_path).expanduser()
+        model, info = load_for_predict(path, opts.backend, quiet=not opts.progress)
+        _check_slide_model_file(model, path)
         names = tuple(model.config.names)
         _check_class(opts.class_, names)
         _check_encoder(model.config, opts.predict.encoder_weights)

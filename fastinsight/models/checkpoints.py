@@ -242,15 +242,15 @@ def load_model(
     return model.to(dev).eval()
 
 
-def check_model_path(path: object, caller: str) -> None:
+def check_model_path(path: object, caller: str, *, loaded: str = "use the model as it is") -> None:
     """``path`` is a str or ``os.PathLike`` naming a model file; else a ConfigError that says
-    what was given (a loaded model needs no loading)."""
+    what was given. ``loaded``: what to do with a loaded model instead (by default it needs no
+    loading; a caller that reads the file itself says how to write one)."""
     if isinstance(path, (str, os.PathLike)):
         return
     if isinstance(path, torch.nn.Module):
         raise ConfigError(
-            f"{caller} takes the path of a model file, got a loaded {type(path).__name__}; "
-            "use the model as it is"
+            f"{caller} takes the path of a model file, got a loaded {type(path).__name__}; {loaded}"
         )
     raise ConfigError(
         f"{caller} takes the path of a model file (str or pathlib.Path), got {type(path).__name__}"

@@ -41,7 +41,12 @@ from fastinsight.errors import InputError, SlideError
 from fastinsight.features import SlideFeatures, _as_number, read_features
 from fastinsight.inputs import check_dimensions, check_mpp, lent_to, resolve_device
 from fastinsight.models.insight import InsightModel
-from fastinsight.predict.slide import PredictOptions, SlideResult
+from fastinsight.predict.slide import (
+    PredictOptions,
+    SlideResult,
+    _check_options,
+    check_slide_model,
+)
 from fastinsight.slide import TileGrid, open_slide
 from fastinsight.slide.grid import check_slide_extent
 from fastinsight.slide.placement import MAX_SUBDIVISION, Placement, paste, place_tiles
@@ -285,9 +290,17 @@ def predict_features(
     Tiles are placed where the file put them (``fastinsight.slide.placement``); ``snap`` rounds
     them to the model's cells instead. A ``slide`` or ``options.mpp`` that contradicts what a
     TRIDENT file records (slide name, level-0 size, magnification) is refused unless
-    ``ignore_file_geometry``.
+    ``ignore_file_geometry``. Arguments of the wrong kind (a radiograph model, options that are
+    not ``PredictOptions``, a ``path`` that is not a path) are refused first, each with its own
+    error.
     """
-    opts = options or PredictOptions()
+    opts = _check_options(options)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(
+            f"path must be the path of a feature file (.h5; str or pathlib.Path), got "
+            f"{type(path).__name__}"
+        )
+    check_slide_model(model)
     start = time.perf_counter()
     device = resolve_device(opts.device)
     feats = read_features(

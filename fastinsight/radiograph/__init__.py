@@ -1,7 +1,8 @@
 """Chest radiographs: reading (PNG/JPEG/DICOM), PYLON/Yao preprocessing, prediction, evaluation.
 
 May import: ``fastinsight.errors``, ``atomic``, ``inputs``, ``text``, ``ops``, ``models``,
-``slide`` (TIFF/overlay writers), ``evaluate`` (metrics); never the CLI.
+``slide`` (TIFF/overlay writers), ``evaluate`` (metrics), ``train.loop`` (``kept_global_rng``,
+imported when training runs); never the CLI.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import csv
 import glob
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,10 +61,11 @@ def load_radiograph_model(
     stem wants more than one channel is refused by name (:func:`check_grey_model`).
     """
     from fastinsight.inputs import check_input_path, resolve_device
-    from fastinsight.models.checkpoints import LOADERS, CheckpointFile
+    from fastinsight.models.checkpoints import LOADERS, CheckpointFile, check_model_path
     from fastinsight.models.radiograph_common import ready, sniff_weights_file
     from fastinsight.models.statefiles import read_safetensors, read_torch_state_dict
 
+    check_model_path(path, "load_radiograph_model")  # None, a loaded model: a ConfigError
     # A bad name (ConfigError) or an absent GPU (BackendError) before the file is read.
     dev = resolve_device(device)
     p = check_input_path(path, "model file", CheckpointError)
@@ -224,10 +225,15 @@ def predict_radiographs(
             f"{type(opts).__name__}"
         )
     option_choice(on_error, "on_error", ON_ERROR)
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         raise ConfigError(
             f"paths must be a list of image paths, got one path {os.fspath(paths)!r}; pass "
             "[path] (or expand_inputs([...]) for folders, globs and CSV lists)"
+        )
+    if not isinstance(paths, Iterable):
+        raise ConfigError(
+            f"paths must be a list of image paths, got {type(paths).__name__}; pass [path] "
+            "(or expand_inputs([...]) for folders, globs and CSV lists)"
         )
     if getattr(model, "modality", None) != "radiograph":
         raise InputError(

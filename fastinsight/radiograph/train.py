@@ -186,7 +186,28 @@ def train_radiograph_model(
     state_path: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train in place. ``train``/``val``: normalised images ``[N, 1, S, S]``, labels ``[N, K]``."""
+    """Train in place. ``train``/``val``: normalised images ``[N, 1, S, S]``, labels ``[N, K]``.
+
+    The run seeds torch's global generator from ``config.seed`` and gives the caller's global
+    random generators back when it returns or fails
+    (:func:`~fastinsight.train.loop.kept_global_rng`)."""
+    # Imported here: the slide trainer's modules are not loaded for radiograph work otherwise.
+    from fastinsight.train.loop import kept_global_rng
+
+    with kept_global_rng():
+        return _train(model, train, val, config, state_path=state_path, log=log)
+
+
+def _train(
+    model: Any,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    config: RadiographTrainConfig | None,
+    *,
+    state_path: str | os.PathLike[str] | None,
+    log: Callable[[str], None] | None,
+) -> TrainResult:
+    """:func:`train_radiograph_model` without giving the generators back."""
     cfg = config or RadiographTrainConfig()
     x_tr, y_tr = train
     x_va, y_va = val

@@ -25,9 +25,11 @@ from fastinsight.models.checkpoints import (
     CONFIG_KEY,
     FORMAT_KEY,
     FORMAT_VERSION,
+    check_model_path,
     load_model,
     load_state_strict,
     sniff_format,
+    torch_rng_kept,
 )
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
@@ -99,7 +101,11 @@ def save_volume_model(
 def load_volume_model(
     path: str | os.PathLike[str], device: str | torch.device | None = None, backend: str = "auto"
 ) -> tuple[InsightModel, VolumeModelInfo]:
-    """A volume model and its recipe; official ``.pth`` files get the official CT recipe."""
+    """A volume model and its recipe; official ``.pth`` files get the official CT recipe.
+
+    A ``path`` that is not a path (None, a loaded model) is a ConfigError. Loading leaves the
+    caller's torch random generator as it was (:func:`torch_rng_kept`)."""
+    check_model_path(path, "load_volume_model")
     p = Path(path).expanduser()
     fmt = sniff_format(p)
     from fastinsight.inputs import resolve_device
@@ -127,10 +133,11 @@ def load_volume_model(
     else:  # a slide model: usable on CT only with an explicit encoder; keep its tile geometry
         info = VolumeModelInfo(encoder=config.encoder, tile_size=config.tile_size_px, slices="all")
     model: InsightModel
-    if info.slice_context == "3d":
-        model = CrossSliceInsight(config)
-    else:
-        model = InsightModel(config, backend=backend)
+    with torch_rng_kept():  # the random init is overwritten: it must not draw the caller's
+        if info.slice_context == "3d":
+            model = CrossSliceInsight(config)
+        else:
+            model = InsightModel(config, backend=backend)
     load_state_strict(model, state, str(p))
     return model.to(dev).eval(), info
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +227,43 @@ class VolumeResult:
             image.save(tmp, format="PNG")
 
 
+def check_volume_model(model: object) -> None:
+    """``model`` is an INSIGHT model for CT (per-slice or :class:`CrossSliceInsight`); a
+    radiograph model, a path or anything else is an InputError that names it and what to do."""
+    if getattr(model, "modality", None) == "radiograph":
+        raise InputError(
+            f"model family {getattr(model, 'family', type(model).__name__)!r} is a radiograph "
+            "model, not a CT volume (INSIGHT) model; predict radiographs with "
+            "fastinsight.radiograph.predict.predict_radiographs"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            f"model must be a loaded model, got the path {os.fspath(model)!r}; load it with "
+            "fastinsight.volume.checkpoint.load_volume_model(path)"
+        )
+    if not isinstance(model, InsightModel):
+        raise InputError(
+            "model must be an INSIGHT CT volume model "
+            "(fastinsight.volume.checkpoint.load_volume_model(path)), got "
+            f"{type(model).__name__}"
+        )
+
+
+def check_volume_encoder(encoder: object) -> None:
+    """``encoder`` is an encoder object (:func:`build_volume_encoder`); a name, None or another
+    object is a ConfigError that says how to build one."""
+    made = "fastinsight.volume.predict.build_volume_encoder(name, tile_size)"
+    if isinstance(encoder, (str, os.PathLike)):
+        raise ConfigError(
+            f"encoder must be an encoder object, got the {type(encoder).__name__} "
+            f"{os.fspath(encoder)!r}; build it with {made}"
+        )
+    if not (hasattr(encoder, "encode") and hasattr(encoder, "tile_size_px")):
+        raise ConfigError(
+            f"encoder must be an encoder object ({made}), got {type(encoder).__name__}"
+        )
+
+
 def predict_volume(
     volume: Volume,
     model: InsightModel,
@@ -237,10 +275,13 @@ def predict_volume(
     """Heatmap volume and scores for one CT volume (see the module doc for the steps).
 
     ``mask``: a lung mask volume on the same grid (wins over ``options.preprocess.lung_mask``).
+    Arguments of the wrong kind (a radiograph model, an encoder name, None) are refused before
+    anything is encoded, each with its own error.
     """
-    opts = options or VolumeOptions()
+    opts = VolumeOptions() if options is None else options
     if not isinstance(opts, VolumeOptions):
-        raise ConfigError(f"options must be a VolumeOptions, got {type(opts).__name__}")
+        hint = "; pass VolumeOptions(**options)" if isinstance(opts, Mapping) else ""
+        raise ConfigError(f"options must be a VolumeOptions, got {type(opts).__name__}{hint}")
     pre = opts.preprocess
     if not isinstance(volume, Volume):
         raise InputError(
@@ -249,6 +290,8 @@ def predict_volume(
         )
     # Once per volume, as read_volume does for files: a Volume built in Python (an embedder's
     # own reader) is checked too, so an inf slice cannot score silently.
+    check_volume_model(model)
+    check_volume_encoder(encoder)
     check_volume(volume.data, volume.affine, str(volume.facts.get("path") or "the volume"))
     t0 = time.perf_counter()
     # Eval mode for the run (dropout off), the caller's training flags put back afterwards.
