@@ -18,15 +18,17 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastinsight.errors import BackendError, ConfigError, FastInsightError, InputError, SlideError
 
 if TYPE_CHECKING:
     import torch
+
+_O = TypeVar("_O")
 
 # Microscopy spans ~0.05 um/px (oil immersion at 100x, super-resolution) to ~100 um/px (a
 # macro photograph); radiographs and CT reach ~1000 um/px. Outside this it is a typo or garbage.
@@ -323,6 +325,38 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             "pick one of them or check CUDA_VISIBLE_DEVICES"
         )
     return dev
+
+
+def check_options(options: object, kind: type[_O], name: str) -> _O:
+    """``options`` (None: ``kind()``, the defaults) as ``kind``; anything else is a ConfigError
+    naming ``name`` (how the user knows the class), with a hint for a dict of its fields."""
+    if options is None:
+        return kind()
+    if not isinstance(options, kind):
+        hint = f"; pass {kind.__name__}(**options)" if isinstance(options, Mapping) else ""
+        raise ConfigError(f"options must be a {name}, got {type(options).__name__}{hint}")
+    return options
+
+
+def check_loaded_model(model: object, kind: type, what: str, loader: str) -> None:
+    """``model`` is an instance of ``kind`` (an INSIGHT model for ``what``: "slide", "CT
+    volume"); a radiograph model, a path or anything else is an InputError that names it and
+    what to call instead (``loader``: the function that loads such a model from its file)."""
+    if getattr(model, "modality", None) == "radiograph":
+        family = getattr(model, "family", type(model).__name__)
+        raise InputError(
+            f"model family {family!r} is a radiograph model, not a {what} (INSIGHT) model; "
+            "predict radiographs with fastinsight.radiograph.predict.predict_radiographs"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            f"model must be a loaded model, got the path {os.fspath(model)!r}; load it with "
+            f"{loader}(path)"
+        )
+    if not isinstance(model, kind):
+        raise InputError(
+            f"model must be an INSIGHT {what} model ({loader}(path)), got {type(model).__name__}"
+        )
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from fastinsight.cohort.state import (
 )
 from fastinsight.cohort.summary import CohortReport, SlideOutcome, write_summary
 from fastinsight.encoders import build_encoder
-from fastinsight.errors import CheckpointError, ConfigError, InputError, OutputError
+from fastinsight.errors import CheckpointError, InputError, OutputError
+from fastinsight.inputs import check_options
 from fastinsight.models.checkpoints import check_model_path
 from fastinsight.models.insight import InsightModel
 from fastinsight.predict.loading import load_for_predict
@@ -40,15 +41,7 @@ def _check_arguments(model_path: object, options: object) -> CohortOptions:
         "predict_cohort",
         loaded="save it (model.save(path)) and pass that path: each Ray task loads the file",
     )
-    if options is None:
-        return CohortOptions()
-    if not isinstance(options, CohortOptions):
-        hint = "; pass CohortOptions(**options)" if isinstance(options, Mapping) else ""
-        raise ConfigError(
-            f"options must be a fastinsight.cohort.CohortOptions, got {type(options).__name__}"
-            f"{hint}"
-        )
-    return options
+    return check_options(options, CohortOptions, "fastinsight.cohort.CohortOptions")
 
 
 def _check_slide_model_file(model: Any, path: Path) -> None:

@@ -27,7 +27,9 @@ from fastinsight.context_bands import banded_raw_heatmap
 from fastinsight.errors import ConfigError, InputError
 from fastinsight.inputs import (
     check_dimensions,
+    check_loaded_model,
     check_mpp,
+    check_options,
     lent_to,
     option_bool,
     option_choice,
@@ -559,15 +561,7 @@ def _setup(
 
 def _check_options(options: object) -> PredictOptions:
     """``options`` (None: the defaults) as ``PredictOptions``; anything else is a ConfigError."""
-    if options is None:
-        return PredictOptions()
-    if not isinstance(options, PredictOptions):
-        hint = "; pass PredictOptions(**options)" if isinstance(options, Mapping) else ""
-        raise ConfigError(
-            f"options must be a fastinsight.predict.slide.PredictOptions, got "
-            f"{type(options).__name__}{hint}"
-        )
-    return options
+    return check_options(options, PredictOptions, "fastinsight.predict.slide.PredictOptions")
 
 
 def _check_slide_path(slide: object) -> None:
@@ -602,22 +596,7 @@ def _check_encoder_arg(encoder: object, *, optional: bool) -> None:
 def check_slide_model(model: object) -> None:
     """``model`` is a slide (INSIGHT) model; a radiograph or cross-slice CT model, a path or
     anything else is an InputError that names it and the function to use instead."""
-    family = getattr(model, "family", type(model).__name__)
-    if getattr(model, "modality", None) == "radiograph":
-        raise InputError(
-            f"model family {family!r} is a radiograph model, not a slide (INSIGHT) "
-            "model; predict radiographs with fastinsight.radiograph.predict.predict_radiographs"
-        )
-    if isinstance(model, (str, os.PathLike)):
-        raise InputError(
-            f"model must be a loaded model, got the path {os.fspath(model)!r}; load it "
-            "with fastinsight.load_model(path)"
-        )
-    if not isinstance(model, InsightModel):
-        raise InputError(
-            f"model must be an INSIGHT slide model (fastinsight.load_model(path) or "
-            f"fastinsight.InsightModel(config)), got {type(model).__name__}"
-        )
+    check_loaded_model(model, InsightModel, "slide", "fastinsight.load_model")
     if getattr(model, "slice_context", None) == "3d":
         raise InputError(
             "model is a cross-slice (3-D) CT volume model, whose context spans "

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch import Tensor
 from fastinsight.atomic import atomic_path
 from fastinsight.encoders.base import Encoder
 from fastinsight.errors import ConfigError, InputError
-from fastinsight.inputs import lent_to, option_int
+from fastinsight.inputs import check_loaded_model, check_options, lent_to, option_int
 from fastinsight.models.insight import InsightModel
 from fastinsight.volume.io import Volume, check_volume, write_nifti
 from fastinsight.volume.model import slice_context_of
@@ -230,23 +229,9 @@ class VolumeResult:
 def check_volume_model(model: object) -> None:
     """``model`` is an INSIGHT model for CT (per-slice or :class:`CrossSliceInsight`); a
     radiograph model, a path or anything else is an InputError that names it and what to do."""
-    if getattr(model, "modality", None) == "radiograph":
-        raise InputError(
-            f"model family {getattr(model, 'family', type(model).__name__)!r} is a radiograph "
-            "model, not a CT volume (INSIGHT) model; predict radiographs with "
-            "fastinsight.radiograph.predict.predict_radiographs"
-        )
-    if isinstance(model, (str, os.PathLike)):
-        raise InputError(
-            f"model must be a loaded model, got the path {os.fspath(model)!r}; load it with "
-            "fastinsight.volume.checkpoint.load_volume_model(path)"
-        )
-    if not isinstance(model, InsightModel):
-        raise InputError(
-            "model must be an INSIGHT CT volume model "
-            "(fastinsight.volume.checkpoint.load_volume_model(path)), got "
-            f"{type(model).__name__}"
-        )
+    check_loaded_model(
+        model, InsightModel, "CT volume", "fastinsight.volume.checkpoint.load_volume_model"
+    )
 
 
 def check_volume_encoder(encoder: object) -> None:
@@ -278,10 +263,7 @@ def predict_volume(
     Arguments of the wrong kind (a radiograph model, an encoder name, None) are refused before
     anything is encoded, each with its own error.
     """
-    opts = VolumeOptions() if options is None else options
-    if not isinstance(opts, VolumeOptions):
-        hint = "; pass VolumeOptions(**options)" if isinstance(opts, Mapping) else ""
-        raise ConfigError(f"options must be a VolumeOptions, got {type(opts).__name__}{hint}")
+    opts = check_options(options, VolumeOptions, "VolumeOptions")
     pre = opts.preprocess
     if not isinstance(volume, Volume):
         raise InputError(
