@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastinsight import InsightConfig, InsightModel
+from fastinsight.models.pylon import PylonConfig, PylonModel, save_pylon
 
 
 @pytest.fixture(scope="session")
@@ -25,4 +26,17 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             backend="reference",
         )
     model.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pylon_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init PYLON (radiograph) checkpoint: what the slide functions must refuse."""
+    path = tmp_path_factory.mktemp("pylon") / "pylon.safetensors"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PylonModel(
+            PylonConfig(num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=4)
+        )
+    save_pylon(model, path)
     return path

@@ -24,24 +24,11 @@ import fastinsight.cohort.api as cohort_api
 from fastinsight.errors import CheckpointError, ConfigError, FastInsightError, InputError
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
-from fastinsight.models.pylon import PylonConfig, PylonModel, save_pylon
 from fastinsight.predict.features import predict_features
 from fastinsight.predict.slide import PredictOptions
 from fastinsight.synthetic import make_cohort
 
 OPTS = PredictOptions(device="cpu", progress=False, num_workers=0, tissue="all")
-
-
-@pytest.fixture(scope="module")
-def pylon_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pylon") / "pylon.safetensors"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = PylonModel(
-            PylonConfig(num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=4)
-        )
-    save_pylon(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import fastinsight
 from fastinsight.encoders import build_encoder
 from fastinsight.errors import ConfigError, FastInsightError, InputError
 from fastinsight.models.config import InsightConfig
-from fastinsight.models.pylon import PylonConfig, PylonModel, save_pylon
 from fastinsight.predict.slide import PredictOptions, encode_slide, predict_slide
 from fastinsight.synthetic import make_cohort
 from fastinsight.volume.model import CrossSliceInsight
@@ -28,18 +27,6 @@ OPTS = PredictOptions(device="cpu", progress=False, num_workers=1, tissue="all")
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cohort(tmp_path_factory.mktemp("cohort"), n_slides=1, size_px=(448, 448))[0].path
-
-
-@pytest.fixture(scope="module")
-def pylon_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pylon") / "pylon.safetensors"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = PylonModel(
-            PylonConfig(num_classes=1, stem_width=4, layers=(1, 1, 1, 1), dec_channels=4)
-        )
-    save_pylon(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")
