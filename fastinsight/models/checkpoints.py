@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,31 +151,17 @@ def _load_safetensors(ckpt: CheckpointFile, backend: str) -> InsightModel:
     return model
 
 
-@contextmanager
-def torch_rng_kept() -> Iterator[None]:
-    """Give torch's global CPU generator back as it was on exit.
-
-    A loader builds its module with the usual random init and then overwrites every weight: the
-    init must not advance the caller's generator (``torch.manual_seed(0); load_model(p);
-    torch.randn(...)`` draws what it draws without the load). Modules are built on the CPU, so
-    the CPU generator is the only one the init draws from. Costs one 5 KB copy each way.
-    """
-    state = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-
-
 def _rng_kept(
     load: Callable[[CheckpointFile, str], torch.nn.Module],
 ) -> Callable[[CheckpointFile, str], torch.nn.Module]:
-    """``load`` under :func:`torch_rng_kept` (for the table's built-in entries, which
-    ``load_radiograph_model`` calls directly too)."""
+    """``load`` with torch's CPU generator given back after (``torch.random.fork_rng``): a loader
+    builds its module with the usual random init, then overwrites every weight, and that init
+    must not advance the caller's generator. For the table's built-in entries, which
+    ``load_radiograph_model`` calls directly too."""
 
     @functools.wraps(load)
     def kept(ckpt: CheckpointFile, backend: str) -> torch.nn.Module:
-        with torch_rng_kept():
+        with torch.random.fork_rng(devices=[]):  # modules are built on the CPU
             return load(ckpt, backend)
 
     return kept
@@ -229,7 +214,7 @@ def load_model(
     model comes back in eval mode on ``device`` (default: CUDA when available, else CPU; a bad
     name is a ConfigError, an absent GPU a BackendError, both before the file is read). A
     ``path`` that is not a path (None, a number, a loaded model) is a ConfigError. Loading
-    leaves the caller's torch random generator as it was (:func:`torch_rng_kept`).
+    leaves the caller's torch random generator as it was (``torch.random.fork_rng``).
     """
     from fastinsight.inputs import resolve_device
 
@@ -237,7 +222,7 @@ def load_model(
     dev = resolve_device(device)
     ckpt = read_checkpoint(Path(path).expanduser())
     loader = next(entry for entry in LOADERS if entry.accepts(ckpt))
-    with torch_rng_kept():  # a registered loader of another family too
+    with torch.random.fork_rng(devices=[]):  # a registered loader of another family too
         model = loader.load(ckpt, backend)
     return model.to(dev).eval()
 
@@ -306,5 +291,4 @@ __all__ = [
     "register_loader",
     "save_model",
     "sniff_format",
-    "torch_rng_kept",
 ]

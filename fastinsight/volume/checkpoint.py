@@ -29,7 +29,6 @@ from fastinsight.models.checkpoints import (
     load_model,
     load_state_strict,
     sniff_format,
-    torch_rng_kept,
 )
 from fastinsight.models.config import InsightConfig
 from fastinsight.models.insight import InsightModel
@@ -104,7 +103,7 @@ def load_volume_model(
     """A volume model and its recipe; official ``.pth`` files get the official CT recipe.
 
     A ``path`` that is not a path (None, a loaded model) is a ConfigError. Loading leaves the
-    caller's torch random generator as it was (:func:`torch_rng_kept`)."""
+    caller's torch random generator as it was (``torch.random.fork_rng``)."""
     check_model_path(path, "load_volume_model")
     p = Path(path).expanduser()
     fmt = sniff_format(p)
@@ -133,7 +132,9 @@ def load_volume_model(
     else:  # a slide model: usable on CT only with an explicit encoder; keep its tile geometry
         info = VolumeModelInfo(encoder=config.encoder, tile_size=config.tile_size_px, slices="all")
     model: InsightModel
-    with torch_rng_kept():  # the random init is overwritten: it must not draw the caller's
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # the random init is overwritten: it must not draw the caller's
         if info.slice_context == "3d":
             model = CrossSliceInsight(config)
         else:
